@@ -1,0 +1,1 @@
+"""Built-in architectures, their presets and weight loading."""

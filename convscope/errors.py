@@ -81,3 +81,7 @@ def close_matches(word: str, choices: list[str] | tuple[str, ...], n: int = 3) -
     if len(choices) <= 30:
         return "choose from: " + ", ".join(choices)
     return "choose from: " + ", ".join(list(choices)[:30]) + f", ... ({len(choices)} in all)"
+
+
+class BadWeightsFile(ConvscopeError):
+    """A weights file is unreadable, not a state dict, or would execute code when unpickled."""

@@ -1,0 +1,46 @@
+"""convscope: a microscope for convolutional networks.
+
+The public API is exactly ``__all__``; heavy modules import on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> "module:attribute"
+_EXPORTS = {
+    "load_model": "convscope.models.load:load_model",
+    "wrap_model": "convscope.models.load:wrap_model",
+    "list_models": "convscope.models.registry:list_models",
+    "load_image": "convscope.imageio:load_image",
+    "iter_images": "convscope.imageio:iter_images",
+    "classify": "convscope.methods.predict:classify",
+    "summary": "convscope.methods.summary:summary",
+    "activation_maps": "convscope.methods.activations:activation_maps",
+    "feature_maps": "convscope.methods.activations:feature_maps",
+    "conv_filters": "convscope.methods.filters:conv_filters",
+    "list_layers": "convscope.probes.layers:list_layers",
+    "capture": "convscope.probes.hooks:capture",
+    "Preprocess": "convscope.preprocess:Preprocess",
+    "LoadedModel": "convscope.types:LoadedModel",
+    "ConvscopeError": "convscope.errors:ConvscopeError",
+}
+
+__all__ = sorted([*_EXPORTS, "__version__"])
+
+
+def __getattr__(name: str) -> Any:
+    target = _EXPORTS.get(name)
+    if target is None:
+        raise AttributeError(f"module 'convscope' has no attribute {name!r}")
+    module_name, attribute = target.split(":")
+    value = getattr(importlib.import_module(module_name), attribute)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -1,0 +1,3 @@
+from convscope.cli.app import main
+
+main()

@@ -1,0 +1,112 @@
+"""Activation maps (channel means over the image) and feature-map stacks of chosen layers."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from convscope.errors import BadArgument, UnknownLayer
+from convscope.methods._common import ModelLike, prepare
+from convscope.probes.hooks import capture, eval_mode
+from convscope.probes.layers import alias_of, resolve_layer
+from convscope.types import ActivationMaps, FeatureMaps
+
+
+def normalize_per_image(maps: torch.Tensor) -> torch.Tensor:
+    """Min-max scale each ``(H, W)`` map of an ``(N, H, W)`` stack to ``[0, 1]`` (flat maps -> 0)."""
+    flat = maps.flatten(1)
+    low = flat.min(dim=1).values.view(-1, 1, 1)
+    high = flat.max(dim=1).values.view(-1, 1, 1)
+    span = high - low
+    return torch.where(span > 0, (maps - low) / span.clamp_min(1e-12), torch.zeros_like(maps))
+
+
+def _spatial(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    if tensor.dim() != 4:
+        raise UnknownLayer(
+            name, f"has output shape {tuple(tensor.shape)}, not a (N, C, H, W) feature map",
+            "pick a convolutional layer (see 'convscope layers')",
+        )
+    return tensor
+
+
+def activation_maps(
+    model: ModelLike, images: Any, *, layers: Sequence[str] | None = None
+) -> ActivationMaps:
+    """Channel-mean of the rectified output of each layer, upsampled onto the input.
+
+    All layers are captured in one forward pass.
+
+    Args:
+        layers: names or aliases; default: the model's conv stages.
+
+    Returns:
+        ``ActivationMaps`` with ``(N, H, W)`` maps in ``[0, 1]`` at input resolution.
+    """
+    loaded, batch = prepare(model, images)
+    names = list(layers) if layers else list(loaded.stages)
+    if not names:
+        raise UnknownLayer(loaded.name, "has no conv stages to show", "name layers explicitly")
+    modules = {}
+    for name in names:
+        path, module = resolve_layer(loaded, name)
+        modules[alias_of(loaded, path) if name == path else name] = module
+    height, width = batch.shape[-2:]
+    raw: dict[str, torch.Tensor] = {}
+    maps: dict[str, torch.Tensor] = {}
+    with eval_mode(loaded.module), torch.inference_mode(), capture(loaded.module, modules) as store:
+        loaded.module(batch)
+        for name in modules:
+            # "The ReLU output": rectify, so layers whose output is not already post-ReLU
+            # (linear bottlenecks, pre-activation picks) show positive evidence only.
+            mean = _spatial(name, store.last(name)).float().clamp_min(0).mean(dim=1)
+            raw[name] = mean.cpu()
+            up = F.interpolate(mean[:, None], size=(height, width), mode="bilinear", align_corners=False)
+            maps[name] = normalize_per_image(up[:, 0]).cpu()
+    return ActivationMaps(layers=tuple(modules), maps=maps, raw=raw)
+
+
+def feature_maps(
+    model: ModelLike,
+    images: Any,
+    *,
+    layer: str,
+    max_channels: int = 64,
+    order: str = "index",
+) -> FeatureMaps:
+    """The channels of one layer.
+
+    Args:
+        max_channels: how many channels to keep.
+        order: ``"index"`` (the first channels) or ``"activation"`` (the most active channels,
+            by mean activation over the batch).
+
+    Returns:
+        ``FeatureMaps`` with ``(N, K, h, w)`` raw activations.
+    """
+    if order not in ("index", "activation"):
+        raise BadArgument("--order", f"must be 'index' or 'activation', not {order!r}")
+    if max_channels < 1:
+        raise BadArgument("--max", f"must be at least 1, got {max_channels}")
+    loaded, batch = prepare(model, images)
+    path, module = resolve_layer(loaded, layer)
+    with eval_mode(loaded.module), torch.inference_mode(), capture(loaded.module, {layer: module}) as store:
+        loaded.module(batch)
+        output = _spatial(layer, store.last(layer)).float()
+    strength_all = output.mean(dim=(2, 3))  # (N, C)
+    count = min(max_channels, output.shape[1])
+    if order == "index":
+        channels = torch.arange(count, device=output.device)
+    else:
+        channels = strength_all.mean(dim=0).topk(count).indices
+    return FeatureMaps(
+        layer=layer,
+        channels=channels.cpu(),
+        maps=output[:, channels].cpu(),
+        strength=strength_all[:, channels].cpu(),
+    )
+
+

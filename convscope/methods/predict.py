@@ -1,0 +1,44 @@
+"""Top-k classification."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from convscope.errors import BadArgument
+from convscope.methods._common import ModelLike, chunks, prepare
+from convscope.probes.hooks import eval_mode
+from convscope.types import Prediction
+
+
+def classify(model: ModelLike, images: Any, *, topk: int = 5, batch_size: int = 32) -> list[Prediction]:
+    """Top-k classes with softmax probabilities for each image.
+
+    Args:
+        model: a ``LoadedModel`` or ``nn.Module``.
+        images: PIL image(s) or a normalised ``(N, C, H, W)`` tensor.
+        topk: how many classes per image (clipped to the number of classes).
+        batch_size: images per forward pass.
+
+    Returns:
+        one ``Prediction`` per image, in input order.
+    """
+    if topk < 1:
+        raise BadArgument("--topk", f"must be at least 1, got {topk}")
+    loaded, batch = prepare(model, images)
+    probabilities = []
+    with eval_mode(loaded.module), torch.inference_mode():
+        for part in chunks(batch, batch_size):
+            probabilities.append(torch.softmax(loaded.module(part).float(), dim=1).cpu())
+    probs = torch.cat(probabilities)
+    k = min(topk, probs.shape[1])
+    values, indices = probs.topk(k, dim=1)
+    categories = loaded.categories
+    results = []
+    for row_values, row_indices in zip(values, indices, strict=True):
+        labels = tuple(
+            categories[i] if i < len(categories) else f"class {i}" for i in row_indices.tolist()
+        )
+        results.append(Prediction(indices=row_indices, probabilities=row_values, labels=labels))
+    return results

@@ -1,0 +1,29 @@
+"""VGG16 (torchvision layout)."""
+
+from __future__ import annotations
+
+from torchvision.models import vgg16 as _tv_vgg16
+
+from convscope.models.registry import ModelSpec, TorchvisionWeights, register_model
+from convscope.preprocess import IMAGENET
+
+register_model(
+    ModelSpec(
+        name="vgg16",
+        build=lambda num_classes: _tv_vgg16(weights=None, num_classes=num_classes),
+        preprocess=IMAGENET,
+        labels="imagenet",
+        description="VGG16 (Simonyan & Zisserman 2014), torchvision layout; 224x224 RGB",
+        # The ReLU after the last convolution of each block.
+        stages={
+            "block1": "features.3",
+            "block2": "features.8",
+            "block3": "features.15",
+            "block4": "features.22",
+            "block5": "features.29",
+        },
+        cam_layer="features.29",
+        first_conv="features.0",
+        pretrained=TorchvisionWeights("VGG16_Weights.IMAGENET1K_V1"),
+    )
+)

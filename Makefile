@@ -1,0 +1,43 @@
+# `make demo` and `make test` do all set-up on a fresh machine (virtualenv, install, run).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch 2.14.1 / torchvision 0.29.1 are what this project is tested with; elsewhere pip may pick others.
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+OUT ?= demo-out
+
+.PHONY: demo test test-fast bench lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.torch: | $(BIN)/python
+	$(BIN)/pip install -q $(TORCH_PINS) || $(BIN)/pip install -q torch torchvision
+	touch $@
+
+$(VENV)/.installed: pyproject.toml $(VENV)/.torch
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(VENV)/.dev-installed: pyproject.toml $(VENV)/.installed
+	$(BIN)/pip install -q -e ".[dev,weights]"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(BIN)/convscope demo -o $(OUT)
+
+test: $(VENV)/.dev-installed
+	$(BIN)/python -m pytest -q -m "not browser" $(PYTEST_ARGS)
+
+test-fast: $(VENV)/.dev-installed
+	$(BIN)/python -m pytest -q -m "not slow and not peer and not browser" $(PYTEST_ARGS)
+
+bench: $(VENV)/.dev-installed
+	$(BIN)/python bench/classify.py
+
+lint: $(VENV)/.dev-installed
+	$(BIN)/ruff check convscope tests bench
+
+clean:
+	rm -rf $(VENV) $(OUT) .pytest_cache build *.egg-info

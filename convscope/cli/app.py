@@ -1,0 +1,437 @@
+"""The ``convscope`` command line: one thin command per job.
+
+Each command parses options, calls library functions, renders and writes through
+``OutputDir``. User errors become ``error: <subject>: <reason>`` with exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from convscope.cli.errors import EXIT_USER_ERROR, GuardedGroup, print_error
+from convscope.cli.options import (
+    BatchSizeOpt,
+    DeviceOpt,
+    ImageArg,
+    ImagesArg,
+    JsonOpt,
+    LayerOpt,
+    LayersOpt,
+    ModelOpt,
+    OutDirOpt,
+    SeedOpt,
+    WeightsOpt,
+)
+from convscope.cli.output import OutputDir, safe_stem
+from convscope.cli.progress import progress_bar
+from convscope.errors import BadArgument, ConvscopeError, ImageError
+from convscope.types import LoadedModel
+
+app = typer.Typer(
+    cls=GuardedGroup,
+    help="convscope: see what a convolutional network sees.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def open_model(model: str | None, weights: str | None, seed: int, device: str) -> LoadedModel:
+    from convscope.models.load import load_model
+
+    return load_model(model, weights, seed=seed, device=device)
+
+
+def bundled_photo() -> Path:
+    """The demo photo shipped with the package (scikit-image's Chelsea, CC0)."""
+    return Path(str(resources.files("convscope").joinpath("data/chelsea.jpg")))
+
+
+def expand_images(paths: list[Path]) -> list[Path]:
+    from convscope.imageio import iter_images
+
+    found = iter_images(paths)
+    if not found:
+        raise ImageError(", ".join(str(p) for p in paths), "no image files found")
+    return found
+
+
+def load_good_images(paths: list[Path]) -> Iterator[tuple[Path, Any]]:
+    """Yield ``(path, image)`` for readable images; report the others on stderr and skip them."""
+    from convscope.imageio import load_image
+
+    for path in paths:
+        try:
+            yield path, load_image(path)
+        except ImageError as exc:
+            print_error(exc)
+
+
+def split_layers(layers: list[str] | None) -> list[str] | None:
+    if not layers:
+        return None
+    return [name.strip() for item in layers for name in item.split(",") if name.strip()]
+
+
+@app.command("models")
+def models_command(json_out: JsonOpt = False) -> None:
+    """List the built-in architectures.
+
+    Example: convscope models
+    """
+    from convscope.models.registry import get_spec, list_models
+
+    rows = []
+    for name in list_models():
+        spec = get_spec(name)
+        rows.append({
+            "name": name,
+            "pretrained": spec.pretrained is not None,
+            "input_size": list(spec.preprocess.input_size),
+            "description": spec.description,
+        })
+    if json_out:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    width = max(len(r["name"]) for r in rows)
+    for r in rows:
+        flag = "pretrained" if r["pretrained"] else "          "
+        typer.echo(f"{r['name'].ljust(width)}  {flag}  {r['description']}")
+
+
+@app.command("layers")
+def layers_command(
+    model: ModelOpt = None,
+    weights: WeightsOpt = None,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    json_out: JsonOpt = False,
+) -> None:
+    """List the layer names you can pass to --layer, with aliases and output shapes.
+
+    Example: convscope layers --model alexnet --weights random
+    """
+    from convscope.probes.layers import list_layers
+    from convscope.render.text import layers_table
+
+    loaded = open_model(model, weights or "random", seed, device)
+    rows = list_layers(loaded)
+    if json_out:
+        typer.echo(json.dumps(rows, indent=2))
+    else:
+        typer.echo(layers_table(rows))
+
+
+@app.command("classify")
+def classify_command(
+    images: ImagesArg,
+    model: ModelOpt = None,
+    weights: WeightsOpt = None,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    topk: Annotated[int, typer.Option("--topk", "-k", min=1, help="Classes per image.")] = 5,
+    batch_size: BatchSizeOpt = 32,
+    json_out: JsonOpt = False,
+) -> None:
+    """Top-k ImageNet (or checkpoint) classes with probabilities, for files and folders.
+
+    Examples: convscope classify cat.jpg | convscope classify photos/ --topk 3 --json
+    """
+    from convscope.imageio import load_image
+    from convscope.methods.predict import classify
+    from convscope.render.text import predictions_table
+
+    loaded = open_model(model, weights, seed, device)
+    paths = expand_images(images)
+    results: list[dict[str, Any]] = []
+    failures = 0
+    pending: list[tuple[Path, Any]] = []
+
+    def flush() -> None:
+        if not pending:
+            return
+        batch = loaded.preprocess.to_tensor([image for _, image in pending])
+        for (path, _), prediction in zip(pending, classify(loaded, batch, topk=topk, batch_size=batch_size), strict=True):
+            results.append({"image": str(path), "predictions": prediction.as_dicts()})
+            if not json_out:
+                typer.echo(predictions_table(str(path), prediction))
+        pending.clear()
+
+    with progress_bar(len(paths), "classify", unit="img") as advance:
+        for path in paths:
+            try:
+                pending.append((path, load_image(path)))
+            except ImageError as exc:
+                failures += 1
+                results.append({"image": str(path), "error": exc.reason})
+                print_error(exc)
+            if len(pending) >= batch_size:
+                flush()
+            advance(1)
+        flush()
+    if json_out:
+        order = {str(p): i for i, p in enumerate(paths)}
+        results.sort(key=lambda r: order.get(r["image"], 0))
+        typer.echo(json.dumps(results, indent=2))
+    if failures:
+        raise typer.Exit(EXIT_USER_ERROR)
+
+
+@app.command("summary")
+def summary_command(
+    model: ModelOpt = None,
+    weights: WeightsOpt = None,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    input_size: Annotated[
+        Optional[str], typer.Option("--input-size", help="C,H,W (default: the model's preset).")
+    ] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Per-layer output shapes, parameters, kernel/stride/padding, receptive fields and cost.
+
+    Examples: convscope summary --model alexnet | convscope summary --model zfnet --input-size 3,227,227 --json
+    """
+    from convscope.methods.summary import summary
+    from convscope.render.text import summary_table
+
+    size = None
+    if input_size:
+        try:
+            size = tuple(int(v) for v in input_size.replace("x", ",").split(","))
+        except ValueError:
+            raise BadArgument("--input-size", f"expected C,H,W integers, got {input_size!r}") from None
+        if len(size) != 3:
+            raise BadArgument("--input-size", f"expected three values C,H,W, got {input_size!r}")
+    loaded = open_model(model, weights or "random", seed, device)
+    result = summary(loaded, input_size=size)
+    if json_out:
+        typer.echo(json.dumps(summary_json(result), indent=2))
+    else:
+        typer.echo(summary_table(result))
+
+
+def summary_json(result: Any) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    layers = []
+    for layer in result.layers:
+        row = asdict(layer)
+        row["receptive_field"] = (
+            None if layer.receptive_field is None
+            else {"size": layer.receptive_field, "jump": layer.jump, "start": layer.start, "exact": layer.rf_exact}
+        )
+        for key in ("jump", "start", "rf_exact"):
+            row.pop(key)
+        layers.append(row)
+    return {
+        "model": result.model,
+        "input_size": list(result.input_size),
+        "layers": layers,
+        "total_params": result.total_params,
+        "trainable_params": result.trainable_params,
+        "total_mult_adds": result.total_mult_adds,
+        "param_megabytes": result.param_bytes / 2**20,
+        "activation_megabytes": result.activation_bytes / 2**20,
+        "notes": list(result.notes),
+    }
+
+
+def _per_image(
+    images: list[Path], loaded: LoadedModel, job: Any, description: str
+) -> int:
+    """Run ``job(path, batch)`` for each readable image; return the number of failures."""
+    paths = expand_images(images)
+    failures = 0
+    with progress_bar(len(paths), description, unit="img") as advance:
+        for path in paths:
+            try:
+                from convscope.imageio import load_image
+
+                batch = loaded.preprocess.to_tensor(load_image(path)).to(loaded.device)
+                job(path, batch)
+            except ConvscopeError as exc:
+                if not isinstance(exc, ImageError):
+                    raise  # a bad layer or option fails the same way for every image
+                failures += 1
+                print_error(exc)
+            advance(1)
+    return failures
+
+
+@app.command("activations")
+def activations_command(
+    images: ImagesArg,
+    output: OutDirOpt = Path("convscope-out"),
+    model: ModelOpt = None,
+    weights: WeightsOpt = None,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    layers: LayersOpt = None,
+) -> None:
+    """Activation maps: the mean of each conv stage's rectified output, in jet over the photo.
+
+    Writes <image>_<layer>.png per layer and <image>_activations.png (all layers in one strip),
+    all captured in one forward pass per image.
+
+    Example: convscope activations cat.jpg --model alexnet --weights random -o out/
+    """
+    from convscope.methods.activations import activation_maps
+    from convscope.render.pictures import activation_pictures, activation_strip, display_image
+
+    loaded = open_model(model, weights, seed, device)
+    out = OutputDir(output)
+    names = split_layers(layers)
+
+    def job(path: Path, batch: Any) -> None:
+        result = activation_maps(loaded, batch, layers=names)
+        photo = display_image(loaded.preprocess, batch)
+        stem = safe_stem(path)
+        for layer, picture in activation_pictures(photo, result).items():
+            out.png(f"{stem}_{safe_stem(layer)}.png", picture)
+        out.png(f"{stem}_activations.png", activation_strip(photo, result))
+
+    failures = _per_image(images, loaded, job, "activations")
+    out.manifest("activations", {"model": loaded.name, "weights": loaded.weights, "layers": names})
+    typer.echo(f"wrote {len(out.written)} pictures to {out.root}")
+    if failures:
+        raise typer.Exit(EXIT_USER_ERROR)
+
+
+@app.command("features")
+def features_command(
+    images: ImagesArg,
+    layer: LayerOpt = None,
+    output: OutDirOpt = Path("convscope-out"),
+    model: ModelOpt = None,
+    weights: WeightsOpt = None,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    max_channels: Annotated[int, typer.Option("--max", min=1, help="How many channels to show.")] = 64,
+    order: Annotated[
+        str, typer.Option("--order", help="index: the first channels; activation: the most active.")
+    ] = "index",
+) -> None:
+    """Feature-map grid: the channels of one layer as grayscale tiles, captioned with the channel index.
+
+    Example: convscope features cat.jpg --layer stage2 --max 32 --order activation -o out/
+    """
+    from convscope.methods.activations import feature_maps
+    from convscope.render.pictures import feature_grid
+
+    loaded = open_model(model, weights, seed, device)
+    name = layer or next(iter(loaded.stages), "")
+    if not name:
+        raise BadArgument("--layer", "this model has no conv stages; name a layer")
+    out = OutputDir(output)
+
+    def job(path: Path, batch: Any) -> None:
+        result = feature_maps(loaded, batch, layer=name, max_channels=max_channels, order=order)
+        out.png(f"{safe_stem(path)}_features_{safe_stem(name)}.png", feature_grid(result))
+
+    failures = _per_image(images, loaded, job, "features")
+    out.manifest("features", {"model": loaded.name, "layer": name, "max": max_channels, "order": order})
+    typer.echo(f"wrote {len(out.written)} pictures to {out.root}")
+    if failures:
+        raise typer.Exit(EXIT_USER_ERROR)
+
+
+@app.command("filters")
+def filters_command(
+    output: OutDirOpt = Path("convscope-out"),
+    model: ModelOpt = None,
+    weights: WeightsOpt = None,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    layer: LayerOpt = None,
+) -> None:
+    """Convolution kernels as tiles (first layer: RGB; deeper: each filter's strongest input).
+
+    Example: convscope filters -o out/ | convscope filters --model alexnet --weights random --layer features.3
+    """
+    from convscope.methods.filters import conv_filters
+    from convscope.render.pictures import filter_grid
+
+    loaded = open_model(model, weights, seed, device)
+    result = conv_filters(loaded, layer=layer)
+    out = OutputDir(output)
+    path = out.png(f"filters_{safe_stem(result.layer)}.png", filter_grid(result))
+    out.manifest("filters", {"model": loaded.name, "layer": result.layer})
+    typer.echo(f"wrote {path}")
+
+
+@app.command("demo")
+def demo_command(
+    output: OutDirOpt = Path("demo-out"),
+    image: Annotated[Optional[Path], typer.Option("--image", help="Photo (default: the bundled cat).")] = None,
+    model: ModelOpt = None,
+    weights: WeightsOpt = None,
+    device: DeviceOpt = "auto",
+) -> None:
+    """The main job on the default model and a bundled photo: classification, summary,
+    activation maps, a feature grid and the first-layer filters, in one folder.
+
+    Example: convscope demo -o demo-out
+    """
+    from convscope.imageio import load_image
+    from convscope.methods.activations import activation_maps, feature_maps
+    from convscope.methods.filters import conv_filters
+    from convscope.methods.predict import classify
+    from convscope.methods.summary import summary
+    from convscope.render.pictures import (
+        activation_pictures,
+        activation_strip,
+        display_image,
+        feature_grid,
+        filter_grid,
+    )
+    from convscope.render.text import predictions_table, summary_table
+
+    photo_path = image or bundled_photo()
+    loaded = open_model(model, weights, 0, device)
+    batch = loaded.preprocess.to_tensor(load_image(photo_path)).to(loaded.device)
+    out = OutputDir(output)
+
+    prediction = classify(loaded, batch, topk=5)[0]
+    out.json("classification.json", [{"image": str(photo_path), "predictions": prediction.as_dicts()}])
+    table = predictions_table(str(photo_path), prediction)
+    out.text("classification.txt", table + "\n")
+
+    model_summary = summary(loaded)
+    out.text("summary.txt", summary_table(model_summary) + "\n")
+    out.json("summary.json", summary_json(model_summary))
+
+    result = activation_maps(loaded, batch)
+    photo = display_image(loaded.preprocess, batch)
+    out.png("input.png", photo)
+    for layer, picture in activation_pictures(photo, result).items():
+        out.png(f"activation_{safe_stem(layer)}.png", picture)
+    out.png("activations.png", activation_strip(photo, result))
+
+    stages = list(loaded.stages)
+    grid_layer = stages[len(stages) // 3] if stages else loaded.cam_layer
+    grid = feature_maps(loaded, batch, layer=grid_layer, max_channels=32, order="activation")
+    out.png(f"features_{safe_stem(grid_layer)}.png", feature_grid(grid))
+    filters = conv_filters(loaded)
+    out.png("filters.png", filter_grid(filters))
+    out.manifest("demo", {"model": loaded.name, "weights": loaded.weights, "image": str(photo_path)})
+
+    typer.echo(table)
+    typer.echo(f"\nwrote {len(out.written)} files to {out.root.resolve()}")
+    typer.echo(f"  open {out.root / 'activations.png'} for the activation maps of every stage")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

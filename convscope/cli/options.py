@@ -1,0 +1,51 @@
+"""Reusable typed options (Annotated aliases) shared by all commands."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from convscope.models.load import DEFAULT_MODEL
+
+
+def _model_names() -> list[str]:
+    from convscope.models.registry import list_models
+
+    return list_models()
+
+
+ModelOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--model", "-m",
+        help=f"Architecture (default: {DEFAULT_MODEL}, or the one recorded in a --weights checkpoint). "
+        "See 'convscope models'.",
+        autocompletion=_model_names,
+    ),
+]
+WeightsOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--weights", "-w",
+        help="'pretrained', 'random', or a .pth/.safetensors/convscope checkpoint file "
+        "(default: pretrained when the model has published weights, else random).",
+    ),
+]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for --weights random.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu, cuda, cuda:N.")]
+OutDirOpt = Annotated[Path, typer.Option("--output", "-o", help="Folder for the pictures (created).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
+LayerOpt = Annotated[
+    Optional[str], typer.Option("--layer", "-l", help="Layer alias or module path (see 'convscope layers').")
+]
+LayersOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--layers", help="Layer aliases or module paths; repeat or comma-separate (default: all conv stages)."),
+]
+BatchSizeOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass.")]
+ImagesArg = Annotated[
+    list[Path], typer.Argument(help="Image files or folders (folders are searched for images).", show_default=False)
+]
+ImageArg = Annotated[Path, typer.Argument(help="An image file.", show_default=False)]

@@ -1,0 +1,375 @@
+"""Image files in and every file out.
+
+Every image path is untrusted: ``load_image`` either returns a decoded 8-bit RGB image or raises
+``ImageError`` with a one-line reason. Every file convscope writes goes through ``atomic_write`` or
+``atomic_path`` (temporary file in the same folder, then ``os.replace``), so a crash never leaves a
+half-written output under the final name.
+
+Nothing here changes Pillow's globals (``ImageFile.LOAD_TRUNCATED_IMAGES``, ``Image.MAX_IMAGE_PIXELS``):
+they belong to the application.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import os
+import stat
+import struct
+import tempfile
+import warnings
+import zlib
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import IO
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from convscope.errors import DataError, ImageError
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "atomic_path",
+    "atomic_write",
+    "iter_images",
+    "load_image",
+    "save_png",
+]
+
+IMAGE_SUFFIXES: frozenset[str] = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+)
+
+# Pillow plugins allowed to parse untrusted files: the formats of IMAGE_SUFFIXES (the JPEG plugin also
+# opens phones' multi-picture MPO files). Everything else stays off; EPS, for one, would run Ghostscript.
+_DECODE_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "TIFF", "WEBP", "PPM")
+_SUPPORTED_HINT = "supported: JPEG, PNG, BMP, GIF, TIFF, WebP, PPM/PGM"
+
+# What Pillow raises on bad bytes, at open or at decode. While probing plugins Pillow itself reads
+# SyntaxError, IndexError, TypeError and struct.error as "not this format", so once a plugin has
+# accepted the file they mean corrupt data too. Anything else (KeyError, AttributeError...) is a bug.
+_CORRUPT_DATA_ERRORS = (
+    OSError,
+    EOFError,
+    ValueError,
+    SyntaxError,
+    IndexError,
+    TypeError,
+    struct.error,
+    zlib.error,
+)
+_BOMB_ERRORS = (Image.DecompressionBombError, Image.DecompressionBombWarning)
+
+
+def load_image(path: str | os.PathLike[str], *, max_pixels: int = 100_000_000) -> Image.Image:
+    """Decode an untrusted image file into an upright 8-bit RGB image.
+
+    The width x height from the header is checked against ``max_pixels`` before any pixel is
+    decoded. Pillow's own decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``, 89.5 Mpx by
+    default) is enforced as well, its warning turned into an error for this call only, so the
+    effective limit is the smaller of the two; raise Pillow's limit in the application to go higher.
+
+    Conversion to RGB:
+        - multi-frame files (GIF, TIFF, WebP, MPO): the first frame;
+        - EXIF orientation is applied, so a rotated photo comes out upright;
+        - transparency (RGBA, LA, PA, palette or colour-key ``transparency``) is composited over
+          white: fully transparent pixels keep whatever colour the encoder left under them (often
+          black or garbage), and white is what a viewer shows on a page;
+        - 16-bit grey (``I;16``, ``I;16B``, and ``I``, Pillow's mode for 16-bit PGM/TIFF) is divided
+          by 257, so 65535 -> 255 and 32896 -> 128; ``I`` values outside 0..65535 are clipped;
+        - float ``F``: taken as [0, 1] and scaled by 255 when no finite value exceeds 1, otherwise
+          taken as already 0..255; then clipped to 0..255, NaN -> 0;
+        - CMYK, YCbCr, LAB, 1-bit, grey and palette images go through Pillow's ``convert("RGB")``.
+
+    Args:
+        path: the image file.
+        max_pixels: largest width x height accepted.
+
+    Returns:
+        A loaded ``PIL.Image.Image`` in mode ``"RGB"``, holding no open file.
+
+    Raises:
+        ImageError: missing, unreadable, empty, not an image, truncated or corrupt, too large,
+            or of a colour mode that cannot become RGB. The message is ``<path>: <reason>``.
+        ValueError: ``max_pixels`` is not positive.
+    """
+    if max_pixels < 1:
+        raise ValueError(f"max_pixels must be positive, got {max_pixels}")
+    subject = str(path)
+    with _open_file(Path(path), subject) as handle, warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        image = _identify(handle, subject, max_pixels)
+        try:
+            image.load()
+            ImageOps.exif_transpose(image, in_place=True)
+        except _BOMB_ERRORS as exc:
+            raise ImageError(subject, _too_large(image.size, max_pixels)) from exc
+        except _CORRUPT_DATA_ERRORS as exc:
+            raise ImageError(subject, _corrupt_reason(exc)) from exc
+    return _to_rgb(image, subject)
+
+
+def _open_file(file: Path, subject: str) -> IO[bytes]:
+    try:
+        # stat first: opening a FIFO or a device could block or never end.
+        info = file.stat()
+        if stat.S_ISDIR(info.st_mode):
+            raise ImageError(subject, "is a directory, not an image file")
+        if not stat.S_ISREG(info.st_mode):
+            raise ImageError(subject, "not a regular file")
+        if info.st_size == 0:
+            raise ImageError(subject, "empty file (0 bytes)")
+        return open(file, "rb")  # the caller's ``with`` closes it
+    except FileNotFoundError as exc:
+        raise ImageError(subject, "no such file") from exc
+    except IsADirectoryError as exc:
+        raise ImageError(subject, "is a directory, not an image file") from exc
+    except PermissionError as exc:
+        raise ImageError(subject, "permission denied, cannot read the file") from exc
+    except OSError as exc:
+        raise ImageError(subject, f"cannot open: {_os_reason(exc)}") from exc
+    except ValueError as exc:  # e.g. an embedded NUL byte
+        raise ImageError(subject, "invalid file path") from exc
+
+
+def _identify(handle: IO[bytes], subject: str, max_pixels: int) -> Image.Image:
+    """Parse the header only and enforce the pixel limits."""
+    try:
+        image = Image.open(handle, formats=_DECODE_FORMATS)
+    except UnidentifiedImageError as exc:
+        raise ImageError(subject, "not an image: cannot identify the format", _SUPPORTED_HINT) from exc
+    except _BOMB_ERRORS as exc:
+        # Pillow refused inside Image.open and dropped the size it read; read it again for the message.
+        raise ImageError(subject, _too_large(_header_size(handle), max_pixels)) from exc
+    except _CORRUPT_DATA_ERRORS as exc:
+        raise ImageError(subject, _corrupt_reason(exc)) from exc
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageError(subject, _too_large(image.size, max_pixels))
+    return image
+
+
+def _header_size(handle: IO[bytes]) -> tuple[int, int] | None:
+    """Width and height as the accepting format plugin reads them, without Pillow's bomb check."""
+    Image.init()
+    handle.seek(0)
+    prefix = handle.read(16)
+    for name in _DECODE_FORMATS:
+        factory, accept = Image.OPEN[name]
+        accepted = accept is None or accept(prefix)
+        if not accepted or isinstance(accepted, str):
+            continue
+        handle.seek(0)
+        try:
+            return factory(handle, "").size
+        except (*_CORRUPT_DATA_ERRORS, *_BOMB_ERRORS):
+            return None
+    return None
+
+
+def _too_large(size: tuple[int, int] | None, max_pixels: int) -> str:
+    pillow_limit = Image.MAX_IMAGE_PIXELS
+    if size is None:
+        return f"image is over Pillow's decompression-bomb limit of {_pixel_count(pillow_limit or 0)}"
+    width, height = size
+    pixels = width * height
+    if pixels > max_pixels or pillow_limit is None:
+        limit = f"the {_pixel_count(max_pixels)} limit"
+    else:
+        limit = f"Pillow's {_pixel_count(pillow_limit)} limit (PIL.Image.MAX_IMAGE_PIXELS)"
+    return f"image is {width}x{height} ({_pixel_count(pixels)}), over {limit}"
+
+
+def _pixel_count(pixels: int) -> str:
+    if pixels < 1_000_000:
+        return f"{pixels} px"
+    mpx = pixels / 1e6
+    return f"{mpx:.0f} Mpx" if mpx >= 100 else f"{mpx:.3g} Mpx"
+
+
+def _corrupt_reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.errno is not None:
+        # A real I/O failure (EIO, a vanished network share), not bad bytes.
+        return f"read error: {_os_reason(exc)}"
+    return "truncated or corrupt image data"
+
+
+def _os_reason(exc: OSError) -> str:
+    return (exc.strerror or type(exc).__name__).lower()
+
+
+def _to_rgb(image: Image.Image, subject: str) -> Image.Image:
+    mode = image.mode
+    if mode.startswith("I") or mode == "F":
+        grey = Image.fromarray(_high_depth_to_uint8(np.asarray(image), mode))
+        return grey.convert("RGB")
+    if image.has_transparency_data:
+        rgba = image.convert("RGBA")
+        composite = Image.new("RGB", image.size, (255, 255, 255))
+        composite.paste(rgba, mask=rgba.getchannel("A"))
+        return composite
+    if mode == "RGB":
+        return image
+    try:
+        return image.convert("RGB")
+    except ValueError as exc:
+        raise ImageError(subject, f"unsupported colour mode {mode}") from exc
+
+
+def _high_depth_to_uint8(pixels: np.ndarray, mode: str) -> np.ndarray:
+    """``(H, W)`` 16/32-bit int or float -> ``(H, W)`` uint8 (rules in ``load_image``)."""
+    if mode == "F":
+        values = np.nan_to_num(pixels.astype(np.float32), nan=0.0, posinf=255.0, neginf=0.0)
+        if values.size and values.max() <= 1.0:
+            values *= 255.0
+        return np.rint(np.clip(values, 0.0, 255.0)).astype(np.uint8)
+    # 65535 / 257 == 255 exactly; +128 rounds to nearest. Clipping at 255 instead would turn
+    # every 16-bit image nearly white.
+    wide = np.clip(pixels, 0, 65535).astype(np.uint32)
+    return ((wide + 128) // 257).astype(np.uint8)
+
+
+def iter_images(paths: Iterable[str | os.PathLike[str]], *, recursive: bool = True) -> list[Path]:
+    """Expand folders into their image files; keep explicit file paths as given.
+
+    A folder contributes the files whose suffix is in ``IMAGE_SUFFIXES`` (any case), sorted, with
+    hidden files and hidden subfolders skipped and symlinked subfolders not followed (no loops).
+    A folder without images contributes nothing; the caller decides whether that is an error.
+    Any other path, whatever its suffix and even if missing, is kept in place so that
+    ``load_image`` reports it in order.
+
+    Raises:
+        DataError: a folder cannot be listed.
+    """
+    found: list[Path] = []
+    for entry in paths:
+        path = Path(entry)
+        if path.is_dir():
+            found.extend(_images_in_folder(path, recursive=recursive))
+        else:
+            found.append(path)
+    return found
+
+
+def _images_in_folder(folder: Path, *, recursive: bool) -> list[Path]:
+    def unreadable(exc: OSError) -> None:
+        raise DataError(exc.filename or str(folder), f"cannot list folder: {_os_reason(exc)}") from exc
+
+    images: list[Path] = []
+    for root, dirs, files in os.walk(folder, onerror=unreadable):
+        if recursive:
+            dirs[:] = [name for name in dirs if not name.startswith(".")]
+        else:
+            dirs.clear()
+        images.extend(
+            Path(root, name)
+            for name in files
+            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES
+        )
+    return sorted(images)
+
+
+def atomic_write(path: str | os.PathLike[str], data: bytes | str) -> Path:
+    """Replace ``path`` with ``data`` so that it is always either the old or the new file, never partial.
+
+    ``str`` is written as UTF-8 without newline translation. Creates missing parent folders. On any
+    failure the temporary file is removed, the previous content of ``path`` is untouched and the
+    exception propagates.
+
+    Returns:
+        ``path`` as a ``Path``.
+    """
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(
+        dir=target.parent, delete=False, prefix=_temp_prefix(target), suffix=".tmp"
+    ) as handle:
+        temp = Path(handle.name)
+        try:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        except BaseException:
+            handle.close()
+            temp.unlink(missing_ok=True)
+            raise
+    _commit(temp, target)
+    return target
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it to ``path`` if the block succeeds.
+
+    For writers that want a file name (``torch.save``, ``PIL.Image.save``). The temporary name ends
+    in ``.tmp``, so pass the format explicitly: ``image.save(temp, format="PNG")``; writers that add
+    their own suffix (``numpy.save``) need an open file instead. On any exception in the block the
+    temporary file is removed and ``path`` keeps its previous content.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(
+        dir=target.parent, delete=False, prefix=_temp_prefix(target), suffix=".tmp"
+    ) as handle:
+        temp = Path(handle.name)
+    try:
+        yield temp
+        with open(temp, "rb") as written:
+            os.fsync(written.fileno())
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    _commit(temp, target)
+
+
+def _temp_prefix(target: Path) -> str:
+    # Hidden, so iter_images never picks up a leftover; shortened to stay under NAME_MAX.
+    return "." + target.name[:200] + "."
+
+
+def _commit(temp: Path, target: Path) -> None:
+    try:
+        # NamedTemporaryFile creates 0600; give the result the mode a plain open() would have.
+        os.chmod(temp, _existing_mode(target))
+        os.replace(temp, target)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+
+
+def _existing_mode(target: Path) -> int:
+    with suppress(OSError):
+        return stat.S_IMODE(target.stat().st_mode)
+    return 0o666 & ~_umask()
+
+
+@functools.cache
+def _umask() -> int:
+    # The only way to read the umask is to set it; done once, and put straight back.
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
+
+
+def save_png(path: str | os.PathLike[str], image: Image.Image | np.ndarray) -> Path:
+    """Encode ``image`` as PNG in memory, then ``atomic_write`` it.
+
+    Args:
+        image: a PIL image, or a uint8 array ``(H, W)`` (grey) or ``(H, W, 3)`` (RGB).
+
+    Raises:
+        TypeError: an array that is not uint8.
+        ValueError: an array of another shape.
+    """
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8:
+            raise TypeError(f"save_png expects a uint8 array, got {image.dtype}")
+        if not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3)):
+            raise ValueError(f"save_png expects an (H, W) or (H, W, 3) array, got shape {image.shape}")
+        image = Image.fromarray(np.ascontiguousarray(image))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return atomic_write(path, buffer.getvalue())

@@ -1,0 +1,99 @@
+"""Results of the gradient-based methods (deconvnet, guided backprop, saliency, Grad-CAM).
+
+All tensors live on the CPU as float32 (indices int64), whatever device the model ran on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class CamMaps:
+    """Grad-CAM or Grad-CAM++ maps of a batch.
+
+    Attributes:
+        method: ``"gradcam"`` or ``"gradcam++"``.
+        layer: the layer name as given (or the model's default CAM layer).
+        maps: ``(N, H, W)`` float32 in ``[0, 1]`` at input resolution (bilinear upsampling of
+            ``raw``, then min-max per image; an all-zero map stays zero).
+        raw: ``(N, h, w)`` float32 rectified weighted channel sum at the layer's resolution.
+        weights: ``(N, C)`` float32 channel weights.
+        targets: ``(N,)`` int64 explained classes.
+        labels: class names of ``targets``.
+        scores: ``(N,)`` float32 model output (logit) of each target.
+        warnings: one line each, for the CLI to print.
+    """
+
+    method: str
+    layer: str
+    maps: torch.Tensor
+    raw: torch.Tensor
+    weights: torch.Tensor
+    targets: torch.Tensor
+    labels: tuple[str, ...]
+    scores: torch.Tensor
+    warnings: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class GradientMaps:
+    """Input-space attributions: saliency, guided backprop or guided Grad-CAM.
+
+    Attributes:
+        method: ``"saliency"``, ``"guided_backprop"`` or ``"guided_gradcam"``.
+        attributions: ``(N, C, H, W)`` float32: the raw input gradient (saliency, guided
+            backprop), or guided backprop times the Grad-CAM map (guided Grad-CAM).
+        maps: ``(N, H, W)`` float32, the largest absolute value over channels (the saliency
+            map of Simonyan et al.; captum ``Saliency(abs=True)`` then a max over channels).
+        targets: ``(N,)`` int64 explained classes.
+        labels: class names of ``targets``.
+        scores: ``(N,)`` float32 model output (logit) of each target.
+        cam: the Grad-CAM maps used (guided Grad-CAM only).
+        warnings: one line each (activations the guided rule could not be applied to...).
+    """
+
+    method: str
+    attributions: torch.Tensor
+    maps: torch.Tensor
+    targets: torch.Tensor
+    labels: tuple[str, ...]
+    scores: torch.Tensor
+    cam: CamMaps | None = None
+    warnings: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class DeconvProjections:
+    """Zeiler & Fergus deconvnet projections of chosen feature maps of one layer.
+
+    ``K`` projections per image: the chosen channel(s), or each image's ``top`` strongest.
+
+    Attributes:
+        layer: the layer name as given.
+        location: ``"max"`` (only each channel's strongest cell was projected) or ``"all"``
+            (the whole feature map was).
+        channels: ``(N, K)`` int64 channel of each projection.
+        projections: ``(N, K, C, H, W)`` float32 pixel-space projections.
+        values: ``(N, K)`` float32 the channel's largest activation in the image.
+        positions: ``(N, K, 2)`` int64 ``(row, col)`` of that activation in the layer's grid.
+        boxes: ``(N, K, 4)`` int64 ``(top, left, bottom, right)`` input pixels seen by that cell
+            (bottom/right exclusive), to crop the projection and the image patch.
+        boxes_exact: ``False`` when the receptive field passes residual additions or functional
+            ops, where the box is the main path's field (see ``convscope.probes.geometry``).
+        grid: ``(h, w)`` of the layer's feature maps.
+        warnings: one line each (activations the deconvnet rule could not be applied to...).
+    """
+
+    layer: str
+    location: str
+    channels: torch.Tensor
+    projections: torch.Tensor
+    values: torch.Tensor
+    positions: torch.Tensor
+    boxes: torch.Tensor
+    boxes_exact: bool
+    grid: tuple[int, int]
+    warnings: tuple[str, ...] = ()

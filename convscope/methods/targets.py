@@ -1,0 +1,104 @@
+"""Which class score a gradient method explains: top-1, an index, or a label name."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from convscope.errors import BadTarget, close_matches
+
+TargetLike = int | str | Sequence[int | str] | torch.Tensor | None
+
+
+def resolve_label(name: str, categories: Sequence[str], model_name: str = "model") -> int:
+    """Class name -> index: exact match first, then case-insensitive, then a unique comma-
+    separated alias (``"tabby"`` for ``"tabby, tabby cat"``).
+
+    Raises:
+        BadTarget: unknown or ambiguous name, with close matches.
+    """
+    labels = list(categories)
+    if name in labels:
+        return labels.index(name)
+    folded = name.strip().casefold()
+    matches = [i for i, label in enumerate(labels) if label.casefold() == folded]
+    if not matches:
+        matches = [
+            i
+            for i, label in enumerate(labels)
+            if folded in (part.strip().casefold() for part in label.split(","))
+        ]
+    if len(matches) == 1:
+        return matches[0]
+    if len(matches) > 1:
+        raise BadTarget(
+            f"--label {name}",
+            f"matches {len(matches)} classes of {model_name}",
+            "use --class with one of " + ", ".join(str(i) for i in matches),
+        )
+    raise BadTarget(f"--label {name}", f"is not a class of {model_name}", close_matches(name, labels))
+
+
+def _one(value: int | str, num_classes: int, categories: Sequence[str], model_name: str) -> int:
+    if isinstance(value, torch.Tensor):
+        value = int(value.item())
+    if isinstance(value, str):
+        return resolve_label(value, categories, model_name)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"a target is a class index or a label name, not {type(value).__name__}")
+    if not 0 <= value < num_classes:
+        raise BadTarget(
+            f"--class {value}",
+            f"is out of range: {model_name} has {num_classes} classes (0..{num_classes - 1})",
+        )
+    return value
+
+
+def resolve_targets(
+    target: TargetLike,
+    logits: torch.Tensor,
+    categories: Sequence[str] = (),
+    model_name: str = "model",
+) -> torch.Tensor:
+    """Targets for a batch.
+
+    Args:
+        target: ``None`` (each image's top-1 class), an index or label for every image, or one
+            index/label per image (a sequence or a 1-D tensor of length N).
+        logits: ``(N, num_classes)`` model outputs.
+        categories: class names for label lookup.
+
+    Returns:
+        ``(N,)`` int64 on ``logits.device``.
+
+    Raises:
+        BadTarget: index out of range, unknown label, or a per-image list of the wrong length.
+    """
+    if logits.dim() != 2:
+        raise BadTarget(
+            model_name, f"outputs shape {tuple(logits.shape)}, not (N, classes) scores",
+            "explain a classifier, or wrap the model so it returns (N, classes)",
+        )
+    count, num_classes = logits.shape
+    if target is None:
+        return logits.detach().argmax(dim=1)
+    if isinstance(target, torch.Tensor) and target.dim() == 0:
+        target = int(target.item())
+    if isinstance(target, (int, str)):
+        values = [_one(target, num_classes, categories, model_name)] * count
+    else:
+        items = target.tolist() if isinstance(target, torch.Tensor) else list(target)
+        if len(items) != count:
+            raise BadTarget(
+                "target", f"gives {len(items)} classes for {count} images", "give one per image or one for all"
+            )
+        values = [_one(item, num_classes, categories, model_name) for item in items]
+    return torch.tensor(values, dtype=torch.int64, device=logits.device)
+
+
+def target_labels(targets: torch.Tensor, categories: Sequence[str]) -> tuple[str, ...]:
+    """Class names of ``targets`` (``class K`` where the model has no names)."""
+    return tuple(
+        categories[i] if i < len(categories) else f"class {i}" for i in targets.tolist()
+    )

@@ -1,0 +1,232 @@
+"""Backward rules for rectifiers: deconvnet (Zeiler & Fergus 2014) and guided backprop
+(Springenberg et al. 2015), swapped in for one forward pass and gone afterwards.
+
+The rule is applied without touching the model. While the block is open a
+``TorchFunctionMode`` sees every rectifier the forward pass evaluates, whether it comes from
+an ``nn.ReLU``/``nn.ReLU6`` module or from a functional call (``F.relu``, ``torch.relu``,
+``x.relu_()``, ``F.relu6``, ``F.hardtanh(x, 0, m)``), and evaluates it through a custom
+autograd function whose forward is the original op (same values, and in place when the caller
+asked for in place) and whose backward is the rule:
+
+=============  ===============================  ==========================================
+rectifier      deconvnet                        guided
+=============  ===============================  ==========================================
+ReLU           ``relu(g)``                      ``relu(g * [x > 0])``
+ReLU6 / clip   ``relu(g) * [x < m]``            ``relu(g * [0 < x < m])``
+=============  ===============================  ==========================================
+
+``g`` is the gradient arriving at the rectifier's output and ``x`` its forward input. A clipped
+ReLU ``min(max(x, 0), m)`` is treated as a ReLU followed by a clip at ``m``: the rule replaces
+the ReLU part and the clip keeps its ordinary gradient (zero where the input was above ``m``).
+This is what captum's ``Deconvolution``/``GuidedBackprop`` compute on the same network with
+each ``ReLU6`` written as ``nn.ReLU`` followed by ``clamp(max=6)``. Captum and pytorch-grad-cam
+hook ``nn.ReLU`` modules only, so on a ReLU6 network (EfficientNet-Lite) they silently return
+plain gradients; on ``nn.ReLU`` networks the rules here give their numbers.
+
+Activations without a rule (SiLU, GELU, Hardswish, LeakyReLU, ELU, ...) keep their ordinary
+gradient, and :meth:`RuleState.warnings` says how many of each the pass went through, so a
+method never passes plain gradients off as guided ones. Rectifiers written as
+``clamp(min=0)``/``maximum(x, 0)`` and activations inside TorchScript modules are not seen;
+TorchScript submodules are reported in the warnings.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+RULES = ("deconvnet", "guided")
+
+
+@dataclass
+class RuleState:
+    """What a ``relu_rule`` block saw, and a switch for its backward passes.
+
+    Attributes:
+        rule: ``"deconvnet"`` or ``"guided"``.
+        active: when ``False``, backward passes through the swapped rectifiers give the
+            ordinary gradient (one forward pass can then serve a plain and a guided
+            backward, as guided Grad-CAM needs). Read at backward time.
+        rectifiers: rectifier evaluations the rule was applied to, by kind (``ReLU``, ``ReLU6``).
+        unsupported: activation evaluations with no rule, by kind (``SiLU``, ``GELU``...).
+        scripted: TorchScript submodules of the model, whose insides cannot be seen.
+    """
+
+    rule: str
+    active: bool = True
+    rectifiers: Counter[str] = field(default_factory=Counter)
+    unsupported: Counter[str] = field(default_factory=Counter)
+    scripted: int = 0
+
+    @property
+    def rectified(self) -> int:
+        """How many rectifier evaluations got the rule."""
+        return sum(self.rectifiers.values())
+
+    def warnings(self) -> tuple[str, ...]:
+        """One line per way the result differs from a pure rule-based backward pass."""
+        lines = []
+        for kind, count in sorted(self.unsupported.items()):
+            lines.append(
+                f"{self.rule} rule not applied to {count} {kind} activation{'s' if count != 1 else ''}"
+                " (no such rule for them; plain gradients pass through)"
+            )
+        if self.scripted:
+            lines.append(
+                f"{self.scripted} TorchScript submodule{'s' if self.scripted != 1 else ''}: "
+                f"activations inside them cannot be seen, so the {self.rule} rule may be incomplete"
+            )
+        if not self.rectifiers and not self.unsupported:
+            lines.append(f"no ReLU activation ran: the {self.rule} result is the plain gradient")
+        return tuple(lines)
+
+
+class _Rectifier(torch.autograd.Function):
+    """Forward: the original rectifier, exactly. Backward: the rule in ``state``."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: torch.Tensor,
+        op: Callable[[torch.Tensor], torch.Tensor],
+        upper: float,
+        inplace: bool,
+        state: RuleState,
+    ) -> torch.Tensor:
+        # Masks are taken before an in-place op overwrites x; bools keep the saved state small.
+        positive = x > 0
+        below = x < upper if math.isfinite(upper) else None
+        out = op(x)
+        if inplace:
+            ctx.mark_dirty(x)
+        ctx.state = state
+        ctx.has_upper = below is not None
+        ctx.save_for_backward(positive, *(() if below is None else (below,)))
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        saved = ctx.saved_tensors
+        positive = saved[0]
+        below = saved[1] if ctx.has_upper else None
+        state: RuleState = ctx.state
+        # clamp_min rather than relu: nothing in a backward should look like a rectifier.
+        if not state.active:
+            mask = positive if below is None else positive & below
+            result = grad * mask
+        elif state.rule == "deconvnet":
+            result = grad.clamp_min(0)
+            if below is not None:
+                result = result * below
+        else:
+            mask = positive if below is None else positive & below
+            result = (grad * mask).clamp_min(0)
+        return result, None, None, None, None
+
+
+def _arg(args: tuple[Any, ...], kwargs: dict[str, Any], index: int, name: str, default: Any) -> Any:
+    if len(args) > index:
+        return args[index]
+    return kwargs.get(name, default)
+
+
+# Functional entry points of ReLU-family rectifiers -> (kind, in place?). nn.ReLU calls F.relu
+# and nn.ReLU6 calls F.hardtanh, so modules arrive here too.
+_RELU_CALLS: dict[Any, bool] = {F.relu: False, torch.relu: False, torch.Tensor.relu: False}
+_RELU_INPLACE_CALLS = {torch.relu_, F.relu_, torch.Tensor.relu_}
+_CLIP_CALLS: dict[Any, bool] = {F.hardtanh: False, F.hardtanh_: True, F.relu6: False}
+
+_UNSUPPORTED_NAMES = {
+    "silu": "SiLU", "gelu": "GELU", "hardswish": "Hardswish", "leaky_relu": "LeakyReLU",
+    "leaky_relu_": "LeakyReLU", "elu": "ELU", "elu_": "ELU", "selu": "SELU", "selu_": "SELU",
+    "celu": "CELU", "celu_": "CELU", "mish": "Mish", "softplus": "Softplus", "prelu": "PReLU",
+    "rrelu": "RReLU", "rrelu_": "RReLU", "threshold": "Threshold", "threshold_": "Threshold",
+}  # fmt: skip
+_UNSUPPORTED_CALLS: dict[Any, str] = {
+    getattr(F, name): kind for name, kind in _UNSUPPORTED_NAMES.items() if hasattr(F, name)
+}
+_UNSUPPORTED_CALLS[torch.prelu] = "PReLU"
+
+
+class _RuleMode(TorchFunctionMode):
+    def __init__(self, state: RuleState) -> None:
+        super().__init__()
+        self.state = state
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        if func in _RELU_CALLS or func in _RELU_INPLACE_CALLS:
+            x = _arg(args, kwargs, 0, "input", None)
+            if func in _RELU_INPLACE_CALLS:
+                inplace = True
+            else:
+                inplace = func is F.relu and bool(_arg(args, kwargs, 1, "inplace", False))
+            return self._rectify(func, args, kwargs, x, "ReLU", math.inf, inplace)
+        if func in _CLIP_CALLS:
+            x = _arg(args, kwargs, 0, "input", None)
+            if func is F.relu6:
+                low, high = 0.0, 6.0
+                inplace = bool(_arg(args, kwargs, 1, "inplace", False))
+            else:
+                low = float(_arg(args, kwargs, 1, "min_val", -1.0))
+                high = float(_arg(args, kwargs, 2, "max_val", 1.0))
+                inplace = _CLIP_CALLS[func] or bool(_arg(args, kwargs, 3, "inplace", False))
+            if low == 0.0 and high > 0.0:
+                kind = "ReLU6" if high == 6.0 else "clipped ReLU"
+                return self._rectify(func, args, kwargs, x, kind, high, inplace)
+            self.state.unsupported["Hardtanh"] += 1
+            return func(*args, **kwargs)
+        kind = _UNSUPPORTED_CALLS.get(func)
+        if kind is not None:
+            self.state.unsupported[kind] += 1
+        return func(*args, **kwargs)
+
+    def _rectify(
+        self,
+        func: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        x: Any,
+        kind: str,
+        upper: float,
+        inplace: bool,
+    ) -> Any:
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            return func(*args, **kwargs)
+        self.state.rectifiers[kind] += 1
+        if not (torch.is_grad_enabled() and x.requires_grad):
+            return func(*args, **kwargs)
+        # The mode is off inside its own handler, so the original op runs unintercepted.
+        return _Rectifier.apply(x, lambda t: func(*args, **kwargs), upper, inplace, self.state)
+
+
+@contextmanager
+def relu_rule(module: nn.Module, rule: str) -> Iterator[RuleState]:
+    """Apply a rectifier backward rule to every forward pass run inside the block.
+
+    Nothing on ``module`` changes; the rule lives in the autograd graph built inside the
+    block, so the backward pass may run inside or after it.
+
+    Args:
+        module: the network (checked for TorchScript parts the rule cannot reach).
+        rule: ``"deconvnet"`` or ``"guided"``.
+
+    Yields:
+        a :class:`RuleState` counting what was swapped; its ``warnings()`` go into results.
+    """
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {RULES}, not {rule!r}")
+    state = RuleState(rule=rule)
+    state.scripted = sum(isinstance(m, torch.jit.ScriptModule) for m in module.modules())
+    mode = _RuleMode(state)
+    with mode:
+        yield state

@@ -28,7 +28,7 @@ from convscope.cli.options import (
     SeedOpt,
     WeightsOpt,
 )
-from convscope.cli.output import OutputDir, safe_stem
+from convscope.cli.output import OutputDir, safe_name, safe_stem
 from convscope.cli.progress import progress_bar
 from convscope.errors import BadArgument, ConvscopeError, ImageError
 from convscope.types import LoadedModel
@@ -295,7 +295,7 @@ def activations_command(
         photo = display_image(loaded.preprocess, batch)
         stem = safe_stem(path)
         for layer, picture in activation_pictures(photo, result).items():
-            out.png(f"{stem}_{safe_stem(layer)}.png", picture)
+            out.png(f"{stem}_{safe_name(layer)}.png", picture)
         out.png(f"{stem}_activations.png", activation_strip(photo, result))
 
     failures = _per_image(images, loaded, job, "activations")
@@ -334,7 +334,7 @@ def features_command(
 
     def job(path: Path, batch: Any) -> None:
         result = feature_maps(loaded, batch, layer=name, max_channels=max_channels, order=order)
-        out.png(f"{safe_stem(path)}_features_{safe_stem(name)}.png", feature_grid(result))
+        out.png(f"{safe_stem(path)}_features_{safe_name(name)}.png", feature_grid(result))
 
     failures = _per_image(images, loaded, job, "features")
     out.manifest("features", {"model": loaded.name, "layer": name, "max": max_channels, "order": order})
@@ -362,7 +362,7 @@ def filters_command(
     loaded = open_model(model, weights, seed, device)
     result = conv_filters(loaded, layer=layer)
     out = OutputDir(output)
-    path = out.png(f"filters_{safe_stem(result.layer)}.png", filter_grid(result))
+    path = out.png(f"filters_{safe_name(result.layer)}.png", filter_grid(result))
     out.manifest("filters", {"model": loaded.name, "layer": result.layer})
     typer.echo(f"wrote {path}")
 
@@ -412,13 +412,13 @@ def demo_command(
     photo = display_image(loaded.preprocess, batch)
     out.png("input.png", photo)
     for layer, picture in activation_pictures(photo, result).items():
-        out.png(f"activation_{safe_stem(layer)}.png", picture)
+        out.png(f"activation_{safe_name(layer)}.png", picture)
     out.png("activations.png", activation_strip(photo, result))
 
     stages = list(loaded.stages)
     grid_layer = stages[len(stages) // 3] if stages else loaded.cam_layer
     grid = feature_maps(loaded, batch, layer=grid_layer, max_channels=32, order="activation")
-    out.png(f"features_{safe_stem(grid_layer)}.png", feature_grid(grid))
+    out.png(f"features_{safe_name(grid_layer)}.png", feature_grid(grid))
     filters = conv_filters(loaded)
     out.png("filters.png", filter_grid(filters))
     out.manifest("demo", {"model": loaded.name, "weights": loaded.weights, "image": str(photo_path)})

@@ -14,10 +14,15 @@ from convscope.imageio import atomic_write, save_png
 SCHEMA_VERSION = 1
 
 
+def safe_name(text: str) -> str:
+    """A file-name-safe form of a layer or class name (``features.3`` stays, ``a/b`` -> ``a_b``)."""
+    cleaned = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in text).strip(".")
+    return cleaned or "_"
+
+
 def safe_stem(path: str | Path) -> str:
     """A file-name-safe stem for an input path (``photos/cat 1.jpg`` -> ``cat_1``)."""
-    stem = Path(path).stem or "image"
-    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in stem)
+    return safe_name(Path(path).stem or "image")
 
 
 @dataclass

@@ -1,0 +1,87 @@
+"""capture() and eval_mode(): cleanup on exit and on error, reused modules, in-place ReLU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from convscope.probes.hooks import capture, eval_mode
+
+
+def test_capture_records_every_call_of_a_reused_module(tiny_cnn, assert_no_side_effects) -> None:
+    x = torch.randn(2, 3, 16, 16)
+
+    def run():
+        with torch.no_grad(), capture(tiny_cnn, {"relu": tiny_cnn.relu, "conv2": tiny_cnn.conv2}) as store:
+            tiny_cnn(x)
+        return store
+
+    store = assert_no_side_effects(tiny_cnn, run)
+    assert len(store.outputs["relu"]) == 2  # the same ReLU module runs twice per forward
+    first, second = store.outputs["relu"]
+    with torch.no_grad():
+        expected_first = torch.relu(tiny_cnn.conv1(x))
+        expected_second = torch.relu(tiny_cnn.conv2(expected_first))
+    torch.testing.assert_close(first, expected_first)
+    torch.testing.assert_close(second, expected_second)
+
+
+def test_clone_protects_against_inplace_relu(tiny_cnn) -> None:
+    x = torch.randn(1, 3, 16, 16)
+    with torch.no_grad(), capture(tiny_cnn, {"conv1": tiny_cnn.conv1}) as store:
+        tiny_cnn(x)
+        expected = tiny_cnn.conv1(x)
+    # The in-place ReLU after conv1 would have zeroed negatives in an uncloned tensor.
+    assert (store.last("conv1") < 0).any()
+    torch.testing.assert_close(store.last("conv1"), expected)
+
+
+def test_graph_mode_gives_the_true_gradient_despite_inplace_relu(tiny_cnn) -> None:
+    x = torch.randn(1, 3, 16, 16)
+    with capture(tiny_cnn, {"conv1": tiny_cnn.conv1}, mode="graph") as store:
+        score = tiny_cnn(x)[0, 1]
+    grad_ours = torch.autograd.grad(score, store.last("conv1"))[0]
+    # Reference: split the network by hand at conv1's output.
+    a = tiny_cnn.conv1(x).detach().requires_grad_(True)
+    h = torch.relu(a)
+    h = tiny_cnn.pool(torch.relu(tiny_cnn.conv2(h)))
+    ref = tiny_cnn.fc(torch.flatten(h, 1))[0, 1]
+    grad_ref = torch.autograd.grad(ref, a)[0]
+    torch.testing.assert_close(grad_ours, grad_ref)
+    assert (store.last("conv1") < 0).any()  # not overwritten by the in-place ReLU
+
+
+def test_hooks_removed_when_the_block_raises(tiny_cnn, assert_no_side_effects) -> None:
+    def run():
+        with capture(tiny_cnn, {"conv1": tiny_cnn.conv1}):
+            tiny_cnn(torch.randn(1, 3, 16, 16))
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        assert_no_side_effects(tiny_cnn, run)
+
+
+def test_hooks_removed_when_the_model_raises(tiny_cnn) -> None:
+    with pytest.raises(RuntimeError):
+        with capture(tiny_cnn, {"conv1": tiny_cnn.conv1}):
+            tiny_cnn(torch.randn(1, 5, 16, 16))  # wrong channel count
+    assert not tiny_cnn.conv1._forward_hooks
+
+
+def test_eval_mode_restores_each_flag(tiny_cnn) -> None:
+    tiny_cnn.train()
+    tiny_cnn.conv2.eval()  # a mixed state must come back exactly
+    with eval_mode(tiny_cnn):
+        assert not any(m.training for m in tiny_cnn.modules())
+    assert tiny_cnn.training and tiny_cnn.conv1.training and not tiny_cnn.conv2.training
+    with pytest.raises(ValueError):
+        with eval_mode(tiny_cnn):
+            raise ValueError("x")
+    assert tiny_cnn.training and not tiny_cnn.conv2.training
+
+
+def test_last_raises_for_a_layer_that_did_not_run(tiny_cnn) -> None:
+    with capture(tiny_cnn, {"fc": tiny_cnn.fc}) as store:
+        pass
+    with pytest.raises(RuntimeError, match="'fc' was not called"):
+        store.last("fc")

@@ -42,10 +42,10 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
-        for tensor in self.module.parameters():
-            return tensor.device
-        for tensor in self.module.buffers():
-            return tensor.device
+        for parameter in self.module.parameters():
+            return parameter.device
+        for buffer in self.module.buffers():
+            return buffer.device
         return torch.device("cpu")
 
     @property

@@ -88,7 +88,7 @@ def models_command(json_out: JsonOpt = False) -> None:
     """
     from convscope.models.registry import get_spec, list_models
 
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name in list_models():
         spec = get_spec(name)
         rows.append({
@@ -248,13 +248,13 @@ def _per_image(
     images: list[Path], loaded: LoadedModel, job: Any, description: str
 ) -> int:
     """Run ``job(path, batch)`` for each readable image; return the number of failures."""
+    from convscope.imageio import load_image
+
     paths = expand_images(images)
     failures = 0
     with progress_bar(len(paths), description, unit="img") as advance:
         for path in paths:
             try:
-                from convscope.imageio import load_image
-
                 batch = loaded.preprocess.to_tensor(load_image(path)).to(loaded.device)
                 job(path, batch)
             except ConvscopeError as exc:

@@ -18,12 +18,20 @@ def show_progress() -> bool:
 def progress_bar(total: int | None, description: str, unit: str = "it") -> Iterator[ProgressCallback]:
     """Yield ``advance(n)``; draws a tqdm bar on a TTY, does nothing when piped."""
     if not show_progress():
-        yield lambda n=1: None
+
+        def ignore(n: int = 1) -> None:
+            return None
+
+        yield ignore
         return
     from tqdm import tqdm
 
     bar = tqdm(total=total, desc=description, unit=unit, file=sys.stderr, leave=False, dynamic_ncols=True)
+
+    def advance(n: int = 1) -> None:
+        bar.update(n)
+
     try:
-        yield lambda n=1: bar.update(n)
+        yield advance
     finally:
         bar.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -120,11 +121,11 @@ def load_model(
     )
 
 
-def _preprocess_fields(raw: dict[str, object]) -> dict[str, object]:
+def _preprocess_fields(raw: dict[str, Any]) -> dict[str, Any]:
     fields = dict(raw)
     for key in ("mean", "std"):
         if key in fields:
-            fields[key] = tuple(fields[key])  # type: ignore[arg-type]
+            fields[key] = tuple(fields[key])
     return fields
 
 

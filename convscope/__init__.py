@@ -12,6 +12,13 @@ __version__ = "0.1.0"
 
 # public name -> "module:attribute"
 _EXPORTS = {
+    "deconv": "convscope.methods.deconvnet:deconv",
+    "guided_backprop": "convscope.methods.guided:guided_backprop",
+    "saliency": "convscope.methods.guided:saliency",
+    "gradcam": "convscope.methods.gradcam:gradcam",
+    "gradcam_plus_plus": "convscope.methods.gradcam:gradcam_plus_plus",
+    "guided_gradcam": "convscope.methods.gradcam:guided_gradcam",
+    "relu_rule": "convscope.probes.relu_rules:relu_rule",
     "load_model": "convscope.models.load:load_model",
     "wrap_model": "convscope.models.load:wrap_model",
     "list_models": "convscope.models.registry:list_models",

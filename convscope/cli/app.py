@@ -428,6 +428,10 @@ def demo_command(
     typer.echo(f"  open {out.root / 'activations.png'} for the activation maps of every stage")
 
 
+# Command modules register themselves on `app` when imported.
+from convscope.cli import explain as _explain  # noqa: E402,F401
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

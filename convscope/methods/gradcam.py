@@ -34,7 +34,10 @@ def feature_map_of(store: Capture, key: str, name: str) -> torch.Tensor:
     """The last output of a captured layer, checked to be an ``(N, C, h, w)`` feature map."""
     calls = store.outputs.get(key)
     if not calls:
-        raise UnknownLayer(name, "did not run during the forward pass", "pick a layer the model calls")
+        raise UnknownLayer(
+            name, "did not run during the forward pass, or returned something other than a tensor",
+            "pick a layer the model calls (see 'convscope layers')",
+        )
     output = calls[-1]
     if output.dim() != 4:
         raise UnknownLayer(
@@ -105,7 +108,7 @@ def _cam(model: ModelLike, images: Any, target: TargetLike, layer: str | None, m
     activations = feature_map_of(store, path, name)
     targets, scores = class_scores(logits, target, loaded)
     grads = layer_gradient(scores.sum(), activations, name)
-    return _cam_maps(method, name, loaded, activations, grads, tuple(batch.shape[-2:]), targets, scores)
+    return _cam_maps(method, name, loaded, activations, grads, (int(batch.shape[-2]), int(batch.shape[-1])), targets, scores)
 
 
 def gradcam(
@@ -119,6 +122,8 @@ def gradcam(
         images: PIL image(s) or a normalised ``(N, C, H, W)`` tensor.
         target: ``None`` (each image's top-1 class), a class index or label, or one per image.
         layer: alias or module path; default: the model's ``cam_layer`` (last conv stage).
+            A module called more than once per forward pass (a reused ReLU) counts at its
+            last call.
 
     Returns:
         ``CamMaps`` with ``maps`` ``(N, H, W)`` float32 in ``[0, 1]`` at input resolution.
@@ -172,7 +177,7 @@ def guided_gradcam(
     state.active = True
     (guided,) = torch.autograd.grad(score, x)
     warnings = state.warnings()
-    cam = _cam_maps("gradcam", name, loaded, activations, grads, tuple(batch.shape[-2:]), targets, scores)
+    cam = _cam_maps("gradcam", name, loaded, activations, grads, (int(batch.shape[-2]), int(batch.shape[-1])), targets, scores)
     product = guided.float().cpu() * cam.maps[:, None]
     return GradientMaps(
         method="guided_gradcam",

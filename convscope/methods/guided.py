@@ -33,7 +33,8 @@ def graph_forward(
     """
     x = batch.detach().requires_grad_(True)
     with ExitStack() as stack:
-        stack.enter_context(eval_mode(loaded.module))
+        if any(m.training for m in loaded.module.modules()):
+            stack.enter_context(eval_mode(loaded.module))
         stack.enter_context(torch.enable_grad())
         state = stack.enter_context(relu_rule(loaded.module, rule)) if rule else None
         yield x, state, stack

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from numbers import Integral
 
 import torch
 
@@ -45,8 +46,9 @@ def _one(value: int | str, num_classes: int, categories: Sequence[str], model_na
         value = int(value.item())
     if isinstance(value, str):
         return resolve_label(value, categories, model_name)
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, Integral):
         raise TypeError(f"a target is a class index or a label name, not {type(value).__name__}")
+    value = int(value)
     if not 0 <= value < num_classes:
         raise BadTarget(
             f"--class {value}",
@@ -75,23 +77,24 @@ def resolve_targets(
     Raises:
         BadTarget: index out of range, unknown label, or a per-image list of the wrong length.
     """
-    if logits.dim() != 2:
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        what = f"shape {tuple(logits.shape)}" if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise BadTarget(
-            model_name, f"outputs shape {tuple(logits.shape)}, not (N, classes) scores",
-            "explain a classifier, or wrap the model so it returns (N, classes)",
+            model_name, f"outputs {what}, not (N, classes) scores",
+            "explain a classifier, or wrap the model so it returns one (N, classes) tensor",
         )
     count, num_classes = logits.shape
     if target is None:
         return logits.detach().argmax(dim=1)
     if isinstance(target, torch.Tensor) and target.dim() == 0:
         target = int(target.item())
-    if isinstance(target, (int, str)):
+    if isinstance(target, (Integral, str)):
         values = [_one(target, num_classes, categories, model_name)] * count
     else:
         items = target.tolist() if isinstance(target, torch.Tensor) else list(target)
         if len(items) != count:
             raise BadTarget(
-                "target", f"gives {len(items)} classes for {count} images", "give one per image or one for all"
+                "target", f"gives {len(items)} class{'es' if len(items) != 1 else ''} for {count} image{'s' if count != 1 else ''}", "give one per image or one for all"
             )
         values = [_one(item, num_classes, categories, model_name) for item in items]
     return torch.tensor(values, dtype=torch.int64, device=logits.device)

@@ -102,34 +102,35 @@ class _Rectifier(torch.autograd.Function):
         inplace: bool,
         state: RuleState,
     ) -> torch.Tensor:
-        # Masks are taken before an in-place op overwrites x; bools keep the saved state small.
-        positive = x > 0
-        below = x < upper if math.isfinite(upper) else None
         out = op(x)
         if inplace:
             ctx.mark_dirty(x)
+        # Save what autograd's own relu/hardtanh save (the result; hardtanh out of place: its
+        # input), so in-place edits elsewhere in the model break exactly when they would break
+        # the plain backward too. Either one gives the masks: the clip keeps the signs and
+        # which side of ``upper`` a value is on.
+        ctx.save_for_backward(x if math.isfinite(upper) and not inplace else out)
+        ctx.upper = upper
         ctx.state = state
-        ctx.has_upper = below is not None
-        ctx.save_for_backward(positive, *(() if below is None else (below,)))
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
-        saved = ctx.saved_tensors
-        positive = saved[0]
-        below = saved[1] if ctx.has_upper else None
+        (saved,) = ctx.saved_tensors
+        upper: float = ctx.upper
         state: RuleState = ctx.state
-        # clamp_min rather than relu: nothing in a backward should look like a rectifier.
-        if not state.active:
-            mask = positive if below is None else positive & below
-            result = grad * mask
-        elif state.rule == "deconvnet":
+        if state.active and state.rule == "deconvnet":
             result = grad.clamp_min(0)
-            if below is not None:
-                result = result * below
+            if math.isfinite(upper):
+                result = torch.ops.aten.hardtanh_backward(result, saved, -math.inf, upper)
+            return result, None, None, None, None
+        # The ordinary backward (fused kernels, no extra mask tensors)...
+        if math.isfinite(upper):
+            result = torch.ops.aten.hardtanh_backward(grad, saved, 0.0, upper)
         else:
-            mask = positive if below is None else positive & below
-            result = (grad * mask).clamp_min(0)
+            result = torch.ops.aten.threshold_backward(grad, saved, 0.0)
+        if state.active:  # ...then guided: only positive signals pass.
+            result = result.clamp_min_(0)
         return result, None, None, None, None
 
 
@@ -139,10 +140,10 @@ def _arg(args: tuple[Any, ...], kwargs: dict[str, Any], index: int, name: str, d
     return kwargs.get(name, default)
 
 
-# Functional entry points of ReLU-family rectifiers -> (kind, in place?). nn.ReLU calls F.relu
-# and nn.ReLU6 calls F.hardtanh, so modules arrive here too.
-_RELU_CALLS: dict[Any, bool] = {F.relu: False, torch.relu: False, torch.Tensor.relu: False}
-_RELU_INPLACE_CALLS = {torch.relu_, F.relu_, torch.Tensor.relu_}
+# Functional entry points of rectifiers. nn.ReLU calls F.relu and nn.ReLU6 calls F.hardtanh,
+# so modules arrive here too. Clips map to "always in place?".
+_RELU_CALLS: set[Any] = {F.relu, torch.relu, torch.Tensor.relu}
+_RELU_INPLACE_CALLS: set[Any] = {torch.relu_, F.relu_, torch.Tensor.relu_}
 _CLIP_CALLS: dict[Any, bool] = {F.hardtanh: False, F.hardtanh_: True, F.relu6: False}
 
 _UNSUPPORTED_NAMES = {

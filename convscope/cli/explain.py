@@ -1,0 +1,384 @@
+"""CLI commands for the gradient methods: ``gradcam``, ``guided``, ``saliency``, ``deconv``.
+
+Each command batches the readable images (bad files get one error line and the rest go on),
+calls the library, turns the result into pictures and writes them through ``OutputDir``.
+Method warnings (activations a backward rule could not be applied to) go to stderr, one line each.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import typer
+
+from convscope.cli.app import app, expand_images, open_model
+from convscope.cli.errors import EXIT_USER_ERROR, print_error
+from convscope.cli.options import (
+    BatchSizeOpt,
+    DeviceOpt,
+    ImagesArg,
+    JsonOpt,
+    LayerOpt,
+    ModelOpt,
+    OutDirOpt,
+    SeedOpt,
+    WeightsOpt,
+)
+from convscope.cli.output import OutputDir, safe_name, safe_stem
+from convscope.cli.progress import progress_bar
+from convscope.errors import BadArgument, ImageError
+from convscope.types import LoadedModel
+
+ClassOpt = Annotated[
+    int | None, typer.Option("--class", "-c", help="Class index to explain (default: the top-1 class).")
+]
+LabelOpt = Annotated[
+    str | None, typer.Option("--label", help="Class name to explain, e.g. 'tiger cat' (instead of --class).")
+]
+VARIANTS = ("gradcam", "gradcam++", "guided")
+
+
+def _target(class_index: int | None, label: str | None) -> int | str | None:
+    if class_index is not None and label is not None:
+        raise BadArgument("--class/--label", "give one of them, not both")
+    return class_index if class_index is not None else label
+
+
+def _warn(lines: tuple[str, ...], seen: set[str]) -> None:
+    for line in lines:
+        if line not in seen:  # once per run, not once per batch
+            seen.add(line)
+            typer.echo(f"warning: {line}", err=True)
+
+
+def _batches(paths: list[Path], size: int, counter: list[int]) -> Iterator[tuple[list[Path], list[Any]]]:
+    """Yield ``(paths, images)`` of up to ``size`` readable images; unreadable ones are reported
+    and counted in ``counter[0]``."""
+    from convscope.imageio import load_image
+
+    pending: tuple[list[Path], list[Any]] = ([], [])
+    for path in paths:
+        try:
+            image = load_image(path)
+        except ImageError as exc:
+            counter[0] += 1
+            print_error(exc)
+            continue
+        pending[0].append(path)
+        pending[1].append(image)
+        if len(pending[0]) >= size:
+            yield pending
+            pending = ([], [])
+    if pending[0]:
+        yield pending
+
+
+def _run_batched(
+    images: list[Path], loaded: LoadedModel, batch_size: int, description: str,
+    job: Callable[[list[Path], Any], None],
+) -> int:
+    """``job(paths, batch)`` over batches of readable images; return how many files failed."""
+    paths = expand_images(images)
+    failures = [0]
+    with progress_bar(len(paths), description, unit="img") as advance:
+        for chunk, pictures in _batches(paths, batch_size, failures):
+            batch = loaded.preprocess.to_tensor(pictures).to(loaded.device)
+            job(chunk, batch)
+            advance(len(chunk))
+    return failures[0]
+
+
+def _finish(out: OutputDir, command: str, options: dict[str, Any], records: list[dict[str, Any]],
+            json_out: bool, failures: int) -> None:
+    out.json(f"{command}.json", records)
+    out.manifest(command, options)
+    if json_out:
+        typer.echo(json.dumps(records, indent=2))
+    else:
+        typer.echo(f"wrote {len(out.written)} files to {out.root}")
+    if failures:
+        raise typer.Exit(EXIT_USER_ERROR)
+
+
+# ---------------------------------------------------------------- pictures
+
+
+def signed_picture(attribution: Any) -> np.ndarray:
+    """``(C, H, W)`` signed attribution -> ``(H, W, 3)`` uint8: zero is mid-grey, and the
+    99.5th percentile of ``|a|`` reaches black/white (how deconvnet and guided-backprop images
+    are usually shown; one stray pixel does not wash the rest out)."""
+    from convscope.render.colormaps import as_array, to_rgb_uint8
+
+    array = as_array(attribution)
+    scale = float(np.percentile(np.abs(array), 99.5)) or float(np.abs(array).max())
+    if scale == 0.0:
+        return to_rgb_uint8(np.full(array.shape, 0.5, np.float32))
+    return to_rgb_uint8(np.clip(0.5 + array / (2.0 * scale), 0.0, 1.0))
+
+
+def magnitude_picture(values: Any) -> np.ndarray:
+    """``(H, W)`` non-negative map -> ``(H, W, 3)`` uint8 grey, percentile-scaled."""
+    from convscope.render.colormaps import percentile_scale, to_rgb_uint8
+
+    return to_rgb_uint8(percentile_scale(values, 0.0, 99.5))
+
+
+def _photo(loaded: LoadedModel, batch: Any, index: int) -> np.ndarray:
+    from convscope.render.pictures import display_image
+
+    return display_image(loaded.preprocess, batch, index)
+
+
+def _describe(path: Path, label: str, target: int, score: float) -> str:
+    return f"{path}: explaining {label} (class {target}, score {score:.3f})"
+
+
+# ---------------------------------------------------------------- commands
+
+
+@app.command("gradcam")
+def gradcam_command(
+    images: ImagesArg,
+    output: OutDirOpt = Path("convscope-out"),
+    model: ModelOpt = None,
+    weights: WeightsOpt = None,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    class_index: ClassOpt = None,
+    label: LabelOpt = None,
+    layer: LayerOpt = None,
+    variant: Annotated[
+        str, typer.Option("--variant", help="gradcam, gradcam++ or guided (guided backprop x Grad-CAM).")
+    ] = "gradcam",
+    batch_size: BatchSizeOpt = 16,
+    json_out: JsonOpt = False,
+) -> None:
+    """Grad-CAM: where in the photo the evidence for a class is, at a conv layer (default: the last).
+
+    Writes <image>_gradcam.png (the map in jet over the photo, 0.6/0.4) and
+    <image>_gradcam_map.png (the map alone; gradcampp for --variant gradcam++); --variant guided
+    also writes the guided Grad-CAM picture <image>_guided_gradcam.png.
+
+    Examples: convscope gradcam cat.jpg -o out/ | convscope gradcam cat.jpg --label "tiger cat" --layer stage6 |
+    convscope gradcam photos/ --model vgg16 --weights random --variant gradcam++
+    """
+    from convscope.methods.gradcam import gradcam, gradcam_plus_plus, guided_gradcam
+    from convscope.render.colormaps import colorize
+    from convscope.render.overlay import overlay
+
+    if variant not in VARIANTS:
+        raise BadArgument(f"--variant {variant}", "must be one of " + ", ".join(VARIANTS))
+    target = _target(class_index, label)
+    loaded = open_model(model, weights, seed, device)
+    out = OutputDir(output)
+    records: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    name = "gradcampp" if variant == "gradcam++" else "gradcam"  # guided: the Grad-CAM it used
+
+    def job(paths: list[Path], batch: Any) -> None:
+        if variant == "guided":
+            guided = guided_gradcam(loaded, batch, target=target, layer=layer)
+            assert guided.cam is not None
+            cam, warnings = guided.cam, guided.warnings
+        else:
+            method = gradcam if variant == "gradcam" else gradcam_plus_plus
+            cam, warnings = method(loaded, batch, target=target, layer=layer), ()
+        _warn(warnings, seen)
+        for i, path in enumerate(paths):
+            stem = safe_stem(path)
+            files = [
+                out.png(f"{stem}_{name}.png", overlay(_photo(loaded, batch, i), cam.maps[i])),
+                out.png(f"{stem}_{name}_map.png", colorize(cam.maps[i])),
+            ]
+            if variant == "guided":
+                files.append(out.png(f"{stem}_guided_gradcam.png", signed_picture(guided.attributions[i])))
+            record = {
+                "image": str(path), "layer": cam.layer, "class": int(cam.targets[i]),
+                "label": cam.labels[i], "score": float(cam.scores[i]),
+                "files": [f.name for f in files], "warnings": list(warnings),
+            }
+            records.append(record)
+            if not json_out:
+                typer.echo(_describe(path, cam.labels[i], int(cam.targets[i]), float(cam.scores[i])))
+
+    failures = _run_batched(images, loaded, batch_size, variant, job)
+    options = {"model": loaded.name, "weights": loaded.weights, "variant": variant,
+               "layer": layer or loaded.cam_layer, "target": target}
+    _finish(out, "gradcam", options, records, json_out, failures)
+
+
+def _input_gradient_command(
+    command: str, images: list[Path], output: Path, model: str | None, weights: str | None,
+    seed: int, device: str, class_index: int | None, label: str | None, batch_size: int, json_out: bool,
+) -> None:
+    from convscope.methods.guided import guided_backprop, saliency
+
+    target = _target(class_index, label)
+    loaded = open_model(model, weights, seed, device)
+    out = OutputDir(output)
+    records: list[dict[str, Any]] = []
+    seen: set[str] = set()
+
+    def job(paths: list[Path], batch: Any) -> None:
+        method = guided_backprop if command == "guided" else saliency
+        result = method(loaded, batch, target=target)
+        _warn(result.warnings, seen)
+        for i, path in enumerate(paths):
+            stem = safe_stem(path)
+            if command == "guided":
+                files = [out.png(f"{stem}_guided.png", signed_picture(result.attributions[i]))]
+            else:
+                files = [out.png(f"{stem}_saliency.png", magnitude_picture(result.maps[i]))]
+            files.append(out.png(f"{stem}_{command}_magnitude.png", _heat(loaded, batch, i, result.maps[i])))
+            records.append({
+                "image": str(path), "class": int(result.targets[i]), "label": result.labels[i],
+                "score": float(result.scores[i]), "files": [f.name for f in files],
+                "warnings": list(result.warnings),
+            })
+            if not json_out:
+                typer.echo(_describe(path, result.labels[i], int(result.targets[i]), float(result.scores[i])))
+
+    failures = _run_batched(images, loaded, batch_size, command, job)
+    options = {"model": loaded.name, "weights": loaded.weights, "target": target}
+    _finish(out, command, options, records, json_out, failures)
+
+
+def _heat(loaded: LoadedModel, batch: Any, index: int, values: Any) -> np.ndarray:
+    from convscope.render.colormaps import percentile_scale
+    from convscope.render.overlay import overlay
+
+    return overlay(_photo(loaded, batch, index), percentile_scale(values, 0.0, 99.5))
+
+
+@app.command("guided")
+def guided_command(
+    images: ImagesArg,
+    output: OutDirOpt = Path("convscope-out"),
+    model: ModelOpt = None,
+    weights: WeightsOpt = None,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    class_index: ClassOpt = None,
+    label: LabelOpt = None,
+    batch_size: BatchSizeOpt = 16,
+    json_out: JsonOpt = False,
+) -> None:
+    """Guided backprop: the input gradient with only positive signals passed back through each ReLU.
+
+    Writes <image>_guided.png (signed, grey = 0) and <image>_guided_magnitude.png (largest
+    |gradient| over colours, in jet over the photo). Activations without a rule (SiLU, GELU...)
+    are named in a warning.
+
+    Examples: convscope guided cat.jpg -o out/ | convscope guided cat.jpg --class 281 --model vgg16 --weights random
+    """
+    _input_gradient_command("guided", images, output, model, weights, seed, device, class_index, label,
+                            batch_size, json_out)
+
+
+@app.command("saliency")
+def saliency_command(
+    images: ImagesArg,
+    output: OutDirOpt = Path("convscope-out"),
+    model: ModelOpt = None,
+    weights: WeightsOpt = None,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    class_index: ClassOpt = None,
+    label: LabelOpt = None,
+    batch_size: BatchSizeOpt = 16,
+    json_out: JsonOpt = False,
+) -> None:
+    """Saliency (Simonyan et al.): the largest |gradient of the class score| over colours, per pixel.
+
+    Writes <image>_saliency.png (grey) and <image>_saliency_magnitude.png (in jet over the photo).
+
+    Examples: convscope saliency cat.jpg -o out/ | convscope saliency photos/ --label espresso
+    """
+    _input_gradient_command("saliency", images, output, model, weights, seed, device, class_index, label,
+                            batch_size, json_out)
+
+
+@app.command("deconv")
+def deconv_command(
+    images: ImagesArg,
+    layer: LayerOpt = None,
+    output: OutDirOpt = Path("convscope-out"),
+    model: ModelOpt = None,
+    weights: WeightsOpt = None,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    channel: Annotated[
+        list[int] | None, typer.Option("--channel", help="Feature map(s) to project; repeat for several "
+                                          "(default: the --top strongest in each image).")
+    ] = None,
+    top: Annotated[int, typer.Option("--top", min=1, help="How many of the strongest channels.")] = 9,
+    location: Annotated[
+        str, typer.Option("--location", help="max: only the channel's strongest activation (as in the paper); "
+                          "all: its whole feature map.")
+    ] = "max",
+    batch_size: BatchSizeOpt = 8,
+    json_out: JsonOpt = False,
+) -> None:
+    """Deconvnet (Zeiler & Fergus): project a layer's strongest activations back to pixels.
+
+    For each projection writes <image>_<layer>_ch<C>.png (full size, grey = 0) and
+    <image>_<layer>_ch<C>_crop.png (the projection cropped to the receptive field, next to the
+    image patch under it); <image>_<layer>_deconv.png shows all of them in one grid.
+
+    Examples: convscope deconv cat.jpg --layer conv5 --model alexnet --weights random -o out/ |
+    convscope deconv cat.jpg --layer stage4 --channel 7 --channel 12 --location all
+    """
+    from convscope.methods.deconvnet import deconv
+    from convscope.render.grids import strip, tile, upscale
+
+    if not layer:
+        raise BadArgument("--layer", "is required: name a layer alias or module path (see 'convscope layers')")
+    loaded = open_model(model, weights, seed, device)
+    out = OutputDir(output)
+    records: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    layer_file = safe_name(layer)
+    chosen = list(channel) if channel else None
+
+    def job(paths: list[Path], batch: Any) -> None:
+        result = deconv(loaded, batch, layer, channel=chosen, top=top, location=location)
+        _warn(result.warnings, seen)
+        if not result.boxes_exact:
+            _warn((f"receptive field of {layer} passes residual or functional ops: crops follow the main path",), seen)
+        for i, path in enumerate(paths):
+            stem = safe_stem(path)
+            photo = _photo(loaded, batch, i)
+            pairs, captions, projections = [], [], []
+            for k in range(result.channels.shape[1]):
+                c = int(result.channels[i, k])
+                top_, left, bottom, right = (int(v) for v in result.boxes[i, k])
+                full = signed_picture(result.projections[i, k])
+                crop = signed_picture(result.projections[i, k, :, top_:bottom, left:right])
+                patch = photo[top_:bottom, left:right]
+                pair = strip([upscale(crop, 96), upscale(patch, 96)], ["projection", "patch"])
+                files = [out.png(f"{stem}_{layer_file}_ch{c}.png", full),
+                         out.png(f"{stem}_{layer_file}_ch{c}_crop.png", pair)]
+                pairs.append(pair)
+                captions.append(f"ch {c}: {float(result.values[i, k]):.3g}")
+                projections.append({
+                    "channel": c, "value": float(result.values[i, k]),
+                    "position": [int(v) for v in result.positions[i, k]],
+                    "box": [top_, left, bottom, right], "files": [f.name for f in files],
+                })
+            grid = out.png(f"{stem}_{layer_file}_deconv.png", tile(pairs, labels=captions, min_side=1))
+            records.append({
+                "image": str(path), "layer": layer, "location": location, "grid": grid.name,
+                "projections": projections, "boxes_exact": result.boxes_exact,
+                "warnings": list(result.warnings),
+            })
+            if not json_out:
+                typer.echo(f"{path}: {len(projections)} projections of {layer} -> {grid.name}")
+
+    failures = _run_batched(images, loaded, batch_size, "deconv", job)
+    options = {"model": loaded.name, "weights": loaded.weights, "layer": layer, "channel": chosen,
+               "top": top, "location": location}
+    _finish(out, "deconv", options, records, json_out, failures)

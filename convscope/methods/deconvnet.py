@@ -1,0 +1,202 @@
+"""Deconvnet projections (Zeiler & Fergus 2014, section 2.1).
+
+To see what a feature map responds to, keep one activation of it (or the whole map), set
+every other activation of the layer to zero, and project it back to pixels: unpool with the
+max-pool switches recorded in the forward pass, rectify, filter with the transposed kernels,
+down to the input.
+
+Each of those steps is the backward pass of the forward layer with one change: the ReLU's
+backward rectifies the signal (``relu(g)``) instead of masking it with the forward input. So
+the projection is the input gradient of the kept activation under the deconvnet rule
+(``probes.relu_rules``), which is captum's ``NeuronDeconvolution``; the tests check it against an
+explicit unpool/rectify/transposed-conv deconvnet on AlexNet. On plain conv/pool/ReLU stacks
+(AlexNet, ZFNet, VGG, the small variants) this *is* the paper's deconvnet. For networks with
+BatchNorm, residual additions or depthwise convolutions (ResNet, EfficientNet) the paper defines
+no inverse; the backward-rule formulation is used there (BatchNorm and the additions pass the
+signal as their gradients do), and ZFNet's contrast normalisation likewise passes its gradient.
+Where pooling windows overlap (AlexNet's 3x3 stride 2) two windows can share a switch; their
+signals add up, as in the gradient. ReLU6 is a ReLU followed by a clip (``probes.relu_rules``).
+
+Only the part of the network up to the layer runs (see ``_UpToLayer``), and the receptive
+fields used to crop come from the same pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from convscope.errors import BadArgument
+from convscope.methods._common import ModelLike, prepare
+from convscope.methods.gradcam import feature_map_of
+from convscope.methods.guided import graph_forward
+from convscope.methods.results import DeconvProjections
+from convscope.probes.geometry import cell_box, layer_geometry, trace
+from convscope.probes.hooks import Capture, capture
+from convscope.probes.layers import resolve_layer
+
+LOCATIONS = ("max", "all")
+RECTIFIERS = (nn.ReLU, nn.ReLU6)
+
+
+class _StopForward(Exception):
+    """Raised once the layer has run: the rest of the network (the classifier) is not needed."""
+
+
+class _UpToLayer(nn.Module):
+    """Runs ``inner`` with grad enabled and stops once the layer is done.
+
+    ``geometry.trace`` runs its model under ``no_grad``; wrapping the network lets the
+    receptive-field trace ride on the deconvnet's own forward pass instead of a second one.
+    The pass stops when the top-level block holding the layer returns (after the layer ran):
+    a module may be called again by its own block (ResNet's ReLU), never after its block has
+    returned, in networks that call each top-level block once. A layer that is itself a
+    top-level module may be called from anywhere, so then the pass runs to the end.
+    """
+
+    def __init__(self, inner: nn.Module, path: str, store: Capture) -> None:
+        super().__init__()
+        self.inner = inner
+        self.path = path
+        self.store = store
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        head, _, rest = self.path.partition(".")
+        block = self.inner.get_submodule(head) if rest else None
+
+        def stop(module: nn.Module, inputs: object, output: object) -> None:
+            if self.store.outputs.get(self.path):
+                raise _StopForward
+
+        handle = block.register_forward_hook(stop) if block is not None else None
+        try:
+            with torch.enable_grad():
+                return self.inner(x)
+        except _StopForward:
+            return None
+        finally:
+            if handle is not None:
+                handle.remove()
+
+
+def _chosen_channels(
+    channel: int | Sequence[int] | None, top: int, peaks: torch.Tensor, name: str
+) -> torch.Tensor:
+    count, channels = peaks.shape
+    if channel is None:
+        return peaks.topk(min(top, channels), dim=1).indices
+    wanted = [channel] if isinstance(channel, int) else list(channel)
+    if not wanted:
+        raise BadArgument("--channel", "give at least one channel")
+    for c in wanted:
+        if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < channels:
+            raise BadArgument(
+                f"--channel {c}", f"is out of range: layer {name} has {channels} channels (0..{channels - 1})"
+            )
+    return torch.tensor(wanted, dtype=torch.int64, device=peaks.device).expand(count, -1)
+
+
+def deconv(
+    model: ModelLike,
+    images: Any,
+    layer: str,
+    channel: int | Sequence[int] | None = None,
+    top: int = 9,
+    location: str = "max",
+    *,
+    progress: Callable[[int], None] | None = None,
+) -> DeconvProjections:
+    """Project feature maps of ``layer`` down to pixels with the deconvnet.
+
+    Args:
+        model: a ``LoadedModel`` or any ``nn.Module`` whose rectifiers are ReLU/ReLU6.
+        images: PIL image(s) or a normalised ``(N, C, H, W)`` tensor.
+        layer: alias or module path. A module called more than once per forward pass (ResNet's
+            block ReLU) counts at its last call.
+        channel: one channel or a list (the same for every image); ``None``: each image's
+            ``top`` channels with the largest activation.
+        top: how many channels when ``channel`` is ``None``.
+        location: ``"max"`` keeps only the channel's strongest activation (the paper's
+            figures); ``"all"`` keeps its whole feature map.
+        progress: called with ``1`` after each projection (``K`` in all).
+
+    Returns:
+        ``DeconvProjections`` with ``(N, K, C, H, W)`` projections, the activation value, its
+        cell and the input box it sees, for cropping.
+
+    Raises:
+        UnknownLayer: no such layer, or its output is not an ``(N, C, h, w)`` feature map.
+        BadArgument: bad channel, top or location, or a model with no ReLU to apply the rule to.
+    """
+    if location not in LOCATIONS:
+        raise BadArgument(f"--location {location}", "must be 'max' or 'all'")
+    if channel is None and top < 1:
+        raise BadArgument(f"--top {top}", "must be at least 1")
+    loaded, batch = prepare(model, images)
+    path, module = resolve_layer(loaded, layer)
+    with graph_forward(loaded, batch, "deconvnet") as (x, state, stack):
+        store = stack.enter_context(capture(loaded.module, {path: module}, mode="graph"))
+        calls = trace(_UpToLayer(loaded.module, path, store), x)
+    assert state is not None
+    if state.rectified == 0 and not any(isinstance(m, RECTIFIERS) for m in loaded.module.modules()):
+        raise BadArgument(
+            loaded.name, "has no ReLU activations, so the deconvnet rule has nothing to act on",
+            "use saliency or guided backprop instead",
+        )
+    output = feature_map_of(store, path, layer)
+    if not output.requires_grad:
+        raise BadArgument(layer, "is detached from the input, so it cannot be projected")
+    values_all = output.detach()
+    count, _, height, width = values_all.shape
+    peaks, where = values_all.flatten(2).max(dim=2)  # (N, C) each
+    channels = _chosen_channels(channel, top, peaks, layer)
+    values = peaks.gather(1, channels)
+    flat_positions = where.gather(1, channels)
+    rows = torch.arange(count, device=values_all.device)
+
+    projections = []
+    total = channels.shape[1]
+    for k in range(total):
+        seed = torch.zeros_like(values_all)
+        if location == "max":
+            seed.view(count, -1, height * width)[rows, channels[:, k], flat_positions[:, k]] = values[:, k]
+        else:
+            seed[rows, channels[:, k]] = values_all[rows, channels[:, k]]
+        (grad,) = torch.autograd.grad(output, x, grad_outputs=seed, retain_graph=k < total - 1)
+        projections.append(grad.float().cpu())
+        if progress is not None:
+            progress(1)
+
+    positions = torch.stack([flat_positions // width, flat_positions % width], dim=-1).cpu()
+    traced = [c for c in calls if c.name == f"inner.{path}" or c.name.startswith(f"inner.{path}.")]
+    geometry = traced[-1].geometry if traced else layer_geometry(loaded.module, batch[:1].detach(), path)
+    image_size = (int(batch.shape[-2]), int(batch.shape[-1]))
+    boxes = torch.tensor(
+        [
+            [list(cell_box(geometry, int(r), int(c), image_size)) for r, c in per_image.tolist()]
+            for per_image in positions
+        ],
+        dtype=torch.int64,
+    ).view(count, total, 4)
+    warnings = list(state.warnings())
+    silent = sorted({int(c) for c, v in zip(channels.flatten().tolist(), values.flatten().tolist()) if v == 0})
+    if silent:
+        warnings.append(
+            f"{layer} channel {', '.join(map(str, silent))}: all zero in at least one image "
+            "(the unit does not fire), so its projection there is empty"
+        )
+    return DeconvProjections(
+        layer=layer,
+        location=location,
+        channels=channels.cpu(),
+        projections=torch.stack(projections, dim=1),
+        values=values.float().cpu(),
+        positions=positions,
+        boxes=boxes,
+        boxes_exact=geometry.exact,
+        grid=(height, width),
+        warnings=tuple(warnings),
+    )

@@ -48,3 +48,18 @@ def test_tile_layout_and_determinism() -> None:
     assert labelled.shape[0] == 2 * 48 + 3 * 2
     pictures = strip([np.zeros((10, 10, 3), np.uint8)] * 2, ["a", "b"])
     assert pictures.dtype == np.uint8 and pictures.shape[1] > 20
+
+
+def test_signed_and_magnitude_pictures() -> None:
+    from convscope.render.pictures import magnitude_picture, signed_picture
+
+    attribution = torch.zeros(3, 2, 2)
+    attribution[:, 0, 0] = 1.0
+    attribution[:, 1, 1] = -1.0
+    picture = signed_picture(attribution)
+    assert picture.dtype == np.uint8 and picture.shape == (2, 2, 3)
+    assert picture[0, 1].tolist() == [128, 128, 128]  # zero is mid-grey
+    assert picture[0, 0].tolist() == [255, 255, 255] and picture[1, 1].tolist() == [0, 0, 0]
+    assert signed_picture(torch.zeros(3, 2, 2)).tolist() == [[[128] * 3] * 2] * 2
+    grey = magnitude_picture(torch.tensor([[0.0, 1.0], [2.0, 4.0]]))
+    assert grey[0, 0].tolist() == [0, 0, 0] and grey[1, 1].tolist() == [255, 255, 255]

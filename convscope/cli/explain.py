@@ -31,6 +31,7 @@ from convscope.cli.options import (
 from convscope.cli.output import OutputDir, safe_name, safe_stem
 from convscope.cli.progress import progress_bar
 from convscope.errors import BadArgument, ImageError
+from convscope.render.pictures import magnitude_picture, signed_picture
 from convscope.types import LoadedModel
 
 ClassOpt = Annotated[
@@ -105,26 +106,6 @@ def _finish(out: OutputDir, command: str, options: dict[str, Any], records: list
 
 
 # ---------------------------------------------------------------- pictures
-
-
-def signed_picture(attribution: Any) -> np.ndarray:
-    """``(C, H, W)`` signed attribution -> ``(H, W, 3)`` uint8: zero is mid-grey, and the
-    99.5th percentile of ``|a|`` reaches black/white (how deconvnet and guided-backprop images
-    are usually shown; one stray pixel does not wash the rest out)."""
-    from convscope.render.colormaps import as_array, to_rgb_uint8
-
-    array = as_array(attribution)
-    scale = float(np.percentile(np.abs(array), 99.5)) or float(np.abs(array).max())
-    if scale == 0.0:
-        return to_rgb_uint8(np.full(array.shape, 0.5, np.float32))
-    return to_rgb_uint8(np.clip(0.5 + array / (2.0 * scale), 0.0, 1.0))
-
-
-def magnitude_picture(values: Any) -> np.ndarray:
-    """``(H, W)`` non-negative map -> ``(H, W, 3)`` uint8 grey, percentile-scaled."""
-    from convscope.render.colormaps import percentile_scale, to_rgb_uint8
-
-    return to_rgb_uint8(percentile_scale(values, 0.0, 99.5))
 
 
 def _photo(loaded: LoadedModel, batch: Any, index: int) -> np.ndarray:

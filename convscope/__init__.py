@@ -18,6 +18,7 @@ _EXPORTS = {
     "gradcam": "convscope.methods.gradcam:gradcam",
     "gradcam_plus_plus": "convscope.methods.gradcam:gradcam_plus_plus",
     "guided_gradcam": "convscope.methods.gradcam:guided_gradcam",
+    "occlusion": "convscope.methods.occlusion:occlusion",
     "relu_rule": "convscope.probes.relu_rules:relu_rule",
     "load_model": "convscope.models.load:load_model",
     "wrap_model": "convscope.models.load:wrap_model",

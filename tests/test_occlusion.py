@@ -1,0 +1,341 @@
+"""Occlusion sensitivity: exact against a naive one-copy-at-a-time loop, incremental path
+taken where it should be, validation, and the model left as found."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from convscope.errors import BadArgument, BadTarget, UnknownLayer
+from convscope.methods.occlusion import grid_origins, occlusion, resolve_fill
+from convscope.models.load import load_model, wrap_model
+from convscope.preprocess import IMAGENET, Preprocess
+
+
+class Temperature(nn.Module):
+    """Sharpens random-weight logits so the probabilities compared are far from uniform."""
+
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.factor
+
+
+def naive(module: nn.Module, image: torch.Tensor, target: int, window: int, stride: int, fill: float,
+          cover_border: bool = False, layer: nn.Module | None = None, channel: int = 0) -> dict[str, torch.Tensor]:
+    """One occluded copy per forward pass, the whole network each time."""
+    height, width = image.shape[-2:]
+    rows = grid_origins(height, window, stride, cover_border)
+    cols = grid_origins(width, window, stride, cover_border)
+    probability = torch.zeros(len(rows), len(cols))
+    top = torch.zeros(len(rows), len(cols), dtype=torch.int64)
+    top_p = torch.zeros(len(rows), len(cols))
+    activation = torch.zeros(len(rows), len(cols))
+    seen: list[torch.Tensor] = []
+    handle = layer.register_forward_hook(lambda m, i, o: seen.append(o[0, channel].sum())) if layer else None
+    module.eval()
+    try:
+        with torch.no_grad():
+            clean = torch.softmax(module(image), 1)[0, target]
+            for i, r in enumerate(rows):
+                for j, c in enumerate(cols):
+                    copy = image.clone()
+                    copy[:, :, r : r + window, c : c + window] = fill
+                    probs = torch.softmax(module(copy), 1)[0]
+                    probability[i, j] = probs[target]
+                    top_p[i, j], top[i, j] = probs.max(0)
+                    if layer is not None:
+                        activation[i, j] = seen[-1]
+    finally:
+        if handle is not None:
+            handle.remove()
+    pixel = torch.zeros(height, width, dtype=torch.float64)
+    count = torch.zeros(height, width, dtype=torch.float64)
+    for i, r in enumerate(rows):
+        for j, c in enumerate(cols):
+            pixel[r : r + window, c : c + window] += float(clean - probability[i, j])
+            count[r : r + window, c : c + window] += 1
+    pixel = torch.where(count > 0, pixel / count.clamp_min(1), 0.0).float()
+    return {"probability": probability, "top_class": top, "top_probability": top_p,
+            "activation": activation, "pixel_drop": pixel, "clean": clean}
+
+
+def assert_matches(result, expected, *, atol: float = 1e-5) -> None:
+    torch.testing.assert_close(result.probability[0], expected["probability"], rtol=0, atol=atol)
+    torch.testing.assert_close(result.top_probability[0], expected["top_probability"], rtol=0, atol=atol)
+    torch.testing.assert_close(result.pixel_drop[0], expected["pixel_drop"], rtol=0, atol=atol)
+    torch.testing.assert_close(result.drop[0], expected["clean"] - expected["probability"], rtol=0, atol=atol)
+    # Ties aside, the most probable class is the same everywhere.
+    assert (result.top_class[0] == expected["top_class"]).float().mean() > 0.99
+
+
+def sharpened(name: str, factor: float, **kwargs) -> tuple[nn.Module, object]:
+    loaded = load_model(name, weights="random", seed=0, **kwargs)
+    module = nn.Sequential(loaded.module, Temperature(factor)).eval()
+    return module, wrap_model(module, preprocess=loaded.preprocess, categories=loaded.categories)
+
+
+@pytest.fixture(scope="module")
+def alexnet_small():
+    return sharpened("alexnet", 300.0)
+
+
+def test_hand_computed_linear_model() -> None:
+    # logit0 = sum of pixels, logit1 = 0: with a zero image and fill 1, every window gives
+    # logit0 = window**2, so p0 = sigmoid(4) at every position and the clean p0 = 0.5.
+    conv = nn.Conv2d(1, 1, 1, bias=False)
+    linear = nn.Linear(16, 2, bias=False)
+    with torch.no_grad():
+        conv.weight.fill_(1.0)
+        linear.weight.zero_()
+        linear.weight[0].fill_(1.0)
+    model = wrap_model(nn.Sequential(conv, nn.Flatten(), linear), preprocess=Preprocess(None, 4, (0.0,), (1.0,), 1),
+                       categories=("yes", "no"))
+    result = occlusion(model, torch.zeros(1, 1, 4, 4), 0, window=2, stride=1, fill=1.0)
+    expected = 1 / (1 + math.exp(-4))
+    assert result.probability.shape == (1, 3, 3)
+    torch.testing.assert_close(result.probability, torch.full((1, 3, 3), expected), rtol=0, atol=1e-7)
+    torch.testing.assert_close(result.drop, torch.full((1, 3, 3), 0.5 - expected), rtol=0, atol=1e-7)
+    assert result.top_class.eq(0).all() and result.labels == ("yes",)
+    assert result.class_names == {0: "yes"}
+    # Corner pixels are covered by one window, the centre ones by four: all average the same.
+    torch.testing.assert_close(result.pixel_drop, torch.full((1, 4, 4), 0.5 - expected), rtol=0, atol=1e-7)
+    assert result.stats.mode == "incremental" and result.stats.incremental_layers == ("0",)
+
+
+def test_grid_and_border() -> None:
+    assert grid_origins(224, 16, 8) == tuple(range(0, 209, 8))
+    assert len(grid_origins(224, 16, 8)) == 27
+    assert grid_origins(20, 8, 5) == (0, 5, 10)
+    assert grid_origins(20, 8, 5, cover_border=True) == (0, 5, 10, 15)  # last window clipped to 5 px
+
+
+def test_fill_names_are_pixel_colours() -> None:
+    grey = resolve_fill("grey", IMAGENET.mean, IMAGENET.std, 3)
+    assert grey == pytest.approx(tuple((0.5 - m) / s for m, s in zip(IMAGENET.mean, IMAGENET.std)))
+    assert resolve_fill("black", (0.5,) * 3, (0.5,) * 3, 3) == (-1.0, -1.0, -1.0)
+    assert resolve_fill(0.25, IMAGENET.mean, IMAGENET.std, 3) == (0.25, 0.25, 0.25)
+    with pytest.raises(BadArgument, match="--fill purple: is not grey, black, white or a number"):
+        resolve_fill("purple", IMAGENET.mean, IMAGENET.std, 3)
+
+
+def test_alexnet_incremental_equals_naive(alexnet_small) -> None:
+    module, loaded = alexnet_small
+    torch.manual_seed(1)
+    image = torch.randn(1, 3, 128, 128)
+    result = occlusion(loaded, image, None, window=16, stride=8, fill=0.0, batch_size=50)
+    assert result.stats.mode == "incremental"
+    assert "0.features.3" in result.stats.incremental_layers  # conv2 recomputed only near the square
+    assert result.stats.work_fraction < 0.9
+    expected = naive(module, image, int(result.targets[0]), 16, 8, 0.0)
+    assert expected["probability"].std() > 1e-3  # the comparison is not between flat maps
+    assert_matches(result, expected)
+
+
+def test_full_mode_equals_exact_mode(alexnet_small) -> None:
+    _, loaded = alexnet_small
+    torch.manual_seed(2)
+    image = torch.randn(1, 3, 80, 80)
+    exact = occlusion(loaded, image, window=12, stride=6, batch_size=7)
+    full = occlusion(loaded, image, window=12, stride=6, batch_size=64, mode="full")
+    assert full.stats.mode == "full" and full.stats.work_fraction == 1.0 and full.stats.incremental_layers == ()
+    torch.testing.assert_close(exact.probability, full.probability, rtol=0, atol=1e-5)
+    assert exact.targets.tolist() == full.targets.tolist()
+
+
+def test_border_windows_like_captum(alexnet_small) -> None:
+    module, loaded = alexnet_small
+    torch.manual_seed(3)
+    image = torch.randn(1, 3, 90, 90)
+    result = occlusion(loaded, image, 5, window=20, stride=12, fill=-0.5, cover_border=True)
+    assert result.row_origins == (0, 12, 24, 36, 48, 60, 72)  # the last window is clipped to 18 px
+    assert_matches(result, naive(module, image, 5, 20, 12, -0.5, cover_border=True))
+
+
+@pytest.mark.parametrize(
+    ("name", "size", "window", "stride", "expect"),
+    [
+        ("zfnet_cifar", 32, 8, 4, "0.features.4"),
+        ("efficientnet_lite0", 64, 16, 8, "0.features.2.1"),  # residual MBConv blocks as units
+        ("resnet18", 64, 16, 8, "0.layer1.0"),  # BasicBlocks with a reused ReLU
+    ],
+)
+def test_other_architectures_equal_naive(name: str, size: int, window: int, stride: int, expect: str) -> None:
+    module, loaded = sharpened(name, 50.0)
+    torch.manual_seed(4)
+    image = torch.randn(1, loaded.preprocess.channels, size, size)
+    result = occlusion(loaded, image, window=window, stride=stride, fill=0.3)
+    assert result.stats.mode == "incremental"
+    assert expect in result.stats.incremental_layers
+    assert_matches(result, naive(module, image, int(result.targets[0]), window, stride, 0.3))
+
+
+class FanOut(nn.Module):
+    """A tensor of the chain is read twice (a skip the chain walker cannot see)."""
+
+    def __init__(self, source: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.source = source
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.pool = nn.MaxPool2d(2)
+        self.head = nn.Linear(4 * 8 * 8, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        z = self.pool(y) + (y if self.source == "conv" else x).mean(dim=(1, 2, 3), keepdim=True)
+        return self.head(z.flatten(1)) * 20
+
+
+@pytest.mark.parametrize(("source", "mode", "layers"), [("conv", "incremental", ("conv",)), ("input", "full", ())])
+def test_hidden_fan_out_is_caught(source: str, mode: str, layers: tuple[str, ...]) -> None:
+    # conv output read twice: the chain shrinks to the conv; the input read twice: no chain.
+    model = FanOut(source).eval()
+    torch.manual_seed(5)
+    image = torch.randn(1, 3, 16, 16)
+    result = occlusion(model, image, window=4, stride=2)
+    assert (result.stats.mode, result.stats.incremental_layers) == (mode, layers)
+    assert_matches(result, naive(model, image, int(result.targets[0]), 4, 2, 0.0))
+
+
+def test_tiny_cnn_with_reused_relu(tiny_cnn) -> None:
+    torch.manual_seed(6)
+    image = torch.randn(1, 3, 16, 16)
+    result = occlusion(tiny_cnn, image, window=4, stride=3)
+    # The shared ReLU ends the chain: only conv1 runs on patches.
+    assert result.stats.incremental_layers == ("conv1",)
+    assert_matches(result, naive(tiny_cnn, image, int(result.targets[0]), 4, 3, 0.0))
+
+
+@pytest.mark.parametrize("layer", ["conv2", "0.features.3", "conv5"])
+def test_feature_map_totals(alexnet_small, layer: str) -> None:
+    module, loaded = alexnet_small
+    loaded = wrap_model(module, preprocess=loaded.preprocess, categories=loaded.categories)
+    loaded.stages.update({"conv2": "0.features.4", "conv5": "0.features.11"})
+    torch.manual_seed(7)
+    image = torch.randn(1, 3, 80, 80)
+    result = occlusion(loaded, image, 0, window=16, stride=8, layer=layer)
+    path = loaded.stages.get(layer, layer)
+    layer_module = module.get_submodule(path)
+    with torch.no_grad():
+        seen = []
+        handle = layer_module.register_forward_hook(lambda m, i, o: seen.append(o[0].sum((1, 2))))
+        module(image)
+        handle.remove()
+    strongest = int(seen[0].argmax())
+    assert result.channels.tolist() == [strongest]
+    torch.testing.assert_close(result.clean_activation, seen[0][strongest : strongest + 1], rtol=1e-5, atol=1e-4)
+    expected = naive(module, image, 0, 16, 8, 0.0, layer=layer_module, channel=strongest)
+    torch.testing.assert_close(result.activation[0], expected["activation"], rtol=1e-5, atol=1e-3)
+    assert expected["activation"].std() > 1e-2
+
+
+def test_feature_map_inside_a_block() -> None:
+    module, loaded = sharpened("efficientnet_lite0", 50.0)
+    torch.manual_seed(8)
+    image = torch.randn(1, 3, 64, 64)
+    path = "0.features.2.1.depthwise.conv"
+    result = occlusion(loaded, image, window=16, stride=8, layer=path, channel=5)
+    # The block holding the layer runs whole; the chain stops before it.
+    assert "0.features.2.0" in result.stats.incremental_layers
+    assert "0.features.2.1" not in result.stats.incremental_layers
+    expected = naive(module, image, int(result.targets[0]), 16, 8, 0.0, layer=module.get_submodule(path), channel=5)
+    torch.testing.assert_close(result.activation[0], expected["activation"], rtol=1e-5, atol=1e-3)
+
+
+def test_label_target_and_batch(alexnet_small) -> None:
+    _, loaded = alexnet_small
+    torch.manual_seed(9)
+    images = torch.randn(2, 3, 64, 64)
+    result = occlusion(loaded, images, "tabby", window=32, stride=16)
+    assert result.targets.tolist() == [281, 281]
+    assert result.labels == (loaded.categories[281],) * 2 == ("tabby",) * 2
+    assert result.probability.shape == (2, 3, 3) and result.pixel_drop.shape == (2, 64, 64)
+    single = occlusion(loaded, images[1:], 281, window=32, stride=16)
+    torch.testing.assert_close(result.probability[1], single.probability[0], rtol=0, atol=1e-6)
+
+
+def test_progress_reports_every_copy(alexnet_small) -> None:
+    _, loaded = alexnet_small
+    done: list[int] = []
+    occlusion(loaded, torch.zeros(1, 3, 64, 64), window=16, stride=8, batch_size=10, progress=done.append)
+    assert sum(done) == 49 and max(done) <= 10
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"window": 0}, BadArgument, r"--window 0: must be a whole number of pixels, at least 1"),
+        ({"window": 65}, BadArgument, r"--window 65: is larger than the 64x64 input"),
+        ({"stride": 0}, BadArgument, r"--stride 0: must be a whole number of pixels, at least 1"),
+        ({"stride": -2}, BadArgument, r"--stride -2: must be"),
+        ({"target": 1000}, BadTarget, r"--class 1000: is out of range"),
+        ({"target": "not a class"}, BadTarget, r"--label not a class: is not a class of custom"),
+        ({"layer": "nope"}, UnknownLayer, r"nope: no such layer"),
+        ({"layer": "0.classifier.1"}, BadArgument, r"--layer 0.classifier.1: has no \(N, C, H, W\) feature-map output"),
+        ({"layer": "0.features.3", "channel": 999}, BadArgument, r"--channel 999: is not a channel of 0.features.3 \(0..191\)"),
+        ({"mode": "fast"}, BadArgument, r"mode 'fast': is not a mode"),
+        ({"fill": [0.0, 1.0]}, BadArgument, r"gives 2 values for 3 input channels"),
+    ],
+)
+def test_bad_arguments(alexnet_small, assert_no_side_effects, kwargs, error, message) -> None:
+    module, loaded = alexnet_small
+    with pytest.raises(error, match=message) as caught:
+        assert_no_side_effects(module, lambda: occlusion(loaded, torch.zeros(1, 3, 64, 64), **kwargs))
+    assert "\n" not in str(caught.value)
+
+
+def test_model_left_as_found_even_when_interrupted(alexnet_small, assert_no_side_effects) -> None:
+    module, loaded = alexnet_small
+    module.train()
+    module[0].features[0].weight.requires_grad_(False)
+    children = [(name, id(child)) for name, child in module.named_modules()]
+
+    def stop(n: int) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            assert_no_side_effects(module, lambda: occlusion(loaded, torch.zeros(1, 3, 64, 64), progress=stop))
+        # Modules swapped for the replay are back in place.
+        assert [(name, id(child)) for name, child in module.named_modules()] == children
+        result = assert_no_side_effects(module, lambda: occlusion(loaded, torch.zeros(1, 3, 64, 64)))
+        assert result.stats.mode == "incremental"
+        assert [(name, id(child)) for name, child in module.named_modules()] == children
+    finally:
+        module.eval()
+        module[0].features[0].weight.requires_grad_(True)
+
+
+def test_cli_writes_the_three_maps(tmp_path) -> None:
+    import json
+
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    import convscope.cli.occlusion_cmd  # noqa: F401  (registers the command)
+    from convscope.cli.app import app
+
+    photo = tmp_path / "cat.png"
+    Image.fromarray((torch.rand(40, 40, 3) * 255).byte().numpy()).save(photo)
+    out = tmp_path / "out"
+    args = ["occlusion", str(photo), "--model", "alexnet_cifar", "--weights", "random", "--window", "8",
+            "--stride", "4", "--layer", "conv2", "--fill", "black", "-o", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    names = {"cat_occlusion_probability.png", "cat_occlusion_drop.png", "cat_occlusion_classes.png",
+             "cat_occlusion_activation.png", "cat_occlusion_activation_map.png", "occlusion.json", "manifest.json"}
+    assert {p.name for p in out.iterdir()} == names
+    record = json.loads((out / "occlusion.json").read_text())[0]
+    assert record["grid"] == [7, 7] and record["layer"] == "conv2" and record["mode"] == "incremental"
+    assert sum(record["classes_shown"].values()) == 49
+    legend = Image.open(out / "cat_occlusion_classes.png")
+    assert legend.size[0] == 32 + 220  # the map and its legend
+    bad = CliRunner().invoke(app, [*args[:6], "--window", "0", "-o", str(out)])
+    assert bad.exit_code == 2 and "--window 0: must be a whole number of pixels, at least 1" in bad.output
+    assert "Traceback" not in bad.output

@@ -35,6 +35,11 @@ _EXPORTS = {
     "Preprocess": "convscope.preprocess:Preprocess",
     "LoadedModel": "convscope.types:LoadedModel",
     "ConvscopeError": "convscope.errors:ConvscopeError",
+    "train": "convscope.training.loop:train",
+    "TrainConfig": "convscope.training.loop:TrainConfig",
+    "resume_training": "convscope.training.loop:resume",
+    "evaluate": "convscope.training.evaluate:evaluate",
+    "ablate": "convscope.training.ablation:ablate",
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])

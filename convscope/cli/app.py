@@ -431,6 +431,7 @@ def demo_command(
 # Command modules register themselves on `app` when imported.
 from convscope.cli import explain as _explain  # noqa: E402,F401
 from convscope.cli import occlusion_cmd as _occlusion  # noqa: E402,F401
+from convscope.cli import train_cmd as _train  # noqa: E402,F401
 
 
 def main() -> None:

@@ -1,0 +1,536 @@
+"""Training data: Fashion-MNIST (the Debian ``dataset-fashion-mnist`` files), scikit-learn's digits,
+and image folders with one sub-folder per class. Nothing is ever downloaded.
+
+Every split is held in memory as ``uint8`` pixels, ``(N, C, H, W)``: Fashion-MNIST and digits at
+their native size, folders already resized and centre-cropped to the model's input. Conversion to
+the model's channels and size, augmentation and normalisation happen per batch (``BatchTransform``),
+so one copy of the data serves any architecture.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from convscope.errors import BadArgument, DataError, ImageError
+from convscope.preprocess import Preprocess
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_ENV = "CONVSCOPE_FASHION_MNIST"
+BUILTIN_DATASETS = ("fashion-mnist", "digits")
+AUGMENTATIONS = ("crop", "flip", "color", "erase")
+DEFAULT_FOLDER_VAL_SPLIT = 0.2
+DIGITS_TEST_FRACTION = 0.2
+_HELD_OUT_FOLDERS = {"val": "val", "valid": "val", "validation": "val", "test": "test"}
+_DATA_HINT = "use fashion-mnist, digits, or a folder with one sub-folder of images per class"
+
+LoadProgress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True, eq=False)
+class Split:
+    """One split of a dataset.
+
+    Attributes:
+        name: ``"train"``, ``"val"`` or ``"test"``.
+        images: ``(N, C, H, W)`` uint8 pixels.
+        labels: ``(N,)`` int64 class indices.
+    """
+
+    name: str
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def subset(self, indices: torch.Tensor) -> Split:
+        return Split(self.name, self.images[indices], self.labels[indices])
+
+
+@dataclass(frozen=True, eq=False)
+class TrainingData:
+    """A dataset ready for training.
+
+    Attributes:
+        source: what was asked for (``fashion-mnist``, ``digits`` or the folder path).
+        categories: class names, index-aligned with the labels.
+        train: the training split.
+        val: a validation split (model selection) or ``None``.
+        test: a test split (final numbers) or ``None``.
+        skipped: ``(path, reason)`` of every image that could not be read (folders only).
+    """
+
+    source: str
+    categories: tuple[str, ...]
+    train: Split
+    val: Split | None
+    test: Split | None
+    skipped: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def held_out(self) -> tuple[Split, ...]:
+        """The splits evaluated after each epoch: validation first, then test."""
+        return tuple(s for s in (self.val, self.test) if s is not None)
+
+    @property
+    def selection(self) -> Split | None:
+        """The split that picks ``best.pt``: validation when there is one, else test."""
+        return self.val if self.val is not None else self.test
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-ready description (sizes, classes, skipped files)."""
+        return {
+            "source": self.source,
+            "categories": list(self.categories),
+            "splits": {s.name: len(s) for s in (self.train, self.val, self.test) if s is not None},
+            "image_shape": list(self.train.images.shape[1:]),
+            "skipped": [{"path": p, "reason": r} for p, r in self.skipped],
+        }
+
+
+def load_training_data(
+    source: str | os.PathLike[str],
+    *,
+    preprocess: Preprocess,
+    val_split: float | None = None,
+    limit: int | None = None,
+    split_seed: int = 0,
+    progress: LoadProgress | None = None,
+) -> TrainingData:
+    """Load a dataset by name or folder.
+
+    Args:
+        source: ``"fashion-mnist"``, ``"digits"`` or a folder. A folder holds one sub-folder per
+            class, or ``train/`` plus ``val/`` (or ``valid/``, ``validation/``) and/or ``test/``,
+            each with one sub-folder per class.
+        preprocess: the model's preprocessing; folder images are resized and cropped with it
+            when decoded.
+        val_split: fraction of the training images held out (stratified) for validation and the
+            choice of ``best.pt``. Default: 0.2 for a flat folder, none otherwise (Fashion-MNIST's
+            and digits' test split then picks ``best.pt``).
+        limit: cap every split at this many images (a fixed, seeded subset), for quick runs.
+        split_seed: seed of the validation split and of the ``limit`` subsets; independent of the
+            training seed so every run sees the same held-out images.
+        progress: ``progress(done, total)`` while decoding folder images.
+
+    Raises:
+        DataError: missing dataset, empty folder, a single class, a class without readable images.
+        BadArgument: ``val_split`` outside ``[0, 1)`` or ``limit`` below 1.
+    """
+    if val_split is not None and not 0.0 <= val_split < 1.0:
+        raise BadArgument(f"--val-split {val_split}", "must be at least 0 and below 1")
+    if limit is not None and limit < 1:
+        raise BadArgument(f"--limit {limit}", "must be at least 1")
+    name = os.fspath(source)
+    skipped: tuple[tuple[str, str], ...] = ()
+    categories: tuple[str, ...]
+    test: Split | None
+    if name == "fashion-mnist":
+        from convscope.models.labels import FASHION_MNIST
+
+        train, test = _fashion_mnist()
+        categories = FASHION_MNIST
+    elif name == "digits":
+        from convscope.models.labels import DIGITS
+
+        train, test = _digits(split_seed)
+        categories = DIGITS
+    else:
+        categories, train, val, test, skipped = _folder(Path(name), preprocess, split_seed, progress)
+        if val is None and test is None and val_split is None:
+            val_split = DEFAULT_FOLDER_VAL_SPLIT
+        if val is not None:
+            return _finish(name, categories, train, val, test, skipped, limit, split_seed)
+    val = None
+    if val_split:
+        train, val = stratified_split(train, val_split, split_seed, len(categories))
+    return _finish(name, categories, train, val, test, skipped, limit, split_seed)
+
+
+def _finish(
+    source: str,
+    categories: tuple[str, ...],
+    train: Split,
+    val: Split | None,
+    test: Split | None,
+    skipped: tuple[tuple[str, str], ...],
+    limit: int | None,
+    split_seed: int,
+) -> TrainingData:
+    if limit is not None:
+        train, val, test = (_limited(s, limit, split_seed) for s in (train, val, test))  # type: ignore[assignment]
+    assert train is not None
+    return TrainingData(source, tuple(categories), train, val, test, skipped)
+
+
+def _limited(split: Split | None, limit: int, seed: int) -> Split | None:
+    if split is None or len(split) <= limit:
+        return split
+    generator = torch.Generator().manual_seed(seed + 1)
+    keep = torch.randperm(len(split), generator=generator)[:limit].sort().values
+    return split.subset(keep)
+
+
+def stratified_split(split: Split, fraction: float, seed: int, num_classes: int) -> tuple[Split, Split | None]:
+    """Hold out ``fraction`` of every class (rounded down, at least one image stays for training).
+
+    Returns:
+        ``(train, val)``; ``val`` is ``None`` when no class is big enough to give an image.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    keep: list[torch.Tensor] = []
+    held: list[torch.Tensor] = []
+    for label in range(num_classes):
+        members = torch.nonzero(split.labels == label).flatten()
+        members = members[torch.randperm(len(members), generator=generator)]
+        count = min(int(len(members) * fraction), max(len(members) - 1, 0))
+        held.append(members[:count])
+        keep.append(members[count:])
+    held_all = torch.cat(held).sort().values
+    keep_all = torch.cat(keep).sort().values
+    if len(held_all) == 0:
+        return split, None
+    train = Split("train", split.images[keep_all], split.labels[keep_all])
+    return train, Split("val", split.images[held_all], split.labels[held_all])
+
+
+# -- Fashion-MNIST ------------------------------------------------------------------------------
+
+
+def fashion_mnist_dir() -> Path:
+    """Where the Fashion-MNIST IDX files are read from (``$CONVSCOPE_FASHION_MNIST`` overrides)."""
+    return Path(os.environ.get(FASHION_MNIST_ENV) or FASHION_MNIST_DIR)
+
+
+def fashion_mnist_available() -> bool:
+    folder = fashion_mnist_dir()
+    return all(_idx_file(folder, stem) is not None for stem in _FASHION_FILES)
+
+
+_FASHION_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+
+
+def _idx_file(folder: Path, stem: str) -> Path | None:
+    for name in (stem + ".gz", stem):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def _fashion_mnist() -> tuple[Split, Split]:
+    folder = fashion_mnist_dir()
+    paths = [_idx_file(folder, stem) for stem in _FASHION_FILES]
+    if any(p is None for p in paths):
+        missing = [stem for stem, p in zip(_FASHION_FILES, paths, strict=True) if p is None]
+        raise DataError(
+            str(folder),
+            f"Fashion-MNIST files not found ({', '.join(missing)}[.gz])",
+            "apt-get install dataset-fashion-mnist, or point $CONVSCOPE_FASHION_MNIST at the IDX files",
+        )
+    train_x, train_y, test_x, test_y = (read_idx(p) for p in paths)  # type: ignore[arg-type]
+    for images, labels, which in ((train_x, train_y, "train"), (test_x, test_y, "t10k")):
+        if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
+            raise DataError(str(folder), f"{which} images {images.shape} and labels {labels.shape} do not match")
+        if labels.size and labels.max() > 9:
+            raise DataError(str(folder), f"{which} labels go up to {labels.max()}, expected 0..9")
+    return (
+        Split("train", torch.from_numpy(train_x).unsqueeze(1), torch.from_numpy(train_y.astype(np.int64))),
+        Split("test", torch.from_numpy(test_x).unsqueeze(1), torch.from_numpy(test_y.astype(np.int64))),
+    )
+
+
+def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read an IDX file (the MNIST format), gzipped or not.
+
+    Returns:
+        the array with the dtype and shape the header declares (``uint8`` for (Fashion-)MNIST).
+
+    Raises:
+        DataError: not an IDX file, or truncated.
+    """
+    file = Path(path)
+    opener = gzip.open if file.suffix == ".gz" else open
+    dtypes = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+    try:
+        with opener(file, "rb") as handle:  # type: ignore[operator]
+            header = handle.read(4)
+            if len(header) != 4 or header[:2] != b"\x00\x00" or header[2] not in dtypes:
+                raise DataError(str(file), "not an IDX file (bad magic number)")
+            dims = struct.unpack(f">{header[3]}I", handle.read(4 * header[3]))
+            dtype = np.dtype(dtypes[header[2]])
+            payload = handle.read()
+    except (OSError, EOFError, struct.error) as exc:
+        raise DataError(str(file), f"cannot read IDX file: {exc}") from exc
+    expected = int(np.prod(dims)) * dtype.itemsize
+    if len(payload) != expected:
+        raise DataError(str(file), f"truncated IDX file: {len(payload)} bytes of data, header says {expected}")
+    return np.frombuffer(payload, dtype=dtype).reshape(dims).astype(dtype.newbyteorder("="))
+
+
+# -- digits -------------------------------------------------------------------------------------
+
+
+def _digits(split_seed: int) -> tuple[Split, Split]:
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as exc:
+        raise DataError("digits", "needs scikit-learn", "pip install scikit-learn") from exc
+    bunch = load_digits()
+    # 0..16 grey levels -> 0..255.
+    pixels = np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)
+    full = Split("train", torch.from_numpy(pixels).unsqueeze(1), torch.from_numpy(bunch.target.astype(np.int64)))
+    train, test = stratified_split(full, DIGITS_TEST_FRACTION, split_seed, 10)
+    assert test is not None
+    return train, Split("test", test.images, test.labels)
+
+
+# -- image folders ------------------------------------------------------------------------------
+
+
+def _class_folders(folder: Path) -> list[Path]:
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError as exc:
+        raise DataError(str(folder), f"cannot list folder: {(exc.strerror or type(exc).__name__).lower()}") from exc
+    return [e for e in entries if e.is_dir() and not e.name.startswith(".")]
+
+
+def _folder(
+    folder: Path, preprocess: Preprocess, split_seed: int, progress: LoadProgress | None
+) -> tuple[tuple[str, ...], Split, Split | None, Split | None, tuple[tuple[str, str], ...]]:
+    if not folder.exists():
+        raise DataError(str(folder), "no such dataset or folder", _DATA_HINT)
+    if not folder.is_dir():
+        raise DataError(str(folder), "is a file, not a folder of class sub-folders", _DATA_HINT)
+    subfolders = {p.name.lower(): p for p in _class_folders(folder)}
+    held_names = [n for n in subfolders if n in _HELD_OUT_FOLDERS]
+    if "train" in subfolders and held_names:
+        categories = _categories(subfolders["train"])
+        roots: dict[str, Path] = {"train": subfolders["train"]}
+        for name in held_names:
+            roots.setdefault(_HELD_OUT_FOLDERS[name], subfolders[name])
+        for which, root in roots.items():
+            extra = sorted({p.name for p in _class_folders(root)} - set(categories))
+            if extra:
+                raise DataError(str(root), f"has classes not in train/: {', '.join(extra)}")
+    else:
+        categories = _categories(folder)
+        roots = {"train": folder}
+    files: list[tuple[str, Path, int]] = []
+    for which, root in roots.items():
+        for label, name in enumerate(categories):
+            class_dir = root / name
+            if class_dir.is_dir():
+                from convscope.imageio import iter_images
+
+                files.extend((which, path, label) for path in iter_images([class_dir]))
+    images, skipped = _decode_all([path for _, path, _ in files], preprocess, progress)
+    splits: dict[str, Split] = {}
+    for which in roots:
+        rows = [i for i, (w, _, _) in enumerate(files) if w == which and images[i] is not None]
+        if not rows:
+            if which == "train":
+                break
+            continue
+        pixels = torch.from_numpy(np.stack([images[i] for i in rows]))  # type: ignore[misc]
+        labels = torch.tensor([files[i][2] for i in rows], dtype=torch.int64)
+        splits[which] = Split(which, pixels, labels)
+    train = splits.get("train")
+    counts = torch.bincount(train.labels, minlength=len(categories)) if train is not None else None
+    empty = [c for i, c in enumerate(categories) if counts is None or counts[i] == 0]
+    if empty:
+        where = roots["train"]
+        if len(empty) == len(categories):
+            reason = "no readable images in any class folder"
+            if skipped:
+                reason += f" ({len(skipped)} unreadable, first: {skipped[0][0]}: {skipped[0][1]})"
+            raise DataError(str(where), reason)
+        raise DataError(
+            str(where / empty[0]),
+            "class folder has no readable images"
+            + (f" ({len(empty)} such classes: {', '.join(empty[:5])})" if len(empty) > 1 else ""),
+            "add images or remove the folder",
+        )
+    assert train is not None
+    return tuple(categories), train, splits.get("val"), splits.get("test"), tuple(skipped)
+
+
+def _categories(folder: Path) -> list[str]:
+    classes = [p.name for p in _class_folders(folder)]
+    if not classes:
+        from convscope.imageio import iter_images
+
+        loose = iter_images([folder], recursive=False)
+        if loose:
+            raise DataError(
+                str(folder), f"holds {len(loose)} images but no class sub-folders",
+                "put the images of each class in their own sub-folder",
+            )
+        raise DataError(str(folder), "is empty: expected one sub-folder of images per class", _DATA_HINT)
+    if len(classes) == 1:
+        raise DataError(
+            str(folder), f"has only one class ({classes[0]}); training needs at least two class sub-folders"
+        )
+    return classes
+
+
+def _decode_all(
+    paths: Sequence[Path], preprocess: Preprocess, progress: LoadProgress | None
+) -> tuple[list[np.ndarray | None], list[tuple[str, str]]]:
+    from convscope.imageio import load_image
+
+    def decode(path: Path) -> np.ndarray | str:
+        try:
+            pixels = np.asarray(preprocess.to_pil(load_image(path)), dtype=np.uint8)
+        except ImageError as exc:
+            return exc.reason
+        return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+
+    results: list[np.ndarray | None] = []
+    skipped: list[tuple[str, str]] = []
+    # Pillow releases the GIL while decoding, so threads overlap the work; map keeps the order.
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        for done, (path, out) in enumerate(zip(paths, pool.map(decode, paths), strict=True), start=1):
+            if isinstance(out, str):
+                skipped.append((str(path), out))
+                results.append(None)
+            else:
+                results.append(out)
+            if progress is not None:
+                progress(done, len(paths))
+    return results, skipped
+
+
+# -- batches ------------------------------------------------------------------------------------
+
+
+def parse_augment(spec: str | Sequence[str] | None) -> tuple[str, ...]:
+    """``"crop,flip"`` or ``["crop", "flip"]`` -> validated, de-duplicated names in canonical order."""
+    if spec is None:
+        return ()
+    items = spec.split(",") if isinstance(spec, str) else [p for s in spec for p in s.split(",")]
+    names = [s.strip().lower() for s in items if s.strip() and s.strip().lower() != "none"]
+    for name in names:
+        if name not in AUGMENTATIONS:
+            from convscope.errors import close_matches
+
+            raise BadArgument(f"--augment {name}", "unknown augmentation", close_matches(name, AUGMENTATIONS))
+    return tuple(a for a in AUGMENTATIONS if a in names)
+
+
+class BatchTransform:
+    """uint8 pixels -> normalised network input, with optional seeded augmentation.
+
+    Converts the channel count (grey <-> RGB), resizes to the model's input when the stored size
+    differs, applies the augmentations, then normalises with the model's mean/std.
+
+    Augmentations (each drawn per image from the ``generator``):
+        crop: pad by 1/12 of the side (2 pixels for 28x28, 3 for 32x32) with black and take a
+            random crop of the input size (random translation).
+        flip: horizontal flip with probability 1/2.
+        color: brightness and contrast x U(0.8, 1.2) (and saturation for RGB).
+        erase: with probability 1/2, set a random rectangle (2-25 % of the area) to the mean
+            (random erasing / cutout).
+    """
+
+    def __init__(self, preprocess: Preprocess, augment: Sequence[str] = ()) -> None:
+        self.preprocess = preprocess
+        self.augment = tuple(augment)
+        self.size = preprocess.crop
+        self.pad = max(1, round(self.size / 12))
+        mean = torch.tensor(preprocess.mean, dtype=torch.float32).view(1, -1, 1, 1)
+        std = torch.tensor(preprocess.std, dtype=torch.float32).view(1, -1, 1, 1)
+        self._scale = (1.0 / 255.0) / std
+        self._shift = mean / std
+
+    def __call__(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``(B, C, H, W)`` uint8 -> ``(B, channels, crop, crop)`` float32; no augmentation without a generator."""
+        x = pixels
+        channels = self.preprocess.channels
+        augmenting = generator is not None and bool(self.augment)
+        fits = x.shape[1] == channels and x.shape[-2] == self.size and x.shape[-1] == self.size
+        if fits and not augmenting:
+            # The fast path: one fused scale-and-shift (x / 255 - mean) / std.
+            return torch.addcmul(-self._shift, x.float(), self._scale)
+        x = x.float() / 255.0
+        if x.shape[1] != channels:
+            if channels == 3 and x.shape[1] == 1:
+                x = x.expand(-1, 3, -1, -1)
+            elif channels == 1 and x.shape[1] == 3:
+                luma = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+                x = (x * luma).sum(dim=1, keepdim=True)
+            else:
+                raise DataError("data", f"images have {x.shape[1]} channels, the model takes {channels}")
+        if x.shape[-2] != self.size or x.shape[-1] != self.size:
+            shrinking = x.shape[-2] > self.size or x.shape[-1] > self.size
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=shrinking)
+        if augmenting:
+            assert generator is not None
+            x = self._augment(x.contiguous(), generator)
+        mean = torch.tensor(self.preprocess.mean).view(1, -1, 1, 1)
+        std = torch.tensor(self.preprocess.std).view(1, -1, 1, 1)
+        x = (x - mean) / std
+        if augmenting and "erase" in self.augment:
+            assert generator is not None
+            x = self._erase(x, generator)
+        return x
+
+    def _augment(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        count, channels, height, width = x.shape
+        if "crop" in self.augment:
+            pad = self.pad
+            padded = F.pad(x, (pad, pad, pad, pad))
+            wide = width + 2 * pad
+            dy = torch.randint(0, 2 * pad + 1, (count,), generator=generator)
+            dx = torch.randint(0, 2 * pad + 1, (count,), generator=generator)
+            # One flat gather per image (3x faster than 4-D advanced indexing).
+            rows = dy[:, None, None] + torch.arange(height)[None, :, None]
+            cols = dx[:, None, None] + torch.arange(width)[None, None, :]
+            index = (rows * wide + cols).view(count, 1, height * width).expand(count, channels, height * width)
+            x = padded.view(count, channels, -1).gather(2, index).view(count, channels, height, width)
+        if "flip" in self.augment:
+            flip = torch.rand(count, generator=generator) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(3), x)
+        if "color" in self.augment:
+            brightness = torch.empty(count, 1, 1, 1).uniform_(0.8, 1.2, generator=generator)
+            contrast = torch.empty(count, 1, 1, 1).uniform_(0.8, 1.2, generator=generator)
+            if channels == 3:
+                saturation = torch.empty(count, 1, 1, 1).uniform_(0.8, 1.2, generator=generator)
+                grey = (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+                x = grey + (x - grey) * saturation
+            mean = x.mean(dim=(1, 2, 3), keepdim=True)
+            x = ((x - mean) * contrast + mean) * brightness
+            x = x.clamp(0.0, 1.0)
+        return x
+
+    def _erase(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        count, _, height, width = x.shape
+        area = torch.empty(count).uniform_(0.02, 0.25, generator=generator) * height * width
+        aspect = torch.exp(torch.empty(count).uniform_(-1.2, 1.2, generator=generator))
+        h = (area * aspect).sqrt().round().clamp(1, height).long()
+        w = (area / aspect).sqrt().round().clamp(1, width).long()
+        top = (torch.rand(count, generator=generator) * (height - h + 1)).long()
+        left = (torch.rand(count, generator=generator) * (width - w + 1)).long()
+        apply = torch.rand(count, generator=generator) < 0.5
+        ys = torch.arange(height)[None, :]
+        xs = torch.arange(width)[None, :]
+        inside_y = (ys >= top[:, None]) & (ys < (top + h)[:, None])
+        inside_x = (xs >= left[:, None]) & (xs < (left + w)[:, None])
+        mask = (inside_y[:, :, None] & inside_x[:, None, :] & apply[:, None, None])[:, None]
+        return x.masked_fill(mask, 0.0)

@@ -9,6 +9,8 @@ Zeiler & Fergus' fix (3x3 stride 1, then pooling), keeping more spatial detail e
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import nn
 
@@ -92,6 +94,10 @@ def _stages(style: str) -> dict[str, str]:
     return {f"conv{i + 1}": f"features.{r}" for i, r in enumerate(relus)}
 
 
+def _build(num_classes: int, *, style: str, channels: int) -> nn.Module:
+    return SmallConvNet(channels, num_classes, style=style)
+
+
 for _style in ("alexnet", "zfnet"):
     for _suffix, _channels, _pre, _labels, _what in (
         ("mnist", 1, FASHION_MNIST_PREPROCESS, "fashion_mnist", "28x28 grayscale (Fashion-MNIST)"),
@@ -101,7 +107,7 @@ for _style in ("alexnet", "zfnet"):
         register_model(
             ModelSpec(
                 name=f"{_style}_{_suffix}",
-                build=lambda n, s=_style, c=_channels: SmallConvNet(c, n, style=s),
+                build=partial(_build, style=_style, channels=_channels),
                 preprocess=_pre,
                 labels=_labels,
                 description=f"small {'AlexNet' if _style == 'alexnet' else 'ZFNet'}-style net for {_what}",

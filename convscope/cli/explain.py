@@ -19,14 +19,17 @@ from convscope.cli.app import app, expand_images, open_model
 from convscope.cli.errors import EXIT_USER_ERROR, print_error
 from convscope.cli.options import (
     BatchSizeOpt,
+    ClassOpt,
     DeviceOpt,
     ImagesArg,
     JsonOpt,
+    LabelOpt,
     LayerOpt,
     ModelOpt,
     OutDirOpt,
     SeedOpt,
     WeightsOpt,
+    class_target,
 )
 from convscope.cli.output import OutputDir, safe_name, safe_stem
 from convscope.cli.progress import progress_bar
@@ -34,19 +37,7 @@ from convscope.errors import BadArgument, ImageError
 from convscope.render.pictures import magnitude_picture, signed_picture
 from convscope.types import LoadedModel
 
-ClassOpt = Annotated[
-    int | None, typer.Option("--class", "-c", help="Class index to explain (default: the top-1 class).")
-]
-LabelOpt = Annotated[
-    str | None, typer.Option("--label", help="Class name to explain, e.g. 'tiger cat' (instead of --class).")
-]
 VARIANTS = ("gradcam", "gradcam++", "guided")
-
-
-def _target(class_index: int | None, label: str | None) -> int | str | None:
-    if class_index is not None and label is not None:
-        raise BadArgument("--class/--label", "give one of them, not both")
-    return class_index if class_index is not None else label
 
 
 def _warn(lines: tuple[str, ...], seen: set[str]) -> None:
@@ -153,7 +144,7 @@ def gradcam_command(
 
     if variant not in VARIANTS:
         raise BadArgument(f"--variant {variant}", "must be one of " + ", ".join(VARIANTS))
-    target = _target(class_index, label)
+    target = class_target(class_index, label)
     loaded = open_model(model, weights, seed, device)
     out = OutputDir(output)
     records: list[dict[str, Any]] = []
@@ -198,7 +189,7 @@ def _input_gradient_command(
 ) -> None:
     from convscope.methods.guided import guided_backprop, saliency
 
-    target = _target(class_index, label)
+    target = class_target(class_index, label)
     loaded = open_model(model, weights, seed, device)
     out = OutputDir(output)
     records: list[dict[str, Any]] = []

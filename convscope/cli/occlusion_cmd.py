@@ -15,17 +15,21 @@ import typer
 
 from convscope.cli.app import app, expand_images, load_good_images, open_model
 from convscope.cli.errors import EXIT_USER_ERROR
-from convscope.cli.options import DeviceOpt, ImagesArg, JsonOpt, LayerOpt, ModelOpt, OutDirOpt, SeedOpt, WeightsOpt
+from convscope.cli.options import (
+    ClassOpt,
+    DeviceOpt,
+    ImagesArg,
+    JsonOpt,
+    LabelOpt,
+    LayerOpt,
+    ModelOpt,
+    OutDirOpt,
+    SeedOpt,
+    WeightsOpt,
+    class_target,
+)
 from convscope.cli.output import OutputDir, safe_stem
 from convscope.cli.progress import progress_bar
-from convscope.errors import BadArgument
-
-ClassIndexOpt = Annotated[
-    int | None, typer.Option("--class", "-c", help="Class index to follow (default: the top-1 class).")
-]
-ClassLabelOpt = Annotated[
-    str | None, typer.Option("--label", help="Class name to follow, e.g. 'tabby' (instead of --class).")
-]
 
 
 def _normalised(values: Any) -> Any:
@@ -44,8 +48,8 @@ def occlusion_command(
     weights: WeightsOpt = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
-    class_index: ClassIndexOpt = None,
-    label: ClassLabelOpt = None,
+    class_index: ClassOpt = None,
+    label: LabelOpt = None,
     window: Annotated[int, typer.Option("--window", help="Side of the occluding square, in input pixels.")] = 16,
     stride: Annotated[int, typer.Option("--stride", help="Step between square positions, in input pixels.")] = 8,
     fill: Annotated[
@@ -87,9 +91,7 @@ def occlusion_command(
     from convscope.render.overlay import overlay
     from convscope.render.pictures import display_image
 
-    if class_index is not None and label is not None:
-        raise BadArgument("--class/--label", "give one of them, not both")
-    target = class_index if class_index is not None else label
+    target = class_target(class_index, label)
     paths = expand_images(images)
     loaded = open_model(model, weights, seed, device)
     out = OutputDir(output)

@@ -48,4 +48,21 @@ BatchSizeOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Im
 ImagesArg = Annotated[
     list[Path], typer.Argument(help="Image files or folders (folders are searched for images).", show_default=False)
 ]
+ClassOpt = Annotated[
+    Optional[int], typer.Option("--class", "-c", help="Class index to explain (default: the top-1 class).")
+]
+LabelOpt = Annotated[
+    Optional[str], typer.Option("--label", help="Class name to explain, e.g. 'tiger cat' (instead of --class).")
+]
+
+
+def class_target(class_index: int | None, label: str | None) -> int | str | None:
+    """``--class`` / ``--label`` -> the target a method takes (``None``: the top-1 class)."""
+    from convscope.errors import BadArgument
+
+    if class_index is not None and label is not None:
+        raise BadArgument("--class/--label", "give one of them, not both")
+    return class_index if class_index is not None else label
+
+
 ImageArg = Annotated[Path, typer.Argument(help="An image file.", show_default=False)]

@@ -339,3 +339,74 @@ def test_cli_writes_the_three_maps(tmp_path) -> None:
     bad = CliRunner().invoke(app, [*args[:6], "--window", "0", "-o", str(out)])
     assert bad.exit_code == 2 and "--window 0: must be a whole number of pixels, at least 1" in bad.output
     assert "Traceback" not in bad.output
+
+
+def test_bands_group_copies_with_alike_changed_regions() -> None:
+    from convscope.methods import _incremental as inc
+
+    # Alternating large and small changed regions: bands of the same size pay for less.
+    extents = [inc.Extents(first=(0,) * 6, size=(5, 1, 5, 1, 5, 1))]
+    assert inc.bands(extents, [1.0], 6, 3, overhead=1.0) == [[0, 2, 4], [1, 3, 5]]
+    # Without a cost per band, single copies are as cheap as anything.
+    assert len(inc.bands(extents, [1.0], 6, 3, overhead=0.0)) == 6
+    # Costs count every unit, weighted: index 1 is the expensive one here.
+    two = [inc.Extents((0,) * 3, (2, 1, 1)), inc.Extents((0,) * 3, (1, 9, 1))]
+    assert inc.bands(two, [1.0, 1.0], 3, 1)[0] == [1]
+    assert inc.bands([], [], 5, 2) == [[0, 1], [2, 3], [4]]
+
+
+def test_classifier_runs_on_many_chunks_at_once(alexnet_small, monkeypatch) -> None:
+    import convscope.methods.occlusion as occlusion_module
+
+    module, loaded = alexnet_small
+    head = module[0].classifier[-1]
+    calls: list[int] = []
+    handle = head.register_forward_hook(lambda m, i, o: calls.append(o.shape[0]))
+    torch.manual_seed(10)
+    image = torch.randn(1, 3, 96, 96)
+    try:
+        together = occlusion(loaded, image, window=16, stride=8, batch_size=20)
+        copies = together.stats.copies
+        assert copies == 121 and calls[-1] == copies  # one classifier pass for all 121 copies
+        calls.clear()
+        monkeypatch.setattr(occlusion_module, "SUFFIX_BUDGET_BYTES", 1)  # room for one chunk
+        apart = occlusion(loaded, image, window=16, stride=8, batch_size=20)
+        assert max(calls[2:]) <= 2 * 20 and len(calls) > 4
+    finally:
+        handle.remove()
+    torch.testing.assert_close(together.probability, apart.probability, rtol=0, atol=1e-6)
+    assert torch.equal(together.top_class, apart.top_class)
+
+
+def test_approximate_mode_on_the_default_model(default_model, photo, assert_no_side_effects) -> None:
+    from convscope.methods.occlusion import _low_precision
+
+    image = default_model.preprocess.to_tensor(photo)
+    exact = occlusion(default_model, image, window=32, stride=16)
+    approx = assert_no_side_effects(
+        default_model.module, lambda: occlusion(default_model, image, window=32, stride=16, mode="approximate")
+    )
+    assert all(p.dtype == torch.float32 for p in default_model.module.parameters())
+    assert approx.stats.mode == "incremental" and approx.targets.tolist() == exact.targets.tolist()
+    if _low_precision(torch.device("cpu")) is None:  # no native bfloat16 here: computed exactly
+        assert approx.stats.precision == "float32"
+        torch.testing.assert_close(approx.probability, exact.probability, rtol=0, atol=1e-5)
+        return
+    assert approx.stats.precision == "bfloat16"
+    difference = (approx.probability - exact.probability).abs().max()
+    assert 0 < difference < 0.05  # really computed differently, and still close
+    ranks = torch.stack([exact.drop.flatten().argsort().argsort(), approx.drop.flatten().argsort().argsort()]).float()
+    assert torch.corrcoef(ranks)[0, 1] > 0.9  # the same places matter
+
+
+def test_approximate_mode_without_fast_bfloat16_is_exact(alexnet_small, monkeypatch) -> None:
+    import convscope.methods.occlusion as occlusion_module
+
+    _, loaded = alexnet_small
+    monkeypatch.setattr(occlusion_module, "_low_precision", lambda device: None)
+    torch.manual_seed(11)
+    image = torch.randn(1, 3, 64, 64)
+    approx = occlusion(loaded, image, window=16, stride=8, mode="approximate")
+    exact = occlusion(loaded, image, window=16, stride=8)
+    assert approx.stats.precision == "float32"
+    torch.testing.assert_close(approx.probability, exact.probability, rtol=0, atol=0)

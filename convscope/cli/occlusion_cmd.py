@@ -68,7 +68,11 @@ def occlusion_command(
         bool, typer.Option("--cover-border", help="Add clipped squares at the far borders (captum's grid).")
     ] = False,
     mode: Annotated[
-        str, typer.Option("--mode", help="exact (incremental where possible) or full (every copy through the whole network).")
+        str, typer.Option(
+            "--mode",
+            help="exact (incremental where possible), approximate (the same in bfloat16 where the hardware is fast "
+            "at it: faster, probabilities off by up to ~0.03) or full (every copy through the whole network).",
+        )
     ] = "exact",
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Occluded copies per forward pass.")] = 64,
     json_out: JsonOpt = False,
@@ -134,6 +138,7 @@ def occlusion_command(
                               for c in sorted(set(result.top_class[0].flatten().tolist()))},
             "mode": result.stats.mode,
             "work_fraction": round(result.stats.work_fraction, 4),
+            "precision": result.stats.precision,
         }
         if result.activation is not None and result.channels is not None:
             activation = grid_to_image(result.activation[0], origins, window, (height, width))

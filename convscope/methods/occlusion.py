@@ -17,10 +17,28 @@ Fill: a number (or one per channel) is in the model's *normalised input space*, 
 ``baselines``: ``0.0`` is the dataset's mean colour. The names ``"grey"``, ``"black"`` and
 ``"white"`` are pixel colours (0.5, 0, 1 in ``[0, 1]``) normalised with the model's own mean and
 std; Zeiler & Fergus' grey square is ``fill="grey"``.
+
+Approximate mode (``mode="approximate"``) runs the same incremental computation on a
+bfloat16 copy of the model, on hardware that computes bfloat16 natively (CPUs with AMX or
+AVX-512-BF16, CUDA); elsewhere it falls back to exact and ``stats.precision`` says
+``"float32"``. The explained class is still the float32 model's top-1; all probabilities,
+the clean one included, come from the bfloat16 copy so that drops are consistent. Measured on
+the 2-core AMX CPU this was built on (chelsea, window 16, stride 8): EfficientNet-Lite0
+(pretrained) 2.0x faster than exact, probabilities within 0.026 of exact, drop maps with
+rank correlation 0.97, most probable class the same at 75% of positions (the cat classes
+are near-ties); AlexNet 2.6x faster than exact. Use exact mode for anything quantitative.
+
+Speed (``bench/occlusion.py``): the clean image's activations are computed once; each chunk
+of occluded copies gathers its crops and pastes its changed patches in channels-last layout
+(one ``index_select`` and one ``index_copy_`` per layer), the row and column bands of a chunk
+are chosen by dynamic programming so that copies with similar changed regions go together,
+and the layers after the incremental chain (the classifier) run on many chunks at once, as
+many as ``SUFFIX_BUDGET_BYTES`` of activations allow.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -36,7 +54,9 @@ from convscope.probes.hooks import eval_mode
 from convscope.probes.layers import resolve_layer
 
 FILL_COLOURS = {"grey": 0.5, "gray": 0.5, "black": 0.0, "white": 1.0}
-MODES = ("exact", "full")
+MODES = ("exact", "approximate", "full")
+# Memory for the chain outputs gathered before the rest of the network runs on them at once.
+SUFFIX_BUDGET_BYTES = 128 * 2**20
 
 
 @dataclass(frozen=True)
@@ -50,12 +70,15 @@ class OcclusionStats:
         work_fraction: multiply-adds (convolutions and linear layers) spent per occluded copy,
             as a fraction of one full forward pass; 1.0 in full mode.
         copies: occluded copies evaluated.
+        precision: arithmetic of the occluded copies: ``"float32"``, or ``"bfloat16"`` /
+            ``"float16"`` in approximate mode.
     """
 
     mode: str
     incremental_layers: tuple[str, ...]
     work_fraction: float
     copies: int
+    precision: str = "float32"
 
 
 @dataclass(frozen=True)
@@ -210,7 +233,10 @@ def occlusion(
             module path); ``channel`` picks it (default: the strongest on the clean image).
         batch_size: occluded copies per forward pass (memory is bounded by it).
         mode: ``"exact"`` (incremental inference where the network allows it, else batched
-            full passes) or ``"full"`` (batched full passes only; for comparison).
+            full passes), ``"approximate"`` (the same, computed in bfloat16 on a copy of the
+            model where the hardware does that fast: AMX/AVX-512-BF16 CPUs, CUDA; else exact;
+            see the module notes for its measured error) or ``"full"`` (batched full passes
+            only; for comparison).
         cover_border: add clipped windows at the far borders, like captum.
         progress: called with the number of copies finished after each chunk.
 
@@ -233,6 +259,15 @@ def occlusion(
     rows = grid_origins(height, window, stride, cover_border)
     cols = grid_origins(width, window, stride, cover_border)
     module = loaded.module
+    low = _low_precision(batch.device) if mode == "approximate" else None
+    work = module
+    if low is not None:
+        # A half-precision twin; the caller's model is untouched. The layer is found in it
+        # by its path.
+        work = copy.deepcopy(module).to(low)
+        if layer_module is not None:
+            layer_module = work.get_submodule(next(p for p, m in module.named_modules() if m is layer_module))
+        batch = batch.to(low)
     fill_tensor = torch.tensor(fill_values, dtype=batch.dtype, device=batch.device).view(-1, 1, 1)
 
     outputs: dict[str, list[torch.Tensor]] = {
@@ -241,15 +276,26 @@ def occlusion(
     clean_probability, chosen_channels, clean_activation = [], [], []
     stats: list[tuple[str, tuple[str, ...], float]] = []
     # no_grad, not inference_mode: the chain analysis follows tensors by version counter.
-    with eval_mode(module), torch.no_grad():
-        clean_logits = torch.cat([module(part) for part in torch.split(batch, batch_size)])
+    with eval_mode(module), eval_mode(work), torch.no_grad():
+        # The first image's recorded pass doubles as its clean pass (one forward fewer).
+        # (The chain analysis follows tensors by identity: record the very tensor occluded.)
+        image = batch[:1]
+        first = _record(work, image, layer_module)
+        if low is None:
+            rest = [module(part) for part in torch.split(batch[1:], batch_size)] if count > 1 else []
+            clean_logits = torch.cat([first[0].logits, *rest])
+        else:  # the explained class is the float32 network's
+            clean_logits = torch.cat([module(part.float()) for part in torch.split(batch, batch_size)])
         targets = resolve_targets(target, clean_logits, loaded.categories, loaded.name)
         for n in range(count):
-            image = batch[n : n + 1]
+            image = image if n == 0 else batch[n : n + 1]
+            recorded = first if n == 0 else _record(work, image, layer_module)
             result = _occlude_one(
-                module, image, int(targets[n]), rows, cols, window, fill_tensor, layer,
-                layer_module, channel, batch_size, mode, progress,
+                work, image, recorded, int(targets[n]), rows, cols, window, fill_tensor, layer,
+                layer_module, channel, batch_size, "full" if mode == "full" else "exact", progress,
             )
+            del recorded
+            first = None  # type: ignore[assignment]
             for key in outputs:
                 outputs[key].append(result[key])
             clean_probability.append(result["clean_probability"])
@@ -288,24 +334,60 @@ def occlusion(
             mode=mode_used,
             incremental_layers=stats[0][1] if stats else (),
             work_fraction=sum(s[2] for s in stats) / max(1, len(stats)),
+            precision=str(batch.dtype).removeprefix("torch."),
             copies=count * len(rows) * len(cols),
         ),
     )
 
 
+def _low_precision(device: torch.device) -> torch.dtype | None:
+    """bfloat16 where this device computes it natively (else ``None``: stay exact)."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu":
+        try:
+            if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+                return torch.bfloat16
+        except (AttributeError, RuntimeError):  # private probe; absent in some builds
+            return None
+    return None
+
+
 def _pixel_map(drop: torch.Tensor, rows: Sequence[int], cols: Sequence[int], window: int, height: int, width: int) -> torch.Tensor:
-    total = torch.zeros(drop.shape[0], height, width, dtype=torch.float64)
-    covered = torch.zeros(height, width, dtype=torch.float64)
-    for i, top in enumerate(rows):
-        for j, left in enumerate(cols):
-            total[:, top : top + window, left : left + window] += drop[:, i, j, None, None].double()
-            covered[top : top + window, left : left + window] += 1
-    return torch.where(covered > 0, total / covered.clamp_min(1), torch.zeros_like(total)).float()
+    """Each pixel's mean ``drop`` over the windows covering it (0 where none does).
+
+    The windows sit on a regular grid, so the sums are one ``fold`` (transposed unfold) on a
+    canvas large enough for clipped border windows, cropped to the image."""
+    count, n_rows, n_cols = drop.shape
+    stride_r = rows[1] - rows[0] if n_rows > 1 else 1
+    stride_c = cols[1] - cols[0] if n_cols > 1 else 1
+    size = ((n_rows - 1) * stride_r + window, (n_cols - 1) * stride_c + window)
+    values = drop.double().reshape(count, 1, n_rows * n_cols).expand(count, window * window, -1)
+    total = torch.nn.functional.fold(values, size, window, stride=(stride_r, stride_c))
+    ones = torch.ones(1, window * window, n_rows * n_cols, dtype=torch.float64)
+    covered = torch.nn.functional.fold(ones, size, window, stride=(stride_r, stride_c))
+    total, covered = total[:, 0, :height, :width], covered[0, 0, :height, :width]
+    padded = torch.zeros(count, height, width, dtype=torch.float64)
+    padded[:, : total.shape[1], : total.shape[2]] = total
+    cover = torch.zeros(height, width, dtype=torch.float64)
+    cover[: covered.shape[0], : covered.shape[1]] = covered
+    return torch.where(cover > 0, padded / cover.clamp_min(1), torch.zeros_like(padded)).float()
+
+
+def _record(
+    module: torch.nn.Module, image: torch.Tensor, layer_module: torch.nn.Module | None
+) -> tuple[inc.Recording, list[torch.Tensor]]:
+    """The clean pass of one image, with every module call recorded, and the per-channel
+    totals of ``layer_module`` when given."""
+    sums: list[torch.Tensor] = []
+    hooks = [(layer_module, _channel_sum_hook(sums, []))] if layer_module is not None else []
+    return inc.record(module, image, hooks), sums
 
 
 def _occlude_one(
     module: torch.nn.Module,
     image: torch.Tensor,
+    recorded: tuple[inc.Recording, list[torch.Tensor]],
     target: int,
     rows: Sequence[int],
     cols: Sequence[int],
@@ -319,9 +401,7 @@ def _occlude_one(
     progress: Callable[[int], None] | None,
 ) -> dict[str, Any]:
     height, width = image.shape[-2:]
-    sums: list[torch.Tensor] = []
-    hooks = [(layer_module, _channel_sum_hook(sums, []))] if layer_module is not None else []
-    recording = inc.record(module, image, hooks)
+    recording, sums = recorded
     clean_probs = torch.softmax(recording.logits.float(), dim=1)[0]
 
     chosen = None
@@ -345,7 +425,8 @@ def _occlude_one(
     units = inc.leading_chain(recording, image) if mode == "exact" else []
     chain = _choose_chain(module, recording, image, units, patch_rows, patch_cols, window, layer_module)
     total_macs = sum(recording.macs.values())
-    del recording, units  # the recording holds every clean activation
+    recording.release()  # it holds every clean activation
+    del units
 
     reducer = _Reducer(len(rows) * len(cols))
     watch_values: list[tuple[list[int], torch.Tensor]] = []  # (flat indices, totals)
@@ -355,6 +436,23 @@ def _occlude_one(
     if layer_module is not None and watch is None:
         hooks_suffix = [layer_module.register_forward_hook(_channel_sum_hook(watch_sums, [chosen]))]
     work = 0.0
+    # The part after the chain runs on several chunks at once (bigger matrix products for
+    # the classifier), as many as fit in SUFFIX_BUDGET_BYTES of materialised activations.
+    pending: list[tuple[list[int], torch.Tensor]] = []
+    suffix_batch = chain.suffix_batch(len(rows) * len(cols), batch_size) if chain is not None else batch_size
+
+    def run_suffix() -> None:
+        assert chain is not None
+        flat = [k for part_flat, _ in pending for k in part_flat]
+        full = pending[0][1] if len(pending) == 1 else torch.cat([f for _, f in pending])
+        pending.clear()
+        with inc.replayed(module, chain.units) as replay:
+            replay.value = full
+            logits = module(image.expand(len(flat), -1, -1, -1))
+        reducer.add(flat, logits, target)
+        if watch_sums:
+            watch_values.append((flat, watch_sums.pop()))
+
     try:
         for part, row_plan, col_plan in _chunks(chain, len(rows), len(cols), batch_size):
             ri = [i for i, _ in part]
@@ -366,6 +464,9 @@ def _occlude_one(
                     copies[b, :, rows[i] : rows[i] + window, cols[j] : cols[j] + window] = fill
                 logits = module(copies)
                 work += len(part) * total_macs
+                reducer.add(flat, logits, target)
+                if watch_sums:
+                    watch_values.append((flat, watch_sums.pop()))
             else:
                 patch = torch.stack([
                     image[0, :, patch_rows[i] : patch_rows[i] + window, patch_cols[j] : patch_cols[j] + window]
@@ -380,18 +481,16 @@ def _occlude_one(
                 if watched is not None and chosen is not None:
                     totals = chain.watched_totals(watched, row_plan, col_plan, ri, ci, chosen, clean_total)
                     watch_values.append((flat, totals))
-                full = inc.materialize(
-                    chain.clean.outputs[-1], last, [row_plan[-1].start[i] for i in ri], [col_plan[-1].start[j] for j in ci]
-                )
-                with inc.replayed(module, chain.units) as replay:
-                    replay.value = full
-                    logits = module(image.expand(len(part), -1, -1, -1))
+                pending.append((flat, inc.materialize(
+                    chain.clean, last, [row_plan[-1].start[i] for i in ri], [col_plan[-1].start[j] for j in ci]
+                )))
+                if sum(len(f) for f, _ in pending) >= suffix_batch:
+                    run_suffix()
                 work += len(part) * chain.macs_per_copy(row_plan, col_plan, total_macs)
-            reducer.add(flat, logits, target)
-            if watch_sums:
-                watch_values.append((flat, watch_sums.pop()))
             if progress is not None:
                 progress(len(part))
+        if pending:
+            run_suffix()
     finally:
         for handle in hooks_suffix:
             handle.remove()
@@ -434,10 +533,16 @@ class _Chain:
         extents, starts = (self.row_extents, self.patch_rows) if axis == 0 else (self.col_extents, self.patch_cols)
         return inc.plan_chunk(self.units, axis, extents, starts, self.window, members)
 
-    def last_extents(self, axis: int) -> inc.Extents | None:
-        extents = self.row_extents if axis == 0 else self.col_extents
-        spatial = [e for e, u in zip(extents, self.units, strict=True) if u.kind in ("window", "block")]
-        return spatial[-1] if spatial else None
+    def spatial_extents(self, axis: int) -> tuple[list[inc.Extents], list[float]]:
+        """Extents of the units that move cells (windows, blocks) and their weights for
+        ``inc.bands``: multiply-adds per output cell (at least 1, so pools count) times the
+        mean extent along the other axis."""
+        extents, other = (self.row_extents, self.col_extents) if axis == 0 else (self.col_extents, self.row_extents)
+        chosen = [k for k, u in enumerate(self.units) if u.kind in ("window", "block")]
+        weights = [
+            max(1, self.units[k].macs_per_cell) * sum(other[k].size) / max(1, len(other[k].size)) for k in chosen
+        ]
+        return [extents[k] for k in chosen], weights
 
     def watched_totals(
         self, patches: torch.Tensor, rows: Sequence[inc.AxisPlan], cols: Sequence[inc.AxisPlan],
@@ -453,6 +558,15 @@ class _Chain:
             for i, j in zip(ri, ci, strict=True)
         ])
         return (clean_total + changed - before.to(changed.device)).float()
+
+    def suffix_batch(self, copies: int, batch_size: int) -> int:
+        """Copies per run of the network after the chain: as many as ``SUFFIX_BUDGET_BYTES``
+        of the chain's output allow (at least ``batch_size``), split evenly over the runs."""
+        last = self.clean.outputs[-1]
+        per_copy = last[0].numel() * last.element_size()
+        cap = max(batch_size, SUFFIX_BUDGET_BYTES // max(1, per_copy))
+        runs = math.ceil(copies / cap)
+        return max(1, math.ceil(copies / runs))
 
     def macs_per_copy(self, rows: Sequence[inc.AxisPlan], cols: Sequence[inc.AxisPlan], total_macs: int) -> float:
         full = computed = 0
@@ -477,8 +591,8 @@ def _chunks(
             yield positions[offset : offset + batch_size], None, None
         return
     band = max(1, math.isqrt(batch_size))
-    row_bands = inc.bands(chain.last_extents(0), rows, band)
-    col_bands = inc.bands(chain.last_extents(1), cols, max(1, batch_size // band))
+    row_bands = inc.bands(*chain.spatial_extents(0), rows, band)
+    col_bands = inc.bands(*chain.spatial_extents(1), cols, max(1, batch_size // band))
     col_plans = [chain.plan(1, members) for members in col_bands]
     for row_members in row_bands:
         row_plan = chain.plan(0, row_members)
@@ -514,7 +628,9 @@ def _choose_chain(
     col_extents = inc.true_extents(units, 1, patch_cols, window)
     end = -1
     for index, unit in enumerate(units):
-        if unit.kind in ("window", "block"):
+        # A pool (no multiply-adds) costs about the same either way, and computing it here
+        # shrinks what is pasted into whole maps afterwards: only units with work can cut.
+        if unit.kind in ("window", "block") and unit.macs_per_cell > 0:
             rows, cols = row_extents[index].size, col_extents[index].size
             fraction = (sum(rows) / len(rows)) * (sum(cols) / len(cols)) / (unit.axes[0].size_out * unit.axes[1].size_out)
             if fraction > inc.FULL_RECOMPUTE_FRACTION:

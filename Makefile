@@ -38,6 +38,7 @@ bench: $(VENV)/.dev-installed
 
 lint: $(VENV)/.dev-installed
 	$(BIN)/ruff check convscope tests bench
+	$(BIN)/mypy convscope
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache build *.egg-info

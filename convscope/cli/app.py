@@ -10,7 +10,7 @@ import json
 from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -18,7 +18,6 @@ from convscope.cli.errors import EXIT_USER_ERROR, GuardedGroup, print_error
 from convscope.cli.options import (
     BatchSizeOpt,
     DeviceOpt,
-    ImageArg,
     ImagesArg,
     JsonOpt,
     LayerOpt,
@@ -191,7 +190,7 @@ def summary_command(
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     input_size: Annotated[
-        Optional[str], typer.Option("--input-size", help="C,H,W (default: the model's preset).")
+        str | None, typer.Option("--input-size", help="C,H,W (default: the model's preset).")
     ] = None,
     json_out: JsonOpt = False,
 ) -> None:
@@ -370,7 +369,7 @@ def filters_command(
 @app.command("demo")
 def demo_command(
     output: OutDirOpt = Path("demo-out"),
-    image: Annotated[Optional[Path], typer.Option("--image", help="Photo (default: the bundled cat).")] = None,
+    image: Annotated[Path | None, typer.Option("--image", help="Photo (default: the bundled cat).")] = None,
     model: ModelOpt = None,
     weights: WeightsOpt = None,
     device: DeviceOpt = "auto",
@@ -429,9 +428,9 @@ def demo_command(
 
 
 # Command modules register themselves on `app` when imported.
-from convscope.cli import explain as _explain  # noqa: E402,F401
-from convscope.cli import occlusion_cmd as _occlusion  # noqa: E402,F401
-from convscope.cli import train_cmd as _train  # noqa: E402,F401
+from convscope.cli import explain as _explain  # noqa: F401
+from convscope.cli import occlusion_cmd as _occlusion  # noqa: F401
+from convscope.cli import train_cmd as _train  # noqa: F401
 
 
 def main() -> None:

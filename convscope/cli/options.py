@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -17,7 +17,7 @@ def _model_names() -> list[str]:
 
 
 ModelOpt = Annotated[
-    Optional[str],
+    str | None,
     typer.Option(
         "--model", "-m",
         help=f"Architecture (default: {DEFAULT_MODEL}, or the one recorded in a --weights checkpoint). "
@@ -26,7 +26,7 @@ ModelOpt = Annotated[
     ),
 ]
 WeightsOpt = Annotated[
-    Optional[str],
+    str | None,
     typer.Option(
         "--weights", "-w",
         help="'pretrained', 'random', or a .pth/.safetensors/convscope checkpoint file "
@@ -38,10 +38,10 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA when presen
 OutDirOpt = Annotated[Path, typer.Option("--output", "-o", help="Folder for the pictures (created).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 LayerOpt = Annotated[
-    Optional[str], typer.Option("--layer", "-l", help="Layer alias or module path (see 'convscope layers').")
+    str | None, typer.Option("--layer", "-l", help="Layer alias or module path (see 'convscope layers').")
 ]
 LayersOpt = Annotated[
-    Optional[list[str]],
+    list[str] | None,
     typer.Option("--layers", help="Layer aliases or module paths; repeat or comma-separate (default: all conv stages)."),
 ]
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass.")]
@@ -49,10 +49,10 @@ ImagesArg = Annotated[
     list[Path], typer.Argument(help="Image files or folders (folders are searched for images).", show_default=False)
 ]
 ClassOpt = Annotated[
-    Optional[int], typer.Option("--class", "-c", help="Class index to explain (default: the top-1 class).")
+    int | None, typer.Option("--class", "-c", help="Class index to explain (default: the top-1 class).")
 ]
 LabelOpt = Annotated[
-    Optional[str], typer.Option("--label", help="Class name to explain, e.g. 'tiger cat' (instead of --class).")
+    str | None, typer.Option("--label", help="Class name to explain, e.g. 'tiger cat' (instead of --class).")
 ]
 
 

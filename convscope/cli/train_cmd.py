@@ -235,8 +235,8 @@ def evaluate_command(
       convscope evaluate --weights runs/transfer/best.pt --data holdout_photos/ --json
     """
     from convscope.models.load import load_model
-    from convscope.training.evaluate import evaluate
     from convscope.render.training import confusion_picture
+    from convscope.training.evaluate import evaluate
 
     loaded = load_model(model, weights, device=device)
     result = evaluate(loaded, data, split=split, batch_size=batch_size, limit=limit)

@@ -174,7 +174,7 @@ def record(model: nn.Module, x: torch.Tensor, extra_hooks: Sequence[tuple[nn.Mod
 def _pair(value: object) -> tuple[int, int]:
     if isinstance(value, int):
         return (value, value)
-    values = tuple(int(v) for v in value)  # type: ignore[union-attr]
+    values = tuple(int(v) for v in value)  # type: ignore[attr-defined]
     return (values[0], values[-1])
 
 
@@ -198,11 +198,11 @@ def _plain_forward(module: nn.Module, cls: type[nn.Module]) -> bool:
 
 def _window_function(module: nn.Module) -> tuple[Callable[[torch.Tensor], torch.Tensor], float, tuple] | None:
     """For canvas-friendly layers: ``(f(padded_crop), pad value, ((kh, kw), (sh, sw), (dh, dw), pads))``."""
-    if _plain_forward(module, nn.Conv2d) and module.padding_mode == "zeros":
+    if isinstance(module, nn.Conv2d) and _plain_forward(module, nn.Conv2d) and module.padding_mode == "zeros":
         conv = module
 
         def run_conv(crop: torch.Tensor) -> torch.Tensor:
-            return F.conv2d(crop, conv.weight, conv.bias, conv.stride, 0, conv.dilation, conv.groups)
+            return F.conv2d(crop, conv.weight, conv.bias, conv.stride, 0, conv.dilation, conv.groups)  # type: ignore[arg-type]
 
         return run_conv, 0.0, (tuple(conv.kernel_size), tuple(conv.stride), tuple(conv.dilation), _conv_padding(conv))
     if _plain_forward(module, nn.MaxPool2d) and not module.ceil_mode and not module.return_indices:
@@ -349,11 +349,11 @@ def _unit_of(call: _Call, recording: Recording) -> Unit | None:
     window = _window_function(module)
     if window is not None:
         function, pad_value, (kernel, stride, dilation, pads) = window
-        axes = []
+        spans = []
         for k, s, d, (before, after), n_in, n_out in zip(kernel, stride, dilation, pads, (hin, win), (hout, wout), strict=True):
-            axes.append(Axis(int(s), -before, -before + d * (k - 1), n_in, n_out, before, after))
+            spans.append(Axis(int(s), -before, -before + d * (k - 1), n_in, n_out, before, after))
         macs = recording.macs.get(call.path, 0) // max(1, hout * wout)
-        return Unit(call.path, module, "window", (axes[0], axes[1]), cin, cout, macs, pad_value, function)
+        return Unit(call.path, module, "window", (spans[0], spans[1]), cin, cout, macs, pad_value, function)
     if isinstance(module, nn.ZeroPad2d):
         left, right, top, bottom = module.padding
         if min(left, right, top, bottom) < 0:
@@ -554,7 +554,10 @@ class CleanPass:
         with one contiguous row of channels per cell, made once and kept."""
         key = (kind, index)
         if key not in self._rows:
-            source = {"canvas": self.canvases, "input": self.inputs, "output": self.outputs}[kind][index]
+            tensors: dict[str, Sequence[torch.Tensor | None]] = {
+                "canvas": self.canvases, "input": self.inputs, "output": self.outputs
+            }
+            source = tensors[kind][index]
             assert source is not None
             self._rows[key] = source[0].permute(1, 2, 0).reshape(-1, source.shape[1]).contiguous()
         return self._rows[key]
@@ -627,12 +630,13 @@ def _gather(
     rows_of_source: torch.Tensor, width: int, rows: torch.Tensor, cols: torch.Tensor, height: int, length: int
 ) -> torch.Tensor:
     """Crops ``(B, height, length, C)`` (contiguous) at ``(rows[b], cols[b])`` of a map given
-    as ``(H * W, C)`` rows of ``width`` cells: one ``index_select`` of whole channel rows."""
+    as ``(H * W, C)`` rows of ``width`` cells: one gather of whole channel rows (``embedding``
+    is a row lookup, several times faster on CPU than ``index_select`` for these shapes)."""
     device = rows_of_source.device
     r = rows[:, None] + torch.arange(height, device=device)
     c = cols[:, None] + torch.arange(length, device=device)
     flat = (r[:, :, None] * width + c[:, None, :]).reshape(-1)
-    return rows_of_source.index_select(0, flat).view(rows.numel(), height, length, -1)
+    return F.embedding(flat, rows_of_source).view(rows.numel(), height, length, -1)
 
 
 def _paste(crops: torch.Tensor, patch: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> None:
@@ -675,7 +679,7 @@ def propagate(
     """Carry a batch of input patches (copy ``b`` at grid position ``(row_index[b],
     col_index[b])``, placed at ``(input_rows[b], input_cols[b])``) through the chain.
 
-    Crops are gathered and patched in channels-last layout (one ``index_select`` and one
+    Crops are gathered and patched in channels-last layout (one row gather and one
     ``index_copy_`` per unit and chunk) and convolved as channels-last views.
 
     Returns:

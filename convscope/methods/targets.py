@@ -91,7 +91,7 @@ def resolve_targets(
     if isinstance(target, (Integral, str)):
         values = [_one(target, num_classes, categories, model_name)] * count
     else:
-        items = target.tolist() if isinstance(target, torch.Tensor) else list(target)
+        items = target.tolist() if isinstance(target, torch.Tensor) else list(target)  # type: ignore[arg-type]
         if len(items) != count:
             raise BadTarget(
                 "target", f"gives {len(items)} class{'es' if len(items) != 1 else ''} for {count} image{'s' if count != 1 else ''}", "give one per image or one for all"

@@ -279,7 +279,7 @@ def test_progress_reports_every_copy(alexnet_small) -> None:
         ({"layer": "nope"}, UnknownLayer, r"nope: no such layer"),
         ({"layer": "0.classifier.1"}, BadArgument, r"--layer 0.classifier.1: has no \(N, C, H, W\) feature-map output"),
         ({"layer": "0.features.3", "channel": 999}, BadArgument, r"--channel 999: is not a channel of 0.features.3 \(0..191\)"),
-        ({"mode": "fast"}, BadArgument, r"mode 'fast': is not a mode"),
+        ({"mode": "fast"}, BadArgument, r"--mode fast: is not a mode \(choose from: exact, approximate, full\)"),
         ({"fill": [0.0, 1.0]}, BadArgument, r"gives 2 values for 3 input channels"),
     ],
 )

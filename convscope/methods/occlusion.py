@@ -172,7 +172,7 @@ def _check_settings(window: int, stride: int, height: int, width: int, batch_siz
     if batch_size < 1:
         raise BadArgument(f"--batch-size {batch_size}", "must be at least 1")
     if mode not in MODES:
-        raise BadArgument(f"mode {mode!r}", "is not a mode", "choose from: " + ", ".join(MODES))
+        raise BadArgument(f"--mode {mode}", "is not a mode", "choose from: " + ", ".join(MODES))
 
 
 class _Reducer:

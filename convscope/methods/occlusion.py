@@ -262,7 +262,7 @@ def occlusion(
     cols = grid_origins(width, window, stride, cover_border)
     module = loaded.module
     low = _low_precision(batch.device) if mode == "approximate" else None
-    work = module
+    work, full_precision = module, batch
     if low is not None:
         # A half-precision twin; the caller's model is untouched. The layer is found in it
         # by its path.
@@ -287,7 +287,7 @@ def occlusion(
             rest = [module(part) for part in torch.split(batch[1:], batch_size)] if count > 1 else []
             clean_logits = torch.cat([first[0].logits, *rest])
         else:  # the explained class is the float32 network's
-            clean_logits = torch.cat([module(part.float()) for part in torch.split(batch, batch_size)])
+            clean_logits = torch.cat([module(part) for part in torch.split(full_precision, batch_size)])
         targets = resolve_targets(target, clean_logits, loaded.categories, loaded.name)
         for n in range(count):
             image = image if n == 0 else batch[n : n + 1]

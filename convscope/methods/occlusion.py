@@ -262,13 +262,13 @@ def occlusion(
     cols = grid_origins(width, window, stride, cover_border)
     module = loaded.module
     low = _low_precision(batch.device) if mode == "approximate" else None
-    work, full_precision = module, batch
+    network, full_precision = module, batch
     if low is not None:
         # A half-precision twin; the caller's model is untouched. The layer is found in it
         # by its path.
-        work = copy.deepcopy(module).to(low)
+        network = copy.deepcopy(module).to(low)
         if layer_module is not None:
-            layer_module = work.get_submodule(next(p for p, m in module.named_modules() if m is layer_module))
+            layer_module = network.get_submodule(next(p for p, m in module.named_modules() if m is layer_module))
         batch = batch.to(low)
     fill_tensor = torch.tensor(fill_values, dtype=batch.dtype, device=batch.device).view(-1, 1, 1)
 
@@ -278,26 +278,25 @@ def occlusion(
     clean_probability, chosen_channels, clean_activation = [], [], []
     stats: list[tuple[str, tuple[str, ...], float]] = []
     # no_grad, not inference_mode: the chain analysis follows tensors by version counter.
-    with eval_mode(module), eval_mode(work), torch.no_grad():
+    with eval_mode(module), eval_mode(network), torch.no_grad():
         # The first image's recorded pass doubles as its clean pass (one forward fewer).
         # (The chain analysis follows tensors by identity: record the very tensor occluded.)
         image = batch[:1]
-        first = _record(work, image, layer_module)
+        first = [_record(network, image, layer_module)]  # handed over (and dropped) at n = 0
         if low is None:
             rest = [module(part) for part in torch.split(batch[1:], batch_size)] if count > 1 else []
-            clean_logits = torch.cat([first[0].logits, *rest])
+            clean_logits = torch.cat([first[0][0].logits, *rest])
         else:  # the explained class is the float32 network's
             clean_logits = torch.cat([module(part) for part in torch.split(full_precision, batch_size)])
         targets = resolve_targets(target, clean_logits, loaded.categories, loaded.name)
         for n in range(count):
             image = image if n == 0 else batch[n : n + 1]
-            recorded = first if n == 0 else _record(work, image, layer_module)
+            recorded = first.pop() if first else _record(network, image, layer_module)
             result = _occlude_one(
-                work, image, recorded, int(targets[n]), rows, cols, window, fill_tensor, layer,
+                network, image, recorded, int(targets[n]), rows, cols, window, fill_tensor, layer,
                 layer_module, channel, batch_size, "full" if mode == "full" else "exact", progress,
             )
             del recorded
-            first = None  # type: ignore[assignment]
             for key in outputs:
                 outputs[key].append(result[key])
             clean_probability.append(result["clean_probability"])
@@ -456,7 +455,7 @@ def _occlude_one(
     watch = chain.watch if chain is not None else None
     if layer_module is not None and watch is None and chosen is not None:
         hooks_suffix = [layer_module.register_forward_hook(_channel_sum_hook(watch_sums, [chosen]))]
-    work = 0.0
+    macs_spent = 0.0
     # The part after the chain runs on several chunks at once (bigger matrix products for
     # the classifier), as many as fit in SUFFIX_BUDGET_BYTES of materialised activations.
     pending: list[tuple[list[int], torch.Tensor]] = []
@@ -470,8 +469,11 @@ def _occlude_one(
         with inc.replayed(module, chain.units) as replay:
             replay.value = full
             logits = module(image.expand(len(flat), -1, -1, -1))
+        collect(flat, logits)
+
+    def collect(flat: list[int], logits: torch.Tensor) -> None:
         reducer.add(flat, logits, target)
-        if watch_sums:
+        if watch_sums:  # the layer's hook fired during that pass
             watch_values.append((flat, watch_sums.pop()))
 
     try:
@@ -483,11 +485,8 @@ def _occlude_one(
                 copies = image.expand(len(part), -1, -1, -1).clone()
                 for b, (i, j) in enumerate(part):
                     copies[b, :, rows[i] : rows[i] + window, cols[j] : cols[j] + window] = fill
-                logits = module(copies)
-                work += len(part) * total_macs
-                reducer.add(flat, logits, target)
-                if watch_sums:
-                    watch_values.append((flat, watch_sums.pop()))
+                collect(flat, module(copies))
+                macs_spent += len(part) * total_macs
             else:
                 patch = _input_patches(image, fill, [patch_rows[i] for i in ri], [patch_cols[j] for j in ci],
                                        [rows[i] - patch_rows[i] for i in ri], [cols[j] - patch_cols[j] for j in ci], window)
@@ -503,7 +502,7 @@ def _occlude_one(
                 )))
                 if sum(len(f) for f, _ in pending) >= suffix_batch:
                     run_suffix()
-                work += len(part) * chain.macs_per_copy(row_plan, col_plan, total_macs)
+                macs_spent += len(part) * chain.macs_per_copy(row_plan, col_plan, total_macs)
             if progress is not None:
                 progress(len(part))
         if pending:
@@ -528,7 +527,7 @@ def _occlude_one(
         "stats": (
             "incremental" if chain is not None else "full",
             tuple(u.path for u in chain.units) if chain is not None else (),
-            work / (len(rows) * len(cols) * total_macs) if total_macs > 0 else 1.0,
+            macs_spent / (len(rows) * len(cols) * total_macs) if total_macs > 0 else 1.0,
         ),
     }
 

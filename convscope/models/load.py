@@ -12,7 +12,7 @@ from torch import nn
 
 from convscope.errors import BadArgument, WeightsMismatch
 from convscope.models.labels import get_labels
-from convscope.models.registry import get_spec
+from convscope.models.registry import ModelSpec, get_spec
 from convscope.models.weights import (
     is_checkpoint,
     load_state_dict_strict,
@@ -108,6 +108,12 @@ def load_model(
 
     module.eval()
     module.to(resolve_device(device))
+    return from_spec(spec, module, preprocess, categories, described)
+
+
+def from_spec(spec: ModelSpec, module: nn.Module, preprocess: Preprocess, categories: Sequence[str], weights: str) -> LoadedModel:
+    """A ``LoadedModel`` for a registry architecture: names, stages and default layers from
+    ``spec``; ``weights`` says where the weights came from."""
     return LoadedModel(
         module=module,
         name=spec.name,
@@ -116,7 +122,7 @@ def load_model(
         stages=dict(spec.stages),
         cam_layer=spec.cam_layer,
         first_conv=spec.first_conv,
-        weights=described,
+        weights=weights,
         spec=spec,
     )
 

@@ -330,7 +330,7 @@ class _Model:
 
 def _build_model(config: TrainConfig, categories: tuple[str, ...], preprocess: Preprocess) -> _Model:
     """The network to train, on its device, seeded by ``config.seed`` (global RNG already seeded)."""
-    from convscope.models.load import load_model, resolve_device
+    from convscope.models.load import from_spec, load_model, resolve_device
     from convscope.models.registry import get_spec
 
     spec = get_spec(config.arch)  # type: ignore[arg-type]
@@ -349,18 +349,7 @@ def _build_model(config: TrainConfig, categories: tuple[str, ...], preprocess: P
     module.to(device)
     if config.channels_last:
         module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    loaded = LoadedModel(
-        module=module,
-        name=spec.name,
-        preprocess=preprocess,
-        categories=tuple(categories),
-        stages=dict(spec.stages),
-        cam_layer=spec.cam_layer,
-        first_conv=spec.first_conv,
-        weights="training",
-        spec=spec,
-    )
-    return _Model(loaded, frozen)
+    return _Model(from_spec(spec, module, preprocess, categories, "training"), frozen)
 
 
 def _preprocess_for(config: TrainConfig) -> Preprocess:

@@ -85,3 +85,13 @@ def close_matches(word: str, choices: list[str] | tuple[str, ...], n: int = 3) -
 
 class BadWeightsFile(ConvscopeError):
     """A weights file is unreadable, not a state dict, or would execute code when unpickled."""
+
+
+class BadInput(BadArgument, ValueError):
+    """An image or tensor handed to a library function has a value that cannot work (no images,
+    wrong channel count, NaN, too small for the network). Also a ``ValueError``."""
+
+
+class BadInputType(BadArgument, TypeError):
+    """An argument of a library function is of the wrong kind (``None``, a path or a numpy array
+    where images are expected, a float class index). Also a ``TypeError``."""

@@ -21,16 +21,19 @@ import warnings
 import zlib
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from convscope.errors import DataError, ImageError
+from convscope.errors import BadInputType, DataError, ImageError
 
 __all__ = [
     "IMAGE_SUFFIXES",
+    "SOURCE_INFO",
+    "ReducedSource",
     "atomic_path",
     "atomic_write",
     "iter_images",
@@ -63,7 +66,9 @@ _CORRUPT_DATA_ERRORS = (
 _BOMB_ERRORS = (Image.DecompressionBombError, Image.DecompressionBombWarning)
 
 
-def load_image(path: str | os.PathLike[str], *, max_pixels: int = 100_000_000) -> Image.Image:
+def load_image(
+    path: str | os.PathLike[str], *, max_pixels: int = 100_000_000, reduce_to: int | None = None
+) -> Image.Image:
     """Decode an untrusted image file into an upright 8-bit RGB image.
 
     The width x height from the header is checked against ``max_pixels`` before any pixel is
@@ -83,9 +88,23 @@ def load_image(path: str | os.PathLike[str], *, max_pixels: int = 100_000_000) -
           taken as already 0..255; then clipped to 0..255, NaN -> 0;
         - CMYK, YCbCr, LAB, 1-bit, grey and palette images go through Pillow's ``convert("RGB")``.
 
+    Reduced decoding (``reduce_to``): a model looks at a few hundred pixels, so keeping a
+    9000x9000 photo whole until it is resized costs 243 MB per image for nothing. With
+    ``reduce_to``, the image comes out as small as it can while its shorter side stays at least
+    ``reduce_to`` pixels: JPEG files decode at 1/2, 1/4 or 1/8 scale inside the decoder (draft
+    mode: the scaled inverse DCT, the full-size pixels never exist), then any image is
+    box-averaged by the largest whole factor that keeps the bound (``Image.reduce``). The
+    returned image records where the full picture lies on it in ``image.info[SOURCE_INFO]``
+    (a :class:`ReducedSource`), which ``Preprocess`` uses to resize exactly as it would the
+    full image: same output size, same sample positions; only the anti-aliasing filter differs
+    in the last bits (see ``Preprocess.load_image`` for the measured difference). The pixel
+    limits apply to the full size all the same.
+
     Args:
         path: the image file.
         max_pixels: largest width x height accepted.
+        reduce_to: decode at reduced size, keeping the shorter side at least this many
+            pixels; ``None`` decodes the full image.
 
     Returns:
         A loaded ``PIL.Image.Image`` in mode ``"RGB"``, holding no open file.
@@ -93,22 +112,125 @@ def load_image(path: str | os.PathLike[str], *, max_pixels: int = 100_000_000) -
     Raises:
         ImageError: missing, unreadable, empty, not an image, truncated or corrupt, too large,
             or of a colour mode that cannot become RGB. The message is ``<path>: <reason>``.
-        ValueError: ``max_pixels`` is not positive.
+        BadInputType: ``path`` is not a path.
+        ValueError: ``max_pixels`` or ``reduce_to`` is not positive.
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise BadInputType("path", f"expected a file path (str or os.PathLike), got {type(path).__name__}")
     if max_pixels < 1:
         raise ValueError(f"max_pixels must be positive, got {max_pixels}")
+    if reduce_to is not None and reduce_to < 1:
+        raise ValueError(f"reduce_to must be positive, got {reduce_to}")
     subject = str(path)
     with _open_file(Path(path), subject) as handle, warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         image = _identify(handle, subject, max_pixels)
+        full_size = image.size
+        draft_box = None
+        if reduce_to is not None and image.format == "JPEG":
+            drafted = image.draft(None, (reduce_to, reduce_to))
+            draft_box = drafted[1] if drafted is not None and image.size != full_size else None
         try:
             image.load()
+            orientation = image.getexif().get(_ORIENTATION_TAG, 1)
             ImageOps.exif_transpose(image, in_place=True)
         except _BOMB_ERRORS as exc:
             raise ImageError(subject, _too_large(image.size, max_pixels)) from exc
         except _CORRUPT_DATA_ERRORS as exc:
             raise ImageError(subject, _corrupt_reason(exc)) from exc
-    return _to_rgb(image, subject)
+    image = _to_rgb(image, subject)
+    if reduce_to is None:
+        return image
+    return _reduce(image, full_size, draft_box, _ORIENTATION_TRANSPOSE.get(orientation), reduce_to)
+
+
+SOURCE_INFO = "convscope.source"
+"""Key of :class:`ReducedSource` in the ``info`` of an image decoded with ``reduce_to``."""
+
+_ORIENTATION_TAG = 0x0112
+# EXIF orientation -> the transpose ImageOps.exif_transpose applies for it.
+_ORIENTATION_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+@dataclass(frozen=True)
+class ReducedSource:
+    """Where the full picture lies on an image decoded at reduced size.
+
+    Attributes:
+        full_size: ``(width, height)`` of the full, upright image.
+        box: ``(left, top, right, bottom)`` of the full image in the reduced image's pixel
+            coordinates (fractional: the last block of a reduction may be partial), as
+            ``Image.resize(..., box=)`` takes it.
+        size: ``(width, height)`` of the reduced image it describes; an image of another size
+            (cropped or resized since) does not match it.
+    """
+
+    full_size: tuple[int, int]
+    box: tuple[float, float, float, float]
+    size: tuple[int, int]
+
+
+def _reduce(
+    image: Image.Image,
+    stored_size: tuple[int, int],
+    draft_box: tuple[float, float, float, float] | None,
+    transpose: Image.Transpose | None,
+    reduce_to: int,
+) -> Image.Image:
+    """Box-reduce an upright decoded image and record its :class:`ReducedSource`.
+
+    ``stored_size`` is the full size as the file stores it (before the EXIF transpose),
+    ``draft_box`` what the JPEG draft returned, in the stored orientation."""
+    upright = (stored_size[1], stored_size[0]) if transpose in _SWAPS_AXES else stored_size
+    box: tuple[float, float, float, float] = (0.0, 0.0, float(upright[0]), float(upright[1]))
+    if draft_box is not None:
+        # The draft's partial last block sits at the right and bottom of the stored image;
+        # after the EXIF transpose it may sit at the left or top.
+        box = _transposed_box(draft_box, _draft_size(image.size, transpose), transpose)
+    factor = min(image.size) // reduce_to
+    if factor >= 2:
+        image = image.reduce(factor)
+        box = (box[0] / factor, box[1] / factor, box[2] / factor, box[3] / factor)
+    if image.size == upright:
+        return image
+    image.info[SOURCE_INFO] = ReducedSource(full_size=upright, box=box, size=image.size)
+    return image
+
+
+_SWAPS_AXES = frozenset(
+    {Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_270, Image.Transpose.TRANSPOSE, Image.Transpose.TRANSVERSE}
+)
+
+
+def _draft_size(upright: tuple[int, int], transpose: Image.Transpose | None) -> tuple[int, int]:
+    return (upright[1], upright[0]) if transpose in _SWAPS_AXES else upright
+
+
+def _transposed_box(
+    box: tuple[float, float, float, float], size: tuple[int, int], transpose: Image.Transpose | None
+) -> tuple[float, float, float, float]:
+    """Where the rectangle ``box`` of an image of ``size`` lands after ``transpose``."""
+    x0, y0, x1, y1 = box
+    w, h = size
+    T = Image.Transpose
+    return {
+        None: (x0, y0, x1, y1),
+        T.FLIP_LEFT_RIGHT: (w - x1, y0, w - x0, y1),
+        T.FLIP_TOP_BOTTOM: (x0, h - y1, x1, h - y0),
+        T.ROTATE_180: (w - x1, h - y1, w - x0, h - y0),
+        T.ROTATE_90: (y0, w - x1, y1, w - x0),
+        T.ROTATE_270: (h - y1, x0, h - y0, x1),
+        T.TRANSPOSE: (y0, x0, y1, x1),
+        T.TRANSVERSE: (h - y1, w - x1, h - y0, w - x0),
+    }[transpose]
 
 
 def _open_file(file: Path, subject: str) -> IO[bytes]:

@@ -62,13 +62,16 @@ def expand_images(paths: list[Path]) -> list[Path]:
     return found
 
 
-def load_good_images(paths: list[Path]) -> Iterator[tuple[Path, Any]]:
-    """Yield ``(path, image)`` for readable images; report the others on stderr and skip them."""
+def load_good_images(paths: list[Path], preprocess: Any = None) -> Iterator[tuple[Path, Any]]:
+    """Yield ``(path, image)`` for readable images; report the others on stderr and skip them.
+
+    With ``preprocess``, big photos decode at reduced size for that model (``Preprocess.load_image``)."""
     from convscope.imageio import load_image
 
+    decode = preprocess.load_image if preprocess is not None else load_image
     for path in paths:
         try:
-            yield path, load_image(path)
+            yield path, decode(path)
         except ImageError as exc:
             print_error(exc)
 
@@ -143,7 +146,6 @@ def classify_command(
 
     Examples: convscope classify cat.jpg | convscope classify photos/ --topk 3 --json
     """
-    from convscope.imageio import load_image
     from convscope.methods.predict import classify
     from convscope.render.text import predictions_table
 
@@ -166,7 +168,7 @@ def classify_command(
     with progress_bar(len(paths), "classify", unit="img") as advance:
         for path in paths:
             try:
-                pending.append((path, load_image(path)))
+                pending.append((path, loaded.preprocess.load_image(path)))
             except ImageError as exc:
                 failures += 1
                 results.append({"image": str(path), "error": exc.reason})
@@ -247,14 +249,13 @@ def _per_image(
     images: list[Path], loaded: LoadedModel, job: Any, description: str
 ) -> int:
     """Run ``job(path, batch)`` for each readable image; return the number of failures."""
-    from convscope.imageio import load_image
 
     paths = expand_images(images)
     failures = 0
     with progress_bar(len(paths), description, unit="img") as advance:
         for path in paths:
             try:
-                batch = loaded.preprocess.to_tensor(load_image(path)).to(loaded.device)
+                batch = loaded.preprocess.to_tensor(loaded.preprocess.load_image(path)).to(loaded.device)
                 job(path, batch)
             except ConvscopeError as exc:
                 if not isinstance(exc, ImageError):
@@ -379,7 +380,6 @@ def demo_command(
 
     Example: convscope demo -o demo-out
     """
-    from convscope.imageio import load_image
     from convscope.methods.activations import activation_maps, feature_maps
     from convscope.methods.filters import conv_filters
     from convscope.methods.predict import classify
@@ -395,7 +395,7 @@ def demo_command(
 
     photo_path = image or bundled_photo()
     loaded = open_model(model, weights, 0, device)
-    batch = loaded.preprocess.to_tensor(load_image(photo_path)).to(loaded.device)
+    batch = loaded.preprocess.to_tensor(loaded.preprocess.load_image(photo_path)).to(loaded.device)
     out = OutputDir(output)
 
     prediction = classify(loaded, batch, topk=5)[0]

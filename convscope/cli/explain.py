@@ -47,15 +47,15 @@ def _warn(lines: tuple[str, ...], seen: set[str]) -> None:
             typer.echo(f"warning: {line}", err=True)
 
 
-def _batches(paths: list[Path], size: int, counter: list[int]) -> Iterator[tuple[list[Path], list[Any]]]:
-    """Yield ``(paths, images)`` of up to ``size`` readable images; unreadable ones are reported
-    and counted in ``counter[0]``."""
-    from convscope.imageio import load_image
-
+def _batches(
+    paths: list[Path], size: int, counter: list[int], preprocess: Any
+) -> Iterator[tuple[list[Path], list[Any]]]:
+    """Yield ``(paths, images)`` of up to ``size`` readable images, decoded at reduced size for
+    ``preprocess``; unreadable ones are reported and counted in ``counter[0]``."""
     pending: tuple[list[Path], list[Any]] = ([], [])
     for path in paths:
         try:
-            image = load_image(path)
+            image = preprocess.load_image(path)
         except ImageError as exc:
             counter[0] += 1
             print_error(exc)
@@ -77,7 +77,7 @@ def _run_batched(
     paths = expand_images(images)
     failures = [0]
     with progress_bar(len(paths), description, unit="img") as advance:
-        for chunk, pictures in _batches(paths, batch_size, failures):
+        for chunk, pictures in _batches(paths, batch_size, failures, loaded.preprocess):
             batch = loaded.preprocess.to_tensor(pictures).to(loaded.device)
             job(chunk, batch)
             advance(len(chunk))

@@ -101,7 +101,7 @@ def occlusion_command(
     out = OutputDir(output)
     records: list[dict[str, Any]] = []
     failures = len(paths)
-    for path, image in load_good_images(paths):
+    for path, image in load_good_images(paths, loaded.preprocess):
         failures -= 1
         batch = loaded.preprocess.to_tensor([image]).to(loaded.device)
         height, width = batch.shape[-2:]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -10,23 +9,30 @@ from torch import nn
 
 from convscope.models.load import as_loaded
 from convscope.types import LoadedModel
+from convscope.validate import check_target, image_batch
 
 ModelLike = LoadedModel | nn.Module
 
 
-def prepare(model: ModelLike, images: Any) -> tuple[LoadedModel, torch.Tensor]:
-    """Accept a model or module and PIL image(s) or a normalised ``(N, C, H, W)`` / ``(C, H, W)``
-    tensor; return the ``LoadedModel`` and the batch on the model's device and dtype."""
+def prepare(
+    model: ModelLike, images: Any, *, target: Any = None, whole_network: bool = True
+) -> tuple[LoadedModel, torch.Tensor]:
+    """Check a method's arguments up front and return the ``LoadedModel`` and the batch.
+
+    Accepts a model or module and PIL image(s) or a normalised ``(N, C, H, W)`` / ``(C, H, W)``
+    float tensor (see ``convscope.validate`` for what is refused and why), and the method's
+    ``target`` when it has one. ``whole_network=False`` is for methods that run only part of
+    the network (deconv stops at its layer): the input then need not fit the classifier.
+
+    Returns:
+        the ``LoadedModel`` and an ``(N, C, H, W)`` batch on the model's device and dtype.
+
+    Raises:
+        BadInputType, BadInput: see ``convscope.validate.image_batch`` and ``check_target``.
+    """
     loaded = as_loaded(model)
-    if isinstance(images, torch.Tensor):
-        batch = images if images.dim() == 4 else images.unsqueeze(0)
-        if batch.dim() != 4:
-            raise ValueError(f"expected a (N, C, H, W) or (C, H, W) tensor, got shape {tuple(images.shape)}")
-    else:
-        if not isinstance(images, Sequence):
-            images = [images]
-        batch = loaded.preprocess.to_tensor(images)
-    return loaded, batch.to(device=loaded.device, dtype=loaded.dtype)
+    check_target(target)
+    return loaded, image_batch(loaded, images, whole_network=whole_network)
 
 
 def chunks(batch: torch.Tensor, size: int) -> list[torch.Tensor]:

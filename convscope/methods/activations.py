@@ -13,6 +13,7 @@ from convscope.methods._common import ModelLike, prepare
 from convscope.probes.hooks import capture, eval_mode
 from convscope.probes.layers import alias_of, resolve_layer
 from convscope.types import ActivationMaps, FeatureMaps
+from convscope.validate import layer_names
 
 
 def normalize_per_image(maps: torch.Tensor) -> torch.Tensor:
@@ -34,20 +35,21 @@ def _spatial(name: str, tensor: torch.Tensor) -> torch.Tensor:
 
 
 def activation_maps(
-    model: ModelLike, images: Any, *, layers: Sequence[str] | None = None
+    model: ModelLike, images: Any, *, layers: str | Sequence[str] | None = None
 ) -> ActivationMaps:
     """Channel-mean of the rectified output of each layer, upsampled onto the input.
 
     All layers are captured in one forward pass.
 
     Args:
-        layers: names or aliases; default: the model's conv stages.
+        layers: names or aliases, or one name (``"conv1"`` is one layer); default (``None``
+            or empty): the model's conv stages.
 
     Returns:
         ``ActivationMaps`` with ``(N, H, W)`` maps in ``[0, 1]`` at input resolution.
     """
     loaded, batch = prepare(model, images)
-    names = list(layers) if layers else list(loaded.stages)
+    names = layer_names(layers) or list(loaded.stages)
     if not names:
         raise UnknownLayer(loaded.name, "has no conv stages to show", "name layers explicitly")
     modules = {}

@@ -113,7 +113,9 @@ def deconv(
 
     Args:
         model: a ``LoadedModel`` or any ``nn.Module`` whose rectifiers are ReLU/ReLU6.
-        images: PIL image(s) or a normalised ``(N, C, H, W)`` tensor.
+        images: PIL image(s), converted with the model's preprocessing, or a normalised
+            ``(N, C, H, W)`` float tensor; paths, numpy arrays and ``None`` are refused
+            with ``BadInputType`` (see ``convscope.validate``).
         layer: alias or module path. A module called more than once per forward pass (ResNet's
             block ReLU) counts at its last call.
         channel: one channel or a list (the same for every image); ``None``: each image's
@@ -135,7 +137,7 @@ def deconv(
         raise BadArgument(f"--location {location}", "must be 'max' or 'all'")
     if channel is None and top < 1:
         raise BadArgument(f"--top {top}", "must be at least 1")
-    loaded, batch = prepare(model, images)
+    loaded, batch = prepare(model, images, whole_network=False)
     path, module = resolve_layer(loaded, layer)
     with graph_forward(loaded, batch, "deconvnet") as (x, state, stack):
         store = stack.enter_context(capture(loaded.module, {path: module}, mode="graph"))

@@ -99,7 +99,7 @@ def _cam_maps(
 
 
 def _cam(model: ModelLike, images: Any, target: TargetLike, layer: str | None, method: str) -> CamMaps:
-    loaded, batch = prepare(model, images)
+    loaded, batch = prepare(model, images, target=target)
     name = _default_layer(loaded, layer)
     path, module = resolve_layer(loaded, name)
     with graph_forward(loaded, batch) as (x, _, stack):
@@ -119,7 +119,9 @@ def gradcam(
 
     Args:
         model: a ``LoadedModel`` or any ``nn.Module`` returning ``(N, classes)`` scores.
-        images: PIL image(s) or a normalised ``(N, C, H, W)`` tensor.
+        images: PIL image(s), converted with the model's preprocessing, or a normalised
+            ``(N, C, H, W)`` float tensor; paths, numpy arrays and ``None`` are refused
+            with ``BadInputType`` (see ``convscope.validate``).
         target: ``None`` (each image's top-1 class), a class index or label, or one per image.
         layer: alias or module path; default: the model's ``cam_layer`` (last conv stage).
             A module called more than once per forward pass (a reused ReLU) counts at its
@@ -162,7 +164,7 @@ def guided_gradcam(
     Raises:
         UnknownLayer, BadTarget: as :func:`gradcam`.
     """
-    loaded, batch = prepare(model, images)
+    loaded, batch = prepare(model, images, target=target)
     name = _default_layer(loaded, layer)
     path, module = resolve_layer(loaded, name)
     with graph_forward(loaded, batch, "guided") as (x, state, stack):

@@ -51,7 +51,7 @@ def class_scores(
 def _input_gradient(
     model: ModelLike, images: Any, target: TargetLike, rule: str | None
 ) -> tuple[LoadedModel, torch.Tensor, torch.Tensor, torch.Tensor, tuple[str, ...]]:
-    loaded, batch = prepare(model, images)
+    loaded, batch = prepare(model, images, target=target)
     with graph_forward(loaded, batch, rule) as (x, state, _):
         logits = loaded.module(x)
     targets, scores = class_scores(logits, target, loaded)
@@ -81,7 +81,9 @@ def saliency(model: ModelLike, images: Any, target: TargetLike = None) -> Gradie
 
     Args:
         model: a ``LoadedModel`` or any ``nn.Module`` returning ``(N, classes)`` scores.
-        images: PIL image(s) or a normalised ``(N, C, H, W)`` tensor.
+        images: PIL image(s), converted with the model's preprocessing, or a normalised
+            ``(N, C, H, W)`` float tensor; paths, numpy arrays and ``None`` are refused
+            with ``BadInputType`` (see ``convscope.validate``).
         target: ``None`` (top-1 class), a class index or label, or one per image.
 
     Returns:

@@ -224,7 +224,9 @@ def occlusion(
     Args:
         model: a ``LoadedModel`` or ``nn.Module`` returning ``(N, classes)`` scores (softmax is
             applied here).
-        images: PIL image(s) or a normalised ``(N, C, H, W)`` tensor.
+        images: PIL image(s), converted with the model's preprocessing, or a normalised
+            ``(N, C, H, W)`` float tensor; paths, numpy arrays and ``None`` are refused
+            with ``BadInputType`` (see ``convscope.validate``).
         target: ``None`` (each image's top-1 class), a class index or a label name, or one per
             image.
         window: side of the square, in input pixels.
@@ -252,7 +254,7 @@ def occlusion(
         BadTarget: unknown class index or label.
         UnknownLayer: a layer name that does not resolve.
     """
-    loaded, batch = prepare(model, images)
+    loaded, batch = prepare(model, images, target=target)
     count, channels, height, width = batch.shape
     _check_settings(window, stride, height, width, batch_size, mode)
     pre = loaded.preprocess

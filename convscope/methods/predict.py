@@ -17,7 +17,9 @@ def classify(model: ModelLike, images: Any, *, topk: int = 5, batch_size: int = 
 
     Args:
         model: a ``LoadedModel`` or ``nn.Module``.
-        images: PIL image(s) or a normalised ``(N, C, H, W)`` tensor.
+        images: PIL image(s), converted with the model's preprocessing, or a normalised
+            ``(N, C, H, W)`` float tensor; paths, numpy arrays and ``None`` are refused
+            with ``BadInputType`` (see ``convscope.validate``).
         topk: how many classes per image (clipped to the number of classes).
         batch_size: images per forward pass.
 

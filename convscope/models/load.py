@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from convscope.errors import BadArgument, WeightsMismatch
+from convscope.errors import BadArgument, BadInputType, WeightsMismatch
 from convscope.models.labels import get_labels
 from convscope.models.registry import ModelSpec, get_spec
 from convscope.models.weights import (
@@ -26,17 +26,50 @@ from convscope.types import LoadedModel
 DEFAULT_MODEL = "efficientnet_lite0"
 
 
+DEVICE_CHOICES = "auto, cpu, cuda, cuda:N or mps"
+
+
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """``None``/``"auto"`` -> CUDA when present, else CPU; anything else as given."""
-    if device is None or device == "auto":
+    """The one place a device request is checked (``load_model``, training, the CLI's ``--device``).
+
+    Args:
+        device: ``None`` or ``"auto"`` (CUDA when present, else CPU), ``"cpu"``, ``"cuda"``,
+            ``"cuda:N"``, ``"mps"``, or a ``torch.device`` of those kinds. Case and surrounding
+            spaces are ignored.
+
+    Raises:
+        BadArgument: another kind of device (``meta`` holds no data, ``xla``, ``hpu``... are
+            not supported), a malformed name, or a device this machine does not have.
+    """
+    if device is None:
+        device = "auto"
+    if not isinstance(device, (str, torch.device)):
+        raise BadArgument(f"--device {device!r}", f"expected a device name, got {type(device).__name__}", f"use {DEVICE_CHOICES}")
+    text = str(device).strip().lower()
+    subject = f"--device {text or repr(str(device))}"
+    if text == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise BadArgument(f"--device {device}", "not a device (use auto, cpu, cuda or cuda:N)") from exc
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise BadArgument(f"--device {device}", "CUDA is not available on this machine")
-    return resolved
+        resolved = torch.device(text)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise BadArgument(subject, "not a device", f"use {DEVICE_CHOICES}") from exc
+    if resolved.type == "cpu":
+        return torch.device("cpu")
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BadArgument(subject, "CUDA is not available on this machine", "use --device cpu or auto")
+        count = torch.cuda.device_count()
+        if resolved.index is not None and resolved.index >= count:
+            raise BadArgument(subject, f"this machine has {count} CUDA device{'s' if count != 1 else ''} (0..{count - 1})")
+        return resolved
+    if resolved.type == "mps":
+        if resolved.index not in (None, 0):
+            raise BadArgument(subject, "there is one MPS device: use mps")
+        if not torch.backends.mps.is_available():
+            raise BadArgument(subject, "MPS (Apple GPU) is not available on this machine", "use --device cpu or auto")
+        return torch.device("mps")
+    why = "holds no data, so nothing can be computed on it" if resolved.type == "meta" else "is not supported"
+    raise BadArgument(subject, f"the {resolved.type!r} device {why}", f"use {DEVICE_CHOICES}")
 
 
 def load_model(
@@ -55,14 +88,16 @@ def load_model(
             (seeded init; the default otherwise), or a path to a ``.pth``/``.safetensors``
             file or a convscope checkpoint.
         seed: seed for random initialisation.
-        device: ``"auto"`` (default), ``"cpu"``, ``"cuda"``...
+        device: ``"auto"`` (default), ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"mps"``.
 
     Returns:
         the model in eval mode on ``device`` with its preprocessing and class names.
 
     Raises:
         UnknownModel, WeightsUnavailable, WeightsMismatch, BadWeightsFile.
+        BadArgument: a device that is not auto, cpu, cuda, cuda:N or mps, or not present.
     """
+    target_device = resolve_device(device)  # before any work: a bad --device fails at once
     checkpoint = None
     path = None
     if weights not in (None, "pretrained", "random"):
@@ -107,7 +142,7 @@ def load_model(
         described = str(path)
 
     module.eval()
-    module.to(resolve_device(device))
+    module.to(target_device)
     return from_spec(spec, module, preprocess, categories, described)
 
 
@@ -148,7 +183,12 @@ def wrap_model(
     ImageNet names when the model has 1000 outputs, else ``class 0``, ``class 1``...
     """
     from convscope.probes.layers import default_stages
+    from convscope.validate import describe
 
+    if not isinstance(module, nn.Module):
+        raise BadInputType("module", f"expected a torch nn.Module, got {describe(module)}")
+    if not isinstance(preprocess, Preprocess):
+        raise BadInputType("preprocess", f"expected a convscope.Preprocess, got {describe(preprocess)}")
     if categories is None:
         categories = _guess_categories(module, preprocess)
     stages = default_stages(module)
@@ -182,4 +222,7 @@ def as_loaded(model: LoadedModel | nn.Module) -> LoadedModel:
         return model
     if isinstance(model, nn.Module):
         return wrap_model(model)
-    raise TypeError(f"expected a LoadedModel or nn.Module, got {type(model).__name__}")
+    from convscope.validate import describe
+
+    hint = f"build it with convscope.load_model({model!r})" if isinstance(model, str) else None
+    raise BadInputType("model", f"expected a LoadedModel (convscope.load_model) or an nn.Module, got {describe(model)}", hint)

@@ -8,6 +8,7 @@ from torch import nn
 
 from convscope.errors import UnknownLayer, close_matches
 from convscope.types import LoadedModel
+from convscope.validate import check_layer_name
 
 ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.LeakyReLU, nn.ELU, nn.Hardswish, nn.PReLU)
 
@@ -17,7 +18,9 @@ def resolve_layer(model: LoadedModel, name: str) -> tuple[str, nn.Module]:
 
     Raises:
         UnknownLayer: listing the aliases and a few close module paths.
+        BadInputType: ``name`` is not a string.
     """
+    check_layer_name(name)
     modules = dict(model.module.named_modules())
     path = model.stages.get(name, name)
     if path and path in modules:

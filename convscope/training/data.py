@@ -393,11 +393,11 @@ def _categories(folder: Path) -> list[str]:
 def _decode_all(
     paths: Sequence[Path], preprocess: Preprocess, progress: LoadProgress | None
 ) -> tuple[list[np.ndarray | None], list[tuple[str, str]]]:
-    from convscope.imageio import load_image
-
     def decode(path: Path) -> np.ndarray | str:
         try:
-            pixels = np.asarray(preprocess.to_pil(load_image(path)), dtype=np.uint8)
+            # Reduced decode: a folder of camera photos costs memory by the model's input
+            # size, not by the photos' pixel counts (Preprocess.load_image).
+            pixels = np.asarray(preprocess.to_pil(preprocess.load_image(path)), dtype=np.uint8)
         except ImageError as exc:
             return exc.reason
         return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)

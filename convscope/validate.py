@@ -19,9 +19,10 @@ Errors are :class:`~convscope.errors.BadInputType` (wrong kind, also a ``TypeErr
 ``ConvscopeError``s, so the CLI prints them as one line.
 
 Checks cost one pass over the batch (finiteness), except for one case: an input whose height or
-width differs from the model's preset is test-run once, as a single all-zero image without
-gradients, so that a size the network cannot take is reported here rather than as a
-convolution error many frames deep. At the preset size (everything the CLI and
+width differs from the model's preset is test-run once, as a single all-zero image in eval mode
+without gradients, so that a size the network cannot take is reported here rather than as a
+convolution error many frames deep (the run calls the network's own forward hooks, if the user
+registered any, once more). At the preset size (everything the CLI and
 ``preprocess.to_tensor`` make) nothing runs.
 """
 
@@ -107,6 +108,8 @@ def image_batch(
             the network's, NaN or infinite values, or a size the network cannot take.
     """
     refuse_non_image(images, argument)
+    if not isinstance(images, (torch.Tensor, list, tuple)) and not _is_pil(images):
+        raise BadInputType(argument, f"expected {IMAGES_EXPECTED}, got {describe(images)}")
     if isinstance(images, torch.Tensor):
         batch = _check_tensor(loaded, images, argument)
     else:
@@ -116,6 +119,11 @@ def image_batch(
     if whole_network:
         _check_fits(loaded, batch, argument)
     return batch
+
+
+def _is_pil(value: Any) -> bool:
+    # Without importing PIL (methods never do): any PIL.Image.Image subclass lives in PIL.*.
+    return any(cls.__module__.startswith("PIL.") and cls.__name__ == "Image" for cls in type(value).__mro__)
 
 
 def _check_tensor(loaded: LoadedModel, images: torch.Tensor, argument: str) -> torch.Tensor:
@@ -198,11 +206,16 @@ def _check_fits(loaded: LoadedModel, batch: torch.Tensor, argument: str) -> None
     failure = runs(batch.new_zeros((1, *batch.shape[1:])))
     if failure is None:
         return
-    # A network that fails at its own preset size too is broken, not the input: keep its error.
-    if runs(batch.new_zeros((1, batch.shape[1], crop, crop))) is not None:
-        raise failure
     lines = str(failure).strip().splitlines()
     first = lines[0][:160] if lines else type(failure).__name__
+    if runs(batch.new_zeros((1, batch.shape[1], crop, crop))) is not None:
+        # Fails at its preset size too: a wrapped module whose preset is not its input size
+        # (or a broken network; the original error stays chained).
+        raise BadInput(
+            argument,
+            f"{loaded.name} fails on a {height}x{width} input: {first}",
+            f"and on its preset {crop}x{crop} input too; wrap_model it with the Preprocess of the size it takes",
+        ) from failure
     fit = "is too small for" if height <= crop and width <= crop else "does not fit"
     raise BadInput(
         argument,

@@ -239,10 +239,14 @@ def test_other_sizes_get_one_single_image_test_run(tiny_cnn: nn.Module) -> None:
     finally:
         handle.remove()
     assert shapes == [(1, 3, 16, 16), (3, 3, 16, 16)]
-    with pytest.raises(BadInput, match=r"^images: 20x20 pixels is too small for custom: mat1 and mat2 shapes"):
+    # Its preset (224) does not fit it either: the message says so and what to do.
+    with pytest.raises(BadInput, match=r"^images: custom fails on a 20x20 input: mat1 and mat2 shapes .* \(and on its preset 224x224 input too; wrap_model it"):
         convscope.gradcam(tiny_cnn, torch.zeros(1, 3, 20, 20))
-    with pytest.raises(BadInput, match=r"^images: 300x300 pixels does not fit custom: .* \(it takes 224x224"):
-        convscope.gradcam(tiny_cnn, torch.zeros(1, 3, 300, 300))
+    wrapped = convscope.wrap_model(tiny_cnn, preprocess=convscope.Preprocess(resize=None, crop=16))
+    with pytest.raises(BadInput, match=r"^images: 20x20 pixels does not fit custom: mat1 and mat2 shapes .* \(it takes 16x16;"):
+        convscope.gradcam(wrapped, torch.zeros(1, 3, 20, 20))
+    with pytest.raises(BadInput, match=r"^images: 8x8 pixels is too small for custom"):
+        convscope.gradcam(wrapped, torch.zeros(1, 3, 8, 8))
 
 
 def test_too_small_for_a_real_network() -> None:
@@ -253,7 +257,7 @@ def test_too_small_for_a_real_network() -> None:
     assert convscope.saliency(alexnet, torch.zeros(1, 3, 64, 64)).maps.shape == (1, 64, 64)
 
 
-def test_a_network_broken_at_every_size_keeps_its_own_error(good: torch.Tensor) -> None:
+def test_a_network_broken_at_every_size_is_reported_with_its_error_chained(good: torch.Tensor) -> None:
     class Broken(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -262,9 +266,13 @@ def test_a_network_broken_at_every_size_keeps_its_own_error(good: torch.Tensor) 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             raise RuntimeError("broken model")
 
-    with pytest.raises(RuntimeError, match="^broken model$") as info:
+    with pytest.raises(BadInput, match="^images: custom fails on a 20x20 input: broken model ") as info:
         convscope.classify(Broken(), torch.zeros(1, 3, 20, 20))
-    assert not isinstance(info.value, ConvscopeError)
+    assert isinstance(info.value.__cause__, RuntimeError)
+    # At the preset size nothing is test-run: the network's own error comes through untouched.
+    with pytest.raises(RuntimeError, match="^broken model$") as raw:
+        convscope.classify(Broken(), torch.zeros(1, 3, 224, 224))
+    assert not isinstance(raw.value, ConvscopeError)
 
 
 def test_deconv_needs_only_its_layer_to_fit(tiny: Any) -> None:

@@ -158,7 +158,9 @@ def classify_command(
     def flush() -> None:
         if not pending:
             return
-        batch = loaded.preprocess.to_tensor([image for _, image in pending])
+        import torch
+
+        batch = torch.cat([tensor for _, tensor in pending])
         for (path, _), prediction in zip(pending, classify(loaded, batch, topk=topk, batch_size=batch_size), strict=True):
             results.append({"image": str(path), "predictions": prediction.as_dicts()})
             if not json_out:
@@ -168,7 +170,9 @@ def classify_command(
     with progress_bar(len(paths), "classify", unit="img") as advance:
         for path in paths:
             try:
-                pending.append((path, loaded.preprocess.load_image(path)))
+                # Decoded at reduced size and turned into the network's input at once: a batch
+                # costs its input tensors, whatever the photos' pixel counts.
+                pending.append((path, loaded.preprocess.to_tensor(loaded.preprocess.load_image(path))))
             except ImageError as exc:
                 failures += 1
                 results.append({"image": str(path), "error": exc.reason})

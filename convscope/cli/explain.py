@@ -50,12 +50,13 @@ def _warn(lines: tuple[str, ...], seen: set[str]) -> None:
 def _batches(
     paths: list[Path], size: int, counter: list[int], preprocess: Any
 ) -> Iterator[tuple[list[Path], list[Any]]]:
-    """Yield ``(paths, images)`` of up to ``size`` readable images, decoded at reduced size for
-    ``preprocess``; unreadable ones are reported and counted in ``counter[0]``."""
+    """Yield ``(paths, tensors)`` of up to ``size`` readable images, each decoded at reduced size
+    and made a ``(1, C, H, W)`` input for ``preprocess`` at once (a batch costs its input tensors,
+    whatever the photos' pixel counts); unreadable ones are reported and counted in ``counter[0]``."""
     pending: tuple[list[Path], list[Any]] = ([], [])
     for path in paths:
         try:
-            image = preprocess.load_image(path)
+            image = preprocess.to_tensor(preprocess.load_image(path))
         except ImageError as exc:
             counter[0] += 1
             print_error(exc)
@@ -74,11 +75,13 @@ def _run_batched(
     job: Callable[[list[Path], Any], None],
 ) -> int:
     """``job(paths, batch)`` over batches of readable images; return how many files failed."""
+    import torch
+
     paths = expand_images(images)
     failures = [0]
     with progress_bar(len(paths), description, unit="img") as advance:
         for chunk, pictures in _batches(paths, batch_size, failures, loaded.preprocess):
-            batch = loaded.preprocess.to_tensor(pictures).to(loaded.device)
+            batch = torch.cat(pictures).to(loaded.device)
             job(chunk, batch)
             advance(len(chunk))
     return failures[0]

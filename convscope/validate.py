@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from numbers import Integral
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -54,7 +55,7 @@ def describe(value: Any) -> str:
     if isinstance(value, torch.Tensor):
         return f"a {str(value.dtype).removeprefix('torch.')} tensor of shape {tuple(value.shape)}"
     kind = type(value)
-    if kind.__module__ == "numpy" and hasattr(value, "shape"):
+    if isinstance(value, np.ndarray):
         return f"a numpy array of shape {tuple(value.shape)} and dtype {value.dtype}"
     if isinstance(value, (str, os.PathLike)):
         text = os.fspath(value)
@@ -77,7 +78,7 @@ def refuse_non_image(value: Any, argument: str, expected: str = IMAGES_EXPECTED)
         hint = LOAD_HINT
     elif isinstance(value, (bytes, bytearray)):
         hint = "decode it first: PIL.Image.open(io.BytesIO(data))"
-    elif type(value).__module__ == "numpy" and hasattr(value, "shape"):
+    elif isinstance(value, np.ndarray):
         hint = (
             "wrap 0..255 pixels with PIL.Image.fromarray(array), "
             "or a normalised (N, C, H, W) batch with torch.from_numpy(array)"
@@ -239,9 +240,10 @@ def check_target(target: Any, argument: str = "target") -> None:
         if target.dim() > 1 or target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
             raise BadInputType(argument, f"expected {TARGET_EXPECTED}, got {describe(target)}")
         return
-    if isinstance(target, (bytes, bytearray)) or not isinstance(target, (Sequence, _ndarray_type())):
+    if isinstance(target, (bytes, bytearray)) or not isinstance(target, (Sequence, np.ndarray)):
         raise BadInputType(argument, f"expected {TARGET_EXPECTED}, got {describe(target)}")
-    for index, item in enumerate(target):
+    items: list[Any] = list(target)
+    for index, item in enumerate(items):
         if not (isinstance(item, str) or _is_index(item)):
             raise BadInputType(
                 f"{argument}[{index}]", f"expected a class index (int) or a label (str), got {describe(item)}"
@@ -252,15 +254,6 @@ def _is_index(value: Any) -> bool:
     if isinstance(value, torch.Tensor):
         return value.dim() == 0 and not value.is_floating_point() and not value.is_complex() and value.dtype != torch.bool
     return isinstance(value, Integral) and not isinstance(value, bool)
-
-
-def _ndarray_type() -> type:
-    try:
-        import numpy
-
-        return numpy.ndarray
-    except ImportError:  # pragma: no cover - numpy ships with torch here
-        return type(None)
 
 
 def layer_names(layers: str | Sequence[str] | None, argument: str = "layers") -> list[str] | None:

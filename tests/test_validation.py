@@ -341,11 +341,12 @@ def test_cli_device_meta_is_one_line_exit_2(tmp_path: Path) -> None:
     Image.new("RGB", (40, 40)).save(photo)
     done = subprocess.run(
         [sys.executable, "-m", "convscope", "classify", str(photo), "--model", "tiny", "--weights", "random", "--device", "meta"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True, text=True, timeout=120, check=False,
     )
     assert done.returncode == 2
-    assert done.stderr.strip().splitlines() == [
-        "error: --device meta: the 'meta' device holds no data, so nothing can be computed on it "
-        "(use auto, cpu, cuda, cuda:N or mps)"
-    ]
+    expected = (
+        "error: --device meta: the 'meta' device holds no data, so nothing can be computed on it"
+        " (use auto, cpu, cuda, cuda:N or mps)"
+    )
+    assert done.stderr.strip().splitlines() == [expected]
     assert done.stdout == ""

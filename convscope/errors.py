@@ -85,3 +85,7 @@ def close_matches(word: str, choices: list[str] | tuple[str, ...], n: int = 3) -
 
 class BadWeightsFile(ConvscopeError):
     """A weights file is unreadable, not a state dict, or would execute code when unpickled."""
+
+
+class OutputError(ConvscopeError):
+    """An output folder or file cannot be used (not a folder, not writable, a system path, in use)."""

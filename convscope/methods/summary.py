@@ -156,4 +156,4 @@ def _check_memory(loaded: LoadedModel, size: tuple[int, ...], limit: int) -> Non
 
 
 def _gib(count: int) -> str:
-    return f"{count / 2**30:,.1f} GiB" if count >= 2**30 / 10 else f"{count / 2**20:,.0f} MiB"
+    return f"{count / 2**30:,.1f} GiB" if count >= 2**30 else f"{count / 2**20:,.0f} MiB"

@@ -34,12 +34,13 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "atomic_path",
     "atomic_write",
-    "iter_images",
     "is_temp_name",
+    "iter_images",
     "load_image",
     "png_bytes",
     "remove_stale_temps",
     "save_png",
+    "temp_path",
 ]
 
 IMAGE_SUFFIXES: frozenset[str] = frozenset(
@@ -335,7 +336,8 @@ _TEMP_NAME_BYTES = 160
 
 
 def _temp_file(target: Path) -> IO[bytes]:
-    return tempfile.NamedTemporaryFile(  # noqa: SIM115 - the callers' ``with`` closes it
+    # The callers' ``with`` closes it.
+    return tempfile.NamedTemporaryFile(
         dir=target.parent, delete=False, prefix=_temp_prefix(target), suffix=".tmp"
     )
 
@@ -344,6 +346,16 @@ def _temp_prefix(target: Path) -> str:
     # Cut by bytes, not characters: NAME_MAX counts bytes, and a name in CJK is 3 bytes a character.
     name = target.name.encode("utf-8", "surrogateescape")[:_TEMP_NAME_BYTES].decode("utf-8", "ignore")
     return f".{name}{_TEMP_TAG}{os.getpid()}-"
+
+
+def temp_path(target: str | os.PathLike[str], label: str) -> Path:
+    """A hidden side file of this process next to ``target``, named like the atomic writers'
+    temporary files: ``remove_stale_temps`` deletes it once this process is gone.
+
+    ``label`` is letters, digits and ``_`` only (it takes the random part's place).
+    """
+    path = Path(target)
+    return path.parent / f"{_temp_prefix(path)}{label}.tmp"
 
 
 def is_temp_name(name: str) -> bool:

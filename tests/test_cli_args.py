@@ -10,11 +10,10 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import skimage_photo
 
 from convscope.cli.options import check_device
 from convscope.errors import BadArgument
-
-from conftest import skimage_photo
 
 TINY = ["--model", "tiny", "--weights", "random"]
 ENV = {**os.environ, "CONVSCOPE_DEBUG": "0"}
@@ -23,7 +22,7 @@ PHOTO = skimage_photo("chelsea.png")
 
 def convscope(*args: object) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "convscope", *map(str, args)],
-                          capture_output=True, text=True, env=ENV, timeout=240)
+                          capture_output=True, text=True, env=ENV, timeout=240, check=False)
 
 
 def one_error_line(done: subprocess.CompletedProcess[str]) -> str:
@@ -45,7 +44,7 @@ def test_occlusion_fill_must_be_finite(fill: str, tmp_path: Path) -> None:
 @pytest.mark.parametrize("command", [["classify", str(PHOTO), *TINY], ["train", "--data", "digits", "-o", "unused"]])
 def test_seed_beyond_64_bits(command: list[str], tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "convscope", *command, "--seed", str(2**64)],
-                          capture_output=True, text=True, env=ENV, timeout=240, cwd=tmp_path)
+                          capture_output=True, text=True, env=ENV, timeout=240, cwd=tmp_path, check=False)
     line = one_error_line(done)
     assert line.startswith("error: --seed: ") and "9223372036854775807" in line
     assert not (tmp_path / "unused").exists()
@@ -90,7 +89,7 @@ PEAK = textwrap.dedent("""
 def test_summary_refuses_huge_inputs_before_allocating(size: str, gib: str, tmp_path: Path) -> None:
     peak = tmp_path / "peak"
     done = subprocess.run([sys.executable, "-c", PEAK, "-", "summary", *TINY, "--input-size", size],
-                          capture_output=True, text=True, env={**ENV, "PEAK_FILE": str(peak)}, timeout=240)
+                          capture_output=True, text=True, env={**ENV, "PEAK_FILE": str(peak)}, timeout=240, check=False)
     line = one_error_line(done)
     assert line == (f"error: --input-size {size}: one image would need about {gib} GiB of activations in tiny, "
                     "over the 4.0 GiB limit (raise it with --max-memory GIB, or max_activation_bytes= in Python, "

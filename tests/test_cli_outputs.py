@@ -17,13 +17,12 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import skimage_photo
 from PIL import Image
 from typer.testing import CliRunner
 
 from convscope.cli.app import app
 from convscope.cli.output import OutputDir, shorten, unique_stems
-
-from conftest import skimage_photo
 
 TINY = ["--model", "tiny", "--weights", "random"]
 ENV = {**os.environ, "CONVSCOPE_DEBUG": "0"}
@@ -31,7 +30,7 @@ ENV = {**os.environ, "CONVSCOPE_DEBUG": "0"}
 
 def convscope(*args: object, timeout: float = 240) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "convscope", *map(str, args)],
-                          capture_output=True, text=True, env=ENV, timeout=timeout)
+                          capture_output=True, text=True, env=ENV, timeout=timeout, check=False)
 
 
 def checksums(folder: Path) -> dict[str, str]:
@@ -156,20 +155,45 @@ def test_killed_rerun_leaves_no_complete_manifest_and_its_temp_files_are_cleaned
     out = tmp_path / "out"
     assert convscope("activations", image, "-o", out, *TINY).returncode == 0
     (out / ".notes.tmp").write_text("not convscope's")
-    killed = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(out)], env=ENV, capture_output=True, timeout=120)
+    killed = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(out)], env=ENV, capture_output=True, timeout=120, check=False)
     assert killed.returncode == -signal.SIGKILL
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["complete"] is False  # marked before the killed run wrote its first file
     leftovers = [p.name for p in out.iterdir() if p.name.endswith(".tmp") and p.name != ".notes.tmp"]
-    assert len(leftovers) == 1 and ".convscope-" in leftovers[0]
+    journal = f".manifest.json.convscope-{killed_pid(out)}-journal.tmp"
+    leftovers = [name for name in leftovers if name != journal]
+    assert len(leftovers) == 1 and leftovers[0].startswith(".half.png.convscope-")
     live = out / f".x.png.convscope-{os.getpid()}-abc.tmp"  # a writer that is still running
     live.write_bytes(b"")
-    assert convscope("activations", image, "-o", out, *TINY).returncode == 0
+    rerun = convscope("activations", image, "-o", out, *TINY)
+    assert rerun.returncode == 0, rerun.stderr
     names = {p.name for p in out.iterdir()}
-    assert leftovers[0] not in names
+    assert leftovers[0] not in names and journal not in names
     assert ".notes.tmp" in names and live.name in names
+    # The killed run's journal says cat_activations.png was convscope's: replaced, not numbered around.
+    assert "warning" not in rerun.stderr and "cat_activations_2.png" not in names
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["complete"] is True and "running" not in manifest
+    assert set(manifest["files"]) == {p.name for p in out.iterdir() if not p.name.startswith(".")} - {"manifest.json"}
+
+
+def killed_pid(folder: Path) -> int:
+    journals = list(folder.glob(".manifest.json.convscope-*-journal.tmp"))
+    assert len(journals) == 1
+    return int(journals[0].name.split("-")[-2])
+
+
+def test_journal_of_a_killed_run_survives_a_second_kill(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    for _ in range(2):
+        killed = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(out)], env=ENV, capture_output=True,
+                                timeout=120, check=False)
+        assert killed.returncode == -signal.SIGKILL
+    # The second killed run replaced the first one's file as its own; one journal is left, naming it.
+    entries = [json.loads(line) for line in (out / f".manifest.json.convscope-{killed_pid(out)}-journal.tmp")
+               .read_text().splitlines()]
+    assert {e["name"] for e in entries} == {"cat_activations.png"}
+    assert not (out / "cat_activations_2.png").exists()
 
 
 def test_overlong_input_names_are_shortened_with_a_hash(tmp_path: Path) -> None:
@@ -262,7 +286,7 @@ def test_read_only_output_folder(command: str, tmp_path: Path) -> None:
     args = [str(image) if a == "IMAGE" else a for a in OUTPUT_COMMANDS[command]]
     try:
         done = subprocess.run([*_without_root_powers(), sys.executable, "-m", "convscope", *args, "-o", str(locked)],
-                              capture_output=True, text=True, env=ENV, timeout=240)
+                              capture_output=True, text=True, env=ENV, timeout=240, check=False)
     finally:
         locked.chmod(0o755)
     line = one_error_line(done, f"error: {locked}: ")
@@ -279,7 +303,7 @@ def test_unreadable_named_file_is_skipped_like_one_in_a_folder(tmp_path: Path) -
         done = subprocess.run(
             [*_without_root_powers(), sys.executable, "-m", "convscope", "classify", str(good), str(locked), str(other),
              "--json", "--topk", "1", *TINY],
-            capture_output=True, text=True, env=ENV, timeout=240,
+            capture_output=True, text=True, env=ENV, timeout=240, check=False,
         )
     finally:
         locked.chmod(0o644)
@@ -331,20 +355,28 @@ def test_second_train_into_a_run_folder_is_refused_and_a_dead_holders_lock_is_ta
     assert _holder(run) == {}  # released at the end
 
 
+HOLDER = textwrap.dedent("""
+    import sys, time
+    from convscope.training.runlock import run_lock
+    with run_lock(sys.argv[1], "ablate"):
+        print("held", flush=True)
+        time.sleep(60)
+""")
+
+
 def test_run_lock_refuses_a_live_holder_in_another_process(tmp_path: Path) -> None:
     from convscope.errors import OutputError
     from convscope.training.runlock import run_lock
 
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom convscope.training.runlock import run_lock\n"
-         "with run_lock(sys.argv[1], 'ablate'):\n    print('held', flush=True)\n    time.sleep(60)\n", str(tmp_path)],
+        [sys.executable, "-c", HOLDER, str(tmp_path)],
         stdout=subprocess.PIPE, text=True, env=ENV,
     )
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
-        with pytest.raises(OutputError, match=rf"is in use by another convscope ablate \(pid {holder.pid}"):
-            with run_lock(tmp_path):
-                pass
+        with pytest.raises(OutputError, match=rf"is in use by another convscope ablate \(pid {holder.pid}"), \
+                run_lock(tmp_path):
+            pass
     finally:
         holder.kill()
         holder.wait()

@@ -13,7 +13,7 @@ from convscope.errors import ConvscopeError
 
 EXIT_USER_ERROR = 2
 # click's UsageError, from whichever click typer uses (recent typer versions vendor their own copy).
-UsageError: type[Exception] = typer.BadParameter.__base__
+UsageError: type[Exception] = typer.BadParameter.__mro__[1]
 EXIT_INTERRUPTED = 130
 
 

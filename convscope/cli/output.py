@@ -15,7 +15,9 @@ Rules, in the order ``OutputDir`` applies them:
   file gets a numbered name, said on stderr. A name is never written twice in one run.
 - ``manifest.json`` is marked incomplete before the first file of a run is written, and rewritten
   last with the entries of every command that wrote into the folder, so a killed run never leaves a
-  manifest that claims to describe the files.
+  manifest that claims to describe the files. While a run writes, each file is also appended to a
+  hidden journal; the next run into the folder reads the journal of a killed run, so that run's
+  files are still known as convscope's (and replaced by a rerun, not numbered around).
 """
 
 from __future__ import annotations
@@ -28,13 +30,13 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import typer
 
 from convscope.errors import OutputError
-from convscope.imageio import atomic_write, png_bytes, remove_stale_temps
+from convscope.imageio import atomic_write, is_temp_name, png_bytes, process_alive, remove_stale_temps, temp_path
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -168,7 +170,10 @@ class OutputDir:
 
     def __init__(self, root: str | os.PathLike[str], *, inputs: Sequence[Path] = ()) -> None:
         self.root = prepare_folder(root)
-        remove_stale_temps(self.root)
+        self._recovered = _recover_journals(self.root)
+        remove_stale_temps(self.root)  # the journals just read included
+        self._journal_path = temp_path(self.root / MANIFEST, "journal")
+        self._journal: IO[str] | None = None
         self.written: list[str] = []
         self.sources: dict[str, list[str]] = {}
         self._taken: set[str] = set()
@@ -206,7 +211,18 @@ class OutputDir:
         self._checksums[path.name] = hashlib.sha256(data).hexdigest()
         if source is not None:
             self.sources.setdefault(str(source), []).append(path.name)
+        self._log({"name": path.name, "sha256": self._checksums[path.name],
+                   "source": None if source is None else str(source), "pid": os.getpid(), "started": self._started})
         return path
+
+    def _log(self, entry: dict[str, Any]) -> None:
+        """Append to this run's journal (no fsync: it only has to survive the process, not the machine)."""
+        if self._journal is None:
+            self._journal = open(self._journal_path, "a", encoding="utf-8")  # noqa: SIM115 - closed in manifest()
+            for earlier in self._recovered.values():  # a second kill must not forget the first one's files
+                self._journal.write(json.dumps(earlier) + "\n")
+        self._journal.write(json.dumps(entry) + "\n")
+        self._journal.flush()
 
     def _claim(self, name: str) -> Path:
         """The path to write ``name`` to: itself, or a numbered variant when that is taken."""
@@ -236,7 +252,7 @@ class OutputDir:
             return None
         if _identity(path) in self._protected:
             return "is an input of this run"
-        recorded = self._previous.get("sha256", {}).get(name)
+        recorded = self._recovered.get(name, {}).get("sha256") or self._previous.get("sha256", {}).get(name)
         if recorded and path.is_file() and not path.is_symlink() and _sha256(path) == recorded:
             return None  # written by an earlier convscope command and unchanged since
         return "exists and was not written by convscope"
@@ -260,10 +276,19 @@ class OutputDir:
         # Read again: another command may have finished into this folder since we started.
         previous = _read_manifest(self.root / MANIFEST) or self._previous
         mine = set(self.written)
-        checksums = {name: digest for name, digest in previous.get("sha256", {}).items()
+        interrupted: dict[tuple[Any, Any], dict[str, Any]] = {}
+        for name, entry in self._recovered.items():
+            run = interrupted.setdefault((entry.get("pid"), entry.get("started")), {
+                "command": None, "interrupted": True, "pid": entry.get("pid"), "started": entry.get("started"),
+                "files": [], "inputs": {}})
+            run["files"].append(name)
+            if entry.get("source"):
+                run["inputs"].setdefault(entry["source"], []).append(name)
+        recorded = {**previous.get("sha256", {}), **{n: e["sha256"] for n, e in self._recovered.items()}}
+        checksums = {name: digest for name, digest in recorded.items()
                      if name not in mine and (self.root / name).is_file()}
         runs = []
-        for run in previous.get("runs", []):
+        for run in [*previous.get("runs", []), *interrupted.values()]:
             files = [f for f in run.get("files", []) if f in checksums]
             if files:
                 inputs = {k: [f for f in v if f in checksums] for k, v in run.get("inputs", {}).items()}
@@ -282,7 +307,36 @@ class OutputDir:
             # Somebody else's manifest.json: keep it, and say where ours went.
             target = self._claim(MANIFEST.replace(".json", "_convscope.json"))
             typer.echo(f"warning: {self.root / MANIFEST}: not a convscope manifest; wrote {target.name}", err=True)
-        return atomic_write(target, json.dumps(payload, indent=2, default=_plain) + "\n")
+        written = atomic_write(target, json.dumps(payload, indent=2, default=_plain) + "\n")
+        if self._journal is not None:
+            self._journal.close()
+            self._journal = None
+        self._journal_path.unlink(missing_ok=True)
+        return written
+
+
+def _recover_journals(folder: Path) -> dict[str, dict[str, Any]]:
+    """Files that killed runs wrote into ``folder`` and that are still as they wrote them: name -> entry."""
+    recovered: dict[str, dict[str, Any]] = {}
+    journals = sorted(folder.glob(f".{MANIFEST}.convscope-*-journal.tmp"), key=lambda p: p.stat().st_mtime)
+    for journal in journals:
+        pid = journal.name.rsplit("-", 2)[-2]
+        if not is_temp_name(journal.name) or not pid.isdigit() or process_alive(int(pid)):
+            continue
+        try:
+            lines = journal.read_text(encoding="utf-8").splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            try:
+                entry = json.loads(line)
+                name, digest = entry["name"], entry["sha256"]
+            except (ValueError, KeyError, TypeError):
+                continue  # the line being written when the process died
+            path = folder / name
+            if isinstance(name, str) and path.is_file() and not path.is_symlink() and _sha256(path) == digest:
+                recovered[name] = entry
+    return recovered
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:

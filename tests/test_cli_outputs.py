@@ -382,3 +382,30 @@ def test_run_lock_refuses_a_live_holder_in_another_process(tmp_path: Path) -> No
         holder.wait()
     with run_lock(tmp_path) as lock:
         assert lock.previous["pid"] == holder.pid
+
+
+def test_someone_elses_manifest_json_is_left_alone(tmp_path: Path) -> None:
+    import numpy as np
+
+    (tmp_path / "manifest.json").write_text('{"my": "data"}')
+    out = OutputDir(tmp_path)
+    out.png("a.png", np.zeros((2, 2), np.uint8))
+    out.manifest("test", {})
+    assert (tmp_path / "manifest.json").read_text() == '{"my": "data"}'
+    assert json.loads((tmp_path / "manifest.convscope.json").read_text())["files"] == ["a.png"]
+    again = OutputDir(tmp_path)  # the next run finds its own manifest and owns a.png
+    assert again.png("a.png", np.ones((2, 2), np.uint8)).name == "a.png"
+
+
+def test_manifest_from_before_checksums_still_owns_its_files(tmp_path: Path) -> None:
+    import numpy as np
+
+    (tmp_path / "old.png").write_bytes(b"written by an older convscope")
+    (tmp_path / "mine.png").write_bytes(b"the user's")
+    (tmp_path / "manifest.json").write_text(json.dumps({"schema_version": 1, "command": "activations",
+                                                         "options": {}, "files": ["old.png"]}))
+    out = OutputDir(tmp_path)
+    assert out.png("old.png", np.zeros((2, 2), np.uint8)).name == "old.png"
+    assert out.png("mine.png", np.zeros((2, 2), np.uint8)).name == "mine_2.png"
+    out.manifest("test", {})
+    assert (tmp_path / "mine.png").read_bytes() == b"the user's"

@@ -40,6 +40,7 @@ from convscope.imageio import atomic_write, is_temp_name, png_bytes, process_ali
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
+FOREIGN_MANIFEST_FALLBACK = "manifest.convscope.json"  # when the folder's manifest.json is not ours
 # Longest output file name, in bytes: NAME_MAX is 255 on the usual file systems, and the atomic
 # writer's temporary name needs room too (it cuts what it copies, but a margin costs nothing).
 NAME_BYTES = 200
@@ -183,7 +184,12 @@ class OutputDir:
         self._inputs = list(inputs)
         self._stems = dict(zip(map(str, self._inputs), unique_stems(self._inputs), strict=True))
         self._protected = {_identity(p) for p in self._inputs} - {None}
-        self._previous = _read_manifest(self.root / MANIFEST)
+        self._manifest_path = self.root / MANIFEST
+        self._previous = _read_manifest(self._manifest_path)
+        if not self._previous and os.path.lexists(self._manifest_path):
+            # Somebody else's manifest.json: never touched; ours goes next to it.
+            self._manifest_path = self.root / FOREIGN_MANIFEST_FALLBACK
+            self._previous = _read_manifest(self._manifest_path)
 
     def stem(self, path: Path) -> str:
         """The output stem of an input of this run (``safe_stem`` for a path not given as input)."""
@@ -245,7 +251,7 @@ class OutputDir:
 
     def _unavailable(self, name: str) -> str | None:
         """Why ``name`` cannot be written (``""``: already written in this run), or None."""
-        if name.casefold() in self._taken or name == MANIFEST:
+        if name.casefold() in self._taken or name in (MANIFEST, self._manifest_path.name):
             return ""
         path = self.root / name
         if not os.path.lexists(path):
@@ -255,6 +261,8 @@ class OutputDir:
         recorded = self._recovered.get(name, {}).get("sha256") or self._previous.get("sha256", {}).get(name)
         if recorded and path.is_file() and not path.is_symlink() and _sha256(path) == recorded:
             return None  # written by an earlier convscope command and unchanged since
+        if not recorded and name in self._previous.get("legacy_files", ()) and path.is_file() and not path.is_symlink():
+            return None  # listed by a manifest from before checksums were recorded
         return "exists and was not written by convscope"
 
     def _mark_manifest(self) -> None:
@@ -265,7 +273,8 @@ class OutputDir:
         if self._previous:
             marked = {**self._previous, "complete": False,
                       "running": {"pid": os.getpid(), "started": self._started}}
-            atomic_write(self.root / MANIFEST, json.dumps(marked, indent=2, default=_plain) + "\n")
+            marked.pop("legacy_files", None)
+            atomic_write(self._manifest_path, json.dumps(marked, indent=2, default=_plain) + "\n")
 
     def manifest(self, command: str, options: dict[str, Any]) -> Path:
         """Written last, so a folder with a complete manifest holds what it lists.
@@ -274,7 +283,7 @@ class OutputDir:
         by this run.
         """
         # Read again: another command may have finished into this folder since we started.
-        previous = _read_manifest(self.root / MANIFEST) or self._previous
+        previous = _read_manifest(self._manifest_path) or self._previous
         mine = set(self.written)
         interrupted: dict[tuple[Any, Any], dict[str, Any]] = {}
         for name, entry in self._recovered.items():
@@ -285,6 +294,10 @@ class OutputDir:
             if entry.get("source"):
                 run["inputs"].setdefault(entry["source"], []).append(name)
         recorded = {**previous.get("sha256", {}), **{n: e["sha256"] for n, e in self._recovered.items()}}
+        for name in {*previous.get("legacy_files", ()), *self._previous.get("legacy_files", ())} - set(recorded) - mine:
+            path = self.root / name
+            if path.is_file() and not path.is_symlink():
+                recorded[name] = _sha256(path)  # once: from now on the manifest carries it
         checksums = {name: digest for name, digest in recorded.items()
                      if name not in mine and (self.root / name).is_file()}
         runs = []
@@ -302,12 +315,10 @@ class OutputDir:
             "schema_version": SCHEMA_VERSION, "complete": True, "command": command, "options": options,
             "files": sorted(checksums), "inputs": self.sources, "runs": runs, "sha256": checksums,
         }
-        target = self.root / MANIFEST
-        if os.path.lexists(target) and not previous:
-            # Somebody else's manifest.json: keep it, and say where ours went.
-            target = self._claim(MANIFEST.replace(".json", "_convscope.json"))
-            typer.echo(f"warning: {self.root / MANIFEST}: not a convscope manifest; wrote {target.name}", err=True)
-        written = atomic_write(target, json.dumps(payload, indent=2, default=_plain) + "\n")
+        if self._manifest_path.name != MANIFEST:
+            typer.echo(f"warning: {self.root / MANIFEST}: not a convscope manifest, left as it is; "
+                       f"wrote {self._manifest_path.name}", err=True)
+        written = atomic_write(self._manifest_path, json.dumps(payload, indent=2, default=_plain) + "\n")
         if self._journal is not None:
             self._journal.close()
             self._journal = None
@@ -350,8 +361,10 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     if not isinstance(payload.get("sha256"), dict):
         payload["sha256"] = {}
     if not isinstance(payload.get("runs"), list):
-        # A manifest from before runs were recorded: its files have no checksum, so none is ours.
-        payload["runs"] = []
+        # A manifest from before runs and checksums were recorded: it lists only files it wrote.
+        payload["runs"] = [{"command": payload.get("command"), "options": payload.get("options"),
+                            "files": [f for f in payload["files"] if isinstance(f, str)]}]
+        payload["legacy_files"] = set(payload["runs"][0]["files"])
     return payload
 
 

@@ -36,7 +36,14 @@ import numpy as np
 import typer
 
 from convscope.errors import OutputError
-from convscope.imageio import atomic_write, is_temp_name, png_bytes, process_alive, remove_stale_temps, temp_path
+from convscope.imageio import (
+    atomic_write,
+    is_temp_name,
+    png_bytes,
+    process_alive,
+    remove_stale_temps,
+    temp_path,
+)
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"

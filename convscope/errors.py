@@ -95,3 +95,7 @@ class BadInput(BadArgument, ValueError):
 class BadInputType(BadArgument, TypeError):
     """An argument of a library function is of the wrong kind (``None``, a path or a numpy array
     where images are expected, a float class index). Also a ``TypeError``."""
+
+
+class OutputError(ConvscopeError):
+    """An output folder or file cannot be used (not a folder, not writable, a system path, in use)."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import io
 import os
+import re
 import stat
 import struct
 import tempfile
@@ -36,9 +37,13 @@ __all__ = [
     "ReducedSource",
     "atomic_path",
     "atomic_write",
+    "is_temp_name",
     "iter_images",
     "load_image",
+    "png_bytes",
+    "remove_stale_temps",
     "save_png",
+    "temp_path",
 ]
 
 IMAGE_SUFFIXES: frozenset[str] = frozenset(
@@ -406,9 +411,7 @@ def atomic_write(path: str | os.PathLike[str], data: bytes | str) -> Path:
     payload = data.encode("utf-8") if isinstance(data, str) else data
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(
-        dir=target.parent, delete=False, prefix=_temp_prefix(target), suffix=".tmp"
-    ) as handle:
+    with _temp_file(target) as handle:
         temp = Path(handle.name)
         try:
             handle.write(payload)
@@ -433,9 +436,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(
-        dir=target.parent, delete=False, prefix=_temp_prefix(target), suffix=".tmp"
-    ) as handle:
+    with _temp_file(target) as handle:
         temp = Path(handle.name)
     try:
         yield temp
@@ -447,9 +448,86 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     _commit(temp, target)
 
 
+# Temporary files of the atomic writers: ``.<target name>.convscope-<pid>-<random>.tmp``. Hidden, so
+# iter_images never picks one up; the pid tells a live writer's file from a leftover of a killed
+# run, and the ``convscope-`` tag keeps ``remove_stale_temps`` away from anyone else's ``.tmp`` files.
+_TEMP_TAG = ".convscope-"
+_TEMP_PATTERN = re.compile(r"^\..*\.convscope-(\d+)-[A-Za-z0-9_]+\.tmp$", re.DOTALL)
+# Room left for the tag, the pid, the random part and ".tmp" under the usual 255-byte NAME_MAX.
+_TEMP_NAME_BYTES = 160
+
+
+def _temp_file(target: Path) -> IO[bytes]:
+    # The callers' ``with`` closes it.
+    return tempfile.NamedTemporaryFile(
+        dir=target.parent, delete=False, prefix=_temp_prefix(target), suffix=".tmp"
+    )
+
+
 def _temp_prefix(target: Path) -> str:
-    # Hidden, so iter_images never picks up a leftover; shortened to stay under NAME_MAX.
-    return "." + target.name[:200] + "."
+    # Cut by bytes, not characters: NAME_MAX counts bytes, and a name in CJK is 3 bytes a character.
+    name = target.name.encode("utf-8", "surrogateescape")[:_TEMP_NAME_BYTES].decode("utf-8", "ignore")
+    return f".{name}{_TEMP_TAG}{os.getpid()}-"
+
+
+def temp_path(target: str | os.PathLike[str], label: str) -> Path:
+    """A hidden side file of this process next to ``target``, named like the atomic writers'
+    temporary files: ``remove_stale_temps`` deletes it once this process is gone.
+
+    ``label`` is letters, digits and ``_`` only (it takes the random part's place).
+    """
+    path = Path(target)
+    return path.parent / f"{_temp_prefix(path)}{label}.tmp"
+
+
+def is_temp_name(name: str) -> bool:
+    """True for the name of a temporary file made by ``atomic_write`` / ``atomic_path``."""
+    return _TEMP_PATTERN.match(name) is not None
+
+
+def remove_stale_temps(folder: str | os.PathLike[str]) -> list[Path]:
+    """Delete the temporary files that killed convscope processes left in ``folder``.
+
+    Only names of the atomic writers' pattern are touched, and only those whose writing process
+    is gone, so a run writing into the same folder at this moment keeps its files. Not recursive.
+
+    Returns:
+        The files removed.
+    """
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _TEMP_PATTERN.match(entry.name)
+        if match is None or not entry.is_file(follow_symlinks=False):
+            continue
+        if process_alive(int(match.group(1))):
+            continue
+        with suppress(FileNotFoundError):
+            os.unlink(entry.path)
+            removed.append(Path(entry.path))
+    return removed
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id exists on this machine (our own counts as alive)."""
+    if pid == os.getpid():
+        return True
+    if pid <= 0:
+        return False
+    if os.name == "nt":
+        return True  # os.kill there terminates the process; keep the file rather than guess
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, under another user
+    except OSError:
+        return False
+    return True
 
 
 def _commit(temp: Path, target: Path) -> None:
@@ -486,6 +564,11 @@ def save_png(path: str | os.PathLike[str], image: Image.Image | np.ndarray) -> P
         TypeError: an array that is not uint8.
         ValueError: an array of another shape.
     """
+    return atomic_write(path, png_bytes(image))
+
+
+def png_bytes(image: Image.Image | np.ndarray) -> bytes:
+    """The PNG encoding of ``image`` (the rules of ``save_png``)."""
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8:
             raise TypeError(f"save_png expects a uint8 array, got {image.dtype}")
@@ -494,4 +577,4 @@ def save_png(path: str | os.PathLike[str], image: Image.Image | np.ndarray) -> P
         image = Image.fromarray(np.ascontiguousarray(image))
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
-    return atomic_write(path, buffer.getvalue())
+    return buffer.getvalue()

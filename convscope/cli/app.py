@@ -27,7 +27,7 @@ from convscope.cli.options import (
     SeedOpt,
     WeightsOpt,
 )
-from convscope.cli.output import OutputDir, safe_name, safe_stem
+from convscope.cli.output import OutputDir, safe_name
 from convscope.cli.progress import progress_bar
 from convscope.errors import BadArgument, ConvscopeError, ImageError
 from convscope.types import LoadedModel
@@ -198,13 +198,17 @@ def summary_command(
     input_size: Annotated[
         str | None, typer.Option("--input-size", help="C,H,W (default: the model's preset).")
     ] = None,
+    max_memory: Annotated[
+        float | None,
+        typer.Option("--max-memory", min=0.001, help="GiB of activations the traced image may take (default: 4)."),
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Per-layer output shapes, parameters, kernel/stride/padding, receptive fields and cost.
 
     Examples: convscope summary --model alexnet | convscope summary --model zfnet --input-size 3,227,227 --json
     """
-    from convscope.methods.summary import summary
+    from convscope.methods.summary import DEFAULT_MAX_ACTIVATION_BYTES, summary
     from convscope.render.text import summary_table
 
     size = None
@@ -216,7 +220,8 @@ def summary_command(
         if len(size) != 3:
             raise BadArgument("--input-size", f"expected three values C,H,W, got {input_size!r}")
     loaded = open_model(model, weights or "random", seed, device)
-    result = summary(loaded, input_size=size)
+    limit = DEFAULT_MAX_ACTIVATION_BYTES if max_memory is None else int(max_memory * 2**30)
+    result = summary(loaded, input_size=size, max_activation_bytes=limit)
     if json_out:
         typer.echo(json.dumps(summary_json(result), indent=2))
     else:
@@ -250,11 +255,10 @@ def summary_json(result: Any) -> dict[str, Any]:
 
 
 def _per_image(
-    images: list[Path], loaded: LoadedModel, job: Any, description: str
+    paths: list[Path], loaded: LoadedModel, job: Any, description: str
 ) -> int:
-    """Run ``job(path, batch)`` for each readable image; return the number of failures."""
+    """Run ``job(path, batch)`` for each readable image of ``expand_images``; return the number of failures."""
 
-    paths = expand_images(images)
     failures = 0
     with progress_bar(len(paths), description, unit="img") as advance:
         for path in paths:
@@ -290,19 +294,20 @@ def activations_command(
     from convscope.methods.activations import activation_maps
     from convscope.render.pictures import activation_pictures, activation_strip, display_image
 
+    paths = expand_images(images)
+    out = OutputDir(output, inputs=paths)
     loaded = open_model(model, weights, seed, device)
-    out = OutputDir(output)
     names = split_layers(layers)
 
     def job(path: Path, batch: Any) -> None:
         result = activation_maps(loaded, batch, layers=names)
         photo = display_image(loaded.preprocess, batch)
-        stem = safe_stem(path)
+        stem = out.stem(path)
         for layer, picture in activation_pictures(photo, result).items():
-            out.png(f"{stem}_{safe_name(layer)}.png", picture)
-        out.png(f"{stem}_activations.png", activation_strip(photo, result))
+            out.png(f"{stem}_{safe_name(layer)}.png", picture, source=path)
+        out.png(f"{stem}_activations.png", activation_strip(photo, result), source=path)
 
-    failures = _per_image(images, loaded, job, "activations")
+    failures = _per_image(paths, loaded, job, "activations")
     out.manifest("activations", {"model": loaded.name, "weights": loaded.weights, "layers": names})
     typer.echo(f"wrote {len(out.written)} pictures to {out.root}")
     if failures:
@@ -330,17 +335,18 @@ def features_command(
     from convscope.methods.activations import feature_maps
     from convscope.render.pictures import feature_grid
 
+    paths = expand_images(images)
+    out = OutputDir(output, inputs=paths)
     loaded = open_model(model, weights, seed, device)
     name = layer or next(iter(loaded.stages), "")
     if not name:
         raise BadArgument("--layer", "this model has no conv stages; name a layer")
-    out = OutputDir(output)
 
     def job(path: Path, batch: Any) -> None:
         result = feature_maps(loaded, batch, layer=name, max_channels=max_channels, order=order)
-        out.png(f"{safe_stem(path)}_features_{safe_name(name)}.png", feature_grid(result))
+        out.png(f"{out.stem(path)}_features_{safe_name(name)}.png", feature_grid(result), source=path)
 
-    failures = _per_image(images, loaded, job, "features")
+    failures = _per_image(paths, loaded, job, "features")
     out.manifest("features", {"model": loaded.name, "layer": name, "max": max_channels, "order": order})
     typer.echo(f"wrote {len(out.written)} pictures to {out.root}")
     if failures:
@@ -363,9 +369,9 @@ def filters_command(
     from convscope.methods.filters import conv_filters
     from convscope.render.pictures import filter_grid
 
+    out = OutputDir(output)
     loaded = open_model(model, weights, seed, device)
     result = conv_filters(loaded, layer=layer)
-    out = OutputDir(output)
     path = out.png(f"filters_{safe_name(result.layer)}.png", filter_grid(result))
     out.manifest("filters", {"model": loaded.name, "layer": result.layer})
     typer.echo(f"wrote {path}")
@@ -398,9 +404,9 @@ def demo_command(
     from convscope.render.text import predictions_table, summary_table
 
     photo_path = image or bundled_photo()
+    out = OutputDir(output, inputs=[photo_path])
     loaded = open_model(model, weights, 0, device)
     batch = loaded.preprocess.to_tensor(loaded.preprocess.load_image(photo_path)).to(loaded.device)
-    out = OutputDir(output)
 
     prediction = classify(loaded, batch, topk=5)[0]
     out.json("classification.json", [{"image": str(photo_path), "predictions": prediction.as_dicts()}])
@@ -416,7 +422,7 @@ def demo_command(
     out.png("input.png", photo)
     for layer, picture in activation_pictures(photo, result).items():
         out.png(f"activation_{safe_name(layer)}.png", picture)
-    out.png("activations.png", activation_strip(photo, result))
+    strip_path = out.png("activations.png", activation_strip(photo, result))
 
     stages = list(loaded.stages)
     grid_layer = stages[len(stages) // 3] if stages else loaded.cam_layer
@@ -428,7 +434,7 @@ def demo_command(
 
     typer.echo(table)
     typer.echo(f"\nwrote {len(out.written)} files to {out.root.resolve()}")
-    typer.echo(f"  open {out.root / 'activations.png'} for the activation maps of every stage")
+    typer.echo(f"  open {strip_path} for the activation maps of every stage")
 
 
 # Command modules register themselves on `app` when imported.

@@ -12,6 +12,8 @@ from typer.core import TyperGroup
 from convscope.errors import ConvscopeError
 
 EXIT_USER_ERROR = 2
+# click's UsageError, from whichever click typer uses (recent typer versions vendor their own copy).
+UsageError: type[Exception] = typer.BadParameter.__mro__[1]
 EXIT_INTERRUPTED = 130
 
 
@@ -28,6 +30,21 @@ def report(exc: BaseException) -> str:
     return f"error: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
 
 
+def usage_line(exc: Any) -> str:
+    """``error: <option>: <reason> (see '<command> --help')`` for click's parsing errors."""
+    reason = " ".join(str(getattr(exc, "message", "") or "").split()).rstrip(".")
+    param = getattr(exc, "param", None)
+    subject = ""
+    if not reason:  # a missing argument or option: click words the whole message itself
+        reason = " ".join(exc.format_message().split()).rstrip(".")
+    elif param is not None:
+        opts = [o for o in getattr(param, "opts", []) if o.startswith("-")]
+        subject = "/".join(opts) if opts else (getattr(param, "name", None) or "argument").upper()
+    context = getattr(exc, "ctx", None)
+    command = context.command_path if context is not None else "convscope"
+    return f"error: {subject + ': ' if subject else ''}{reason} (see '{command} --help')"
+
+
 def print_error(exc: BaseException) -> None:
     typer.echo(report(exc), err=True)
 
@@ -38,6 +55,13 @@ class GuardedGroup(TyperGroup):
     def invoke(self, ctx: Any) -> Any:
         try:
             return super().invoke(ctx)
+        except UsageError as exc:
+            # A bad option value (--topk 0, --seed 2**64) is a user error like any other: one line,
+            # not click's framed usage box.
+            if debug():
+                raise
+            typer.echo(usage_line(exc), err=True)
+            ctx.exit(EXIT_USER_ERROR)
         except (ConvscopeError, MemoryError) as exc:
             if debug():
                 raise

@@ -31,7 +31,7 @@ from convscope.cli.options import (
     WeightsOpt,
     class_target,
 )
-from convscope.cli.output import OutputDir, safe_name, safe_stem
+from convscope.cli.output import OutputDir, safe_name
 from convscope.cli.progress import progress_bar
 from convscope.errors import BadArgument, ImageError
 from convscope.render.pictures import magnitude_picture, signed_picture
@@ -71,13 +71,13 @@ def _batches(
 
 
 def _run_batched(
-    images: list[Path], loaded: LoadedModel, batch_size: int, description: str,
+    paths: list[Path], loaded: LoadedModel, batch_size: int, description: str,
     job: Callable[[list[Path], Any], None],
 ) -> int:
-    """``job(paths, batch)`` over batches of readable images; return how many files failed."""
+    """``job(paths, batch)`` over batches of the readable images of ``expand_images``; return how many
+    files failed."""
     import torch
 
-    paths = expand_images(images)
     failures = [0]
     with progress_bar(len(paths), description, unit="img") as advance:
         for chunk, pictures in _batches(paths, batch_size, failures, loaded.preprocess):
@@ -148,8 +148,9 @@ def gradcam_command(
     if variant not in VARIANTS:
         raise BadArgument(f"--variant {variant}", "must be one of " + ", ".join(VARIANTS))
     target = class_target(class_index, label)
+    paths = expand_images(images)
+    out = OutputDir(output, inputs=paths)
     loaded = open_model(model, weights, seed, device)
-    out = OutputDir(output)
     records: list[dict[str, Any]] = []
     seen: set[str] = set()
     name = "gradcampp" if variant == "gradcam++" else "gradcam"  # guided: the Grad-CAM it used
@@ -164,13 +165,13 @@ def gradcam_command(
             cam, warnings = method(loaded, batch, target=target, layer=layer), ()
         _warn(warnings, seen)
         for i, path in enumerate(paths):
-            stem = safe_stem(path)
+            stem = out.stem(path)
             files = [
-                out.png(f"{stem}_{name}.png", overlay(_photo(loaded, batch, i), cam.maps[i])),
-                out.png(f"{stem}_{name}_map.png", colorize(cam.maps[i])),
+                out.png(f"{stem}_{name}.png", overlay(_photo(loaded, batch, i), cam.maps[i]), source=path),
+                out.png(f"{stem}_{name}_map.png", colorize(cam.maps[i]), source=path),
             ]
             if variant == "guided":
-                files.append(out.png(f"{stem}_guided_gradcam.png", signed_picture(guided.attributions[i])))
+                files.append(out.png(f"{stem}_guided_gradcam.png", signed_picture(guided.attributions[i]), source=path))
             record = {
                 "image": str(path), "layer": cam.layer, "class": int(cam.targets[i]),
                 "label": cam.labels[i], "score": float(cam.scores[i]),
@@ -180,7 +181,7 @@ def gradcam_command(
             if not json_out:
                 typer.echo(_describe(path, cam.labels[i], int(cam.targets[i]), float(cam.scores[i])))
 
-    failures = _run_batched(images, loaded, batch_size, variant, job)
+    failures = _run_batched(paths, loaded, batch_size, variant, job)
     options = {"model": loaded.name, "weights": loaded.weights, "variant": variant,
                "layer": layer or loaded.cam_layer, "target": target}
     _finish(out, "gradcam", options, records, json_out, failures)
@@ -193,8 +194,9 @@ def _input_gradient_command(
     from convscope.methods.guided import guided_backprop, saliency
 
     target = class_target(class_index, label)
+    paths = expand_images(images)
+    out = OutputDir(output, inputs=paths)
     loaded = open_model(model, weights, seed, device)
-    out = OutputDir(output)
     records: list[dict[str, Any]] = []
     seen: set[str] = set()
 
@@ -203,12 +205,12 @@ def _input_gradient_command(
         result = method(loaded, batch, target=target)
         _warn(result.warnings, seen)
         for i, path in enumerate(paths):
-            stem = safe_stem(path)
+            stem = out.stem(path)
             if command == "guided":
-                files = [out.png(f"{stem}_guided.png", signed_picture(result.attributions[i]))]
+                files = [out.png(f"{stem}_guided.png", signed_picture(result.attributions[i]), source=path)]
             else:
-                files = [out.png(f"{stem}_saliency.png", magnitude_picture(result.maps[i]))]
-            files.append(out.png(f"{stem}_{command}_magnitude.png", _heat(loaded, batch, i, result.maps[i])))
+                files = [out.png(f"{stem}_saliency.png", magnitude_picture(result.maps[i]), source=path)]
+            files.append(out.png(f"{stem}_{command}_magnitude.png", _heat(loaded, batch, i, result.maps[i]), source=path))
             records.append({
                 "image": str(path), "class": int(result.targets[i]), "label": result.labels[i],
                 "score": float(result.scores[i]), "files": [f.name for f in files],
@@ -217,7 +219,7 @@ def _input_gradient_command(
             if not json_out:
                 typer.echo(_describe(path, result.labels[i], int(result.targets[i]), float(result.scores[i])))
 
-    failures = _run_batched(images, loaded, batch_size, command, job)
+    failures = _run_batched(paths, loaded, batch_size, command, job)
     options = {"model": loaded.name, "weights": loaded.weights, "target": target}
     _finish(out, command, options, records, json_out, failures)
 
@@ -312,8 +314,9 @@ def deconv_command(
 
     if not layer:
         raise BadArgument("--layer", "is required: name a layer alias or module path (see 'convscope layers')")
+    paths = expand_images(images)
+    out = OutputDir(output, inputs=paths)
     loaded = open_model(model, weights, seed, device)
-    out = OutputDir(output)
     records: list[dict[str, Any]] = []
     seen: set[str] = set()
     layer_file = safe_name(layer)
@@ -325,7 +328,7 @@ def deconv_command(
         if not result.boxes_exact:
             _warn((f"receptive field of {layer} passes residual or functional ops: crops follow the main path",), seen)
         for i, path in enumerate(paths):
-            stem = safe_stem(path)
+            stem = out.stem(path)
             photo = _photo(loaded, batch, i)
             pairs, captions, projections = [], [], []
             for k in range(result.channels.shape[1]):
@@ -335,8 +338,8 @@ def deconv_command(
                 crop = signed_picture(result.projections[i, k, :, top_:bottom, left:right])
                 patch = photo[top_:bottom, left:right]
                 pair = strip([upscale(crop, 96), upscale(patch, 96)], ["projection", "patch"])
-                files = [out.png(f"{stem}_{layer_file}_ch{c}.png", full),
-                         out.png(f"{stem}_{layer_file}_ch{c}_crop.png", pair)]
+                files = [out.png(f"{stem}_{layer_file}_ch{c}.png", full, source=path),
+                         out.png(f"{stem}_{layer_file}_ch{c}_crop.png", pair, source=path)]
                 pairs.append(pair)
                 captions.append(f"ch {c}: {float(result.values[i, k]):.3g}")
                 projections.append({
@@ -344,7 +347,7 @@ def deconv_command(
                     "position": [int(v) for v in result.positions[i, k]],
                     "box": [top_, left, bottom, right], "files": [f.name for f in files],
                 })
-            grid = out.png(f"{stem}_{layer_file}_deconv.png", tile(pairs, labels=captions, min_side=1))
+            grid = out.png(f"{stem}_{layer_file}_deconv.png", tile(pairs, labels=captions, min_side=1), source=path)
             records.append({
                 "image": str(path), "layer": layer, "location": location, "grid": grid.name,
                 "projections": projections, "boxes_exact": result.boxes_exact,
@@ -353,7 +356,7 @@ def deconv_command(
             if not json_out:
                 typer.echo(f"{path}: {len(projections)} projections of {layer} -> {grid.name}")
 
-    failures = _run_batched(images, loaded, batch_size, "deconv", job)
+    failures = _run_batched(paths, loaded, batch_size, "deconv", job)
     options = {"model": loaded.name, "weights": loaded.weights, "layer": layer, "channel": chosen,
                "top": top, "location": location}
     _finish(out, "deconv", options, records, json_out, failures)

@@ -28,7 +28,7 @@ from convscope.cli.options import (
     WeightsOpt,
     class_target,
 )
-from convscope.cli.output import OutputDir, safe_stem
+from convscope.cli.output import OutputDir
 from convscope.cli.progress import progress_bar
 
 
@@ -38,6 +38,23 @@ def _normalised(values: Any) -> Any:
     array = np.asarray(values, dtype=np.float32)
     low, high = float(array.min()), float(array.max())
     return np.zeros_like(array) if high <= low else (array - low) / (high - low)
+
+
+def _check_fill(fill: str) -> None:
+    """--fill nan/inf would run the whole occlusion and write NaN probabilities: refuse up front."""
+    import math
+
+    from convscope.errors import BadArgument
+    from convscope.methods.occlusion import FILL_COLOURS
+
+    if fill.strip().lower() in FILL_COLOURS:
+        return
+    try:
+        value = float(fill)
+    except ValueError:
+        raise BadArgument(f"--fill {fill}", "is not grey, black, white or a number") from None
+    if not math.isfinite(value):
+        raise BadArgument(f"--fill {fill}", "must be grey, black, white or a finite number")
 
 
 @app.command("occlusion")
@@ -95,10 +112,11 @@ def occlusion_command(
     from convscope.render.overlay import overlay
     from convscope.render.pictures import display_image
 
+    _check_fill(fill)
     target = class_target(class_index, label)
     paths = expand_images(images)
+    out = OutputDir(output, inputs=paths)
     loaded = open_model(model, weights, seed, device)
-    out = OutputDir(output)
     records: list[dict[str, Any]] = []
     failures = len(paths)
     for path, image in load_good_images(paths, loaded.preprocess):
@@ -115,15 +133,19 @@ def occlusion_command(
             )
         photo = display_image(loaded.preprocess, batch, 0)
         origins = (result.row_origins, result.col_origins)
-        stem = safe_stem(path)
+        stem = out.stem(path)
         probability = grid_to_image(result.probability[0], origins, window, (height, width))
-        out.png(f"{stem}_occlusion_probability.png", overlay(photo, _normalised(probability)))
-        out.png(f"{stem}_occlusion_drop.png", overlay(photo, _normalised(result.pixel_drop[0].clamp_min(0))))
-        out.png(
-            f"{stem}_occlusion_classes.png",
-            class_map_picture(result.top_class[0], result.class_names, origins, window, (height, width),
-                              photo=photo, highlight=int(result.targets[0])),
-        )
+        files = [
+            out.png(f"{stem}_occlusion_probability.png", overlay(photo, _normalised(probability)), source=path),
+            out.png(f"{stem}_occlusion_drop.png", overlay(photo, _normalised(result.pixel_drop[0].clamp_min(0))),
+                    source=path),
+            out.png(
+                f"{stem}_occlusion_classes.png",
+                class_map_picture(result.top_class[0], result.class_names, origins, window, (height, width),
+                                  photo=photo, highlight=int(result.targets[0])),
+                source=path,
+            ),
+        ]
         record: dict[str, Any] = {
             "image": str(path),
             "class": int(result.targets[0]),
@@ -142,13 +164,15 @@ def occlusion_command(
         }
         if result.activation is not None and result.channels is not None:
             activation = grid_to_image(result.activation[0], origins, window, (height, width))
-            out.png(f"{stem}_occlusion_activation.png", overlay(photo, _normalised(activation)))
-            out.png(f"{stem}_occlusion_activation_map.png", upscale(colorize(_normalised(result.activation[0].numpy())), 224))
+            files.append(out.png(f"{stem}_occlusion_activation.png", overlay(photo, _normalised(activation)), source=path))
+            files.append(out.png(f"{stem}_occlusion_activation_map.png",
+                                 upscale(colorize(_normalised(result.activation[0].numpy())), 224), source=path))
             record.update({
                 "layer": layer,
                 "channel": int(result.channels[0]),
                 "clean_activation": float(result.clean_activation[0]) if result.clean_activation is not None else None,
             })
+        record["files"] = [f.name for f in files]
         records.append(record)
     out.json("occlusion.json", records)
     out.manifest("occlusion", {

@@ -33,9 +33,31 @@ WeightsOpt = Annotated[
         "(default: pretrained when the model has published weights, else random).",
     ),
 ]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for --weights random.")]
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu, cuda, cuda:N.")]
-OutDirOpt = Annotated[Path, typer.Option("--output", "-o", help="Folder for the pictures (created).")]
+# torch.manual_seed takes 64 bits and a larger seed ended in an overflow traceback; 63 bits leave
+# room for the seed + k that derived generators use.
+SEED_MAX = 2**63 - 1
+SeedOpt = Annotated[int, typer.Option("--seed", min=0, max=SEED_MAX, help="Seed for --weights random.")]
+
+
+def check_device(value: str) -> str:
+    """``--device``: auto, cpu, cuda, cuda:N or mps; anything else is one error line.
+
+    torch accepts more (``meta``, ``xpu``...), but convscope needs real tensors on a device it can run.
+    """
+    from convscope.errors import BadArgument
+
+    text = value.strip().lower()
+    kind, _, index = text.partition(":")
+    if text in ("auto", "cpu", "cuda", "mps") or (kind == "cuda" and index.isdigit()):
+        return text
+    raise BadArgument(f"--device {value}", "not a device convscope can run on (use auto, cpu, cuda, cuda:N or mps)")
+
+
+DeviceOpt = Annotated[
+    str, typer.Option("--device", callback=check_device, help="auto (CUDA when present), cpu, cuda, cuda:N, mps.")
+]
+# readable=False: click's own check would end the whole command in a usage box; convscope checks itself.
+OutDirOpt = Annotated[Path, typer.Option("--output", "-o", readable=False, help="Folder for the pictures (created).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 LayerOpt = Annotated[
     str | None, typer.Option("--layer", "-l", help="Layer alias or module path (see 'convscope layers').")
@@ -46,7 +68,9 @@ LayersOpt = Annotated[
 ]
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass.")]
 ImagesArg = Annotated[
-    list[Path], typer.Argument(help="Image files or folders (folders are searched for images).", show_default=False)
+    list[Path],
+    # readable=False: an unreadable file is reported by load_image like any bad image, and the batch goes on.
+    typer.Argument(readable=False, help="Image files or folders (folders are searched for images).", show_default=False),
 ]
 ClassOpt = Annotated[
     int | None, typer.Option("--class", "-c", help="Class index to explain (default: the top-1 class).")
@@ -65,4 +89,4 @@ def class_target(class_index: int | None, label: str | None) -> int | str | None
     return class_index if class_index is not None else label
 
 
-ImageArg = Annotated[Path, typer.Argument(help="An image file.", show_default=False)]
+ImageArg = Annotated[Path, typer.Argument(readable=False, help="An image file.", show_default=False)]

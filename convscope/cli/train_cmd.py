@@ -14,8 +14,8 @@ from typing import Annotated, Any
 import typer
 
 from convscope.cli.app import app
-from convscope.cli.options import DeviceOpt, JsonOpt, ModelOpt
-from convscope.cli.output import OutputDir
+from convscope.cli.options import SEED_MAX, DeviceOpt, JsonOpt, ModelOpt
+from convscope.cli.output import OutputDir, prepare_folder
 from convscope.cli.progress import show_progress
 from convscope.errors import BadArgument
 
@@ -27,7 +27,9 @@ ArchOpt = Annotated[
     str | None,
     typer.Option("--arch", "-a", "--model", "-m", help="Architecture to train (see 'convscope models'), e.g. zfnet_mnist."),
 ]
-RunDirOpt = Annotated[Path, typer.Option("--output", "-o", help="Run folder (created): checkpoints, metrics, pictures.")]
+RunDirOpt = Annotated[
+    Path, typer.Option("--output", "-o", readable=False, help="Run folder (created): checkpoints, metrics, pictures.")
+]
 EpochsOpt = Annotated[int | None, typer.Option("--epochs", "-e", min=1, help="Passes over the training data (default: 10).")]
 BatchOpt = Annotated[int | None, typer.Option("--batch-size", "-b", min=2, help="Images per step (default: 128).")]
 LrOpt = Annotated[
@@ -37,7 +39,10 @@ OptimizerOpt = Annotated[str | None, typer.Option("--optimizer", help="adamw, ad
 AugmentOpt = Annotated[
     str | None, typer.Option("--augment", help="Comma-separated: crop, flip, color, erase (default: none).")
 ]
-SeedOpt = Annotated[int | None, typer.Option("--seed", help="Seed of init, data order, augmentation, dropout (default: 0).")]
+SeedOpt = Annotated[
+    int | None,
+    typer.Option("--seed", min=0, max=SEED_MAX, help="Seed of init, data order, augmentation, dropout (default: 0)."),
+]
 ValSplitOpt = Annotated[
     float | None,
     typer.Option("--val-split", help="Fraction of training images held out to pick best.pt (default: folders 0.2, else none).")
@@ -179,14 +184,15 @@ def train_command(
         "channels_last": channels_last,
     }
     given = {k: v for k, v in given.items() if v is not None}
-    if resume:
-        # Options not repeated come from the run; repeated ones must agree (the library checks).
-        config = dataclasses.replace(load_run_config(output), **given, out_dir=str(output), device=device, resume=True)
-    else:
-        if "data" not in given:
-            raise BadArgument("--data", "is required", "fashion-mnist, digits or a folder of class sub-folders")
-        config = TrainConfig(out_dir=str(output), device=device, **given)
-    with _train_display() as show:
+    if not resume and "data" not in given:
+        raise BadArgument("--data", "is required", "fashion-mnist, digits or a folder of class sub-folders")
+    prepare_folder(output)
+    with _run_folder(output, "train"), _train_display() as show:
+        if resume:
+            # Options not repeated come from the run; repeated ones must agree (the library checks).
+            config = dataclasses.replace(load_run_config(output), **given, out_dir=str(output), device=device, resume=True)
+        else:
+            config = TrainConfig(out_dir=str(output), device=device, **given)
         result = train(config, show)
     if result.skipped:
         path, reason = result.skipped[0]
@@ -217,7 +223,8 @@ def evaluate_command(
     weights: Annotated[str, typer.Option("--weights", "-w", help="A convscope checkpoint (or weights file with --model).")],
     data: Annotated[str, typer.Option("--data", "-d", help="fashion-mnist, digits, or a folder of class sub-folders.")],
     output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="Folder for confusion.png and evaluation.json.")
+        Path | None,
+        typer.Option("--output", "-o", readable=False, help="Folder for confusion.png and evaluation.json."),
     ] = None,
     model: ModelOpt = None,
     split: Annotated[
@@ -238,13 +245,14 @@ def evaluate_command(
     from convscope.render.training import confusion_picture
     from convscope.training.evaluate import evaluate
 
+    out = OutputDir(output) if output is not None else None
     loaded = load_model(model, weights, device=device)
     result = evaluate(loaded, data, split=split, batch_size=batch_size, limit=limit)
     payload = {"weights": weights, "data": data, "model": loaded.name, **result.as_dict()}
-    if output is not None:
-        out = OutputDir(output)
-        out.json("evaluation.json", payload)
-        out.png("confusion.png", confusion_picture(result.confusion, result.categories))
+    written: list[Path] = []
+    if out is not None:
+        written.append(out.json("evaluation.json", payload))
+        written.append(out.png("confusion.png", confusion_picture(result.confusion, result.categories)))
         out.manifest("evaluate", {"weights": weights, "data": data, "split": split, "limit": limit})
     if json_out:
         typer.echo(json.dumps(payload, indent=2))
@@ -254,8 +262,8 @@ def evaluate_command(
     for name, value in zip(result.categories, result.per_class.tolist(), strict=True):
         shown = "   -  " if math.isnan(value) else f"{value:.4f}"
         typer.echo(f"  {name.ljust(width)}  {shown}")
-    if output is not None:
-        typer.echo(f"wrote {output / 'confusion.png'} and {output / 'evaluation.json'}")
+    if written:
+        typer.echo(f"wrote {written[1]} and {written[0]}")
 
 
 @app.command("ablate")
@@ -300,7 +308,8 @@ def ablate_command(
     config = TrainConfig(
         data=data, arch=arch, out_dir=str(output), device=device, **{k: v for k, v in given.items() if v is not None}
     )
-    with _ablation_display() as show:
+    prepare_folder(output)
+    with _run_folder(output, "ablate"), _ablation_display() as show:
         result = ablate(config, variant, include_base=not no_base, progress=show)
     if json_out:
         typer.echo(json.dumps(result.as_dict(), indent=2))
@@ -328,3 +337,20 @@ def _ablation_display() -> Iterator[Callable[[str, Any], None]]:
     finally:
         for context in stack:
             context.__exit__(None, None, None)
+
+
+@contextmanager
+def _run_folder(folder: Path, command: str) -> Iterator[None]:
+    """Hold the run folder's lock (one writer at a time) and clear what killed runs left in it."""
+    from convscope.imageio import remove_stale_temps
+    from convscope.training.runlock import run_lock
+
+    with run_lock(folder, command) as lock:
+        if lock.previous.get("pid"):
+            typer.echo(
+                f"note: {folder}: taking over the lock of {lock.previous.get('command', 'a run')} "
+                f"pid {lock.previous['pid']}, which is no longer running", err=True,
+            )
+        for sub in (folder, *(p for p in folder.iterdir() if p.is_dir() and not p.is_symlink())):
+            remove_stale_temps(sub)
+        yield

@@ -132,7 +132,7 @@ def load_image(
         image = _identify(handle, subject, max_pixels)
         full_size = image.size
         draft_box = None
-        if reduce_to is not None and image.format == "JPEG":
+        if reduce_to is not None and image.format in ("JPEG", "MPO"):  # MPO: a phone's JPEG pair
             drafted = image.draft(None, (reduce_to, reduce_to))
             draft_box = drafted[1] if drafted is not None and image.size != full_size else None
         try:

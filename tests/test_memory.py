@@ -120,6 +120,16 @@ def turned(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
     return paths
 
 
+def test_phone_mpo_files_decode_in_draft_mode_too(tmp_path: Path) -> None:
+    path = tmp_path / "pair.mpo"
+    first = _photo(ODD_SIZE)
+    first.save(path, format="MPO", save_all=True, append_images=[first.transpose(Image.Transpose.FLIP_LEFT_RIGHT)])
+    reduced = SMALL_PRESET.load_image(path)
+    assert reduced.size == (603, 403)  # the decoder's 1/4 scale, as for a plain JPEG
+    full = SMALL_PRESET.to_tensor(load_image(path))
+    assert float(_pixel_difference(full, SMALL_PRESET.to_tensor(reduced), SMALL_PRESET).max()) <= 2.0
+
+
 @pytest.mark.parametrize("orientation", range(1, 9))
 def test_exif_orientations_keep_the_geometry(turned: dict[int, Path], orientation: int) -> None:
     # The draft's partial block is at the stored image's right/bottom; after the EXIF turn it

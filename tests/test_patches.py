@@ -50,7 +50,7 @@ def brute_force(loaded, images: torch.Tensor, layers: list[str], top: int):
         stored[name] = cap.last(name)
     result = {}
     for name, acts in stored.items():
-        count, channels, height, width = acts.shape
+        count, channels, _, width = acts.shape
         per_channel = []
         for c in range(channels):
             candidates = []

@@ -496,12 +496,12 @@ def _finish(plan: _Plan, state: _State, world: World, top: int) -> PatchIndex:
     channel_ids: dict[str, tuple[int, ...]] = {}
     for name in plan.names:
         table = tables[name]
-        values = table.values.cpu().tolist()
-        positions = table.images.cpu().tolist()
-        cells = table.cells.cpu().tolist()
+        value_rows = table.values.cpu().tolist()
+        position_rows = table.images.cpu().tolist()
+        cell_rows = table.cells.cpu().tolist()
         _, width = plan.grids[name]
         rows_out = []
-        for row_values, row_positions, row_cells in zip(values, positions, cells, strict=True):
+        for row_values, row_positions, row_cells in zip(value_rows, position_rows, cell_rows, strict=True):
             kept = [(v, p, c) for v, p, c in zip(row_values, row_positions, row_cells, strict=True)
                     if p != EMPTY and v != float("-inf")]
             ys = [c // width for _, _, c in kept]

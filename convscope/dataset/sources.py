@@ -180,7 +180,9 @@ class IdxSource(ImageSource):
 
     def _open(self) -> IO[bytes]:
         try:
-            return gzip.open(self.path, "rb") if self.path.suffix == ".gz" else open(self.path, "rb")
+            if self.path.suffix == ".gz":
+                return gzip.open(self.path, "rb")  # type: ignore[return-value]
+            return open(self.path, "rb")
         except OSError as exc:
             raise DataError(str(self.path), f"cannot open: {(exc.strerror or type(exc).__name__).lower()}") from exc
 

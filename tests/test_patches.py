@@ -244,3 +244,24 @@ def test_shard_range_covers_in_rank_order(count, size) -> None:
     shards = [shard_range(count, rank, size) for rank in range(size)]
     assert [i for shard in shards for i in shard] == list(range(count))
     assert max(len(s) for s in shards) - min(len(s) for s in shards) <= 1
+
+
+def test_ctrl_c_checkpoints_and_resume_finishes_the_same(zfnet, images_with_ties, tmp_path) -> None:
+    whole = top_patches(zfnet, images_with_ties, LAYERS, top=4, batch_size=3)
+    seen = []
+
+    def interrupt_after_three(n: int) -> None:
+        seen.append(n)
+        if len(seen) == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        top_patches(zfnet, images_with_ties, LAYERS, top=4, batch_size=3, progress=interrupt_after_three,
+                    checkpoint=tmp_path, checkpoint_every=100)
+    saved = torch.load(tmp_path / "state-rank0-of-1.pt", weights_only=True)
+    assert saved["position"] == 9 and saved["images"] == 9  # three whole batches, saved on the interrupt
+    resumed_progress = []
+    resumed = top_patches(zfnet, images_with_ties, LAYERS, top=4, batch_size=3, checkpoint=tmp_path,
+                          resume=True, progress=resumed_progress.append)
+    assert resumed == whole
+    assert resumed_progress[0] == 9 and sum(resumed_progress) == 23  # the bar starts where the run stopped

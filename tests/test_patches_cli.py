@@ -141,7 +141,7 @@ def test_bad_files_are_listed_and_the_run_completes(tmp_path, photo) -> None:
     page = (tmp_path / "out" / "index.html").read_text()
     assert 'src="conv2/channel_3.png"' in page and "http" not in page
 
-    from_list = convscope(["patches", str(listing), *args, "-o", str(tmp_path / "out2")], env)
+    from_list = convscope(["patches", str(listing), *args, "--workers", "1", "-o", str(tmp_path / "out2")], env)
     assert from_list.returncode == 2
     document = json.loads((tmp_path / "out2" / "patches.json").read_text())
     assert document["images"] == 1 and document["skipped"][0]["error"] == "no such file"

@@ -157,6 +157,12 @@ def patches_command(
             "left: the input under each activation's receptive field; right: its deconvnet projection"
             if not no_projections else "the input under each activation's receptive field",
         ]
+        inexact = [name for name, exact in index.boxes_exact.items() if not exact]
+        if inexact:
+            notes.append(
+                f"receptive fields of {', '.join(inexact)} are approximate (the network leaves a plain conv/pool "
+                "chain, e.g. residual additions): the crops follow the main path"
+            )
         out.text("index.html", gallery_html(f"Top-{top} patches", gallery, notes=notes))
         out.manifest("patches", {
             "data": data, "model": loaded.name, "weights": loaded.weights, "layers": list(layer),

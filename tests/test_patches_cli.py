@@ -154,3 +154,30 @@ def test_empty_dataset_is_one_line_and_exit_2(tmp_path) -> None:
     assert run.returncode == 2
     assert run.stderr.strip().count("\n") == 0 and "empty dataset" in run.stderr and "Traceback" not in run.stderr
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+@pytest.mark.slow
+def test_torchrun_resume_after_sigkill_equals_one_process(tmp_path) -> None:
+    data = write_idx(tmp_path / "fm", 600)
+    env = run_env(data)
+    args = [*BASE, "-b", "8", "--top", "4", "--no-projections"]
+    single = convscope([*args, "-o", str(tmp_path / "one")], env)
+    assert single.returncode == 0, single.stderr
+    out = tmp_path / "two"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                "-m", "convscope", *args, "-o", str(out)]
+    states = [out / ".patches-state" / f"state-rank{r}-of-2.pt" for r in range(2)]
+    process = subprocess.Popen([*launcher, "--checkpoint-every", "3"], env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not all(s.exists() for s in states) and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)  # the launcher and both ranks
+    process.wait()
+    assert not (out / "patches.json").exists()
+    positions = [torch.load(s, weights_only=True)["position"] for s in states]
+    assert 0 < positions[0] < 300 and 300 < positions[1] < 600  # each rank stopped inside its own shard
+    resumed = subprocess.run([*launcher, "--resume"], env=env, capture_output=True, text=True, timeout=600,
+                             check=False)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (out / "patches.json").read_bytes() == (tmp_path / "one" / "patches.json").read_bytes()

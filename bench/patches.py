@@ -10,7 +10,8 @@
 Prints ``uptime`` first: other jobs on the machine move the absolute numbers; ratios are
 measured back to back.
 
-    python bench/patches.py [--model zfnet_mnist] [--images 10000] [-b 128] [--skip-rss] [--skip-dist]
+    python bench/patches.py [--model zfnet_mnist] [--images 10000] [-b 128] [--rss-model tiny]
+                            [--skip-throughput] [--skip-rss] [--skip-dist]
 """
 
 from __future__ import annotations
@@ -96,10 +97,12 @@ def rss(model_name: str, batch_size: int) -> None:
 
 
 def distributed(model_name: str, batch_size: int) -> None:
+    from convscope.models.registry import get_spec
+
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     args = ["patches", "fashion-mnist:test", "--model", model_name, "--weights", "random", "--no-projections",
             "-b", str(batch_size), "--device", "cpu", "--channels", "0-7"]
-    for stage in ("conv1", "conv2", "conv3", "conv4", "conv5"):
+    for stage in get_spec(model_name).stages:
         args += ["--layer", stage]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -115,7 +118,7 @@ def distributed(model_name: str, batch_size: int) -> None:
             assert mined is not None, run.stdout
             rows.append((procs, wall, float(mined.group(2)), int(mined.group(1))))
         same = Path(f"{tmp}/p1/patches.json").read_bytes() == Path(f"{tmp}/p2/patches.json").read_bytes()
-    print(f"[3] CLI, fashion-mnist:test, {model_name}, conv1-conv5 channels 0-7, --no-projections, batch {batch_size}")
+    print(f"[3] CLI, fashion-mnist:test, {model_name}, every conv stage, channels 0-7, --no-projections, batch {batch_size}")
     for procs, wall, mining, count in rows:
         print(f"    {procs} process{'es' if procs > 1 else '  '}: mining {mining:6.1f} s ({count / mining:5.0f} img/s), "
               f"whole command {wall:6.1f} s")
@@ -129,6 +132,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=10000)
     parser.add_argument("-b", "--batch-size", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rss-model", help="model of parts 2 and 3 (default: --model); tiny keeps them short")
+    parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--skip-rss", action="store_true")
     parser.add_argument("--skip-dist", action="store_true")
     parser.add_argument("--rss-child", help=argparse.SUPPRESS)
@@ -136,13 +141,15 @@ def main() -> None:
     if args.rss_child:
         rss_child(args.rss_child, args.model, args.batch_size)
         return
+    other = args.rss_model or args.model
     print("uptime:", subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip())
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
-    throughput(args.model, args.images, args.batch_size, args.repeats)
+    if not args.skip_throughput:
+        throughput(args.model, args.images, args.batch_size, args.repeats)
     if not args.skip_rss:
-        rss(args.model, args.batch_size)
+        rss(other, args.batch_size)
     if not args.skip_dist:
-        distributed(args.model, args.batch_size)
+        distributed(other, args.batch_size)
     print("uptime:", subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip())
 
 

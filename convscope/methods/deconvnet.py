@@ -202,3 +202,43 @@ def deconv(
         grid=(height, width),
         warnings=tuple(warnings),
     )
+
+
+def project_cells(
+    model: ModelLike, images: Any, layer: str, channels: torch.Tensor, cells: torch.Tensor
+) -> torch.Tensor:
+    """Deconvnet projection of one activation per image, each its own channel and cell.
+
+    Row ``i`` keeps only ``layer[i, channels[i], cells[i, 0], cells[i, 1]]`` (its forward value)
+    and projects it to pixels, as ``deconv(..., location="max")`` does for a channel's peak. All
+    rows share one forward and one backward pass: images do not interact in eval mode.
+
+    Args:
+        images: PIL images or a normalised ``(N, C, H, W)`` tensor (repeats allowed).
+        channels: ``(N,)`` int64 channel per image.
+        cells: ``(N, 2)`` int64 ``(y, x)`` cell per image.
+
+    Returns:
+        ``(N, C, H, W)`` float32 projections on the CPU.
+
+    Raises:
+        UnknownLayer, BadArgument: as ``deconv``.
+    """
+    loaded, batch = prepare(model, images)
+    path, module = resolve_layer(loaded, layer)
+    with graph_forward(loaded, batch, "deconvnet") as (x, state, stack):
+        store = stack.enter_context(capture(loaded.module, {path: module}, mode="graph"))
+        _UpToLayer(loaded.module, path, store)(x)
+    assert state is not None
+    if state.rectified == 0 and not any(isinstance(m, RECTIFIERS) for m in loaded.module.modules()):
+        raise BadArgument(loaded.name, "has no ReLU activations, so the deconvnet rule has nothing to act on")
+    output = feature_map_of(store, path, layer)
+    if not output.requires_grad:
+        raise BadArgument(layer, "is detached from the input, so it cannot be projected")
+    rows = torch.arange(output.shape[0], device=output.device)
+    channels = channels.to(output.device)
+    ys, xs = cells[:, 0].to(output.device), cells[:, 1].to(output.device)
+    seed = torch.zeros_like(output)
+    seed[rows, channels, ys, xs] = output.detach()[rows, channels, ys, xs]
+    (grad,) = torch.autograd.grad(output, x, grad_outputs=seed)
+    return grad.float().cpu()

@@ -188,3 +188,33 @@ def layer_geometry(model: nn.Module, x: torch.Tensor, name: str) -> Geometry:
     if not matches:
         raise KeyError(name)
     return matches[-1].geometry
+
+
+def layer_geometries(model: nn.Module, x: torch.Tensor, names: list[str]) -> dict[str, Geometry]:
+    """Receptive fields of several layers (module paths) from one traced forward pass.
+
+    Each layer counts at its last call, a container at its last leaf (as in ``layer_geometry``).
+
+    Raises:
+        KeyError: a name that no leaf call matches.
+    """
+    calls = trace(model, x)
+    found: dict[str, Geometry] = {}
+    for name in names:
+        matches = [c for c in calls if c.name == name or c.name.startswith(name + ".")]
+        if not matches:
+            raise KeyError(name)
+        found[name] = matches[-1].geometry
+    return found
+
+
+def cell_boxes_xyxy(
+    geo: Geometry, rows: list[int], cols: list[int], image_size: tuple[int, int]
+) -> list[tuple[int, int, int, int]]:
+    """``cell_box`` for many cells, as ``(x0, y0, x1, y1)`` (x1/y1 exclusive, clipped to the image):
+    the order PIL's ``crop`` and most box formats use."""
+    boxes = []
+    for row, col in zip(rows, cols, strict=True):
+        top, left, bottom, right = cell_box(geo, row, col, image_size)
+        boxes.append((left, top, right, bottom))
+    return boxes

@@ -1,0 +1,191 @@
+"""CLI command ``patches``: the top activations of every channel over a dataset (Zeiler & Fergus Fig. 2).
+
+Mines the data once (resumable, shardable with torchrun), then loads the winners again to draw
+each channel's crops beside their deconvnet projections, and writes ``patches.json``,
+``LAYER/channel_K.png``, ``index.html`` and ``manifest.json`` (last). Under torchrun only rank 0
+projects and writes.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from convscope.cli.app import app, open_model
+from convscope.cli.errors import EXIT_USER_ERROR
+from convscope.cli.options import DeviceOpt, ModelOpt, OutDirOpt, SeedOpt, WeightsOpt
+from convscope.cli.output import OutputDir, safe_name
+from convscope.cli.progress import progress_bar
+from convscope.errors import BadArgument, DataError
+
+STATE_FOLDER = ".patches-state"
+MAX_LISTED = 10
+
+
+def parse_channels(spec: str | None) -> list[int] | None:
+    """``"0-63"``, ``"3,7,10-12"`` -> sorted unique ids; ``None`` -> all channels."""
+    if spec is None:
+        return None
+    ids: set[int] = set()
+    for part in spec.split(","):
+        item = part.strip()
+        if not item:
+            continue
+        try:
+            if "-" in item[1:]:
+                low_text, high_text = item.split("-", 1) if not item.startswith("-") else ("", item)
+                low, high = int(low_text), int(high_text)
+                if high < low:
+                    raise BadArgument(f"--channels {spec}", f"range {item} runs backwards")
+                ids.update(range(low, high + 1))
+            else:
+                ids.add(int(item))
+        except ValueError:
+            raise BadArgument(f"--channels {spec}", "expected ids and ranges like 0-63 or 3,7,10-12") from None
+    if not ids:
+        raise BadArgument(f"--channels {spec}", "names no channels")
+    if min(ids) < 0:
+        raise BadArgument(f"--channels {spec}", "channel ids start at 0")
+    return sorted(ids)
+
+
+@app.command("patches")
+def patches_command(
+    data: Annotated[
+        str,
+        typer.Argument(
+            help="Image folder (searched recursively), text file with one image path per line, "
+            "or fashion-mnist[:train|:test].",
+            show_default=False,
+        ),
+    ],
+    layer: Annotated[
+        list[str],
+        typer.Option("--layer", "-l", help="Layer alias or module path; repeat for several (one pass mines all)."),
+    ],
+    output: OutDirOpt = Path("convscope-patches"),
+    model: ModelOpt = None,
+    weights: WeightsOpt = None,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    top: Annotated[int, typer.Option("--top", min=1, help="Patches per channel.")] = 9,
+    channels: Annotated[
+        str | None, typer.Option("--channels", help="Channels to mine, e.g. 0-63 or 3,7,10-12 (default: all).")
+    ] = None,
+    no_projections: Annotated[
+        bool, typer.Option("--no-projections", help="Crops only: skip the deconvnet projections.")
+    ] = False,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass.")] = 64,
+    workers: Annotated[
+        int, typer.Option("--workers", min=0, help="Processes decoding image files (0: in the main process).")
+    ] = 0,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue an interrupted run from its checkpoint in the output folder.")
+    ] = False,
+    checkpoint_every: Annotated[
+        int, typer.Option("--checkpoint-every", min=1, help="Batches between checkpoints of the running state.")
+    ] = 50,
+) -> None:
+    """Top-9 dataset patches of every channel: crops under the receptive field beside their
+    deconvnet projections (Zeiler & Fergus 2014, Fig. 2).
+
+    Writes patches.json (the index), LAYER/channel_K.png per channel, index.html (a gallery that
+    reads offline) and manifest.json, last. The running state is checkpointed in
+    OUTPUT/.patches-state; after an interruption run the same command with --resume. Under
+    torchrun --nproc-per-node N -m convscope patches ... each rank mines a shard and rank 0 writes.
+
+    Examples: convscope patches photos/ --layer stage3 --channels 0-15 -o out/ |
+    convscope patches fashion-mnist --model zfnet_mnist --weights runs/fm/best.pt --layer conv1 --layer conv5 -o out/
+    """
+    from convscope.dataset.patches import collect_patches, top_patches
+    from convscope.dataset.sources import open_source
+    from convscope.distributed import init_from_env, shard_range
+    from convscope.models.load import resolve_device
+    from convscope.render.patches import channel_figure, gallery_html
+
+    chosen = parse_channels(channels)
+    with init_from_env(resolve_device(device)) as world:
+        if world.backend == "nccl":
+            device = f"cuda:{world.local_rank}"
+        loaded = open_model(model, weights, seed, device)
+        source = open_source(data, loaded.preprocess)
+        shard = shard_range(len(source), world.rank, world.size)
+        state_dir = output / STATE_FOLDER
+        started = time.perf_counter()
+        bar = progress_bar(len(shard), "mining", unit="img") if world.is_rank0 else nullcontext(None)
+        with bar as advance:
+            index = top_patches(
+                loaded, source, layer, top=top, channels=chosen, batch_size=batch_size, workers=workers,
+                progress=advance, checkpoint=state_dir, checkpoint_every=checkpoint_every, resume=resume,
+            )
+        mining_seconds = time.perf_counter() - started
+        if not world.is_rank0:
+            return
+        if index.images == 0:
+            for image, reason in index.skipped[:MAX_LISTED]:
+                typer.echo(f"error: {image}: {reason}", err=True)
+            raise DataError(data, f"none of the {len(index.skipped)} images could be read")
+
+        out = OutputDir(output)
+        out.json("patches.json", index.to_json())
+        started = time.perf_counter()
+        gallery: dict[str, list[dict[str, object]]] = {name: [] for name in index.layers}
+        total = sum(len(entries) for lists in index.layers.values() for entries in lists)
+        with progress_bar(total, "projections" if not no_projections else "crops", unit="patch") as advance:
+            for patches in collect_patches(
+                loaded, source, index, projections=not no_projections, batch_size=batch_size, progress=advance
+            ):
+                name = f"{safe_name(patches.layer)}/channel_{patches.channel}.png"
+                if patches.entries:
+                    picture = channel_figure(patches.crops, patches.projections, [e.value for e in patches.entries])
+                    out.png(name, picture)
+                gallery[patches.layer].append({
+                    "channel": patches.channel,
+                    "picture": name,
+                    "best": patches.entries[0].value if patches.entries else None,
+                    "count": len(patches.entries),
+                })
+        drawing_seconds = time.perf_counter() - started
+        notes = [
+            f"model {index.model} ({loaded.weights}); data {index.source}: {index.images} images"
+            + (f", {len(index.skipped)} skipped (listed in patches.json)" if index.skipped else ""),
+            "left: the input under each activation's receptive field; right: its deconvnet projection"
+            if not no_projections else "the input under each activation's receptive field",
+        ]
+        inexact = [name for name, exact in index.boxes_exact.items() if not exact]
+        if inexact:
+            notes.append(
+                f"receptive fields of {', '.join(inexact)} are approximate (the network leaves a plain conv/pool "
+                "chain, e.g. residual additions): the crops follow the main path"
+            )
+        out.text("index.html", gallery_html(f"Top-{top} patches", gallery, notes=notes))
+        out.manifest("patches", {
+            "data": data, "model": loaded.name, "weights": loaded.weights, "layers": list(layer),
+            "top": top, "channels": channels, "projections": not no_projections, "batch_size": batch_size,
+            "workers": workers, "processes": world.size, "images": index.images, "skipped": len(index.skipped),
+            "boxes_exact": index.boxes_exact,
+            "timings": {
+                "mining_seconds": round(mining_seconds, 3),
+                "images_per_second": round(index.images / mining_seconds, 1) if mining_seconds > 0 else None,
+                "drawing_seconds": round(drawing_seconds, 3),
+            },
+        })
+        shutil.rmtree(state_dir, ignore_errors=True)  # the run is complete: nothing to resume
+        rate = index.images / mining_seconds if mining_seconds > 0 else 0.0
+        typer.echo(
+            f"mined {index.images} images in {mining_seconds:.1f} s ({rate:.0f} img/s) on {world.size} "
+            f"process{'es' if world.size > 1 else ''}; wrote {len(out.written)} files to {out.root}"
+        )
+        if index.skipped:
+            typer.echo(f"skipped {len(index.skipped)} unreadable images:", err=True)
+            for image, reason in index.skipped[:MAX_LISTED]:
+                typer.echo(f"  {image}: {reason}", err=True)
+            if len(index.skipped) > MAX_LISTED:
+                typer.echo(f"  ... and {len(index.skipped) - MAX_LISTED} more (see patches.json)", err=True)
+            raise typer.Exit(EXIT_USER_ERROR)
+

@@ -1,0 +1,1 @@
+"""Work over many images: data sources and the streaming top-k patch miner."""

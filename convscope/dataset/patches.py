@@ -1,0 +1,606 @@
+"""Top-k dataset patches: what does feature map k of layer l detect? (Zeiler & Fergus 2014, Fig. 2)
+
+The answer is the ``top`` strongest activations of that map over a whole dataset, each shown as
+the image crop under its receptive field beside its deconvnet projection.
+
+**Mining** (``top_patches``) is one pass over the data with one forward per batch for all layers.
+For each image and channel the score is the channel's maximum over its map, at one cell (the
+first in row-major order on ties), so an image appears at most once in a channel's list. Each
+layer keeps a running ``(channels, top)`` table of values, image positions and cells on the
+model's device; a batch's ``(channels, batch)`` candidates are merged into it by sorting on
+(value descending, image position ascending). The merge is exact and order-free, so the tables
+after any split of the data into batches, shards (torchrun ranks) or resumed runs are the same
+as after one pass, provided each image's activations do not depend on its batch neighbours
+(true in eval mode; see ``_forward`` for the one numerical exception). Memory is the tables plus
+one batch: it does not grow with the dataset.
+
+The running tables, the position reached, the image count and the skipped files make up the
+state, a small dict of tensors checkpointed atomically every few batches and on Ctrl-C; a
+resumed run continues from the last checkpoint and ends with the same tables.
+
+Under torchrun each rank mines a contiguous shard (``distributed.shard_range``), then the ranks'
+tables are gathered and merged with the same function.
+
+**Projections** (``collect_patches``) are a second, short pass over the winners only: each
+winner's image is loaded again and its kept activation projected to pixels with the deconvnet
+(``methods.deconvnet.project_cells``, one backward for a whole batch of winners). Its cost grows
+with channels x top, never with the dataset.
+
+Receptive-field boxes come from ``probes.geometry``: ``[x0, y0, x1, y1]`` in the network input's
+pixels, right/bottom exclusive, clipped to the image.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from convscope.dataset.sources import ImageSource, TensorSource, open_source
+from convscope.distributed import World, current_world, shard_range
+from convscope.errors import BadArgument
+from convscope.imageio import atomic_write
+from convscope.methods._common import ModelLike
+from convscope.models.load import as_loaded
+from convscope.probes.geometry import Geometry, cell_boxes_xyxy, layer_geometries
+from convscope.probes.hooks import capture, eval_mode
+from convscope.probes.layers import resolve_layer
+from convscope.types import LoadedModel
+
+EMPTY = torch.iinfo(torch.int64).max  # image position of an unfilled slot: sorts after every real one
+STATE_VERSION = 1
+
+Progress = Callable[[int], None]
+ChannelsArg = Sequence[int] | Mapping[str, Sequence[int]] | None
+
+
+@dataclass(frozen=True)
+class PatchEntry:
+    """One of a channel's top activations.
+
+    Attributes:
+        image: the image's path, or its position for Fashion-MNIST and tensors.
+        index: its position in the source.
+        value: the activation (the channel's maximum over the image's map).
+        cell: ``(y, x)`` of that maximum in the feature map.
+        box: ``(x0, y0, x1, y1)`` input pixels the cell sees, right/bottom exclusive, clipped.
+    """
+
+    image: str | int
+    index: int
+    value: float
+    cell: tuple[int, int]
+    box: tuple[int, int, int, int]
+
+    def as_json(self) -> dict[str, Any]:
+        return {"image": self.image, "value": self.value, "cell": list(self.cell), "box": list(self.box)}
+
+
+@dataclass(frozen=True)
+class PatchIndex:
+    """The top patches of every mined channel of every layer.
+
+    Attributes:
+        model: the model's name.
+        source: what was mined (folder, list file, ``fashion-mnist:train``...).
+        images: how many images were read (skipped ones not counted).
+        skipped: ``(image, reason)`` of every unreadable image, in source order.
+        layers: layer name as given -> one tuple of entries per listed channel, best first.
+        channels: layer -> the channel ids of those lists (all channels unless chosen).
+        chosen: whether the channels were chosen (``patches.json`` then names them).
+        top: entries asked for per channel (fewer when the dataset is smaller).
+        input_size: ``(H, W)`` of the network input the boxes refer to.
+        boxes_exact: layer -> whether its receptive field is exact (plain conv/pool chain).
+    """
+
+    model: str
+    source: str
+    images: int
+    skipped: tuple[tuple[str | int, str], ...]
+    layers: dict[str, tuple[tuple[PatchEntry, ...], ...]]
+    channels: dict[str, tuple[int, ...]]
+    chosen: bool
+    top: int
+    input_size: tuple[int, int]
+    boxes_exact: dict[str, bool]
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``patches.json`` document (no timings: equal runs give equal bytes)."""
+        document: dict[str, Any] = {
+            "model": self.model,
+            "images": self.images,
+            "skipped": [{"path": str(image), "error": reason} for image, reason in self.skipped],
+            "layers": {
+                name: [[entry.as_json() for entry in entries] for entries in lists]
+                for name, lists in self.layers.items()
+            },
+        }
+        if self.chosen:
+            document["channels"] = {name: list(ids) for name, ids in self.channels.items()}
+        return document
+
+
+@dataclass(frozen=True)
+class ChannelPatches:
+    """The pictures of one channel's top patches.
+
+    Attributes:
+        layer: layer name as given.
+        channel: channel id.
+        entries: the channel's top entries, best first.
+        crops: per entry, ``(C, h, w)`` float32 in ``[0, 1]``: the network's view of the image
+            under the entry's box.
+        projections: per entry, ``(C, h, w)`` float32 deconvnet projection of the activation,
+            cropped to the same box; ``None`` when projections were not asked for.
+    """
+
+    layer: str
+    channel: int
+    entries: tuple[PatchEntry, ...]
+    crops: tuple[torch.Tensor, ...]
+    projections: tuple[torch.Tensor, ...] | None
+
+
+# -- the running top-k ------------------------------------------------------------------------
+
+
+def merge_topk(
+    values: torch.Tensor, images: torch.Tensor, cells: torch.Tensor, top: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keep each row's ``top`` best candidates: higher value first, then lower image position.
+
+    Args:
+        values: ``(C, M)`` float candidates (``-inf`` for empty slots).
+        images: ``(C, M)`` int64 image positions (``EMPTY`` for empty slots).
+        cells: ``(C, M)`` int64 flat cell of each candidate.
+
+    Returns:
+        ``(C, top)`` values, images and cells, padded with empty slots when ``M < top``.
+    """
+    if values.shape[1] < top:
+        pad = top - values.shape[1]
+        values = torch.cat([values, values.new_full((values.shape[0], pad), float("-inf"))], 1)
+        images = torch.cat([images, images.new_full((images.shape[0], pad), EMPTY)], 1)
+        cells = torch.cat([cells, cells.new_zeros((cells.shape[0], pad))], 1)
+    # Two stable sorts make a lexicographic one: by position, then by value (descending).
+    order = images.argsort(dim=1, stable=True)
+    values, images, cells = values.gather(1, order), images.gather(1, order), cells.gather(1, order)
+    order = values.argsort(dim=1, descending=True, stable=True)[:, :top]
+    return values.gather(1, order), images.gather(1, order), cells.gather(1, order)
+
+
+@dataclass(frozen=True)
+class _Table:
+    """One layer's running top-k: ``(C, top)`` values, image positions and flat cells."""
+
+    values: torch.Tensor
+    images: torch.Tensor
+    cells: torch.Tensor
+
+    @staticmethod
+    def empty(channels: int, top: int, device: torch.device) -> _Table:
+        return _Table(
+            torch.full((channels, top), float("-inf"), device=device),
+            torch.full((channels, top), EMPTY, dtype=torch.int64, device=device),
+            torch.zeros((channels, top), dtype=torch.int64, device=device),
+        )
+
+    def update(self, peaks: torch.Tensor, where: torch.Tensor, positions: torch.Tensor) -> _Table:
+        """Merge a batch: ``peaks``/``where`` ``(B, C)``, ``positions`` ``(B,)``."""
+        count = self.values.shape[0]
+        batch_images = positions.to(self.images.device).unsqueeze(0).expand(count, -1)
+        values, images, cells = merge_topk(
+            torch.cat([self.values, peaks.t().float()], 1),
+            torch.cat([self.images, batch_images], 1),
+            torch.cat([self.cells, where.t()], 1),
+            self.values.shape[1],
+        )
+        return _Table(values, images, cells)
+
+    def cpu(self) -> dict[str, torch.Tensor]:
+        return {"values": self.values.cpu(), "images": self.images.cpu(), "cells": self.cells.cpu()}
+
+
+@dataclass(frozen=True)
+class _State:
+    """What a checkpoint holds: where the pass is and what it found so far."""
+
+    position: int
+    images: int
+    skipped: tuple[tuple[int, str], ...]
+    tables: dict[str, _Table]
+
+
+def _peaks(output: torch.Tensor, chosen: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B, C, h, w)`` -> per image and channel the maximum and its flat cell, ``(B, C)`` each."""
+    if chosen is not None:
+        output = output.index_select(1, chosen)
+    # max over a dim returns the first index among equal maxima (documented), i.e. row-major.
+    values, where = output.flatten(2).max(dim=2)
+    return torch.nan_to_num(values.float(), nan=float("-inf")), where
+
+
+# -- checkpoints --------------------------------------------------------------------------------
+
+
+def state_path(folder: str | Path, world: World) -> Path:
+    """The checkpoint file of this rank (one per rank: each checkpoints its own shard)."""
+    return Path(folder) / f"state-rank{world.rank}-of-{world.size}.pt"
+
+
+def _save_state(path: Path, config: dict[str, Any], state: _State) -> None:
+    buffer = io.BytesIO()
+    torch.save(
+        {
+            "version": STATE_VERSION,
+            "config": config,
+            "position": state.position,
+            "images": state.images,
+            "skipped": [list(item) for item in state.skipped],
+            "tables": {name: table.cpu() for name, table in state.tables.items()},
+        },
+        buffer,
+    )
+    atomic_write(path, buffer.getvalue())
+
+
+def _load_state(path: Path, config: dict[str, Any], device: torch.device) -> _State:
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # any unpickling failure means the file is not ours or is damaged
+        raise BadArgument("--resume", f"cannot read the checkpoint {path}: {type(exc).__name__}") from exc
+    if not isinstance(raw, dict) or raw.get("version") != STATE_VERSION:
+        raise BadArgument("--resume", f"{path} is not a convscope patches checkpoint of this version")
+    old = raw.get("config", {})
+    for key, value in config.items():
+        if old.get(key) != value:
+            raise BadArgument(
+                "--resume",
+                f"the checkpoint {path} was made with other settings ({key}: {old.get(key)!r}, now {value!r})",
+                "run again without --resume to start over",
+            )
+    tables = {
+        name: _Table(t["values"].to(device), t["images"].to(device), t["cells"].to(device))
+        for name, t in raw["tables"].items()
+    }
+    skipped = tuple((int(i), str(r)) for i, r in raw["skipped"])
+    return _State(int(raw["position"]), int(raw["images"]), skipped, tables)
+
+
+# -- mining -------------------------------------------------------------------------------------
+
+
+def _channel_lists(channels: ChannelsArg, counts: dict[str, int]) -> dict[str, list[int] | None]:
+    chosen: dict[str, list[int] | None] = {}
+    for name, count in counts.items():
+        wanted: Sequence[int] | None
+        if channels is None:
+            wanted = None
+        elif isinstance(channels, Mapping):
+            wanted = channels.get(name)
+        else:
+            wanted = channels
+        if wanted is None:
+            chosen[name] = None
+            continue
+        ids = list(dict.fromkeys(int(c) for c in wanted))
+        if not ids:
+            raise BadArgument("--channels", f"no channels chosen for layer {name}")
+        bad = [c for c in ids if not 0 <= c < count]
+        if bad:
+            raise BadArgument(
+                f"--channels {bad[0]}", f"is out of range: layer {name} has {count} channels (0..{count - 1})"
+            )
+        chosen[name] = sorted(ids)
+    return chosen
+
+
+def _forward(module: torch.nn.Module, x: torch.Tensor) -> None:
+    # oneDNN runs a one-image batch through other convolution kernels, whose results differ in
+    # the last bits from the same image in a larger batch. A lone image (the tail of a shard or
+    # of a resumed pass) goes in twice, so its activations match those of any other batching.
+    module(torch.cat([x, x]) if x.shape[0] == 1 else x)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    loaded: LoadedModel
+    source: ImageSource
+    names: list[str]
+    paths: dict[str, str]
+    modules: dict[str, torch.nn.Module]
+    counts: dict[str, int]
+    grids: dict[str, tuple[int, int]]
+    geometry: dict[str, Geometry]
+    chosen: dict[str, list[int] | None]
+    input_size: tuple[int, int]
+
+
+def _plan(model: ModelLike, data: Any, layers: str | Sequence[str], channels: ChannelsArg) -> _Plan:
+    loaded = as_loaded(model)
+    source = open_source(data, loaded.preprocess)
+    names = [layers] if isinstance(layers, str) else list(dict.fromkeys(layers))
+    if not names:
+        raise BadArgument("--layer", "give at least one layer")
+    resolved = {name: resolve_layer(loaded, name) for name in names}
+    shape = tuple(source.images.shape[1:]) if isinstance(source, TensorSource) else loaded.preprocess.input_size
+    probe_input = torch.zeros((1, *shape), device=loaded.device, dtype=loaded.dtype)
+    from convscope.methods.gradcam import feature_map_of
+
+    with capture(loaded.module, {name: module for name, (_, module) in resolved.items()}) as probe:
+        by_path = layer_geometries(loaded.module, probe_input, sorted({p for p, _ in resolved.values()}))
+    outputs = {name: feature_map_of(probe, name, name) for name in names}
+    counts = {name: int(out.shape[1]) for name, out in outputs.items()}
+    return _Plan(
+        loaded=loaded,
+        source=source,
+        names=names,
+        paths={name: path for name, (path, _) in resolved.items()},
+        modules={name: module for name, (_, module) in resolved.items()},
+        counts=counts,
+        grids={name: (int(out.shape[2]), int(out.shape[3])) for name, out in outputs.items()},
+        geometry={name: by_path[path] for name, (path, _) in resolved.items()},
+        chosen=_channel_lists(channels, counts),
+        input_size=(int(shape[-2]), int(shape[-1])),
+    )
+
+
+def top_patches(
+    model: ModelLike,
+    data: Any,
+    layers: str | Sequence[str],
+    top: int = 9,
+    channels: ChannelsArg = None,
+    batch_size: int = 64,
+    workers: int = 0,
+    progress: Progress | None = None,
+    *,
+    checkpoint: str | Path | None = None,
+    checkpoint_every: int = 50,
+    resume: bool = False,
+) -> PatchIndex:
+    """Mine the ``top`` strongest activations of every channel of ``layers`` over a dataset.
+
+    One forward pass per batch serves all layers. Under torchrun (an initialised process
+    group, see ``convscope.distributed``) each rank mines its shard and every rank returns the
+    merged index.
+
+    Args:
+        model: a ``LoadedModel`` or any ``nn.Module``.
+        data: a folder, an image file, a text file of paths, a list of paths,
+            ``"fashion-mnist[:train|:test]"``, a normalised ``(N, C, H, W)`` tensor or an
+            ``ImageSource`` (see ``dataset.sources.open_source``).
+        layers: one layer name (alias or module path) or several.
+        top: entries per channel.
+        channels: channel ids for every layer, or layer -> ids; ``None``: all channels.
+        batch_size: images per forward pass.
+        workers: DataLoader processes decoding image files (0: in this process).
+        progress: called with the number of source images covered by each batch.
+        checkpoint: folder for this rank's running state (``state-rank{r}-of-{n}.pt``), written
+            atomically every ``checkpoint_every`` batches, at the end and on Ctrl-C.
+        resume: continue from the state in ``checkpoint`` when there is one.
+
+    Returns:
+        the ``PatchIndex``.
+
+    Raises:
+        UnknownLayer: a bad layer, or one whose output is not a ``(N, C, h, w)`` feature map.
+        BadArgument: bad ``top``, ``batch_size``, ``workers`` or channels; a checkpoint made
+            with other settings.
+        DataError: nothing to read.
+    """
+    if top < 1:
+        raise BadArgument(f"--top {top}", "must be at least 1")
+    if batch_size < 1:
+        raise BadArgument(f"--batch-size {batch_size}", "must be at least 1")
+    if workers < 0:
+        raise BadArgument(f"--workers {workers}", "must be 0 or more")
+    if checkpoint_every < 1:
+        raise BadArgument(f"--checkpoint-every {checkpoint_every}", "must be at least 1")
+    plan = _plan(model, data, layers, channels)
+    loaded, source = plan.loaded, plan.source
+    device = loaded.device
+    world = current_world()
+    shard = shard_range(len(source), world.rank, world.size)
+    chosen_index = {
+        name: None if ids is None else torch.tensor(ids, dtype=torch.int64, device=device)
+        for name, ids in plan.chosen.items()
+    }
+    config = {
+        "model": loaded.name,
+        "weights": loaded.weights,
+        "source": source.description,
+        "count": len(source),
+        "layers": [plan.paths[name] for name in plan.names],
+        "channels": [plan.chosen[name] for name in plan.names],
+        "top": top,
+        "batch_size": batch_size,
+        "rank": world.rank,
+        "world": world.size,
+    }
+    path = state_path(checkpoint, world) if checkpoint is not None else None
+    state: _State | None = None
+    if resume and path is not None and path.is_file():
+        state = _load_state(path, config, device)
+    if state is None:
+        tables = {
+            name: _Table.empty(len(ids) if ids is not None else plan.counts[name], top, device)
+            for name, ids in plan.chosen.items()
+        }
+        state = _State(shard.start, 0, (), tables)
+    elif progress is not None and state.position > shard.start:
+        progress(state.position - shard.start)
+
+    committed = state
+    since_save = 0
+    with eval_mode(loaded.module), torch.no_grad(), capture(loaded.module, plan.modules) as store:
+        try:
+            for batch in source.batches(range(state.position, shard.stop), batch_size, workers):
+                tables = committed.tables
+                if len(batch.indices):
+                    store.clear()
+                    _forward(loaded.module, batch.images.to(device=device, dtype=loaded.dtype))
+                    tables = {}
+                    for name in plan.names:
+                        output = store.last(name)[: len(batch.indices)]
+                        peaks, where = _peaks(output, chosen_index[name])
+                        tables[name] = committed.tables[name].update(peaks, where, batch.indices)
+                # One assignment, so an interrupt never leaves a half-updated state to save.
+                committed = _State(
+                    committed.position + batch.consumed,
+                    committed.images + len(batch.indices),
+                    committed.skipped + batch.failed,
+                    tables,
+                )
+                if progress is not None:
+                    progress(batch.consumed)
+                since_save += 1
+                if path is not None and since_save >= checkpoint_every:
+                    _save_state(path, config, committed)
+                    since_save = 0
+        except KeyboardInterrupt:
+            if path is not None:
+                _save_state(path, config, committed)
+            raise
+    if path is not None and since_save:
+        _save_state(path, config, committed)
+    return _finish(plan, committed, world, top)
+
+
+def _finish(plan: _Plan, state: _State, world: World, top: int) -> PatchIndex:
+    tables = state.tables
+    images = state.images
+    skipped = list(state.skipped)
+    if world.distributed:
+        merged = {}
+        for name in plan.names:
+            table = tables[name]
+            values, positions, cells = merge_topk(
+                torch.cat(world.all_gather(table.values), 1),
+                torch.cat(world.all_gather(table.images), 1),
+                torch.cat(world.all_gather(table.cells), 1),
+                top,
+            )
+            merged[name] = _Table(values, positions, cells)
+        tables = merged
+        gathered = world.all_gather_object((state.images, list(state.skipped)))
+        images = sum(count for count, _ in gathered)
+        skipped = sorted((item for _, items in gathered for item in items), key=lambda s: s[0])
+
+    source = plan.source
+    lists: dict[str, tuple[tuple[PatchEntry, ...], ...]] = {}
+    channel_ids: dict[str, tuple[int, ...]] = {}
+    for name in plan.names:
+        table = tables[name]
+        value_rows = table.values.cpu().tolist()
+        position_rows = table.images.cpu().tolist()
+        cell_rows = table.cells.cpu().tolist()
+        _, width = plan.grids[name]
+        rows_out = []
+        for row_values, row_positions, row_cells in zip(value_rows, position_rows, cell_rows, strict=True):
+            kept = [(v, p, c) for v, p, c in zip(row_values, row_positions, row_cells, strict=True)
+                    if p != EMPTY and v != float("-inf")]
+            ys = [c // width for _, _, c in kept]
+            xs = [c % width for _, _, c in kept]
+            boxes = cell_boxes_xyxy(plan.geometry[name], ys, xs, plan.input_size)
+            rows_out.append(tuple(
+                PatchEntry(source.key(p), p, float(v), (y, x), box)
+                for (v, p, _), y, x, box in zip(kept, ys, xs, boxes, strict=True)
+            ))
+        lists[name] = tuple(rows_out)
+        ids = plan.chosen[name]
+        channel_ids[name] = tuple(ids) if ids is not None else tuple(range(plan.counts[name]))
+    return PatchIndex(
+        model=plan.loaded.name,
+        source=source.description,
+        images=images,
+        skipped=tuple((source.key(i), reason) for i, reason in skipped),
+        layers=lists,
+        channels=channel_ids,
+        chosen=any(ids is not None for ids in plan.chosen.values()),
+        top=top,
+        input_size=plan.input_size,
+        boxes_exact={name: plan.geometry[name].exact for name in plan.names},
+    )
+
+
+# -- projections ---------------------------------------------------------------------------------
+
+
+def collect_patches(
+    model: ModelLike,
+    data: Any,
+    index: PatchIndex,
+    *,
+    layers: Sequence[str] | None = None,
+    projections: bool = True,
+    batch_size: int = 32,
+    progress: Progress | None = None,
+) -> Iterator[ChannelPatches]:
+    """Load the winners of ``index`` again and yield each channel's crops and projections.
+
+    Only the winning images are read (``channels x top`` of them per layer, repeats included),
+    ``batch_size`` at a time, with one deconvnet backward per batch. Channels come out layer by
+    layer in channel order, each as soon as its entries are done, so memory stays one batch.
+
+    Args:
+        data: the same data ``index`` was mined from.
+        layers: the layers to show (default: all of ``index``).
+        projections: ``False`` gives the crops only (no model pass at all).
+        progress: called with the number of entries done after each batch.
+    """
+    from convscope.methods.deconvnet import project_cells
+
+    loaded = as_loaded(model)
+    source = open_source(data, loaded.preprocess)
+    if batch_size < 1:
+        raise BadArgument(f"--batch-size {batch_size}", "must be at least 1")
+    for name in layers if layers is not None else list(index.layers):
+        lists = index.layers[name]
+        ids = index.channels[name]
+        rows = [(slot, entry) for slot, entries in enumerate(lists) for entry in entries]
+        crops: dict[int, list[torch.Tensor]] = {}
+        projected: dict[int, list[torch.Tensor]] = {}
+        next_slot = 0
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            batch = source.load([entry.index for _, entry in chunk]).to(device=loaded.device, dtype=loaded.dtype)
+            display = loaded.preprocess.to_display(batch).float().cpu()
+            result = None
+            if projections:
+                result = project_cells(
+                    loaded, batch, name,
+                    torch.tensor([ids[slot] for slot, _ in chunk], dtype=torch.int64),
+                    torch.tensor([entry.cell for _, entry in chunk], dtype=torch.int64),
+                )
+            for i, (slot, entry) in enumerate(chunk):
+                x0, y0, x1, y1 = entry.box
+                crops.setdefault(slot, []).append(display[i, :, y0:y1, x0:x1].clone())
+                if result is not None:
+                    projected.setdefault(slot, []).append(result[i, :, y0:y1, x0:x1].clone())
+            if progress is not None:
+                progress(len(chunk))
+            done_through = chunk[-1][0] if start + batch_size >= len(rows) else chunk[-1][0] - 1
+            while next_slot <= done_through:
+                yield _channel(name, ids[next_slot], lists[next_slot], crops, projected, next_slot, projections)
+                next_slot += 1
+        while next_slot < len(lists):  # channels with no entries
+            yield _channel(name, ids[next_slot], lists[next_slot], crops, projected, next_slot, projections)
+            next_slot += 1
+
+
+def _channel(
+    name: str, channel: int, entries: tuple[PatchEntry, ...], crops: dict[int, list[torch.Tensor]],
+    projected: dict[int, list[torch.Tensor]], slot: int, projections: bool,
+) -> ChannelPatches:
+    return ChannelPatches(
+        layer=name,
+        channel=channel,
+        entries=entries,
+        crops=tuple(crops.pop(slot, [])),
+        projections=tuple(projected.pop(slot, [])) if projections else None,
+    )

@@ -19,6 +19,10 @@ import numpy as np
 from convscope.render.views import png_bytes
 
 TEMPLATE_PACKAGE = "convscope.render"
+# How each section lays its pictures out: one per row ("wide"), side by side ("views"), or in
+# pairs (Grad-CAM next to guided Grad-CAM for each class).
+LAYOUTS = {"activations": "wide", "filters": "wide", "gradcam": "views pairs", "saliency": "views pairs"}
+TABLE_ONLY = {"classify"}  # shown as a table; the bar picture is for the web API
 
 
 def data_uri(picture: np.ndarray) -> str:
@@ -84,8 +88,12 @@ def report_html(exploration: Any) -> str:
     for section in exploration.sections:
         sections.append({
             "key": section.key, "title": section.title, "intro": section.intro,
-            "wide": section.key in ("classify", "activations"),
-            "figures": [{"title": v.title, "caption": v.caption, "src": data_uri(v.picture)} for v in section.views],
+            "layout": LAYOUTS.get(section.key, "views"),
+            "figures": [
+                {"title": v.title, "caption": v.caption, "src": data_uri(v.picture),
+                 "small": LAYOUTS.get(section.key) == "wide" and v.picture.shape[1] < 400}
+                for v in section.views if section.key not in TABLE_ONLY
+            ],
         })
     c, h, w = exploration.summary.input_size
     return environment().get_template("report.html.j2").render(  # type: ignore[no-any-return]

@@ -144,12 +144,15 @@ def create_app(
     model: str | None = None,
     weights: str | None = None,
     device: str = "auto",
-    root_path: str = "",
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     cache_size: int = 2,
 ) -> FastAPI:
-    """Build the app. Models load on first use and stay cached (``cache_size`` of them)."""
+    """Build the app. The default model loads at start-up, others on first use; ``cache_size`` stay cached.
+
+    ``root_path`` (the proxy prefix) is given to the server, not here: the page and the API use
+    relative URLs only, and FastAPI puts the server's root path in the schema's ``servers``.
+    """
     from starlette.formparsers import MultiPartParser
 
     from convscope.models.load import DEFAULT_MODEL, load_model
@@ -181,7 +184,6 @@ def create_app(
         title="convscope",
         summary="See what a convolutional network sees: classify an image and explain the decision.",
         version=_version(),
-        root_path=root_path,
         docs_url=None,
         redoc_url=None,
         lifespan=lifespan,
@@ -233,7 +235,7 @@ def create_app(
 
     async def read_form(request: Request) -> FormData:
         kind = request.headers.get("content-type", "")
-        if not kind.startswith("multipart/form-data"):
+        if not kind.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
             raise BadArgument("request", "must be multipart/form-data with an 'image' file field")
         return await request.form(max_files=2, max_fields=64)
 
@@ -316,6 +318,16 @@ def create_app(
     async def health() -> dict[str, str]:
         """Liveness: ``{"status": "ok"}``."""
         return {"status": "ok"}
+
+    @app.get("/api/status", tags=["api"])
+    async def status() -> dict[str, Any]:
+        """Cached models with the number of hooks attached to each (0 between requests), jobs,
+        and files in the private temp area (0 between requests)."""
+        return {
+            "models": [{"name": m.name, "weights": m.weights, "hooks": _hook_count(m.module)} for m in models.loaded()],
+            "jobs": jobs.counts(),
+            "temp_files": sum(1 for _ in temp.root.iterdir()) if temp.root.exists() else 0,
+        }
 
     @app.get("/api/methods", tags=["api"])
     async def methods() -> dict[str, Any]:
@@ -486,6 +498,14 @@ def _offline_weights(spec: Any) -> str:
     return "random"
 
 
+def _hook_count(module: Any) -> int:
+    return sum(
+        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+        + len(getattr(m, "_backward_pre_hooks", {}))
+        for m in module.modules()
+    )
+
+
 def _describe_model(entry: Any) -> dict[str, Any]:
     from convscope.probes.layers import list_layers
 
@@ -576,8 +596,7 @@ def run_server(
     """Serve the app with uvicorn until interrupted (the CLI's ``convscope serve``)."""
     import uvicorn
 
-    app = create_app(model=model, weights=weights, device=device, root_path=root_path,
-                     max_upload_bytes=max_upload_bytes)
+    app = create_app(model=model, weights=weights, device=device, max_upload_bytes=max_upload_bytes)
     uvicorn.run(app, host=host, port=port, root_path=root_path, log_level=log_level,
                 timeout_graceful_shutdown=5)
 

@@ -213,6 +213,14 @@ class JobStore:
                 job.status = "cancelled"
         return job
 
+    def counts(self) -> dict[str, int]:
+        """How many jobs are in each status."""
+        with self._guard:
+            out: dict[str, int] = {}
+            for job in self._jobs.values():
+                out[job.status] = out.get(job.status, 0) + 1
+            return out
+
     def _trim(self) -> None:
         finished = [j for j in self._jobs.values() if j.status in ("done", "error", "cancelled")]
         while len(self._jobs) > self._keep and finished:

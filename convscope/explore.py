@@ -180,7 +180,8 @@ def explore(
     part = section("deconv", "Deconvnet projections",
                    "The strongest channels of three layers projected back to pixels (Zeiler & Fergus, Fig. 2).",
                    started)
-    for name in grid_layers:
+    # The first stage sees a few pixels (a 3x3 crop says little); project from the later ones.
+    for name in spread(stages[1:], 3) or grid_layers:
         part.views += keep(explain(loaded, batch, "deconv", layer=name, options={"top": DECONV_TOP}))[:1]
     part.seconds = timings["deconv"] = time.perf_counter() - started
 

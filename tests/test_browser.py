@@ -6,7 +6,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import skimage_photo
 
 CHROMIUM = Path("/usr/bin/chromium")

@@ -60,11 +60,11 @@ def test_tiny_report_has_every_section_and_captioned_pictures(tiny_report: str) 
         picture = Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1])))
         assert picture.format == "PNG" and picture.mode == "RGB"
     assert "random weights" in tiny_report or "weights are random" in tiny_report
-    # Grad-CAM and guided Grad-CAM for each of the top-3 classes; 3 feature grids; 3 deconv layers (tiny has 2 stages).
+    # Grad-CAM and guided Grad-CAM for each of the top-3 classes; feature grids and deconv of up to 3 stages.
     titles = [t for _, t in found]
     assert titles.count("Grad-CAM.") == 3 and titles.count("Guided Grad-CAM.") == 3
     assert sum(t.startswith("Feature maps of") for t in titles) == 2
-    assert sum(t.startswith("Deconvnet of") for t in titles) == 2
+    assert sum(t.startswith("Deconvnet of") for t in titles) == 1  # stages after the first
     assert {"Probability under occlusion.", "Most probable class under occlusion."} <= set(titles)
     assert any(t.startswith("Activation of conv2 channel") for t in titles)
 
@@ -78,7 +78,7 @@ def test_explore_rejects_a_non_html_output(tmp_path: Path) -> None:
     out = subprocess.run(
         [sys.executable, "-m", "convscope", "explore", str(skimage_photo("coffee.png")), "--model", "tiny",
          "--weights", "random", "-o", str(tmp_path / "report.png")],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True, text=True, timeout=120, check=False,
     )
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [f"error: --output {tmp_path / 'report.png'}: must end in .html"]
@@ -90,7 +90,7 @@ def test_explore_coffee_with_the_pretrained_model(tmp_path: Path) -> None:
     target = tmp_path / "report.html"
     out = subprocess.run(
         [sys.executable, "-m", "convscope", "explore", str(skimage_photo("coffee.png")), "-o", str(target)],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True, text=True, timeout=600, check=False,
     )
     assert out.returncode == 0, out.stderr
     assert "espresso" in out.stdout and "time: load" in out.stdout
@@ -98,7 +98,7 @@ def test_explore_coffee_with_the_pretrained_model(tmp_path: Path) -> None:
     check_self_contained(html)
     for key in SECTIONS:
         assert f'<section id="{key}">' in html, key
-    first_row = re.search(r'<table class="predictions">.*?<tbody>\s*<tr><td>([^<]+)</td>', html, re.S)
+    first_row = re.search(r'<table class="predictions">.*?<tbody>\s*<tr><td>([^<]+)</td>', html, re.DOTALL)
     assert first_row is not None and first_row.group(1) == "espresso"
     assert "Grad-CAM for espresso (class 967" in html
     assert [p.name for p in tmp_path.iterdir()] == ["report.html"]  # no temp files left

@@ -37,11 +37,15 @@ def coffee_bytes() -> bytes:
 
 
 @pytest.fixture(scope="module")
-def expected(default_model: Any) -> list[dict[str, Any]]:
-    """What the library says in-process: the same items as ``convscope classify --json``."""
-    from convscope import classify, load_image
+def expected() -> list[dict[str, Any]]:
+    """What ``convscope classify --json`` prints for the photo."""
+    import json
+    import subprocess
+    import sys
 
-    return classify(default_model, load_image(COFFEE), topk=5)[0].as_dicts()
+    out = subprocess.run([sys.executable, "-m", "convscope", "classify", str(COFFEE), "--json"],
+                         capture_output=True, text=True, timeout=300, check=True)
+    return json.loads(out.stdout)[0]["predictions"]  # type: ignore[no-any-return]
 
 
 def post(base: str, route: str, data: dict[str, Any] | None = None, image: bytes | None = None,
@@ -66,7 +70,7 @@ def test_health(base: str) -> None:
     assert response.json() == {"status": "ok"}
 
 
-def test_classify_matches_library(base: str, coffee_bytes: bytes, expected: list[dict[str, Any]]) -> None:
+def test_classify_gives_the_items_of_the_cli(base: str, coffee_bytes: bytes, expected: list[dict[str, Any]]) -> None:
     response = post(base, "api/classify", image=coffee_bytes)
     assert response.status_code == 200
     got = response.json()["predictions"]
@@ -283,7 +287,7 @@ def test_samples_are_served(base: str) -> None:
 def test_server_writes_only_inside_its_temp_area(web_server: tuple[str, Path]) -> None:
     """The server's TMPDIR holds only its own private folder (Starlette's upload spill files are
     kept in memory), and that folder is empty between requests."""
-    base, tmpdir = web_server
+    _, tmpdir = web_server
     # torch makes an empty torchinductor_<user> folder when it starts; it is not ours.
     torch_own = [e for e in tmpdir.iterdir() if e.name.startswith("torchinductor_")]
     assert all(not any(e.iterdir()) for e in torch_own)
@@ -318,3 +322,67 @@ def test_temp_area_is_removed_on_shutdown() -> None:
         response = client.post("/api/classify", files={"image": ("red.png", buffer.getvalue())})
         assert response.status_code == 200 and len(response.json()["predictions"]) == 5
     assert not root.exists()
+
+
+def test_binding_beyond_loopback_warns() -> None:
+    from convscope.cli.web_cmd import bind_warning
+
+    for host in ("127.0.0.1", "localhost", "::1", "127.0.0.2"):
+        assert bind_warning(host) is None, host
+    for host in ("0.0.0.0", "192.168.1.5", "::", "example.org"):
+        message = bind_warning(host)
+        assert message is not None and message.startswith(f"binding to {host}: anyone who can reach")
+
+
+def test_model_lock_shares_readers_and_excludes_writers() -> None:
+    import threading
+
+    from convscope.web.state import ModelLock
+
+    lock = ModelLock()
+    inside: list[str] = []
+    overlap: list[tuple[str, ...]] = []
+    guard = threading.Lock()
+
+    def work(kind: str) -> None:
+        with lock.hold(kind == "writer"):
+            with guard:
+                inside.append(kind)
+                overlap.append(tuple(inside))
+            time.sleep(0.02)
+            with guard:
+                inside.remove(kind)
+
+    threads = [threading.Thread(target=work, args=("writer" if k % 3 == 0 else "reader",)) for k in range(24)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(seen == ("writer",) for seen in overlap if "writer" in seen)  # a writer is always alone
+    assert max(len(seen) for seen in overlap) > 1  # readers did share
+
+
+def test_hooked_methods_under_threads_match_sequential_in_process() -> None:
+    """The lock the routes take: Grad-CAM at two layers from many threads equals each run alone."""
+    import torch
+
+    from convscope.explore import explain
+    from convscope.methods.registry import get_method
+    from convscope.models.load import load_model
+    from convscope.web.state import ModelEntry
+
+    entry = ModelEntry(load_model("tiny", weights="random", seed=0, device="cpu"))
+    torch.manual_seed(0)
+    batches = [torch.randn(1, 3, 32, 32) for _ in range(4)]
+    layers = ["conv1", "conv2"]
+
+    def run(k: int) -> bytes:
+        spec = get_method("gradcam")
+        with entry.lock.hold(spec.hooks):
+            views = explain(entry.loaded, batches[k % 4], spec, layer=layers[k % 2])
+        return views.views[1].picture.tobytes()
+
+    alone = [run(k) for k in range(8)]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        for _ in range(5):
+            assert list(pool.map(run, range(8))) == alone

@@ -26,7 +26,7 @@ def running_server(*args: str, startup_seconds: float = 120.0, env: dict[str, st
     """Yield the base URL (``http://127.0.0.1:PORT/``) of a server started with ``args``."""
     port = free_port()
     environment = {**os.environ, **(env or {})}
-    out = open(log, "wb") if log else subprocess.DEVNULL
+    out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 - closed in finally
     process = subprocess.Popen(
         [sys.executable, "-m", "convscope", "serve", "--port", str(port), *args],
         stdout=out, stderr=subprocess.STDOUT, env=environment,

@@ -69,12 +69,27 @@ def explore_command(
     rendered_at = time.perf_counter()
     path = write_report(output, result)
     done = time.perf_counter()
-    top = result.prediction.as_dicts()[0]
-    typer.echo(f"{image}: {top['label']} ({100 * float(top['probability']):.1f}%)")
+    label, probability = result.prediction.labels[0], float(result.prediction.probabilities[0])
+    typer.echo(f"{image}: {label} ({100 * probability:.1f}%)")
     parts = ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items())
     typer.echo(f"time: load {loaded_at - started:.1f}s, {parts}, html {done - rendered_at:.1f}s, "
                f"total {done - started:.1f}s")
     typer.echo(f"wrote {path}")
+
+
+def bind_warning(host: str) -> str | None:
+    """A warning line when ``host`` is not a loopback address, else ``None``."""
+    import ipaddress
+
+    if host == "localhost":
+        return None
+    try:
+        if ipaddress.ip_address(host.strip("[]")).is_loopback:
+            return None
+    except ValueError:
+        pass  # a host name: it may resolve to anything
+    return (f"binding to {host}: anyone who can reach this address can use the app (it has no login); "
+            "use the default 127.0.0.1 to keep it local")
 
 
 @app.command("serve")
@@ -100,8 +115,8 @@ def serve_command(
     """
     from convscope.web.app import run_server
 
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        typer.echo(f"warning: binding to {host}: anyone who can reach this address can use the app "
-                   "(it has no login); use the default 127.0.0.1 to keep it local", err=True)
+    warning = bind_warning(host)
+    if warning:
+        typer.echo(f"warning: {warning}", err=True)
     run_server(host=host, port=port, model=model, weights=weights, device=device, root_path=root_path,
                max_upload_bytes=int(max_upload_mb * 1_000_000))

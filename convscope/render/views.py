@@ -108,7 +108,7 @@ def prediction_bars(prediction: Any, *, width: int = 520, row: int = 26) -> np.n
         probability = float(entry["probability"])
         draw.text((4, y + 6), str(entry["label"])[:30], fill=(0, 0, 0))
         draw.rectangle((bar_left, y + 4, bar_right, y + row - 4), outline=(200, 200, 200))
-        end = bar_left + int(round((bar_right - bar_left) * probability))
+        end = bar_left + round((bar_right - bar_left) * probability)
         if end > bar_left:
             draw.rectangle((bar_left, y + 4, end, y + row - 4), fill=(31, 119, 180))
         draw.text((bar_right + 6, y + 6), _pct(probability), fill=(0, 0, 0))

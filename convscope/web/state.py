@@ -192,7 +192,7 @@ class JobStore:
                 job.status = "done"
             except JobCancelled:
                 job.status = "cancelled"
-            except Exception as exc:  # one line for the page; the server carries on
+            except Exception as exc:  # noqa: BLE001 - one line for the page; the server carries on
                 job.error = describe(exc)
                 job.status = "error"
             finally:

@@ -34,15 +34,47 @@ def _browser_or_skip():  # type: ignore[no-untyped-def]
     return sync_playwright
 
 
+def _launch(p):  # type: ignore[no-untyped-def]
+    return p.chromium.launch(
+        executable_path=str(CHROMIUM if CHROMIUM.exists() else shutil.which("chromium")),
+        args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+              "--disable-component-update", "--no-first-run"],
+    )
+
+
+def test_report_opens_offline_and_fits_a_laptop_screen(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from convscope.explore import explore
+    from convscope.models.load import load_model
+    from convscope.render.report import write_report
+
+    loaded = load_model("tiny", weights="random", seed=0, device="cpu")
+    batch = loaded.preprocess.to_tensor(Image.open(skimage_photo("coffee.png")).convert("RGB"))
+    report = write_report(tmp_path / "report.html", explore(loaded, batch, image="coffee.png"))
+    sync_playwright = _browser_or_skip()
+    with sync_playwright() as p:
+        browser = _launch(p)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 800})
+            requests: list[str] = []
+            page.on("request", lambda r: requests.append(r.url))
+            page.goto(report.as_uri())
+            page.wait_for_load_state("load")
+            assert [r for r in requests if not r.startswith("data:")] == [report.as_uri()]
+            assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+            broken = page.evaluate("[...document.images].filter(i => !(i.complete && i.naturalWidth > 0)).length")
+            assert broken == 0 and page.evaluate("document.images.length") >= 15
+            page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
+        finally:
+            browser.close()
+
+
 def test_page_classifies_upload_and_shows_gradcam(web_server: tuple[str, Path], tmp_path: Path) -> None:
     sync_playwright = _browser_or_skip()
     server = web_server[0]
     with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=str(CHROMIUM if CHROMIUM.exists() else shutil.which("chromium")),
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--no-first-run"],
-        )
+        browser = _launch(p)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 900})
             outside: list[str] = []

@@ -165,3 +165,14 @@ def test_cli_choice_lists_equal_the_registry() -> None:
     assert set(cli_choices("occlusion", "--fill")) <= set(FILL_COLOURS)
     with pytest.raises(KeyError):
         cli_choices("occlusion", "--nothing")
+
+
+def test_registry_imports_neither_torch_nor_pil() -> None:
+    """The table is read by forms and --help; its functions and renderers load on first use."""
+    import subprocess
+    import sys
+
+    code = ("import sys, convscope.methods.registry as r; r.list_methods(); "
+            "print(sorted(m for m in ('torch', 'PIL', 'matplotlib') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.strip() == "[]"

@@ -302,8 +302,9 @@ def test_root_path_only_changes_the_schema_servers() -> None:
 
     from convscope.web.app import create_app
 
-    client = TestClient(create_app(model="tiny", weights="random"), root_path="/proxy/8000")
-    schema = client.get("/openapi.json").json()
+    with TestClient(create_app(model="tiny", weights="random"), root_path="/proxy/8000") as client:
+        schema = client.get("/openapi.json").json()
+        assert client.get("/api/health").json() == {"status": "ok"}
     assert schema["servers"] == [{"url": "/proxy/8000"}]
 
 

@@ -16,6 +16,7 @@ import tempfile
 import threading
 import time
 import uuid
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -238,6 +239,8 @@ class TempArea:
 
     def __init__(self) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="convscope-web-"))
+        # Also at interpreter exit, for apps that were built but never started or stopped.
+        self._finalizer = weakref.finalize(self, shutil.rmtree, str(self.root), ignore_errors=True)
 
     @contextmanager
     def file(self, data: bytes, suffix: str = "") -> Iterator[Path]:
@@ -251,4 +254,4 @@ class TempArea:
             path.unlink(missing_ok=True)
 
     def close(self) -> None:
-        shutil.rmtree(self.root, ignore_errors=True)
+        self._finalizer()

@@ -26,9 +26,10 @@ $(VENV)/.dev-installed: pyproject.toml $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(BIN)/convscope demo -o $(OUT)
+	$(BIN)/convscope explore $$($(BIN)/python -c "import convscope, pathlib; print(pathlib.Path(convscope.__file__).parent / 'data' / 'chelsea.jpg')") -o $(OUT)/report.html
 
 test: $(VENV)/.dev-installed
-	$(BIN)/python -m pytest -q -m "not browser" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 test-fast: $(VENV)/.dev-installed
 	$(BIN)/python -m pytest -q -m "not slow and not peer and not browser" $(PYTEST_ARGS)

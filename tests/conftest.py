@@ -132,3 +132,18 @@ def assert_no_side_effects() -> Callable[..., Any]:
         return result
 
     return check
+
+
+@pytest.fixture(scope="session")
+def web_server(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A real ``convscope serve`` (default model) on a free port, with its own TMPDIR.
+
+    Yields ``(base_url, tmpdir)``; shared by the API and browser tests.
+    """
+    from web_server import running_server
+
+    folder = tmp_path_factory.mktemp("web")
+    tmpdir = folder / "tmp"
+    tmpdir.mkdir()
+    with running_server(env={"TMPDIR": str(tmpdir)}, log=folder / "server.log") as base:
+        yield base, tmpdir

@@ -1,0 +1,478 @@
+"""Method registry: one ``MethodSpec`` row per thing convscope can show about an image.
+
+A row says which library function computes the method, which standard inputs it takes (the
+image batch, a layer, a target class, a progress callback), its own options with their types,
+defaults and choices, which renderer turns its result into captioned pictures and JSON, and
+whether it is fast (one or two passes) or slow (hundreds of passes: run as a cancellable job).
+
+The CLI's option choices, the HTML report's sections and the web app's method menu and form are
+read from this table, so a method is added by writing its function and one row here.
+
+The module is deliberately light: functions and renderers are *dotted names*
+(``"convscope.methods.gradcam:gradcam"``) resolved on first use. That keeps ``methods/`` free of
+PIL and matplotlib (renderers live in ``render/``), and lets the web app build its form, or a
+command its ``--help``, without importing torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from convscope.errors import BadArgument, UnknownMethod, close_matches
+
+PARAM_TYPES = ("int", "float", "str", "bool", "fill")
+COSTS = ("fast", "slow")
+LAYER_USES = ("none", "optional", "required", "many")
+
+# The occluder colours a user can name; any number is also accepted (normalised input space).
+FILL_NAMES = ("grey", "black", "white")
+
+
+@dataclass(frozen=True)
+class Param:
+    """One option of a method.
+
+    Attributes:
+        name: keyword argument of the method's function (also the web form field and JSON key).
+        type: ``"int"``, ``"float"``, ``"str"``, ``"bool"``, or ``"fill"`` (a colour name from
+            ``choices`` or any finite number).
+        default: the value when the option is not given (the CLI's default).
+        help: one sentence for ``--help``, tooltips and the API docs.
+        choices: the allowed strings (``str`` and ``fill`` types).
+        minimum, maximum: bounds for numbers (inclusive).
+        flag: the CLI option spelling (``"--max"``), or ``None`` when the CLI has no such option.
+        optional: ``None`` is a valid value (``channel``: "let the method choose").
+    """
+
+    name: str
+    type: str
+    default: Any
+    help: str
+    choices: tuple[str, ...] | None = None
+    minimum: float | None = None
+    maximum: float | None = None
+    flag: str | None = None
+    optional: bool = False
+
+    def __post_init__(self) -> None:
+        if self.type not in PARAM_TYPES:
+            raise ValueError(f"parameter {self.name}: type must be one of {PARAM_TYPES}, not {self.type!r}")
+
+    @property
+    def subject(self) -> str:
+        return self.flag or self.name
+
+    def parse(self, raw: Any) -> Any:
+        """A raw value (a form string, a JSON value, a Python value) -> the typed value.
+
+        Raises:
+            BadArgument: naming the option and what it accepts.
+        """
+        if raw is None or (isinstance(raw, str) and raw.strip() == ""):
+            if self.optional:
+                return None
+            return self.default
+        text = raw.strip() if isinstance(raw, str) else raw
+        if self.type == "bool":
+            if isinstance(text, bool):
+                return text
+            folded = str(text).lower()
+            if folded in ("1", "true", "yes", "on"):
+                return True
+            if folded in ("0", "false", "no", "off"):
+                return False
+            raise BadArgument(f"{self.subject} {raw}", "must be true or false")
+        if self.type == "int":
+            try:
+                if isinstance(text, bool) or (isinstance(text, float) and not text.is_integer()):
+                    raise ValueError
+                value: Any = int(text)
+            except (TypeError, ValueError):
+                raise BadArgument(f"{self.subject} {raw}", "must be a whole number") from None
+            return self._bounded(value, raw)
+        if self.type == "float":
+            try:
+                value = float(text)
+            except (TypeError, ValueError):
+                raise BadArgument(f"{self.subject} {raw}", "must be a number") from None
+            if not math.isfinite(value):
+                raise BadArgument(f"{self.subject} {raw}", "must be a finite number")
+            return self._bounded(value, raw)
+        if self.type == "fill":
+            folded = str(text).lower()
+            if folded == "gray":
+                folded = "grey"
+            if self.choices and folded in self.choices:
+                return folded
+            try:
+                number = float(folded)
+            except ValueError:
+                raise BadArgument(
+                    f"{self.subject} {raw}", f"is not {', '.join(self.choices or ())} or a number"
+                ) from None
+            if not math.isfinite(number):
+                raise BadArgument(f"{self.subject} {raw}", "must be a finite number")
+            return number
+        value = str(text)
+        if self.choices is not None and value not in self.choices:
+            raise BadArgument(f"{self.subject} {raw}", "is not one of " + ", ".join(self.choices))
+        return value
+
+    def _bounded(self, value: float, raw: Any) -> Any:
+        if self.minimum is not None and value < self.minimum:
+            raise BadArgument(f"{self.subject} {raw}", f"must be at least {self.minimum:g}")
+        if self.maximum is not None and value > self.maximum:
+            raise BadArgument(f"{self.subject} {raw}", f"must be at most {self.maximum:g}")
+        return value
+
+    def schema(self) -> dict[str, Any]:
+        """JSON description (web form, ``/api/methods``)."""
+        return {
+            "name": self.name, "type": self.type, "default": self.default, "help": self.help,
+            "choices": list(self.choices) if self.choices is not None else None,
+            "minimum": self.minimum, "maximum": self.maximum, "optional": self.optional, "flag": self.flag,
+        }
+
+
+@dataclass(frozen=True)
+class CliBinding:
+    """Where a method lives on the command line.
+
+    Attributes:
+        command: the ``convscope`` sub-command.
+        fixed: options the command needs to run exactly this method (``{"--variant": "guided"}``).
+    """
+
+    command: str
+    fixed: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """Everything convscope knows about one method.
+
+    Attributes:
+        name: registry key, as typed in ``/api/explain``'s ``method`` field.
+        title: human name for menus and report headings.
+        summary: one sentence: what the pictures show.
+        function: ``"module:attribute"`` of the library function. It is called as
+            ``function(model, [batch,] [target=...,] [layer=.../layers=...,] **options
+            [, progress=...])`` according to the flags below.
+        renderer: ``"module:attribute"`` of a ``render`` function ``(result, context) -> Views``.
+        cost: ``"fast"`` (a few passes) or ``"slow"`` (many: a job with progress in the web app).
+        params: the method's own options.
+        takes_images: the function takes the image batch (filters does not).
+        takes_target: the function explains a class (``target=``: index, label or ``None``).
+        layer: ``"none"``, ``"optional"`` (a default layer exists), ``"required"``, or
+            ``"many"`` (a list of layers, passed as ``layers=``).
+        layer_kind: what the layer picker should offer: ``"conv"`` (any 4-D layer).
+        progress: the function takes ``progress=`` (called with units done).
+        hooks: the method attaches hooks, rules or swaps modules while it runs, so it needs the
+            model to itself (the web app's per-model lock).
+        cli: where the method is on the command line.
+        units: ``"module:attribute"`` of ``(options, height, width) -> int``: how many progress
+            units a run reports in all (for a progress bar), or ``None``.
+    """
+
+    name: str
+    title: str
+    summary: str
+    function: str
+    renderer: str
+    cost: str = "fast"
+    params: tuple[Param, ...] = ()
+    takes_images: bool = True
+    takes_target: bool = False
+    layer: str = "none"
+    progress: bool = False
+    hooks: bool = True
+    cli: CliBinding | None = None
+    units: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.cost not in COSTS:
+            raise ValueError(f"method {self.name}: cost must be one of {COSTS}")
+        if self.layer not in LAYER_USES:
+            raise ValueError(f"method {self.name}: layer must be one of {LAYER_USES}")
+
+    def param(self, name: str) -> Param:
+        for p in self.params:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+    def parse_options(self, raw: Mapping[str, Any], *, strict: bool = False) -> dict[str, Any]:
+        """Typed option values for every parameter: from ``raw`` where given, else the default.
+
+        Args:
+            strict: reject keys that are not parameters of this method (an API caller's typo).
+        """
+        if strict:
+            known = {p.name for p in self.params}
+            unknown = sorted(k for k in raw if k not in known)
+            if unknown:
+                raise BadArgument(
+                    unknown[0], f"is not an option of {self.name}",
+                    "options: " + (", ".join(sorted(known)) or "none"),
+                )
+        return {p.name: p.parse(raw.get(p.name)) for p in self.params}
+
+    def resolve_function(self) -> Callable[..., Any]:
+        return _resolve(self.function)
+
+    def resolve_renderer(self) -> Callable[..., Any]:
+        return _resolve(self.renderer)
+
+    def run(
+        self,
+        model: Any,
+        batch: Any = None,
+        *,
+        target: Any = None,
+        layer: str | None = None,
+        options: Mapping[str, Any] | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> Any:
+        """Call the method's function with the standard inputs this row declares.
+
+        ``options`` are typed values (see ``parse_options``); missing ones take their defaults.
+        """
+        values = self.parse_options(options or {})
+        args: list[Any] = [model]
+        if self.takes_images:
+            args.append(batch)
+        keywords: dict[str, Any] = dict(values)
+        if self.takes_target:
+            keywords["target"] = target
+        if self.layer == "many":
+            keywords["layers"] = [layer] if layer else None
+        elif self.layer in ("optional", "required"):
+            if self.layer == "required" and not layer:
+                raise BadArgument("layer", f"is required by {self.name}: name a layer alias or module path")
+            keywords["layer"] = layer or None
+        if self.progress and progress is not None:
+            keywords["progress"] = progress
+        return self.resolve_function()(*args, **keywords)
+
+    def work_units(self, options: Mapping[str, Any], height: int, width: int) -> int | None:
+        """How many units ``progress`` will report in all, when the row knows."""
+        if self.units is None:
+            return None
+        return int(_resolve(self.units)(self.parse_options(options), height, width))
+
+    def schema(self) -> dict[str, Any]:
+        """JSON description (``/api/methods``, the web form)."""
+        return {
+            "name": self.name, "title": self.title, "summary": self.summary, "cost": self.cost,
+            "takes_target": self.takes_target, "layer": self.layer, "takes_images": self.takes_images,
+            "params": [p.schema() for p in self.params],
+            "cli": None if self.cli is None else {"command": self.cli.command, "fixed": dict(self.cli.fixed)},
+        }
+
+
+def _resolve(dotted: str) -> Callable[..., Any]:
+    module_name, attribute = dotted.split(":")
+    return getattr(importlib.import_module(module_name), attribute)  # type: ignore[no-any-return]
+
+
+# ---------------------------------------------------------------- the table
+
+_CAM_LAYER_HELP = "Conv layer (default: the model's last conv stage)."
+
+_REGISTRY: dict[str, MethodSpec] = {}
+
+
+def register_method(spec: MethodSpec) -> MethodSpec:
+    """Add a row; names must be unique."""
+    if spec.name in _REGISTRY:
+        raise ValueError(f"method {spec.name!r} is registered twice")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def get_method(name: str) -> MethodSpec:
+    """Look a method up; unknown names raise ``UnknownMethod`` with close matches."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UnknownMethod(f"method {name}", "unknown method", close_matches(name, list_methods())) from None
+
+
+def list_methods() -> list[str]:
+    """Registered method names, in registration order."""
+    return list(_REGISTRY)
+
+
+def cli_choices(command: str, flag: str) -> tuple[str, ...]:
+    """The values of ``flag`` that select a method of ``command`` (``gradcam --variant``), or a
+    parameter's choices (``occlusion --mode``), in registry order: the CLI's single source."""
+    fixed = [s.cli.fixed[flag] for s in _REGISTRY.values() if s.cli and s.cli.command == command and flag in s.cli.fixed]
+    if fixed:
+        return tuple(fixed)
+    for spec in _REGISTRY.values():
+        if spec.cli and spec.cli.command == command:
+            for p in spec.params:
+                if p.flag == flag and p.choices is not None:
+                    return p.choices
+    raise KeyError(f"{command} {flag}")
+
+
+def occlusion_units(options: Mapping[str, Any], height: int, width: int) -> int:
+    """Occluded copies of one image: window positions along each axis, multiplied."""
+    from convscope.methods.occlusion import grid_origins
+
+    window, stride, border = int(options["window"]), int(options["stride"]), bool(options["cover_border"])
+    if window > min(height, width):
+        return 0
+    return len(grid_origins(height, window, stride, border)) * len(grid_origins(width, window, stride, border))
+
+
+def deconv_units(options: Mapping[str, Any], height: int, width: int) -> int:
+    """Projections of one image: the chosen channel, or the ``top`` strongest."""
+    return 1 if options.get("channel") is not None else int(options["top"])
+
+
+TOPK = Param("topk", "int", 5, "Classes per image.", minimum=1, maximum=1000, flag="--topk")
+
+register_method(MethodSpec(
+    name="classify",
+    title="Top-5 classes",
+    summary="The classes the network finds most probable, with softmax probabilities.",
+    function="convscope.methods.predict:classify",
+    renderer="convscope.render.views:prediction_views",
+    params=(TOPK,),
+    hooks=False,
+    cli=CliBinding("classify"),
+))
+register_method(MethodSpec(
+    name="activations",
+    title="Activation maps",
+    summary="The mean of each conv stage's rectified output, in jet over the photo.",
+    function="convscope.methods.activations:activation_maps",
+    renderer="convscope.render.views:activation_views",
+    layer="many",
+    cli=CliBinding("activations"),
+))
+register_method(MethodSpec(
+    name="features",
+    title="Feature maps",
+    summary="The channels of one layer as grayscale tiles, captioned with the channel index.",
+    function="convscope.methods.activations:feature_maps",
+    renderer="convscope.render.views:feature_views",
+    layer="required",
+    params=(
+        Param("max_channels", "int", 64, "How many channels to show.", minimum=1, maximum=4096, flag="--max"),
+        Param("order", "str", "index", "index: the first channels; activation: the most active.",
+              choices=("index", "activation"), flag="--order"),
+    ),
+    cli=CliBinding("features"),
+))
+register_method(MethodSpec(
+    name="filters",
+    title="Filters",
+    summary="The kernels of a convolution as tiles (first layer: RGB).",
+    function="convscope.methods.filters:conv_filters",
+    renderer="convscope.render.views:filter_views",
+    takes_images=False,
+    layer="optional",
+    hooks=False,
+    cli=CliBinding("filters"),
+))
+register_method(MethodSpec(
+    name="gradcam",
+    title="Grad-CAM",
+    summary="Where in the photo the evidence for a class is, at a conv layer.",
+    function="convscope.methods.gradcam:gradcam",
+    renderer="convscope.render.views:cam_views",
+    takes_target=True,
+    layer="optional",
+    cli=CliBinding("gradcam", {"--variant": "gradcam"}),
+))
+register_method(MethodSpec(
+    name="gradcam++",
+    title="Grad-CAM++",
+    summary="Grad-CAM with positive gradients weighted per location: spreads over several instances.",
+    function="convscope.methods.gradcam:gradcam_plus_plus",
+    renderer="convscope.render.views:cam_views",
+    takes_target=True,
+    layer="optional",
+    cli=CliBinding("gradcam", {"--variant": "gradcam++"}),
+))
+register_method(MethodSpec(
+    name="guided-gradcam",
+    title="Guided Grad-CAM",
+    summary="Guided backprop times Grad-CAM: fine detail, only where the class evidence is.",
+    function="convscope.methods.gradcam:guided_gradcam",
+    renderer="convscope.render.views:guided_gradcam_views",
+    takes_target=True,
+    layer="optional",
+    cli=CliBinding("gradcam", {"--variant": "guided"}),
+))
+register_method(MethodSpec(
+    name="guided",
+    title="Guided backprop",
+    summary="The input gradient with only positive signals passed back through each ReLU.",
+    function="convscope.methods.guided:guided_backprop",
+    renderer="convscope.render.views:guided_views",
+    takes_target=True,
+    cli=CliBinding("guided"),
+))
+register_method(MethodSpec(
+    name="saliency",
+    title="Saliency",
+    summary="The largest |gradient of the class score| over colours, per pixel.",
+    function="convscope.methods.guided:saliency",
+    renderer="convscope.render.views:saliency_views",
+    takes_target=True,
+    cli=CliBinding("saliency"),
+))
+register_method(MethodSpec(
+    name="deconv",
+    title="Deconvnet projections",
+    summary="A layer's strongest activations projected back to pixels (Zeiler & Fergus).",
+    function="convscope.methods.deconvnet:deconv",
+    renderer="convscope.render.views:deconv_views",
+    layer="required",
+    progress=True,
+    params=(
+        Param("channel", "int", None, "Feature map to project (default: the strongest ones).",
+              minimum=0, flag="--channel", optional=True),
+        Param("top", "int", 9, "How many of the strongest channels.", minimum=1, maximum=64, flag="--top"),
+        Param("location", "str", "max", "max: only the channel's strongest activation (as in the paper); "
+              "all: its whole feature map.", choices=("max", "all"), flag="--location"),
+    ),
+    cli=CliBinding("deconv"),
+    units="convscope.methods.registry:deconv_units",
+))
+register_method(MethodSpec(
+    name="occlusion",
+    title="Occlusion sensitivity",
+    summary="A grey square slid over the photo: how the class probability and the top class change.",
+    function="convscope.methods.occlusion:occlusion",
+    renderer="convscope.render.views:occlusion_views",
+    cost="slow",
+    takes_target=True,
+    layer="optional",
+    progress=True,
+    params=(
+        Param("window", "int", 16, "Side of the occluding square, in input pixels.", minimum=1, flag="--window"),
+        Param("stride", "int", 8, "Step between square positions, in input pixels.", minimum=1, flag="--stride"),
+        Param("fill", "fill", "grey", "The square: grey, black or white, or a number in the normalised "
+              "input space (0 = the dataset's mean colour).", choices=FILL_NAMES, flag="--fill"),
+        Param("channel", "int", None, "Feature map of the layer (default: the strongest on the photo).",
+              minimum=0, flag="--channel", optional=True),
+        Param("cover_border", "bool", False, "Add clipped squares at the far borders (captum's grid).",
+              flag="--cover-border"),
+        Param("mode", "str", "exact", "exact (incremental where possible), approximate (bfloat16 where fast) "
+              "or full (every copy through the whole network).", choices=("exact", "approximate", "full"),
+              flag="--mode"),
+        Param("batch_size", "int", 64, "Occluded copies per forward pass.", minimum=1, maximum=1024,
+              flag="--batch-size"),
+    ),
+    cli=CliBinding("occlusion"),
+    units="convscope.methods.registry:occlusion_units",
+))

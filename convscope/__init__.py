@@ -40,6 +40,10 @@ _EXPORTS = {
     "resume_training": "convscope.training.loop:resume",
     "evaluate": "convscope.training.evaluate:evaluate",
     "ablate": "convscope.training.ablation:ablate",
+    "scorecam": "convscope.methods.scorecam:scorecam",
+    "invariance": "convscope.analysis.invariance:invariance",
+    "correspondence": "convscope.analysis.correspondence:correspondence",
+    "quality": "convscope.analysis.quality:quality",
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])

@@ -431,6 +431,7 @@ def demo_command(
 from convscope.cli import explain as _explain  # noqa: F401
 from convscope.cli import occlusion_cmd as _occlusion  # noqa: F401
 from convscope.cli import train_cmd as _train  # noqa: F401
+from convscope.cli import analysis_cmd as _analysis  # noqa: F401
 
 
 def main() -> None:

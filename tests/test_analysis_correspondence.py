@@ -123,7 +123,7 @@ def test_cli_on_lfw_faces(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "convscope", "correspondence", *(str(tmp_path / f"face{i}.png") for i in range(6)),
          "--parts", str(parts), "--model", "tiny", "--weights", "random", "--random", "3", "-o", str(out)],
-        capture_output=True, text=True, timeout=120,
+        check=False, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     record = json.loads((out / "correspondence.json").read_text())
@@ -141,6 +141,6 @@ def test_cli_on_lfw_faces(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "convscope", "correspondence", str(tmp_path / "face0.png"), str(tmp_path / "face1.png"),
          "--parts", str(bad), "--model", "tiny", "--weights", "random", "-o", str(out)],
-        capture_output=True, text=True, timeout=120,
+        check=False, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 2 and proc.stderr.startswith("error: --parts") and "Traceback" not in proc.stderr

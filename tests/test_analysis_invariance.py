@@ -147,7 +147,7 @@ def test_cli_writes_the_specified_record(tmp_path: Path) -> None:
         [sys.executable, "-m", "convscope", "invariance", str(tmp_path / "a.png"), str(tmp_path / "broken.png"),
          str(tmp_path / "b.png"), "--model", "tiny", "--weights", "random", "--transform", "translate",
          "--amounts=-4,0,4", "--layers", "conv1,classifier_input", "-o", str(out)],
-        capture_output=True, text=True, timeout=120,
+        check=False, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in proc.stderr

@@ -244,7 +244,7 @@ def correspondence(
     if window:
         boxes = {part: tuple(square(b, window, h, w) for b, (h, w) in zip(bs, sizes, strict=True)) for part, bs in boxes.items()}
     names_layers = list(layers) if layers else default_layers(loaded)
-    colour = [int(round(255 * m)) for m in loaded.preprocess.mean]
+    colour = [round(255 * m) for m in loaded.preprocess.mean]
 
     def features_of(covered: Sequence[Box] | None) -> dict[str, torch.Tensor]:
         copies = pictures if covered is None else [cover(p, b, colour) for p, b in zip(pictures, covered, strict=True)]
@@ -268,8 +268,8 @@ def correspondence(
         placed = []
         for (top, left, bottom, right), (height, width) in zip(template, sizes, strict=True):
             box_h, box_w = bottom - top, right - left
-            new_top = int(math.floor(where[0] * (height - box_h + 1)))
-            new_left = int(math.floor(where[1] * (width - box_w + 1)))
+            new_top = math.floor(where[0] * (height - box_h + 1))
+            new_left = math.floor(where[1] * (width - box_w + 1))
             placed.append((new_top, new_left, new_top + box_h, new_left + box_w))
         random_boxes.append(tuple(placed))
         covered = features_of(placed)

@@ -138,7 +138,7 @@ def transform_image(
     pixels = torch.from_numpy((array[:, :, None] if gray else array).astype(np.float32)).permute(2, 0, 1)[None]
     if transform == "translate":
         per_pixel = input_pixel_size(picture, preprocess)[0] if preprocess is not None else 1.0
-        moved = _shift_rows(pixels, int(round(amount * per_pixel)), pad)
+        moved = _shift_rows(pixels, round(amount * per_pixel), pad)
     else:
         moved = _resample(pixels, transform, amount, pad)
     out = moved[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()

@@ -359,7 +359,7 @@ def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 7) -> float:
     over positions whose window fits inside the map."""
     x, y = a.double()[None, None], b.double()[None, None]
     n = window * window
-    mean = lambda t: F.avg_pool2d(t, window, stride=1)  # noqa: E731
+    mean = lambda t: F.avg_pool2d(t, window, stride=1)
     mx, my = mean(x), mean(y)
     correction = n / (n - 1)
     vx = (mean(x * x) - mx * mx) * correction

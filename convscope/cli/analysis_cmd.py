@@ -52,7 +52,7 @@ def _numbers(text: str, option: str) -> list[float]:
             start, stop, step = (float(v) for v in text.split(":"))
             if step <= 0 and stop >= start or step >= 0 and stop < start or step == 0:
                 raise BadArgument(option, f"range {text!r} never reaches its end")
-            count = int(math.floor((stop - start) / step + 1e-9)) + 1
+            count = math.floor((stop - start) / step + 1e-9) + 1
             return [round(start + i * step, 10) for i in range(count)]
         return [float(v) for v in text.split(",") if v.strip()]
     except ValueError:

@@ -99,7 +99,7 @@ def correspondence_table(result: Correspondence) -> str:
         rows.append([f"random ({len(result.random_boxes)} boxes)",
                      *(f"{result.random[layer].mean:.3f} ± {result.random[layer].std:.3f}" for layer in result.layers)])
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()  # noqa: E731
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
     notes = (f"mean feature sign change over {result.count} images ({result.count * (result.count - 1)} ordered pairs); "
              "parts: ± std over pairs; random: ± std over boxes; D = "
              + ", ".join(f"{layer} {result.dimensions[layer]}" for layer in result.layers))
@@ -163,7 +163,7 @@ def quality_table(results: Mapping[str, QualityResult], flags: Mapping[str, Sequ
                       f"{float(np.nanmean(as_array(cascade.ssim[:, -1]))):.3f}"]
         rows.append(cells)
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()  # noqa: E731
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
     notes = "* does not beat the random map on this metric (mean over images)"
     return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in rows), "", notes]) + "\n"
 

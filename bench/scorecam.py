@@ -9,7 +9,7 @@
 2. Deletion/insertion: one 50-step deletion curve (``step = ceil(224 * 224 / 50)``) in units of
    one single-image forward, next to one batched forward of 50 copies, and the copies it ran.
 
-    .venv/bin/python bench/scorecam.py [--layers head,stage6] [--repeats 1] [--threads 0]
+    .venv/bin/python bench/scorecam.py [--layers stage6,head] [--repeats 1] [--threads 0]
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def forward_seconds(net: torch.nn.Module, x: torch.Tensor, repeats: int = 5) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", default="head,stage6")
+    parser.add_argument("--layers", default="stage6,head")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
     args = parser.parse_args()
@@ -69,6 +69,18 @@ def main() -> None:
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}; one forward of 1 image: "
           f"{one_wall * 1e3:.1f} ms wall, {one_cpu * 1e3:.1f} ms CPU")
 
+    cam = gradcam(loaded, x)
+    steps = 50
+    protocol = Protocol(step=math.ceil(224 * 224 / steps))
+    clean = torch.softmax(net(x).detach(), 1)[0, cam.targets][None]
+    wall, cpu, (deletion, _) = timed(lambda: causal_curves(loaded, x, cam.maps, cam.targets, protocol, clean=clean))
+    fifty_wall, _ = forward_seconds(net, x.repeat(50, 1, 1, 1).contiguous(memory_format=torch.channels_last), 2)
+    print(f"deletion + insertion, {steps} steps each (step {protocol.step} px): {wall:.2f} s wall / {cpu:.2f} s CPU "
+          f"for both curves; copies run: deletion {deletion.forwards}, insertion {deletion.forwards}; "
+          f"per curve {wall / 2 / one_wall:.1f} single-image forwards (wall), {cpu / 2 / one_cpu:.1f} (CPU); "
+          f"one batched forward of 50 copies = {fifty_wall / one_wall:.1f} single-image forwards; "
+          f"curve / batched-50 = {wall / 2 / fifty_wall:.2f}", flush=True)
+
     for layer in args.layers.split(","):
         _, module = resolve_layer(loaded, layer)
         best_ours, best_peer = (math.inf, math.inf), (math.inf, math.inf)
@@ -77,6 +89,7 @@ def main() -> None:
             wall, cpu, result = timed(lambda: scorecam(loaded, x, layer=layer))
             best_ours = (min(best_ours[0], wall), min(best_ours[1], cpu))
             ours_maps = result
+            print(f"scorecam {layer}: ours {wall:.2f} s wall / {cpu:.2f} s CPU", flush=True)
             target = [ClassifierOutputTarget(int(result.targets[0]))]
 
             def peer() -> Any:
@@ -92,19 +105,7 @@ def main() -> None:
               f"= {best_ours[0] / one_wall:.0f} forwards; pytorch-grad-cam {best_peer[0]:.2f} s / {best_peer[1]:.2f} s "
               f"= {best_peer[0] / one_wall:.0f} forwards; ratio ours/peer wall {best_ours[0] / best_peer[0]:.3f} "
               f"(x{best_peer[0] / best_ours[0]:.1f} faster), CPU {best_ours[1] / best_peer[1]:.3f}; "
-              f"max |map difference| {diff:.2e}")
-
-    cam = gradcam(loaded, x)
-    steps = 50
-    protocol = Protocol(step=math.ceil(224 * 224 / steps))
-    clean = torch.softmax(net(x).detach(), 1)[0, cam.targets][None]
-    wall, cpu, (deletion, _) = timed(lambda: causal_curves(loaded, x, cam.maps, cam.targets, protocol, clean=clean))
-    fifty_wall, _ = forward_seconds(net, x.repeat(50, 1, 1, 1).contiguous(memory_format=torch.channels_last), 2)
-    print(f"deletion + insertion, {steps} steps each (step {protocol.step} px): {wall:.2f} s wall / {cpu:.2f} s CPU "
-          f"for both curves; copies run: deletion {deletion.forwards}, insertion {deletion.forwards}; "
-          f"per curve {wall / 2 / one_wall:.1f} single-image forwards (wall), {cpu / 2 / one_cpu:.1f} (CPU); "
-          f"one batched forward of 50 copies = {fifty_wall / one_wall:.1f} single-image forwards; "
-          f"curve / batched-50 = {wall / 2 / fifty_wall:.2f}")
+              f"max |map difference| {diff:.2e}", flush=True)
 
 
 if __name__ == "__main__":

@@ -273,7 +273,7 @@ def quality_command(
     convscope quality photos/ --methods gradcam,scorecam --metrics deletion,insertion --step 1792
     """
     from convscope.analysis.quality import BASELINES, METHODS, METRICS, beats_random, quality
-    from convscope.render.analysis import quality_curves_figure, quality_table, randomization_figure
+    from convscope.render.analysis import nanmean, quality_curves_figure, quality_table, randomization_figure
 
     chosen = [m.strip() for m in methods.split(",") if m.strip()]
     for name in chosen:
@@ -320,7 +320,7 @@ def quality_command(
         if cascade is not None:
             row["randomization"] = {
                 "layers": list(cascade.layers),
-                "spearman": _floats(np.nanmean(cascade.spearman.double().numpy(), axis=0)) if len(paths) else [],
+                "spearman": _floats(nanmean(cascade.spearman, axis=0)),
                 "ssim": _floats(cascade.ssim.double().mean(dim=0)),
                 "per_image": {"spearman": [_floats(r) for r in cascade.spearman],
                               "ssim": [_floats(r) for r in cascade.ssim]},

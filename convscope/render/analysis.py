@@ -139,6 +139,16 @@ def parts_picture(images: Sequence[np.ndarray], boxes: Mapping[str, Sequence[Seq
     return np.asarray(sheet)
 
 
+def nanmean(values: Any, axis: int | None = None) -> Any:
+    """Mean ignoring ``nan`` (a constant map has no rank correlation); all-``nan`` gives ``nan``
+    without numpy's warning."""
+    array = as_array(values)
+    counts = np.sum(~np.isnan(array), axis=axis)
+    totals = np.nansum(array, axis=axis)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(counts > 0, totals / np.maximum(counts, 1), np.nan)
+
+
 def _stat(values: Any) -> str:
     array = as_array(values)
     return f"{array.mean():.3f} ± {array.std():.3f}"
@@ -159,8 +169,8 @@ def quality_table(results: Mapping[str, QualityResult], flags: Mapping[str, Sequ
         if cascade is None:
             cells += ["-", "-"]
         else:
-            cells += [f"{float(np.nanmean(as_array(cascade.spearman[:, -1]))):.3f}",
-                      f"{float(np.nanmean(as_array(cascade.ssim[:, -1]))):.3f}"]
+            cells += [f"{float(nanmean(cascade.spearman[:, -1])):.3f}",
+                      f"{float(nanmean(cascade.ssim[:, -1])):.3f}"]
         rows.append(cells)
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
@@ -201,7 +211,7 @@ def randomization_figure(results: Mapping[str, QualityResult]) -> np.ndarray:
             labels = cascade.layers
             values = as_array(getattr(cascade, key))
             x = np.arange(len(labels))
-            ax.plot(x, np.nanmean(values, axis=0), marker="o", color=f"C{index % 10}", linewidth=1.4, label=name)
+            ax.plot(x, nanmean(values, axis=0), marker="o", color=f"C{index % 10}", linewidth=1.4, label=name)
         ax.set_xticks(np.arange(len(labels)), labels, rotation=60, ha="right", fontsize=7)
         ax.set_title(f"cascading randomisation: {'Spearman rank correlation' if key == 'spearman' else 'SSIM'}", fontsize=10)
         ax.set_xlabel("re-initialised down to (top first)")

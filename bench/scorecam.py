@@ -72,7 +72,8 @@ def main() -> None:
     cam = gradcam(loaded, x)
     steps = 50
     protocol = Protocol(step=math.ceil(224 * 224 / steps))
-    clean = torch.softmax(net(x).detach(), 1)[0, cam.targets][None]
+    with torch.inference_mode():
+        clean = torch.softmax(net(x).float(), 1).gather(1, cam.targets[:, None])[:, 0]
     wall, cpu, (deletion, _) = timed(lambda: causal_curves(loaded, x, cam.maps, cam.targets, protocol, clean=clean))
     fifty_wall, _ = forward_seconds(net, x.repeat(50, 1, 1, 1).contiguous(memory_format=torch.channels_last), 2)
     print(f"deletion + insertion, {steps} steps each (step {protocol.step} px): {wall:.2f} s wall / {cpu:.2f} s CPU "

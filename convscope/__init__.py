@@ -41,6 +41,10 @@ _EXPORTS = {
     "evaluate": "convscope.training.evaluate:evaluate",
     "ablate": "convscope.training.ablation:ablate",
     "top_patches": "convscope.dataset.patches:top_patches",
+    "scorecam": "convscope.methods.scorecam:scorecam",
+    "invariance": "convscope.analysis.invariance:invariance",
+    "correspondence": "convscope.analysis.correspondence:correspondence",
+    "quality": "convscope.analysis.quality:quality",
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])

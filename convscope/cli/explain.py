@@ -37,7 +37,7 @@ from convscope.errors import BadArgument, ImageError
 from convscope.render.pictures import magnitude_picture, signed_picture
 from convscope.types import LoadedModel
 
-VARIANTS = ("gradcam", "gradcam++", "guided")
+VARIANTS = ("gradcam", "gradcam++", "guided", "scorecam")
 
 
 def _warn(lines: tuple[str, ...], seen: set[str]) -> None:
@@ -127,7 +127,7 @@ def gradcam_command(
     label: LabelOpt = None,
     layer: LayerOpt = None,
     variant: Annotated[
-        str, typer.Option("--variant", help="gradcam, gradcam++ or guided (guided backprop x Grad-CAM).")
+        str, typer.Option("--variant", help="gradcam, gradcam++, guided (guided backprop x Grad-CAM) or scorecam.")
     ] = "gradcam",
     batch_size: BatchSizeOpt = 16,
     json_out: JsonOpt = False,
@@ -154,6 +154,8 @@ def gradcam_command(
     records: list[dict[str, Any]] = []
     seen: set[str] = set()
     name = "gradcampp" if variant == "gradcam++" else "gradcam"  # guided: the Grad-CAM it used
+    if variant == "scorecam":
+        name = "scorecam"
 
     def job(paths: list[Path], batch: Any) -> None:
         if variant == "guided":
@@ -162,6 +164,8 @@ def gradcam_command(
             cam, warnings = guided.cam, guided.warnings
         else:
             method = gradcam if variant == "gradcam" else gradcam_plus_plus
+            if variant == "scorecam":
+                from convscope.methods.scorecam import scorecam as method
             cam, warnings = method(loaded, batch, target=target, layer=layer), ()
         _warn(warnings, seen)
         for i, path in enumerate(paths):

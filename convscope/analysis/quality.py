@@ -1,0 +1,500 @@
+"""Is an explanation map faithful to the model? Deletion/insertion and cascading randomisation.
+
+**Deletion and insertion** (Petsiuk et al., RISE, BMVC 2018). Pixels are ranked by the map,
+highest first. Deletion replaces them, ``step`` at a time, with a fill; insertion starts from a
+blurred copy and puts the original pixels back in the same order. After each step the softmax
+probability of the explained class is recorded; the area under that curve, with the fraction of
+pixels on the x axis (trapezoid rule, so in ``[0, 1]``), is the score. A faithful map makes the
+deletion curve fall fast (low AUC) and the insertion curve rise fast (high AUC).
+
+The default protocol is RISE's own evaluation script, so numbers compare with published tables:
+deletion sets the normalised input to 0 (the dataset mean colour); insertion starts from the
+normalised input convolved with RISE's kernel (``gaussian_filter`` of an 11x11 impulse with
+σ = 5 and scipy's mirror boundary, zero padding of the image); 224 pixels per step at 224²
+(``ceil(H * W / 224)`` in general, i.e. 224 steps); ties in the map keep raster order. The first
+and last points of a curve do not depend on the map (the clean image, the fully filled one, the
+blurred one): they run once per image, and every other step is one copy, all run as batches.
+
+**Cascading randomisation** (Adebayo et al., NeurIPS 2018, "Sanity checks for saliency maps").
+On a copy of the model, layers are re-initialised from the top down, one more at a time, and the
+map is recomputed for the same class after each. A map that explains the model must change: its
+Spearman rank correlation and SSIM with the original map fall. A map that ignores the weights
+(the edge detector) stays at 1. "Layers" are the classifier (the last ``nn.Linear``) then the
+model's conv stages from the last to the first; re-initialising one calls ``reset_parameters``
+on every submodule that has it (BatchNorm statistics included), under a fixed seed. The
+caller's model is never touched.
+
+Baselines: a uniform random map (seeded) and an edge detector (Sobel gradient magnitude of the
+grey image); a method that does not beat the random map is flagged by :func:`beats_random`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from convscope.analysis._features import last_linear
+from convscope.errors import BadArgument, UnknownMethod
+from convscope.methods._common import ModelLike, prepare
+from convscope.methods.targets import TargetLike, resolve_targets, target_labels
+from convscope.probes.hooks import eval_mode
+from convscope.probes.layers import resolve_layer
+from convscope.types import LoadedModel
+
+METHODS = ("gradcam", "gradcam++", "guided", "saliency", "occlusion", "scorecam")
+BASELINES = ("random", "edges")
+METRICS = ("deletion", "insertion", "randomization")
+RISE_STEPS = 224  # RISE: 224 pixels per step at 224 x 224
+
+MapFunction = Callable[[LoadedModel, torch.Tensor, torch.Tensor, str | None, int], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How deletion and insertion were run (recorded with the numbers).
+
+    Attributes:
+        step: pixels changed per step.
+        deletion_fill: value deleted pixels take, in the normalised input space (0: the mean colour).
+        blur_kernel, blur_sigma: insertion's starting blur (RISE: 11, 5).
+        score: ``"softmax"``: the probability of the explained class.
+        auc: ``"trapezoid"`` over the fraction of pixels changed, in ``[0, 1]``.
+    """
+
+    step: int
+    deletion_fill: float = 0.0
+    blur_kernel: int = 11
+    blur_sigma: float = 5.0
+    score: str = "softmax"
+    auc: str = "trapezoid"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "reference": "Petsiuk et al., RISE (BMVC 2018), evaluation.py defaults",
+            "step_pixels": self.step,
+            "deletion": {"fill": self.deletion_fill, "space": "normalised input"},
+            "insertion": {"start": "gaussian_blur", "kernel": self.blur_kernel, "sigma": self.blur_sigma,
+                          "kernel_construction": "gaussian_filter of an impulse, mirror boundary"},
+            "score": self.score,
+            "auc": self.auc,
+            "order": "map value, highest first; ties in raster order",
+        }
+
+
+@dataclass(frozen=True)
+class CausalCurves:
+    """Deletion or insertion curves of ``N`` images.
+
+    Attributes:
+        metric: ``"deletion"`` or ``"insertion"``.
+        fractions: ``(S + 1,)`` float32 fraction of pixels deleted/inserted at each point.
+        probability: ``(N, S + 1)`` float32 softmax probability of the explained class.
+        auc: ``(N,)`` float32 trapezoid area under each curve, in ``[0, 1]``.
+        forwards: image copies run through the network for these curves (``S`` per image:
+            the middle points and the map-independent endpoint; the clean image is shared).
+    """
+
+    metric: str
+    fractions: torch.Tensor
+    probability: torch.Tensor
+    auc: torch.Tensor
+    forwards: int
+
+
+@dataclass(frozen=True)
+class Randomization:
+    """Cascading randomisation of ``N`` maps over ``L`` layers.
+
+    Attributes:
+        layers: the layers re-initialised, in order (top down); point ``k`` has
+            ``layers[:k + 1]`` random.
+        spearman: ``(N, L)`` float32 rank correlation with the original map (``nan`` when a
+            map is constant).
+        ssim: ``(N, L)`` float32 structural similarity with the original map (both min-max
+            scaled to ``[0, 1]``; 7x7 window, as scikit-image's default).
+        maps: ``(N, L, H, W)`` float32 the recomputed maps.
+    """
+
+    layers: tuple[str, ...]
+    spearman: torch.Tensor
+    ssim: torch.Tensor
+    maps: torch.Tensor
+
+
+@dataclass(frozen=True)
+class QualityResult:
+    """Quality measures of one explanation method on ``N`` images.
+
+    Attributes:
+        method: method name (``METHODS``, ``BASELINES``) or the callable's name.
+        targets: ``(N,)`` int64 explained classes; ``labels`` their names.
+        maps: ``(N, H, W)`` float32 the maps evaluated (as the method returns them).
+        deletion, insertion: curves and AUCs (``None`` if not requested).
+        randomization: the cascade (``None`` if not requested).
+        protocol: the deletion/insertion settings.
+    """
+
+    method: str
+    targets: torch.Tensor
+    labels: tuple[str, ...]
+    maps: torch.Tensor
+    deletion: CausalCurves | None
+    insertion: CausalCurves | None
+    randomization: Randomization | None
+    protocol: Protocol
+
+
+# ---------------------------------------------------------------- maps
+
+
+RANDOM_GRID = 7
+
+
+def random_map(loaded: LoadedModel, batch: torch.Tensor, targets: torch.Tensor, layer: str | None, seed: int) -> torch.Tensor:
+    """Uniform noise on a ``RANDOM_GRID`` x ``RANDOM_GRID`` grid, bilinearly upsampled (model-free;
+    the same for a given seed and size).
+
+    A coarse grid makes the random map delete contiguous regions, as a CAM does. Pixel-level
+    noise would delete scattered pixels, and scattered holes break a CNN's prediction faster
+    than any coherent region (the inputs leave the image manifold), so every region-based
+    method would "lose" to it for reasons that have nothing to do with faithfulness.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    count, _, height, width = batch.shape
+    coarse = torch.rand(count, 1, RANDOM_GRID, RANDOM_GRID, generator=generator)
+    return F.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=False)[:, 0]
+
+
+def edge_map(loaded: LoadedModel, batch: torch.Tensor, targets: torch.Tensor, layer: str | None, seed: int) -> torch.Tensor:
+    """Sobel gradient magnitude of the grey image (model-free, gradient-free)."""
+    pixels = loaded.preprocess.to_display(batch.detach().float()).cpu()
+    grey = pixels.mean(dim=1, keepdim=True)
+    sobel = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
+    kernels = torch.stack([sobel, sobel.T])[:, None]
+    grads = F.conv2d(F.pad(grey, (1, 1, 1, 1), mode="replicate"), kernels)
+    return grads.pow(2).sum(dim=1).sqrt()
+
+
+def _method_map(name: str) -> MapFunction:
+    def run(loaded: LoadedModel, batch: torch.Tensor, targets: torch.Tensor, layer: str | None, seed: int) -> torch.Tensor:
+        if name in ("gradcam", "gradcam++", "scorecam"):
+            from convscope.methods.gradcam import gradcam, gradcam_plus_plus
+            from convscope.methods.scorecam import scorecam
+
+            cam = {"gradcam": gradcam, "gradcam++": gradcam_plus_plus, "scorecam": scorecam}[name]
+            return cam(loaded, batch, target=targets, layer=layer).maps
+        if name in ("guided", "saliency"):
+            from convscope.methods.guided import guided_backprop, saliency
+
+            return (guided_backprop if name == "guided" else saliency)(loaded, batch, target=targets).maps
+        from convscope.methods.occlusion import occlusion
+
+        return occlusion(loaded, batch, target=targets).pixel_drop
+
+    return run
+
+
+def map_function(method: str | MapFunction) -> tuple[str, MapFunction]:
+    """``(name, fn)``; ``fn(loaded, batch, targets, layer, seed)`` returns ``(N, H, W)`` maps."""
+    if callable(method):
+        return getattr(method, "__name__", "custom"), method
+    if method == "random":
+        return method, random_map
+    if method == "edges":
+        return method, edge_map
+    if method in METHODS:
+        return method, _method_map(method)
+    from convscope.errors import close_matches
+
+    raise UnknownMethod(method, "is not a method quality can score",
+                        close_matches(method, list(METHODS + BASELINES)) or "choose from " + ", ".join(METHODS + BASELINES))
+
+
+# ---------------------------------------------------------------- deletion / insertion
+
+
+def rise_kernel(size: int = 11, sigma: float = 5.0) -> torch.Tensor:
+    """RISE's blur kernel: ``scipy.ndimage.gaussian_filter`` of a centred impulse in a
+    ``size x size`` array (mirror boundary, truncation at 4 σ), as ``(size, size)`` float32."""
+    radius = int(4.0 * sigma + 0.5)
+    taps = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    weights = torch.exp(-0.5 * (taps / sigma) ** 2)
+    weights /= weights.sum()
+    # Output cell i gathers input i + t; with scipy's "reflect" (half-sample mirror) boundary the
+    # impulse at the centre is reached from every t whose mirrored index is the centre.
+    period = 2 * size
+    row = torch.zeros(size, dtype=torch.float64)
+    for i in range(size):
+        index = (i + taps.long()) % period
+        index = torch.where(index >= size, period - 1 - index, index)
+        row[i] = weights[index == size // 2].sum()
+    return torch.outer(row, row).float()
+
+
+def rise_blur(batch: torch.Tensor, size: int = 11, sigma: float = 5.0) -> torch.Tensor:
+    """Blur each channel with :func:`rise_kernel`, zero padding (RISE's ``conv2d(padding=k//2)``)."""
+    channels = batch.shape[1]
+    kernel = rise_kernel(size, sigma).to(batch)[None, None].expand(channels, 1, size, size)
+    return F.conv2d(batch, kernel, padding=size // 2, groups=channels)
+
+
+def trapezoid_auc(fractions: torch.Tensor, probability: torch.Tensor) -> torch.Tensor:
+    """``(N,)`` area under ``(N, S + 1)`` curves over ``(S + 1,)`` x positions in ``[0, 1]``."""
+    widths = fractions[1:] - fractions[:-1]
+    return ((probability[:, 1:] + probability[:, :-1]) * widths / 2).sum(dim=1)
+
+
+def _probabilities(net: nn.Module, copies: torch.Tensor, target: int, batch_size: int) -> torch.Tensor:
+    out = [torch.softmax(net(part).float(), dim=1)[:, target] for part in torch.split(copies, batch_size)]
+    return torch.cat(out).cpu() if out else torch.empty(0)
+
+
+def causal_curves(
+    loaded: LoadedModel, batch: torch.Tensor, maps: torch.Tensor, targets: torch.Tensor, protocol: Protocol,
+    *, clean: torch.Tensor | None = None, batch_size: int = 64, progress: Callable[[int], None] | None = None,
+) -> tuple[CausalCurves, CausalCurves]:
+    """Deletion and insertion curves of ``(N, H, W)`` maps on a normalised ``(N, C, H, W)`` batch.
+
+    ``clean`` is the ``(N,)`` target probability on the unchanged images, when the caller has
+    it already. Each curve of ``S`` steps costs ``S`` image forwards (its ``S - 1`` middle
+    points and its map-independent endpoint), run in batches of ``batch_size``.
+    """
+    count, _, height, width = batch.shape
+    pixels = height * width
+    steps = math.ceil(pixels / protocol.step)
+    changed = torch.clamp(torch.arange(steps + 1) * protocol.step, max=pixels)
+    fractions = changed.float() / pixels
+    net = loaded.module
+    curves: dict[str, list[torch.Tensor]] = {"deletion": [], "insertion": []}
+    forwards = {"deletion": 0, "insertion": 0}
+    with eval_mode(net), torch.inference_mode():
+        blurred = rise_blur(batch, protocol.blur_kernel, protocol.blur_sigma)
+        filled = torch.full_like(batch, protocol.deletion_fill)
+        for i in range(count):
+            target = int(targets[i])
+            if clean is None:
+                ends = _probabilities(net, torch.stack([filled[i], blurred[i], batch[i]]), target, batch_size)
+            else:
+                ends = torch.cat([_probabilities(net, torch.stack([filled[i], blurred[i]]), target, batch_size),
+                                  clean[i:i + 1].float().cpu()])
+            order = torch.argsort(maps[i].flatten().to(batch.device), descending=True, stable=True)
+            rank = torch.empty_like(order)
+            rank[order] = torch.arange(pixels, device=order.device)
+            rank = rank.view(1, 1, height, width)
+            for metric, start, finish, first, last in (
+                ("deletion", batch[i], filled[i], ends[2], ends[0]),
+                ("insertion", blurred[i], batch[i], ends[1], ends[2]),
+            ):
+                forwards[metric] += 1
+                middle = []
+                for part in torch.split(changed[1:-1].to(batch.device), batch_size):
+                    keep = rank < part.view(-1, 1, 1, 1)  # pixels already changed at each step
+                    copies = torch.where(keep, finish[None], start[None]).contiguous(memory_format=torch.channels_last)
+                    middle.append(_probabilities(net, copies, target, batch_size))
+                    forwards[metric] += len(part)
+                    if progress is not None:
+                        progress(len(part))
+                curves[metric].append(torch.cat([first[None], *middle, last[None]]))
+    deletion, insertion = (
+        CausalCurves(metric=metric, fractions=fractions, probability=torch.stack(curves[metric]),
+                     auc=trapezoid_auc(fractions, torch.stack(curves[metric])), forwards=forwards[metric])
+        for metric in ("deletion", "insertion")
+    )
+    return deletion, insertion
+
+
+# ---------------------------------------------------------------- randomisation
+
+
+def cascade_layers(loaded: LoadedModel) -> list[str]:
+    """Top-down order for cascading randomisation: the classifier, then the stages, last first."""
+    modules = {id(m): n for n, m in loaded.module.named_modules()}
+    order = [modules[id(last_linear(loaded.module, loaded.name))]] if any(
+        isinstance(m, nn.Linear) for m in loaded.module.modules()) else []
+    order += [name for name in reversed(loaded.stages) if loaded.stages[name] not in order]
+    return order
+
+
+def _reinitialise(module: nn.Module) -> None:
+    for sub in module.modules():
+        reset = getattr(sub, "reset_parameters", None)
+        if callable(reset):
+            reset()
+        running = getattr(sub, "reset_running_stats", None)
+        if callable(running):
+            running()
+
+
+def ranks(values: torch.Tensor) -> torch.Tensor:
+    """Ranks ``0..n-1`` of a 1-D tensor, ties sharing their average rank (as scipy's rankdata - 1)."""
+    order = torch.argsort(values, stable=True)
+    sorted_values = values[order]
+    _, inverse, counts = torch.unique_consecutive(sorted_values, return_inverse=True, return_counts=True)
+    ends = torch.cumsum(counts, 0).double()
+    average = ends - (counts.double() + 1) / 2
+    result = torch.empty(len(values), dtype=torch.float64)
+    result[order] = average[inverse]
+    return result
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman rank correlation of two maps (``nan`` if either is constant)."""
+    ra, rb = ranks(a.flatten().double()), ranks(b.flatten().double())
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denominator = float(ra.norm() * rb.norm())
+    return float((ra * rb).sum()) / denominator if denominator > 0 else math.nan
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 7) -> float:
+    """Structural similarity of two ``(H, W)`` maps in ``[0, 1]`` (data range 1), with
+    scikit-image's defaults: a ``window x window`` uniform filter, sample covariances, the mean
+    over positions whose window fits inside the map."""
+    x, y = a.double()[None, None], b.double()[None, None]
+    n = window * window
+    mean = lambda t: F.avg_pool2d(t, window, stride=1)
+    mx, my = mean(x), mean(y)
+    correction = n / (n - 1)
+    vx = (mean(x * x) - mx * mx) * correction
+    vy = (mean(y * y) - my * my) * correction
+    cxy = (mean(x * y) - mx * my) * correction
+    c1, c2 = 0.01**2, 0.03**2
+    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+    return float(s.mean())
+
+
+def _unit(values: torch.Tensor) -> torch.Tensor:
+    low, high = values.min(), values.max()
+    return (values - low) / (high - low) if high > low else torch.zeros_like(values)
+
+
+def randomization(
+    loaded: LoadedModel, batch: torch.Tensor, maps: torch.Tensor, targets: torch.Tensor, fn: MapFunction,
+    *, layer: str | None = None, layers: Sequence[str] | None = None, seed: int = 0,
+    progress: Callable[[int], None] | None = None,
+) -> Randomization:
+    """Re-initialise ``layers`` (default :func:`cascade_layers`) one by one on a copy of the
+    model and compare each recomputed map with ``maps``."""
+    order = list(layers) if layers else cascade_layers(loaded)
+    for name in order:
+        resolve_layer(loaded, name)
+    twin_module = copy.deepcopy(loaded.module)
+    twin = dataclasses.replace(loaded, module=twin_module)
+    recomputed: list[torch.Tensor] = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for name in order:
+            _reinitialise(resolve_layer(twin, name)[1])
+            recomputed.append(fn(twin, batch, targets, layer, seed).detach().float().cpu())
+            if progress is not None:
+                progress(1)
+    stacked = torch.stack(recomputed, dim=1)  # (N, L, H, W)
+    count = maps.shape[0]
+    rho = torch.tensor([[spearman(maps[i], stacked[i, k]) for k in range(len(order))] for i in range(count)])
+    sim = torch.tensor([[ssim(_unit(maps[i]), _unit(stacked[i, k])) for k in range(len(order))] for i in range(count)])
+    return Randomization(layers=tuple(order), spearman=rho.float(), ssim=sim.float(), maps=stacked)
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def quality(
+    model: ModelLike,
+    images: Any,
+    method: str | MapFunction = "gradcam",
+    metrics: Sequence[str] = METRICS,
+    *,
+    target: TargetLike = None,
+    layer: str | None = None,
+    step: int | None = None,
+    deletion_fill: float = 0.0,
+    blur_kernel: int = 11,
+    blur_sigma: float = 5.0,
+    randomization_layers: Sequence[str] | None = None,
+    seed: int = 0,
+    batch_size: int = 64,
+    progress: Callable[[int], None] | None = None,
+) -> QualityResult:
+    """Score an explanation method: deletion and insertion AUCs and cascading randomisation.
+
+    Args:
+        model: a ``LoadedModel`` or ``nn.Module``.
+        images: PIL image(s) or a normalised ``(N, C, H, W)`` tensor.
+        method: one of ``METHODS`` or ``BASELINES``, or ``fn(loaded, batch, targets, layer,
+            seed) -> (N, H, W)``.
+        metrics: any of ``"deletion"``, ``"insertion"``, ``"randomization"``.
+        target: ``None`` (each image's top-1), an index or label, or one per image.
+        layer: the CAM layer for the CAM methods.
+        step: pixels per deletion/insertion step (default ``ceil(H * W / 224)``: RISE's 224 at 224²).
+        deletion_fill: deleted pixels' value in the normalised input space.
+        blur_kernel, blur_sigma: insertion's starting blur.
+        randomization_layers: layers to re-initialise, top down (default :func:`cascade_layers`).
+        seed: for the random map and the re-initialisation.
+        batch_size: image copies per forward pass.
+        progress: called with a count of finished units (copies, or re-initialised layers).
+
+    Returns:
+        ``QualityResult``.
+
+    Raises:
+        UnknownMethod: unknown method name.
+        BadArgument: unknown metric, step < 1, even or non-positive blur kernel.
+        BadTarget, UnknownLayer: as the method raises them.
+    """
+    name, fn = map_function(method)
+    for metric in metrics:
+        if metric not in METRICS:
+            raise BadArgument(f"metric {metric}", "must be one of " + ", ".join(METRICS))
+    if step is not None and step < 1:
+        raise BadArgument("--step", f"must be at least 1 pixel, got {step}")
+    if blur_kernel < 1 or blur_kernel % 2 == 0:
+        raise BadArgument("--blur-kernel", f"must be a positive odd number, got {blur_kernel}")
+    if batch_size < 1:
+        raise BadArgument("--batch-size", f"must be at least 1, got {batch_size}")
+    loaded, batch = prepare(model, images)
+    height, width = int(batch.shape[-2]), int(batch.shape[-1])
+    protocol = Protocol(step=step or math.ceil(height * width / RISE_STEPS), deletion_fill=deletion_fill,
+                        blur_kernel=blur_kernel, blur_sigma=blur_sigma)
+    with eval_mode(loaded.module), torch.inference_mode():
+        logits = torch.cat([loaded.module(part).float() for part in torch.split(batch, batch_size)])
+    targets = resolve_targets(target, logits, loaded.categories, loaded.name)
+    clean = torch.softmax(logits, dim=1).gather(1, targets[:, None])[:, 0]
+    maps = fn(loaded, batch, targets, layer, seed).detach().float().cpu()
+    if maps.shape != (batch.shape[0], height, width):
+        raise ValueError(f"map function {name} returned shape {tuple(maps.shape)}, expected {(batch.shape[0], height, width)}")
+    deletion = insertion = None
+    if "deletion" in metrics or "insertion" in metrics:
+        deletion, insertion = causal_curves(loaded, batch, maps, targets, protocol, clean=clean,
+                                            batch_size=batch_size, progress=progress)
+    cascade = None
+    if "randomization" in metrics:
+        cascade = randomization(loaded, batch, maps, targets, fn, layer=layer, layers=randomization_layers,
+                                seed=seed, progress=progress)
+    return QualityResult(
+        method=name,
+        targets=targets.cpu(),
+        labels=target_labels(targets, loaded.categories),
+        maps=maps,
+        deletion=deletion if "deletion" in metrics else None,
+        insertion=insertion if "insertion" in metrics else None,
+        randomization=cascade,
+        protocol=protocol,
+    )
+
+
+def beats_random(result: QualityResult, random: QualityResult) -> dict[str, bool]:
+    """Per metric: does the method beat the random map on average (lower deletion AUC, higher
+    insertion AUC)? Metrics missing from either result are left out."""
+    verdict: dict[str, bool] = {}
+    if result.deletion is not None and random.deletion is not None:
+        verdict["deletion"] = float(result.deletion.auc.mean()) < float(random.deletion.auc.mean())
+    if result.insertion is not None and random.insertion is not None:
+        verdict["insertion"] = float(result.insertion.auc.mean()) > float(random.insertion.auc.mean())
+    return verdict

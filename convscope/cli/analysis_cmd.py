@@ -1,0 +1,348 @@
+"""CLI commands for the measurements: ``invariance``, ``correspondence``, ``quality``.
+
+Each parses options, calls ``convscope.analysis``, hands the result to ``render.analysis`` and
+writes a JSON record, text tables and PNG plots through ``OutputDir`` (``manifest.json`` last).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import typer
+
+from convscope.cli.app import app, expand_images, load_good_images, open_model, split_layers
+from convscope.cli.errors import EXIT_USER_ERROR
+from convscope.cli.options import (
+    BatchSizeOpt,
+    DeviceOpt,
+    ImagesArg,
+    JsonOpt,
+    LayerOpt,
+    LayersOpt,
+    ModelOpt,
+    OutDirOpt,
+    SeedOpt,
+    WeightsOpt,
+)
+from convscope.cli.output import OutputDir
+from convscope.cli.progress import progress_bar
+from convscope.errors import BadArgument, ImageError
+
+TargetOpt = Annotated[
+    str | None,
+    typer.Option("--target", help="Class index or label to track (default: each image's top-1 class)."),
+]
+
+
+def _target(value: str | None) -> int | str | None:
+    if value is None:
+        return None
+    text = value.strip()
+    return int(text) if text.lstrip("-").isdigit() else text
+
+
+def _numbers(text: str, option: str) -> list[float]:
+    """``"-60,-30,0,30"`` or ``"start:stop:step"`` (stop included when reached) -> floats."""
+    try:
+        if ":" in text:
+            start, stop, step = (float(v) for v in text.split(":"))
+            if step <= 0 and stop >= start or step >= 0 and stop < start or step == 0:
+                raise BadArgument(option, f"range {text!r} never reaches its end")
+            count = math.floor((stop - start) / step + 1e-9) + 1
+            return [round(start + i * step, 10) for i in range(count)]
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise BadArgument(option, f"expected numbers like -60,-30,0 or start:stop:step, got {text!r}") from None
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def _floats(values: Any) -> list[float | None]:
+    return [_finite(float(v)) for v in np.asarray(values, dtype=np.float64).reshape(-1)]
+
+
+def _good_images(images: list[Path]) -> tuple[list[Path], list[Any], int]:
+    paths = expand_images(images)
+    good = list(load_good_images(paths))
+    return [p for p, _ in good], [image for _, image in good], len(paths) - len(good)
+
+
+def _finish(out: OutputDir, command: str, options: dict[str, Any], record: Any, text: str,
+            json_out: bool, failures: int) -> None:
+    out.manifest(command, options)
+    typer.echo(json.dumps(record, indent=2) if json_out else text.rstrip("\n"))
+    if not json_out:
+        typer.echo(f"wrote {len(out.written)} files to {out.root}")
+    if failures:
+        raise typer.Exit(EXIT_USER_ERROR)
+
+
+# ---------------------------------------------------------------- invariance
+
+
+@app.command("invariance")
+def invariance_command(
+    images: ImagesArg,
+    transform: Annotated[str, typer.Option("--transform", help="translate (vertical), scale or rotate.")] = "translate",
+    amounts: Annotated[
+        str | None,
+        typer.Option("--amounts", help="Comma list or start:stop:step (default: the paper's -60..60 px, "
+                     "1.0..1.8, 0..360 degrees). Use --amounts=-60,... for negative values."),
+    ] = None,
+    layers: LayersOpt = None,
+    target: TargetOpt = None,
+    pad: Annotated[str, typer.Option("--pad", help="Uncovered border: mean (the image's mean colour) or reflect.")] = "mean",
+    output: OutDirOpt = Path("convscope-out"),
+    model: ModelOpt = None,
+    weights: WeightsOpt = None,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    batch_size: BatchSizeOpt = 32,
+    json_out: JsonOpt = False,
+) -> None:
+    """Invariance curves (Zeiler & Fergus Fig. 5): feature distance and class probability as the
+    image is shifted, zoomed or rotated (before preprocessing).
+
+    Writes invariance.json, invariance_<transform>.png (one curve per image) and
+    invariance_<transform>_mean.png (mean with a ±1 std band).
+
+    Examples: convscope invariance cat.jpg dog.jpg --transform rotate -o out/ |
+    convscope invariance photos/ --transform translate --amounts=-60:60:10 --layers stem,classifier_input
+    """
+    from convscope.analysis.invariance import DEFAULT_AMOUNTS, invariance
+    from convscope.render.analysis import invariance_figure, invariance_mean_figure
+
+    chosen = _numbers(amounts, "--amounts") if amounts else list(DEFAULT_AMOUNTS.get(transform, ()))
+    loaded = open_model(model, weights, seed, device)
+    paths, pictures, failures = _good_images(images)
+    if not pictures:
+        raise ImageError(", ".join(str(p) for p in images), "no readable images")
+    with progress_bar(len(pictures) * len(chosen), "invariance", unit="copy") as advance:
+        curves = invariance(loaded, pictures, transform, chosen, layers=split_layers(layers),
+                            target=_target(target), pad=pad, batch_size=batch_size, progress=advance)
+    record = {
+        "transform": curves.transform,
+        "amounts": list(curves.amounts),
+        "layers": list(curves.layers),
+        "images": [
+            {
+                "image": str(path),
+                "target": int(curves.targets[i]),
+                "distance": {layer: _floats(curves.distance[layer][i]) for layer in curves.layers},
+                "relative_distance": {layer: _floats(curves.relative_distance[layer][i]) for layer in curves.layers},
+                "probability": _floats(curves.probability[i]),
+                "top_class": [int(c) for c in curves.top_class[i]],
+            }
+            for i, path in enumerate(paths)
+        ],
+    }
+    out = OutputDir(output)
+    out.json("invariance.json", record)
+    names = [p.name for p in paths]
+    out.png(f"invariance_{curves.transform}.png", invariance_figure(curves, names))
+    out.png(f"invariance_{curves.transform}_mean.png", invariance_mean_figure(curves))
+    lines = [f"{p}: tracking {curves.labels[i]} (class {int(curves.targets[i])}); probability "
+             f"{float(curves.probability[i].min()):.3f}..{float(curves.probability[i].max()):.3f}; top-1 kept at "
+             f"{int((curves.top_class[i] == curves.targets[i]).sum())}/{len(curves.amounts)} amounts"
+             for i, p in enumerate(paths)]
+    options = {"model": loaded.name, "weights": loaded.weights, "transform": transform, "amounts": list(curves.amounts),
+               "layers": list(curves.layers), "target": target, "pad": pad,
+               "labels": {str(k): v for k, v in curves.class_names.items()}}
+    _finish(out, "invariance", options, record, "\n".join(lines), json_out, failures)
+
+
+# ---------------------------------------------------------------- correspondence
+
+
+@app.command("correspondence")
+def correspondence_command(
+    images: ImagesArg,
+    parts: Annotated[Path, typer.Option("--parts", help="JSON: part name -> [top, left, bottom, right] in image "
+                                        "pixels, one box per image, or {image file name: box}.")],
+    layers: LayersOpt = None,
+    random: Annotated[int, typer.Option("--random", min=0, help="Random boxes for the control.")] = 10,
+    window: Annotated[int, typer.Option("--window", min=0, help="0: the boxes as given; N: N x N squares "
+                                        "centred on them.")] = 0,
+    output: OutDirOpt = Path("convscope-out"),
+    model: ModelOpt = None,
+    weights: WeightsOpt = None,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    batch_size: BatchSizeOpt = 32,
+    json_out: JsonOpt = False,
+) -> None:
+    """Part correspondence (Zeiler & Fergus §4.3, Table 1): do covered parts change the features
+    the same way across images? Lower mean feature sign change = more consistent.
+
+    Writes correspondence.json, correspondence.txt (the table) and parts.png (the boxes).
+    --seed also seeds the random boxes.
+
+    Example: convscope correspondence faces/ --parts parts.json --random 10 -o out/
+    """
+    from convscope.analysis.correspondence import correspondence
+    from convscope.render.analysis import correspondence_table, parts_picture
+
+    try:
+        spec = json.loads(parts.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise BadArgument(f"--parts {parts}", exc.strerror or "cannot be read") from None
+    except ValueError as exc:
+        raise BadArgument(f"--parts {parts}", f"is not valid JSON ({exc})") from None
+    if not isinstance(spec, dict) or not spec:
+        raise BadArgument(f"--parts {parts}", "must be a JSON object: part name -> box(es)")
+    loaded = open_model(model, weights, seed, device)
+    given = expand_images(images)
+    paths, pictures, failures = _good_images(images)
+    kept = [given.index(p) for p in paths]
+    for name, boxes in spec.items():  # per-image lists follow the images that could be read
+        if isinstance(boxes, list) and len(boxes) == len(given) and boxes and isinstance(boxes[0], list):
+            spec[name] = [boxes[i] for i in kept]
+    names = [p.name for p in paths]
+    sets = 1 + len(spec) + random
+    with progress_bar(len(pictures) * sets, "correspondence", unit="img") as advance:
+        result = correspondence(loaded, pictures, spec, layers=split_layers(layers), random=random, window=window,
+                                names=names, seed=seed, batch_size=batch_size, progress=advance)
+    table: dict[str, Any] = {}
+    for layer in result.layers:
+        row: dict[str, Any] = {
+            part: {"delta": s.delta, "normalized": s.normalized, "std": s.std}
+            for part, s in result.parts_delta[layer].items()
+        }
+        control = result.random[layer]
+        row["random"] = {"mean": _finite(control.mean), "std": _finite(control.std),
+                         "normalized": [d.normalized for d in control.draws], "delta": [d.delta for d in control.draws]}
+        table[layer] = row
+    record = {
+        "images": [str(p) for p in paths],
+        "layers": list(result.layers),
+        "dimensions": result.dimensions,
+        "pairs": result.count * (result.count - 1),
+        "window": window,
+        "boxes": {part: [list(b) for b in boxes] for part, boxes in result.boxes.items()},
+        "random_boxes": [[list(b) for b in draw] for draw in result.random_boxes],
+        "table": table,
+    }
+    text = correspondence_table(result)
+    out = OutputDir(output)
+    out.json("correspondence.json", record)
+    out.text("correspondence.txt", text)
+    out.png("parts.png", parts_picture([np.asarray(p.convert("RGB")) for p in pictures], result.boxes))
+    options = {"model": loaded.name, "weights": loaded.weights, "parts": str(parts), "layers": list(result.layers),
+               "random": random, "window": window, "seed": seed}
+    _finish(out, "correspondence", options, record, text, json_out, failures)
+
+
+# ---------------------------------------------------------------- quality
+
+
+@app.command("quality")
+def quality_command(
+    images: ImagesArg,
+    methods: Annotated[str, typer.Option("--methods", help="Comma list of gradcam, gradcam++, guided, saliency, "
+                                         "occlusion, scorecam.")] = "gradcam,gradcam++,guided,saliency,occlusion,scorecam",
+    metrics: Annotated[str, typer.Option("--metrics", help="Comma list of deletion, insertion, randomization.")]
+    = "deletion,insertion,randomization",
+    step: Annotated[int | None, typer.Option("--step", min=1, help="Pixels per deletion/insertion step "
+                                             "(default: RISE's 224 at 224x224).")] = None,
+    fill: Annotated[float, typer.Option("--fill", help="Deleted pixels' value in the normalised input "
+                                        "(0: the mean colour, RISE's default).")] = 0.0,
+    layer: LayerOpt = None,
+    target: TargetOpt = None,
+    output: OutDirOpt = Path("convscope-out"),
+    model: ModelOpt = None,
+    weights: WeightsOpt = None,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    batch_size: BatchSizeOpt = 64,
+    json_out: JsonOpt = False,
+) -> None:
+    """Explanation quality: RISE deletion/insertion AUCs against a random map and an edge
+    detector, and cascading randomisation (Adebayo et al.), for several methods on the same images.
+
+    Writes quality.json, quality.txt (methods x metrics, mean ± std over images),
+    quality_curves.png and randomization.png. A method that does not beat the random map is
+    flagged (* in the table, "flagged" in the JSON).
+
+    Examples: convscope quality cat.jpg coffee.jpg -o out/ |
+    convscope quality photos/ --methods gradcam,scorecam --metrics deletion,insertion --step 1792
+    """
+    from convscope.analysis.quality import BASELINES, METHODS, METRICS, beats_random, quality
+    from convscope.render.analysis import nanmean, quality_curves_figure, quality_table, randomization_figure
+
+    chosen = [m.strip() for m in methods.split(",") if m.strip()]
+    for name in chosen:
+        if name not in METHODS:
+            raise BadArgument(f"--methods {name}", "must be one of " + ", ".join(METHODS))
+    wanted = [m.strip() for m in metrics.split(",") if m.strip()]
+    for name in wanted:
+        if name not in METRICS:
+            raise BadArgument(f"--metrics {name}", "must be one of " + ", ".join(METRICS))
+    loaded = open_model(model, weights, seed, device)
+    paths, pictures, failures = _good_images(images)
+    if not pictures:
+        raise ImageError(", ".join(str(p) for p in images), "no readable images")
+    batch = loaded.preprocess.to_tensor(pictures).to(loaded.device)
+    causal = [m for m in wanted if m != "randomization"]
+    settings = {"target": _target(target), "layer": layer, "step": step, "deletion_fill": fill, "seed": seed,
+                "batch_size": batch_size}
+    results = {}
+    with progress_bar(len(chosen) + (len(BASELINES) if causal else 0), "quality", unit="method") as advance:
+        for name in chosen:
+            results[name] = quality(loaded, batch, name, wanted, **settings)  # type: ignore[arg-type]
+            advance(1)
+        baselines = {}
+        if causal:
+            for name in BASELINES:
+                baselines[name] = quality(loaded, batch, name, causal, **settings)  # type: ignore[arg-type]
+                advance(1)
+    flags = {}
+    for name, result in results.items():
+        verdict = beats_random(result, baselines["random"]) if causal else {}
+        flags[name] = [metric for metric, beaten in verdict.items() if not beaten]
+
+    def scores(curves: Any) -> dict[str, Any]:
+        auc = curves.auc.double()
+        return {"mean": float(auc.mean()), "std": float(auc.std(unbiased=False)), "per_image": _floats(auc)}
+
+    def entry(result: Any) -> dict[str, Any]:
+        row: dict[str, Any] = {}
+        if result.deletion is not None:
+            row["deletion"] = scores(result.deletion)
+        if result.insertion is not None:
+            row["insertion"] = scores(result.insertion)
+        cascade = result.randomization
+        if cascade is not None:
+            row["randomization"] = {
+                "layers": list(cascade.layers),
+                "spearman": _floats(nanmean(cascade.spearman, axis=0)),
+                "ssim": _floats(cascade.ssim.double().mean(dim=0)),
+                "per_image": {"spearman": [_floats(r) for r in cascade.spearman],
+                              "ssim": [_floats(r) for r in cascade.ssim]},
+            }
+        return row
+
+    protocol = next(iter(results.values())).protocol.as_dict() if results else {}
+    record = {
+        "images": [str(p) for p in paths],
+        "targets": [int(t) for t in next(iter(results.values())).targets] if results else [],
+        "protocol": protocol,
+        "methods": {name: {**entry(r), "flagged": flags[name]} for name, r in results.items()},
+        "baselines": {name: entry(r) for name, r in baselines.items()},
+    }
+    out = OutputDir(output)
+    out.json("quality.json", record)
+    text = quality_table({**results, **baselines}, flags)
+    out.text("quality.txt", text)
+    if causal:
+        out.png("quality_curves.png", quality_curves_figure({**results, **baselines}))
+    if "randomization" in wanted:
+        out.png("randomization.png", randomization_figure(results))
+    options = {"model": loaded.name, "weights": loaded.weights, "methods": chosen, "metrics": wanted,
+               "protocol": protocol, "layer": layer, "target": target, "seed": seed}
+    _finish(out, "quality", options, record, text, json_out, failures)

@@ -1,0 +1,110 @@
+"""Score-CAM: hand computation on a tiny model, contract, no side effects, peer equality."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from convscope.methods.scorecam import scorecam
+from convscope.models.load import wrap_model
+from convscope.preprocess import Preprocess
+
+
+class TwoChannel(nn.Module):
+    """1 -> 2 channel 1x1 conv (weights 1 and -1, biases 0 and 0.5), ReLU, sum pooling, linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 1)
+        self.relu = nn.ReLU()
+        self.fc = nn.Linear(2, 2)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.tensor([1.0, -1.0]).view(2, 1, 1, 1))
+            self.conv.bias.copy_(torch.tensor([0.0, 0.5]))
+            self.fc.weight.copy_(torch.tensor([[1.0, 2.0], [0.5, -1.0]]))
+            self.fc.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.relu(self.conv(x)).sum(dim=(2, 3)))
+
+
+def tiny_loaded() -> object:
+    return wrap_model(TwoChannel(), preprocess=Preprocess(resize=None, crop=4, mean=(0.0,), std=(1.0,), channels=1),
+                      categories=("a", "b"))
+
+
+def test_scorecam_equals_hand_computation() -> None:
+    loaded = tiny_loaded()
+    x = torch.tensor([[0.0, 1.0, 2.0, 3.0]] * 4)[None, None]  # columns 0..3
+    result = scorecam(loaded, x, target=0, layer="relu")
+    a0 = x[0, 0]  # relu(x) = x
+    a1 = (0.5 - x[0, 0]).clamp_min(0)  # only column 0 is live: 0.5
+    m0 = (a0 - a0.min()) / (a0.max() - a0.min() + 1e-8)
+    m1 = (a1 - a1.min()) / (a1.max() - a1.min() + 1e-8)
+
+    def logit(image: torch.Tensor) -> float:
+        c0 = image.clamp_min(0).sum()
+        c1 = (0.5 - image).clamp_min(0).sum()
+        return float(c0 + 2 * c1)
+
+    s = torch.tensor([logit(x[0, 0] * m0), logit(x[0, 0] * m1)])
+    w = torch.softmax(s, dim=0)
+    raw = (w[0] * a0 + w[1] * a1).clamp_min(0)
+    torch.testing.assert_close(result.weights[0], w)
+    torch.testing.assert_close(result.raw[0], raw)
+    expected = (raw - raw.min()) / (raw.max() - raw.min())
+    torch.testing.assert_close(result.maps[0], expected)
+    assert result.method == "scorecam" and result.targets.tolist() == [0]
+    assert result.scores[0] == pytest.approx(logit(x[0, 0]))
+
+
+def test_scorecam_batch_size_and_dead_channels_do_not_change_the_map(tiny_cnn, assert_no_side_effects) -> None:  # type: ignore[no-untyped-def]
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        tiny_cnn.conv2.bias[1] = -100.0  # a dead channel after the ReLU
+    one = assert_no_side_effects(tiny_cnn, lambda: scorecam(tiny_cnn, x, layer="conv2", batch_size=1))
+    big = scorecam(tiny_cnn, x, layer="conv2", batch_size=64)
+    torch.testing.assert_close(one.maps, big.maps)
+    assert one.maps.shape == (2, 16, 16) and one.maps.dtype == torch.float32
+    assert float(one.maps.amax()) == pytest.approx(1.0)
+    # brute force: one forward per channel, masks built like the peer
+    with torch.no_grad():
+        act = F.relu(tiny_cnn.conv2(F.relu(tiny_cnn.conv1(x))))
+        logits = tiny_cnn(x)
+    target = logits.argmax(1)
+    for i in range(2):
+        up = F.interpolate(act[i][:, None], size=(16, 16), mode="bilinear", align_corners=True)[:, 0]
+        lo = up.flatten(1).min(1).values[:, None, None]
+        hi = up.flatten(1).max(1).values[:, None, None]
+        masks = (up - lo) / (hi - lo + 1e-8)
+        with torch.no_grad():
+            s = torch.stack([tiny_cnn(x[i:i + 1] * m)[0, target[i]] for m in masks])
+        torch.testing.assert_close(one.weights[i], torch.softmax(s, 0))
+
+
+def test_scorecam_bad_batch_size(tiny_cnn) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ValueError, match="batch_size"):
+        scorecam(tiny_cnn, torch.zeros(1, 3, 16, 16), layer="conv2", batch_size=0)
+
+
+@pytest.mark.peer
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("layer", ["stage1", "stage2"])
+def test_scorecam_equals_pytorch_grad_cam(default_model, photo, layer) -> None:  # type: ignore[no-untyped-def]
+    pytest.importorskip("pytorch_grad_cam")
+    from pytorch_grad_cam import ScoreCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    from convscope.probes.layers import resolve_layer
+
+    x = default_model.preprocess.to_tensor(photo)
+    ours = scorecam(default_model, x, layer=layer)
+    assert ours.labels[0] in ("tabby, tabby cat", "tiger cat", "Egyptian cat")
+    _, module = resolve_layer(default_model, layer)
+    with ScoreCAM(model=default_model.module, target_layers=[module]) as cam:
+        expected = cam(input_tensor=x, targets=[ClassifierOutputTarget(int(ours.targets[0]))])
+    np.testing.assert_allclose(ours.maps.numpy(), expected, rtol=0, atol=1e-4)

@@ -85,3 +85,16 @@ def close_matches(word: str, choices: list[str] | tuple[str, ...], n: int = 3) -
 
 class BadWeightsFile(ConvscopeError):
     """A weights file is unreadable, not a state dict, or would execute code when unpickled."""
+
+
+class DamagedWeightsFile(BadWeightsFile):
+    """A weights file or checkpoint changed after it was written: truncated, bit-flipped, its
+    checksum does not match its contents."""
+
+
+class CheckpointWriteError(ConvscopeError):
+    """A checkpoint could not be written (disk full, permissions); the previous one is intact."""
+
+
+class TrainingDiverged(ConvscopeError):
+    """Training produced a non-finite loss or weights; it stopped and kept the last good checkpoint."""

@@ -748,9 +748,9 @@ def _diverged(run_dir: Path, config: TrainConfig, epoch: int, what: str) -> Trai
     kept = (
         f"last.pt keeps epoch {epoch - 1}, the last good one" if epoch > 1 else "no checkpoint was written"
     )
-    hint = f"lower --lr (it was {config.lr:g})"
+    hint = f"try an --lr below {config.lr:g}"
     if config.precision == "bf16":
-        hint += ", or train with --precision fp32"
+        hint += ", or --precision fp32"
     return TrainingDiverged(str(run_dir), f"training diverged in epoch {epoch}: {what}; stopped, {kept}", hint)
 
 

@@ -99,3 +99,16 @@ class BadInputType(BadArgument, TypeError):
 
 class OutputError(ConvscopeError):
     """An output folder or file cannot be used (not a folder, not writable, a system path, in use)."""
+
+
+class DamagedWeightsFile(BadWeightsFile):
+    """A weights file or checkpoint changed after it was written: truncated, bit-flipped, its
+    checksum does not match its contents."""
+
+
+class CheckpointWriteError(ConvscopeError):
+    """A checkpoint could not be written (disk full, permissions); the previous one is intact."""
+
+
+class TrainingDiverged(ConvscopeError):
+    """Training produced a non-finite loss or weights; it stopped and kept the last good checkpoint."""

@@ -15,6 +15,7 @@ import convscope
 from convscope.errors import BadWeightsFile, WeightsMismatch, WeightsUnavailable
 from convscope.models.load import load_model, wrap_model
 from convscope.models.weights import CHECKPOINT_FORMAT
+from convscope.training.checkpoint import make_checkpoint
 
 from conftest import grace_hopper_path
 
@@ -149,12 +150,12 @@ def test_missing_weights_file(tmp_path) -> None:
 
 def test_convscope_checkpoint_carries_arch_labels_and_preset(tmp_path) -> None:
     reference = load_model("zfnet_mnist", weights="random", seed=2)
-    checkpoint = {
-        "format": CHECKPOINT_FORMAT, "version": 1, "arch": "zfnet_mnist",
-        "state_dict": reference.module.state_dict(),
-        "categories": list(reference.categories),
-        "preprocess": {"resize": None, "crop": 28, "mean": [0.1], "std": [0.2], "channels": 1},
-    }
+    checkpoint = make_checkpoint(
+        arch="zfnet_mnist", state_dict=reference.module.state_dict(), categories=reference.categories,
+        preprocess=convscope.Preprocess(resize=None, crop=28, mean=(0.1,), std=(0.2,), channels=1),
+        epoch=0, config={"epochs": 1},
+    )
+    assert checkpoint["format"] == CHECKPOINT_FORMAT
     torch.save(checkpoint, tmp_path / "best.pt")
     loaded = load_model(weights=tmp_path / "best.pt")
     assert loaded.name == "zfnet_mnist"

@@ -18,7 +18,7 @@ from convscope.models.labels import DIGITS, FASHION_MNIST
 from convscope.models.registry import get_spec
 from convscope.preprocess import Preprocess
 from convscope.training.ablation import apply_variant, count_parameters, parse_variant
-from convscope.training.checkpoint import CheckpointWriteError, read_checkpoint, write_checkpoint
+from convscope.training.checkpoint import CheckpointWriteError, make_checkpoint, read_checkpoint, write_checkpoint
 from convscope.training.data import (
     BatchTransform,
     Split,
@@ -76,7 +76,7 @@ def test_fashion_mnist_missing_gives_the_remedy(tmp_path: Path, monkeypatch: pyt
 
 @needs_fashion
 def test_fashion_mnist_real_files() -> None:
-    data = load_training_data("fashion-mnist", preprocess=MNIST_PRE)
+    data = load_training_data("fashion-mnist", preprocess=MNIST_PRE, val_split=0)
     assert data.categories == FASHION_MNIST
     assert data.train.images.shape == (60000, 1, 28, 28) and data.train.images.dtype == torch.uint8
     assert data.test is not None and data.test.images.shape == (10000, 1, 28, 28)
@@ -84,7 +84,16 @@ def test_fashion_mnist_real_files() -> None:
     assert torch.bincount(data.test.labels).tolist() == [1000] * 10
     # The first training image is an ankle boot, the first test image too (the dataset's README).
     assert int(data.train.labels[0]) == 9 and int(data.test.labels[0]) == 9
-    assert data.val is None and data.selection is data.test
+    # Nothing held out: no validation split, and the test split never stands in for one.
+    assert data.val is None and data.selection is None
+
+    # By default a seeded, stratified tenth of the training images is held out to choose best.pt.
+    default = load_training_data("fashion-mnist", preprocess=MNIST_PRE)
+    assert default.val is not None and default.selection is default.val
+    assert torch.bincount(default.val.labels).tolist() == [600] * 10
+    assert torch.bincount(default.train.labels).tolist() == [5400] * 10
+    assert torch.equal(default.test.images, data.test.images)
+    assert default.describe()["validation"] == "10% of the training images held out per class (split seed 0)"
 
     small = load_training_data("fashion-mnist", preprocess=MNIST_PRE, limit=300, val_split=0.1)
     assert len(small.train) == 300 and small.val is not None and len(small.val) == 300 and len(small.test) == 300
@@ -97,11 +106,11 @@ def test_fashion_mnist_real_files() -> None:
 def test_digits_split_is_stratified_and_fixed() -> None:
     data = load_training_data("digits", preprocess=MNIST_PRE)
     assert data.categories == DIGITS
-    assert len(data.train) + len(data.test) == 1797
+    assert data.val is not None and len(data.train) + len(data.val) + len(data.test) == 1797
     assert data.train.images.shape[1:] == (1, 8, 8)
     assert int(data.train.images.max()) == 255
     per_class_test = torch.bincount(data.test.labels, minlength=10)
-    full = torch.bincount(torch.cat([data.train.labels, data.test.labels]), minlength=10)
+    full = torch.bincount(torch.cat([data.train.labels, data.val.labels, data.test.labels]), minlength=10)
     assert torch.equal(per_class_test, (full.float() * 0.2).floor().long())
     again = load_training_data("digits", preprocess=MNIST_PRE)
     assert torch.equal(again.test.images, data.test.images)
@@ -247,9 +256,14 @@ def test_disk_full_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch: py
     from convscope.training import checkpoint as module
 
     path = tmp_path / "last.pt"
-    first = {"format": "convscope-checkpoint", "version": 1, "arch": "zfnet_mnist", "epoch": 1,
-             "state_dict": {"w": torch.ones(3)}}
-    write_checkpoint(path, first)
+
+    def checkpoint(epoch: int, weight: torch.Tensor) -> dict:
+        return make_checkpoint(
+            arch="zfnet_mnist", state_dict={"w": weight}, categories=DIGITS, preprocess=MNIST_PRE, epoch=epoch,
+            config={"epochs": 2}, history=[{"epoch": e} for e in range(1, epoch + 1)],
+        )
+
+    write_checkpoint(path, checkpoint(1, torch.ones(3)))
 
     def full_disk(handle, data):  # type: ignore[no-untyped-def]
         handle.write(data[: len(data) // 2])
@@ -258,7 +272,7 @@ def test_disk_full_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch: py
     monkeypatch.setattr(module, "_write", full_disk)
     with pytest.raises(CheckpointWriteError, match=r"last.pt: cannot write checkpoint: no space left on device; "
                        r"the previous checkpoint is intact"):
-        write_checkpoint(path, {**first, "epoch": 2, "state_dict": {"w": torch.zeros(1000)}})
+        write_checkpoint(path, checkpoint(2, torch.zeros(1000)))
     assert read_checkpoint(path)["epoch"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
 

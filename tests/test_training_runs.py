@@ -58,13 +58,19 @@ def test_run_folder_and_metrics(clean_run) -> None:
     lines = _metrics_lines(run)
     assert [m["epoch"] for m in lines] == [1, 2, 3]
     assert _strip(lines) == _strip(clean_run.history)
-    assert set(lines[0]) >= {"train_loss", "train_accuracy", "test_loss", "test_accuracy", "lr"}
+    assert set(lines[0]) >= {"train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr"}
+    # The test split is never scored during training: nothing about it can steer best.pt.
+    assert not [key for m in lines for key in m if key.startswith("test")]
     config = json.loads((run / "config.json").read_text())
     assert config["lr"] == 3e-3 and config["weight_decay"] == 0.05 and config["augment"] == list(BASE["augment"])
-    best = max(lines, key=lambda m: m["test_accuracy"])
-    assert clean_run.best_epoch == best["epoch"] and clean_run.selection == "test"
+    best = max(lines, key=lambda m: m["val_accuracy"])
+    assert clean_run.best_epoch == best["epoch"] and clean_run.selection == "val"
     # It learned something: chance is 0.1.
-    assert clean_run.best["test_accuracy"] > 0.3
+    assert clean_run.test_accuracy is not None and clean_run.test_accuracy > 0.3
+    result = json.loads((run / "result.json").read_text())
+    assert result["selection"] == "val" and result["test"]["epoch"] == clean_run.best_epoch
+    assert result["test"]["checkpoint"] == "best.pt" and result["test"]["count"] == 240
+    assert result["validation"] == "10% of the training images held out per class (split seed 0)"
 
 
 def test_best_checkpoint_loads_as_a_model(clean_run) -> None:
@@ -72,11 +78,11 @@ def test_best_checkpoint_loads_as_a_model(clean_run) -> None:
     assert loaded.name == "zfnet_mnist" and loaded.categories == DIGITS
     assert loaded.preprocess.input_size == (1, 28, 28)
     raw = torch.load(clean_run.best_checkpoint, weights_only=True)
-    assert raw["format"] == "convscope-checkpoint" and raw["version"] == 1
+    assert raw["format"] == "convscope-checkpoint" and raw["version"] == 2 and raw["role"] == "best"
     assert raw["optimizer"] is None and raw["rng"] is None and raw["epoch"] == clean_run.best_epoch
-    # The stored weights are that epoch's: evaluating them reproduces its test accuracy.
+    # The test accuracy reported is best.pt's, as anyone evaluating the file gets it.
     result = evaluate(loaded, "digits", limit=240)
-    assert result.accuracy == clean_run.best["test_accuracy"]
+    assert result.accuracy == clean_run.test_accuracy
     assert int(result.confusion.sum()) == result.count == 240
     assert result.per_class.shape == (10,)
     last = read_checkpoint(clean_run.last_checkpoint)
@@ -282,9 +288,10 @@ def test_ablation_table(tmp_path: Path) -> None:
     assert params["base"] - params["width:conv2=16"] == (64 - 16) * (32 * 9 + 2 + 96 * 9)
     for row in result.rows:
         run = json.loads((Path(row.run_dir) / "result.json").read_text())
-        assert row.test_error == pytest.approx(1 - run["best"]["test_accuracy"])
+        assert row.test_error == pytest.approx(1 - run["test"]["accuracy"])
+        assert row.held_out_error == pytest.approx(1 - run["best"]["val_accuracy"])
     markdown = (tmp_path / "abl" / "ablation.md").read_text()
-    assert markdown.splitlines()[0].startswith("| variant | parameters | train error % | test error %")
+    assert markdown.splitlines()[0].startswith("| variant | parameters | train error % | val error % | test error %")
     assert len(markdown.splitlines()) == 5
     saved = json.loads((tmp_path / "abl" / "ablation.json").read_text())
     assert [r["variant"] for r in saved["rows"]] == ["base", "drop:conv3,conv4", "width:conv2=16"]
@@ -306,10 +313,11 @@ def test_ablation_table(tmp_path: Path) -> None:
 def test_fashion_mnist_short_run(tmp_path: Path) -> None:
     result = train(TrainConfig(data="fashion-mnist", arch="zfnet_mnist", out_dir=str(tmp_path / "fm"),
                                epochs=2, limit=1024, batch_size=64, augment=("crop", "flip")))
-    assert result.data["splits"] == {"train": 1024, "test": 1024}
-    assert result.best["test_accuracy"] > 0.6  # chance is 0.1
+    assert result.data["splits"] == {"train": 1024, "val": 1024, "test": 1024}
+    assert result.selection == "val"
+    assert result.test_accuracy is not None and result.test_accuracy > 0.6  # chance is 0.1
     evaluation = evaluate(load_model(weights=result.best_checkpoint), "fashion-mnist", limit=1024)
-    assert evaluation.accuracy == result.best["test_accuracy"]
+    assert evaluation.accuracy == result.test_accuracy
 
 
 # -- CLI ----------------------------------------------------------------------------------------------
@@ -341,7 +349,7 @@ def test_cli_train_resume_and_evaluate(cli, clean_run, tmp_path: Path) -> None:
     evaluated = cli("evaluate", "--weights", clean_run.best_checkpoint, "--data", "digits", "--limit", 240, "-o", out)
     assert evaluated.exit_code == 0, evaluated.output
     payload = json.loads((out / "evaluation.json").read_text())
-    assert payload["accuracy"] == clean_run.best["test_accuracy"] and payload["count"] == 240
+    assert payload["accuracy"] == clean_run.test_accuracy and payload["count"] == 240
     assert len(payload["confusion"]) == 10 and sum(map(sum, payload["confusion"])) == 240
     picture = np.asarray(Image.open(out / "confusion.png"))
     assert picture.dtype == np.uint8 and picture.shape[2] == 3

@@ -45,7 +45,11 @@ SeedOpt = Annotated[
 ]
 ValSplitOpt = Annotated[
     float | None,
-    typer.Option("--val-split", help="Fraction of training images held out to pick best.pt (default: folders 0.2, else none).")
+    typer.Option(
+        "--val-split",
+        help="Fraction of training images held out to pick best.pt (default: 0.1 for fashion-mnist/digits, 0.2 for "
+        "folders without val/; 0: keep the last epoch). The test split never picks best.pt.",
+    )
 ]
 LimitOpt = Annotated[int | None, typer.Option("--limit", min=1, help="Cap every split at N images (quick runs).")]
 PrecisionOpt = Annotated[
@@ -163,8 +167,10 @@ def train_command(
 ) -> None:
     """Train a model on Fashion-MNIST, digits or an image folder; checkpoints each epoch, resumable.
 
-    Writes config.json, metrics.jsonl, last.pt (every epoch), best.pt (best held-out accuracy),
-    result.json, and with --snapshot-epochs the feature-evolution pictures (evolution.png).
+    Writes config.json, metrics.jsonl, last.pt (every epoch), best.pt (best validation accuracy;
+    without --val-split a seeded part of the training images is held out), result.json (with the
+    test accuracy of best.pt, measured once), and with --snapshot-epochs the feature-evolution
+    pictures (evolution.png). Checkpoints carry a checksum and are verified when read.
     Use the result anywhere with --weights RUN/best.pt.
 
     Examples:
@@ -204,15 +210,18 @@ def train_command(
     if json_out:
         typer.echo(json.dumps({
             "run_dir": str(result.run_dir), "best_epoch": result.best_epoch, "selection": result.selection,
-            "best": result.best, "parameters": result.parameters, "trainable_parameters": result.trainable,
+            "validation": result.data.get("validation"), "best": result.best, "test": result.test, "parameters": result.parameters, "trainable_parameters": result.trainable,
             "skipped": len(result.skipped), "evolution": str(result.evolution) if result.evolution else None,
         }, indent=2))
         return
     best = result.best
-    scores = ", ".join(
-        f"{split} accuracy {best[f'{split}_accuracy']:.4f}" for split in ("val", "test") if f"{split}_accuracy" in best
-    ) or f"train accuracy {best['train_accuracy']:.4f}"
-    typer.echo(f"best epoch {result.best_epoch}/{result.config.epochs}: {scores}")
+    if result.selection == "val":
+        chosen = f"chosen on val accuracy {best['val_accuracy']:.4f}; validation: {result.data.get('validation')}"
+    else:
+        chosen = f"the last epoch (no validation split); train accuracy {best['train_accuracy']:.4f}"
+    typer.echo(f"best epoch {result.best_epoch}/{result.config.epochs}: {chosen}")
+    if result.test is not None:
+        typer.echo(f"test accuracy of best.pt: {result.test['accuracy']:.4f} ({result.test['count']} images, measured once)")
     typer.echo(f"checkpoint: {result.best_checkpoint}  (use it with --weights {result.best_checkpoint})")
     if result.evolution:
         typer.echo(f"feature evolution: {result.evolution}")

@@ -5,14 +5,15 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
-from convscope.errors import BadArgument, BadInputType, WeightsMismatch
+from convscope.errors import BadArgument, BadInputType, BadWeightsFile, ConvscopeError, WeightsMismatch
+from convscope.models.checkpoints import checkpoint_preprocess
 from convscope.models.labels import get_labels
 from convscope.models.registry import ModelSpec, get_spec
+from convscope.models.variants import apply_variant
 from convscope.models.weights import (
     is_checkpoint,
     load_state_dict_strict,
@@ -86,7 +87,8 @@ def load_model(
             given as ``weights``, else the default ``efficientnet_lite0``.
         weights: ``"pretrained"`` (default when the model has published weights), ``"random"``
             (seeded init; the default otherwise), or a path to a ``.pth``/``.safetensors``
-            file or a convscope checkpoint.
+            file or a convscope checkpoint. A checkpoint is verified first (schema, checksum) and
+            brings its architecture, ablation variant, class names and preprocessing.
         seed: seed for random initialisation.
         device: ``"auto"`` (default), ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"mps"``.
 
@@ -94,7 +96,8 @@ def load_model(
         the model in eval mode on ``device`` with its preprocessing and class names.
 
     Raises:
-        UnknownModel, WeightsUnavailable, WeightsMismatch, BadWeightsFile.
+        UnknownModel, WeightsUnavailable, WeightsMismatch, BadWeightsFile (``DamagedWeightsFile``
+            for a checkpoint that changed after it was written).
         BadArgument: a device that is not auto, cpu, cuda, cuda:N or mps, or not present.
     """
     target_device = resolve_device(device)  # before any work: a bad --device fails at once
@@ -112,19 +115,22 @@ def load_model(
     categories = spec.categories
     preprocess = spec.preprocess
     num_classes = len(categories)
+    variant = None
     if checkpoint is not None and is_checkpoint(checkpoint):
         if checkpoint["arch"] != spec.name:
             raise WeightsMismatch(
                 str(path), f"is a checkpoint of {checkpoint['arch']!r}, not of {spec.name!r}"
             )
-        categories = tuple(checkpoint.get("categories") or categories)
+        categories = tuple(checkpoint["categories"])
         num_classes = len(categories)
-        if checkpoint.get("preprocess"):
-            preprocess = Preprocess(**_preprocess_fields(checkpoint["preprocess"]))
+        preprocess = checkpoint_preprocess(checkpoint)
+        variant = checkpoint.get("variant")
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         module = spec.build(num_classes)
+        if variant:
+            _rebuild_variant(module, spec, variant, preprocess, str(path))
 
     if weights == "pretrained":
         state, described = pretrained_state_dict(spec)
@@ -148,26 +154,46 @@ def load_model(
 
 def from_spec(spec: ModelSpec, module: nn.Module, preprocess: Preprocess, categories: Sequence[str], weights: str) -> LoadedModel:
     """A ``LoadedModel`` for a registry architecture: names, stages and default layers from
-    ``spec``; ``weights`` says where the weights came from."""
+    ``spec``; ``weights`` says where the weights came from.
+
+    Stages an ablation variant dropped (now ``nn.Identity``) are left out; the default CAM layer
+    falls back to the last stage that remains, the first conv to the first ``Conv2d`` left.
+    """
+    stages = {alias: path for alias, path in spec.stages.items() if not _dropped(module, path)}
+    cam_layer = spec.cam_layer
+    if _dropped(module, cam_layer) and stages:
+        cam_layer = next(reversed(stages.values()))
+    first_conv = spec.first_conv
+    if _dropped(module, first_conv):
+        first_conv = next((name for name, sub in module.named_modules() if isinstance(sub, nn.Conv2d)), "")
     return LoadedModel(
         module=module,
         name=spec.name,
         preprocess=preprocess,
         categories=tuple(categories),
-        stages=dict(spec.stages),
-        cam_layer=spec.cam_layer,
-        first_conv=spec.first_conv,
+        stages=stages,
+        cam_layer=cam_layer,
+        first_conv=first_conv,
         weights=weights,
         spec=spec,
     )
 
 
-def _preprocess_fields(raw: dict[str, Any]) -> dict[str, Any]:
-    fields = dict(raw)
-    for key in ("mean", "std"):
-        if key in fields:
-            fields[key] = tuple(fields[key])
-    return fields
+def _dropped(module: nn.Module, path: str) -> bool:
+    try:
+        return bool(path) and isinstance(module.get_submodule(path), nn.Identity)
+    except AttributeError:
+        return False
+
+
+def _rebuild_variant(module: nn.Module, spec: ModelSpec, variant: str, preprocess: Preprocess, source: str) -> None:
+    """Redo the ablation surgery a checkpoint records, so its weights fit (in place)."""
+    try:
+        apply_variant(module, variant, stages=dict(spec.stages), input_size=preprocess.input_size)
+    except ConvscopeError as exc:
+        raise BadWeightsFile(
+            source, f"invalid checkpoint: its variant {variant!r} does not apply to {spec.name}: {exc.reason}"
+        ) from exc
 
 
 def wrap_model(

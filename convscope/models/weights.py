@@ -11,58 +11,214 @@ import importlib
 import importlib.util
 import os
 import pickle
+import re
+import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from convscope.errors import BadWeightsFile, WeightsMismatch, WeightsUnavailable
+from convscope.errors import BadWeightsFile, DamagedWeightsFile, WeightsMismatch, WeightsUnavailable
+from convscope.models.checkpoints import CHECKPOINT_FORMAT, is_checkpoint, verify_checkpoint
 from convscope.models.registry import ModelSpec, PackageWeights, TorchvisionWeights
 
-CHECKPOINT_FORMAT = "convscope-checkpoint"
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "is_checkpoint",
+    "load_state_dict_strict",
+    "pretrained_state_dict",
+    "read_weights_file",
+    "state_dict_of",
+]
+
+_ZIP_MAGIC = b"PK\x03\x04"
+# torch.save's pre-1.6 format: a protocol-2 pickle of this magic number comes first.
+_LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
+_CODE_OPCODES = {"GLOBAL", "STACK_GLOBAL", "REDUCE", "INST", "OBJ", "NEWOBJ", "NEWOBJ_EX", "BUILD", "EXT1", "EXT2", "EXT4"}
+_EXPECTED = "expected a PyTorch .pt/.pth file (torch.save) or a .safetensors file"
 
 
-def is_checkpoint(obj: object) -> bool:
-    """True when ``obj`` is a convscope training checkpoint dict."""
-    return isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT
+def read_weights_file(path: str | os.PathLike[str], *, role: str | None = None) -> dict[str, Any]:
+    """Read a weights file without executing code; verify it when it is a convscope checkpoint.
 
+    The file's first bytes decide how it is read (its name does not): a PyTorch archive, torch's
+    legacy format, a safetensors file; anything else is refused before any unpickling.
 
-def read_weights_file(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a weights file without executing code.
+    Args:
+        role: for convscope checkpoints, ``"last"`` to accept only a resumable one
+            (see ``convscope.models.checkpoints.verify_checkpoint``).
 
     Returns:
-        the loaded object: a state dict, or a convscope checkpoint dict.
+        the loaded object: a state dict, or a verified convscope checkpoint dict.
+
+    Raises:
+        WeightsUnavailable: no such file.
+        BadWeightsFile: not a weights file, a pickle that could run code, an invalid checkpoint.
+        DamagedWeightsFile: a truncated or corrupted archive, or a checkpoint whose checksum fails.
     """
     file = Path(path)
     if not file.exists():
         raise WeightsUnavailable(str(file), "no such weights file")
     if file.is_dir():
         raise BadWeightsFile(str(file), "is a directory, not a weights file")
-    if file.stat().st_size == 0:
-        raise BadWeightsFile(str(file), "empty file (0 bytes)")
-    if file.suffix == ".safetensors":
-        try:
-            from safetensors.torch import load_file
-        except ImportError as exc:  # pragma: no cover - safetensors is a dependency
-            raise BadWeightsFile(str(file), "safetensors is not installed") from exc
-        try:
-            return dict(load_file(str(file), device="cpu"))
-        except Exception as exc:
-            raise BadWeightsFile(str(file), f"not a valid safetensors file: {_first_line(exc)}") from exc
     try:
-        obj = torch.load(file, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise BadWeightsFile(
-            str(file),
-            "refused to load: the file holds pickled objects other than tensors "
-            "(it could run code); only plain state dicts are accepted",
-        ) from exc
-    except Exception as exc:
-        raise BadWeightsFile(str(file), f"not a PyTorch weights file: {_first_line(exc)}") from exc
+        size = file.stat().st_size
+        with open(file, "rb") as handle:
+            head = handle.read(64)
+    except OSError as exc:
+        raise BadWeightsFile(str(file), f"cannot read: {(exc.strerror or type(exc).__name__).lower()}") from exc
+    if size == 0:
+        raise BadWeightsFile(str(file), "empty file (0 bytes)")
+    kind = _file_kind(head, size)
+    if file.suffix == ".safetensors" or kind == "safetensors":
+        obj = _read_safetensors(file)
+    elif kind in ("zip", "legacy"):
+        obj = _read_torch(file, kind)
+    elif kind == "pickle":
+        raise _pickle_refusal(file)
+    else:
+        raise BadWeightsFile(str(file), f"not a weights file (it holds {_describe(head)}; {_EXPECTED})")
     if not isinstance(obj, dict):
         raise BadWeightsFile(str(file), f"holds a {type(obj).__name__}, not a state dict")
+    if is_checkpoint(obj):
+        verify_checkpoint(obj, str(file), role=role)
     return obj
+
+
+def _file_kind(head: bytes, size: int) -> str:
+    if head.startswith(_ZIP_MAGIC):
+        return "zip"
+    if head.startswith(_LEGACY_TORCH_MAGIC):
+        return "legacy"
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "pickle"
+    # safetensors: an 8-byte little-endian header length, then the JSON header.
+    if len(head) > 8 and head[8:9] == b"{" and 8 + int.from_bytes(head[:8], "little") <= size:
+        return "safetensors"
+    return "other"
+
+
+def _describe(head: bytes) -> str:
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        # A multi-byte character cut at 64 bytes is still text.
+        try:
+            text = head[:-3].decode("utf-8")
+        except UnicodeDecodeError:
+            return "binary data of an unknown kind"
+    stripped = text.lstrip()
+    if stripped[:1] in ("{", "["):
+        return "JSON text"
+    return "text" if text.isprintable() or "\n" in text else "binary data of an unknown kind"
+
+
+def _read_safetensors(file: Path) -> dict[str, Any]:
+    try:
+        from safetensors.torch import load_file
+    except ImportError as exc:  # pragma: no cover - safetensors is a dependency
+        raise BadWeightsFile(str(file), "safetensors is not installed") from exc
+    try:
+        return dict(load_file(str(file), device="cpu"))
+    except Exception as exc:
+        raise BadWeightsFile(str(file), f"not a valid safetensors file: {_first_line(exc)}") from exc
+
+
+def _read_torch(file: Path, kind: str) -> Any:
+    try:
+        # torch warns about pickle protocols before refusing them; the refusal below is the message.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if _names_a_global(str(exc)) and not _garbled_torch_global(str(exc)):
+            raise _code_refusal(file) from exc
+        raise _damaged(file, kind, exc) from exc
+    except Exception as exc:
+        if kind == "zip" and not _is_torch_archive(file):
+            raise BadWeightsFile(
+                str(file), f"not a weights file (a zip archive without PyTorch data; {_EXPECTED})"
+            ) from exc
+        raise _damaged(file, kind, exc) from exc
+
+
+_GLOBAL = re.compile(r"GLOBAL ([A-Za-z_][\w.]*)")
+# Modules whose names a torch.save file legitimately mentions.
+_TORCH_PICKLE_MODULES = ("torch", "collections", "builtins", "_codecs", "numpy")
+
+
+def _names_a_global(message: str) -> bool:
+    return "Unsupported global" in message or _GLOBAL.search(message) is not None
+
+
+def _garbled_torch_global(message: str) -> bool:
+    """A refused global that is a torch/collections name with a flipped byte: damage, not an attack.
+
+    Either its top-level module is one byte away from a module torch files mention (``torsh``), or
+    the module is one of them and lacks the name (``torch._utils._rebuild_tensos_v2``). Nothing is
+    imported to decide.
+    """
+    found = _GLOBAL.search(message)
+    if found is None:
+        return False
+    module, _, attribute = found.group(1).rpartition(".")
+    top = module.split(".")[0]
+    if top not in _TORCH_PICKLE_MODULES:
+        return any(
+            len(top) == len(name) and sum(a != b for a, b in zip(top, name, strict=True)) == 1
+            for name in _TORCH_PICKLE_MODULES
+        )
+    owner = sys.modules.get(module)
+    if owner is None:
+        return top in sys.modules  # "torch._utilz": no such torch module
+    return not hasattr(owner, attribute)
+
+
+def _is_torch_archive(file: Path) -> bool:
+    """False only for a readable zip archive that holds no ``data.pkl`` (a damaged one counts as ours)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(file) as archive:
+            return any(name.endswith("data.pkl") for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return True
+
+
+def _damaged(file: Path, kind: str, exc: BaseException) -> DamagedWeightsFile:
+    what = "PyTorch archive" if kind == "zip" else "PyTorch file"
+    # torch's messages run on for lines; the first sentence says what failed.
+    detail = _first_line(exc).split(". ")[0][:120]
+    return DamagedWeightsFile(
+        str(file), f"damaged {what}: it cannot be read ({detail})",
+        "the file is truncated or corrupted; restore a copy",
+    )
+
+
+def _code_refusal(file: Path) -> BadWeightsFile:
+    return BadWeightsFile(
+        str(file),
+        "refused to load: the file holds pickled objects other than tensors "
+        "(it could run code); only plain state dicts are accepted",
+    )
+
+
+def _pickle_refusal(file: Path) -> BadWeightsFile:
+    """A bare Python pickle: never unpickled. Its opcodes say whether it would call anything."""
+    import pickletools
+
+    try:
+        with open(file, "rb") as handle:
+            for opcode, _, _ in pickletools.genops(handle):
+                if opcode.name in _CODE_OPCODES:
+                    return _code_refusal(file)
+    except (ValueError, EOFError, OSError):  # a truncated or garbled pickle: genops stops on it
+        return BadWeightsFile(str(file), f"not a weights file (a garbled Python pickle; {_EXPECTED})")
+    return BadWeightsFile(
+        str(file), f"not a weights file (a plain Python pickle without tensors; {_EXPECTED})"
+    )
 
 
 def _first_line(exc: BaseException) -> str:

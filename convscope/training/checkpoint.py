@@ -1,12 +1,9 @@
-"""Training checkpoints: plain dicts of tensors and Python literals, written atomically.
+"""Training checkpoints: written atomically, sealed with a checksum, verified when read.
 
-A checkpoint loads with ``torch.load(weights_only=True)`` and with ``convscope.load_model(weights=PATH)``
-(the model loader reads ``arch``, ``state_dict``, ``categories`` and ``preprocess``)::
-
-    {"format": "convscope-checkpoint", "version": 1, "arch": "zfnet_mnist",
-     "state_dict": {...}, "categories": [...], "preprocess": {"resize", "crop", "mean", "std", "channels"},
-     "epoch": 3, "optimizer": {...} | None, "rng": {...} | None, "metrics": {...}, "history": [...],
-     "best": {...}, "config": {...}, "variant": None | "drop:conv3"}
+The format (fields, schema version, checksum, roles) and its verification live in
+``convscope.models.checkpoints``, because ``load_model`` reads the same files. This module adds what
+only training needs: assembling a checkpoint from a run, RNG states, the atomic write, and the
+stricter reading ``--resume`` does (``read_checkpoint(path, role="last")``).
 
 ``last.pt`` carries the optimizer and every RNG state so a killed run resumes bit-exactly;
 ``best.pt`` is for inference and leaves them out.
@@ -25,15 +22,22 @@ from typing import IO, Any
 import numpy as np
 import torch
 
-from convscope.errors import BadWeightsFile, ConvscopeError
-from convscope.models.weights import CHECKPOINT_FORMAT, is_checkpoint, read_weights_file
+from convscope.errors import BadWeightsFile, CheckpointWriteError
+from convscope.models.checkpoints import CHECKPOINT_VERSION, ROLES, seal
+from convscope.models.weights import is_checkpoint, read_weights_file
 from convscope.preprocess import Preprocess
 
-CHECKPOINT_VERSION = 1
-
-
-class CheckpointWriteError(ConvscopeError):
-    """A checkpoint could not be written (disk full, permissions); the previous one is intact."""
+__all__ = [
+    "CHECKPOINT_VERSION",
+    "CheckpointWriteError",
+    "checkpoint_bytes",
+    "make_checkpoint",
+    "preprocess_fields",
+    "read_checkpoint",
+    "restore_rng_state",
+    "rng_state",
+    "write_checkpoint",
+]
 
 
 def preprocess_fields(preprocess: Preprocess) -> dict[str, Any]:
@@ -94,11 +98,19 @@ def make_checkpoint(
     optimizer: dict[str, Any] | None = None,
     rng: dict[str, Any] | None = None,
     variant: str | None = None,
+    role: str = "best",
 ) -> dict[str, Any]:
-    """Assemble a checkpoint dict (tensors are detached CPU copies)."""
-    return {
-        "format": CHECKPOINT_FORMAT,
-        "version": CHECKPOINT_VERSION,
+    """Assemble a sealed checkpoint dict (tensors are detached CPU copies).
+
+    Args:
+        role: ``"last"`` (resumable: ``optimizer`` and ``rng`` required) or ``"best"`` (inference).
+    """
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, not {role!r}")
+    if role == "last" and (optimizer is None or rng is None):
+        raise ValueError("a last.pt checkpoint needs the optimizer and RNG state")
+    return seal({
+        "role": role,
         "arch": arch,
         "state_dict": {k: v.detach().to("cpu", copy=True) for k, v in state_dict.items()},
         "categories": list(categories),
@@ -111,7 +123,7 @@ def make_checkpoint(
         "best": dict(best or {}),
         "config": dict(config),
         "variant": variant,
-    }
+    })
 
 
 def checkpoint_bytes(checkpoint: dict[str, Any]) -> bytes:
@@ -153,20 +165,58 @@ def write_checkpoint(path: str | os.PathLike[str], data: bytes | dict[str, Any])
     return target
 
 
-def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Load a convscope checkpoint safely (``weights_only``).
+def read_checkpoint(path: str | os.PathLike[str], *, role: str | None = None) -> dict[str, Any]:
+    """Load and verify a convscope checkpoint (``weights_only``).
+
+    Args:
+        role: ``"last"`` for resuming: only a file written as ``last.pt`` is accepted, and its
+            RNG state is checked too. ``None`` accepts ``last`` and ``best``.
 
     Raises:
         WeightsUnavailable: no such file.
-        BadWeightsFile: unreadable, not a convscope checkpoint, or of a newer version.
+        BadWeightsFile: unreadable, not a convscope checkpoint, a newer schema, a malformed field,
+            or the wrong role.
+        DamagedWeightsFile: the file changed after it was written (checksum).
     """
-    checkpoint = read_weights_file(path)
+    checkpoint = read_weights_file(path, role=role)
     if not is_checkpoint(checkpoint):
         raise BadWeightsFile(str(path), "is a plain weights file, not a convscope training checkpoint")
-    version = checkpoint.get("version")
-    if not isinstance(version, int) or version > CHECKPOINT_VERSION:
-        raise BadWeightsFile(
-            str(path), f"checkpoint version {version!r} is newer than this convscope reads ({CHECKPOINT_VERSION})",
-            "upgrade convscope",
-        )
+    if role == "last":
+        problem = _rng_problem(checkpoint["rng"]) or _optimizer_problem(checkpoint["optimizer"])
+        if problem is not None:
+            raise BadWeightsFile(str(path), f"invalid checkpoint: {problem}")
     return checkpoint
+
+
+def _rng_problem(rng: dict[str, Any]) -> str | None:
+    """What ``restore_rng_state`` would trip over, as a clause."""
+    expected = {"torch", "data", "numpy", "python"}
+    if set(rng) != expected:
+        return f"'rng' has {', '.join(sorted(map(str, rng))) or 'no'} states, expected {', '.join(sorted(expected))}"
+    for name in ("torch", "data"):
+        if not isinstance(rng[name], torch.Tensor) or rng[name].dtype != torch.uint8:
+            return f"'rng.{name}' is not a uint8 generator state"
+    numpy_state, python_state = rng["numpy"], rng["python"]
+    if not (
+        isinstance(numpy_state, dict)
+        and isinstance(numpy_state.get("keys"), torch.Tensor)
+        and numpy_state["keys"].shape == (624,)
+        and all(isinstance(numpy_state.get(k), t) for k, t in (("kind", str), ("position", int), ("has_gauss", int),
+                                                                 ("cached_gaussian", float)))
+    ):
+        return "'rng.numpy' is not a NumPy MT19937 state"
+    if not (
+        isinstance(python_state, dict)
+        and isinstance(python_state.get("version"), int)
+        and isinstance(python_state.get("state"), (list, tuple))
+        and len(python_state["state"]) == 625
+        and all(isinstance(v, int) for v in python_state["state"])
+    ):
+        return "'rng.python' is not a Python random state"
+    return None
+
+
+def _optimizer_problem(optimizer: dict[str, Any]) -> str | None:
+    if not isinstance(optimizer.get("state"), dict) or not isinstance(optimizer.get("param_groups"), list):
+        return "'optimizer' is not an optimizer state (state and param_groups)"
+    return None

@@ -29,6 +29,9 @@ FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_ENV = "CONVSCOPE_FASHION_MNIST"
 BUILTIN_DATASETS = ("fashion-mnist", "digits")
 AUGMENTATIONS = ("crop", "flip", "color", "erase")
+# Without a validation split of its own, a dataset lends one from its training images: best.pt is
+# chosen on it, and the test split is touched once, on the chosen checkpoint (honest model selection).
+DEFAULT_VAL_SPLIT = 0.1
 DEFAULT_FOLDER_VAL_SPLIT = 0.2
 DIGITS_TEST_FRACTION = 0.2
 _HELD_OUT_FOLDERS = {"val": "val", "valid": "val", "validation": "val", "test": "test"}
@@ -69,6 +72,7 @@ class TrainingData:
         val: a validation split (model selection) or ``None``.
         test: a test split (final numbers) or ``None``.
         skipped: ``(path, reason)`` of every image that could not be read (folders only).
+        validation: where ``val`` came from, in words (for ``data.json`` and ``result.json``).
     """
 
     source: str
@@ -77,22 +81,19 @@ class TrainingData:
     val: Split | None
     test: Split | None
     skipped: tuple[tuple[str, str], ...] = ()
-
-    @property
-    def held_out(self) -> tuple[Split, ...]:
-        """The splits evaluated after each epoch: validation first, then test."""
-        return tuple(s for s in (self.val, self.test) if s is not None)
+    validation: str = ""
 
     @property
     def selection(self) -> Split | None:
-        """The split that picks ``best.pt``: validation when there is one, else test."""
-        return self.val if self.val is not None else self.test
+        """The split that picks ``best.pt``: validation, never test; ``None`` means the last epoch."""
+        return self.val
 
     def describe(self) -> dict[str, Any]:
-        """JSON-ready description (sizes, classes, skipped files)."""
+        """JSON-ready description (sizes, classes, where the validation split came from, skipped files)."""
         return {
             "source": self.source,
             "categories": list(self.categories),
+            "validation": self.validation,
             "splits": {s.name: len(s) for s in (self.train, self.val, self.test) if s is not None},
             "image_shape": list(self.train.images.shape[1:]),
             "skipped": [{"path": p, "reason": r} for p, r in self.skipped],
@@ -116,9 +117,11 @@ def load_training_data(
             each with one sub-folder per class.
         preprocess: the model's preprocessing; folder images are resized and cropped with it
             when decoded.
-        val_split: fraction of the training images held out (stratified) for validation and the
-            choice of ``best.pt``. Default: 0.2 for a flat folder, none otherwise (Fashion-MNIST's
-            and digits' test split then picks ``best.pt``).
+        val_split: fraction of the training images held out (stratified, seeded by ``split_seed``)
+            for validation and the choice of ``best.pt``. Default (``None``): 0.1 for Fashion-MNIST
+            and digits, 0.2 for a folder, unless the folder has a ``val/`` split of its own. ``0``
+            holds nothing out (training then keeps the last epoch). The test split never picks
+            anything.
         limit: cap every split at this many images (a fixed, seeded subset), for quick runs.
         split_seed: seed of the validation split and of the ``limit`` subsets; independent of the
             training seed so every run sees the same held-out images.
@@ -148,14 +151,21 @@ def load_training_data(
         categories = DIGITS
     else:
         categories, train, val, test, skipped = _folder(Path(name), preprocess, split_seed, progress)
-        if val is None and test is None and val_split is None:
-            val_split = DEFAULT_FOLDER_VAL_SPLIT
         if val is not None:
-            return _finish(name, categories, train, val, test, skipped, limit, split_seed)
+            folder_val = f"the folder's own {val.name}/ split"
+            return _finish(name, categories, train, val, test, skipped, limit, split_seed, folder_val)
+    if val_split is None:
+        val_split = DEFAULT_VAL_SPLIT if name in BUILTIN_DATASETS else DEFAULT_FOLDER_VAL_SPLIT
     val = None
     if val_split:
         train, val = stratified_split(train, val_split, split_seed, len(categories))
-    return _finish(name, categories, train, val, test, skipped, limit, split_seed)
+    if val is None:
+        validation = "none (best.pt is the last epoch)"
+    else:
+        validation = (
+            f"{100 * val_split:g}% of the training images held out per class (split seed {split_seed})"
+        )
+    return _finish(name, categories, train, val, test, skipped, limit, split_seed, validation)
 
 
 def _finish(
@@ -167,11 +177,12 @@ def _finish(
     skipped: tuple[tuple[str, str], ...],
     limit: int | None,
     split_seed: int,
+    validation: str,
 ) -> TrainingData:
     if limit is not None:
         train, val, test = (_limited(s, limit, split_seed) for s in (train, val, test))  # type: ignore[assignment]
     assert train is not None
-    return TrainingData(source, tuple(categories), train, val, test, skipped)
+    return TrainingData(source, tuple(categories), train, val, test, skipped, validation)
 
 
 def _limited(split: Split | None, limit: int, seed: int) -> Split | None:

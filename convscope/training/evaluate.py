@@ -158,8 +158,9 @@ def evaluate(
         data: ``fashion-mnist``, ``digits`` or a folder (see ``load_training_data``); images are
             prepared with the model's own preprocessing, and classes are matched by name.
         split: ``auto`` (the test split; for a folder with ``val/`` only, that one; for a flat
-            class folder, every image in it), ``test``, ``val`` (the split training held out,
-            same default fraction and seed), ``train``, or ``all`` (train + val + test).
+            class folder, every image in it), ``test``, ``val`` (the split training holds out by
+            default to choose ``best.pt``: same fraction and seed), ``train`` (the training images
+            without that split), or ``all`` (train + val + test).
         limit: cap the split at this many images (seeded subset).
 
     Raises:

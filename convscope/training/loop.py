@@ -7,10 +7,22 @@ A run folder holds::
     metrics.jsonl         one JSON line per finished epoch (rewritten from the checkpoint, so it
                           always matches it)
     last.pt               checkpoint after every epoch: weights, optimizer, RNG states, history
-    best.pt               the epoch with the best held-out accuracy (inference only)
+    best.pt               the epoch with the best validation accuracy (inference only)
     snapshots/            feature-evolution snapshots (--snapshot-epochs)
     evolution.png, filters_evolution.png
-    result.json           written last: best epoch and its numbers
+    result.json           written last: best epoch, its validation numbers, and the test accuracy
+                          of best.pt
+
+Honest model selection: ``best.pt`` is chosen on a validation split only: the data's own, or one
+held out of the training images (``load_training_data``'s default: 10% of Fashion-MNIST and digits,
+20% of a folder). The test split is never looked at during training; once the last epoch is done,
+``best.pt`` is loaded like any user would load it and scored on the test split, and that is the test
+accuracy reported. With ``val_split=0`` there is nothing to choose on, and ``best.pt`` is the last
+epoch.
+
+Every checkpoint is sealed with a checksum and verified when read (``convscope.models.checkpoints``).
+Training stops with ``TrainingDiverged`` at the first non-finite loss, before anything of that step
+is saved: ``last.pt``, ``best.pt`` and ``metrics.jsonl`` keep the last good epoch.
 
 Determinism: one seed drives the model's initialisation, a data generator (epoch order,
 augmentation) and the global RNG (dropout). Their states go into ``last.pt`` at the end of every
@@ -27,7 +39,7 @@ import random
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +48,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from convscope.errors import BadArgument, DataError, WeightsMismatch
+from convscope.errors import BadArgument, BadWeightsFile, DataError, TrainingDiverged, WeightsMismatch
+from convscope.models.checkpoints import checkpoint_preprocess, seal
 from convscope.preprocess import Preprocess
 from convscope.training.checkpoint import (
     checkpoint_bytes,
@@ -82,7 +95,9 @@ class TrainConfig:
         label_smoothing: cross-entropy label smoothing.
         augment: names from ``AUGMENTATIONS`` (``crop``, ``flip``, ``color``, ``erase``).
         seed: initialisation, data order, augmentation, dropout.
-        val_split: fraction of training images held out for validation (see ``load_training_data``).
+        val_split: fraction of training images held out to choose ``best.pt`` (default: 0.1 for
+            Fashion-MNIST and digits, 0.2 for folders without ``val/``; ``0``: keep the last epoch).
+            See ``load_training_data``.
         limit: cap every split at this many images.
         snapshot_epochs: epochs after which to record feature-evolution snapshots (0: before training).
         snapshot_channels: channels followed per conv stage in the snapshots.
@@ -131,11 +146,28 @@ class TrainConfig:
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        values = {k: v for k, v in raw.items() if k in known}
-        for key in ("augment", "snapshot_epochs"):
-            if key in values and values[key] is not None:
-                values[key] = tuple(values[key])
+        """Inverse of ``to_json``; unknown keys are ignored.
+
+        Raises:
+            TypeError: ``raw`` is not a dict.
+            ValueError: a missing required field or a value of the wrong type, as a short clause
+                naming the field (callers add the file).
+        """
+        if not isinstance(raw, dict):
+            raise TypeError(f"'config' is a {type(raw).__name__}, expected a dict of training options")
+        values: dict[str, Any] = {}
+        for option in fields(cls):
+            if option.name not in raw:
+                if option.default is MISSING:
+                    raise ValueError(f"'config' lacks {option.name!r}")
+                continue
+            value = raw[option.name]
+            if not _fits(value, str(option.type)):
+                shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+                raise ValueError(
+                    f"'config.{option.name}' is a {type(value).__name__} ({shown}), expected {option.type}"
+                )
+            values[option.name] = tuple(value) if isinstance(value, list) else value
         return cls(**values)
 
 
@@ -165,6 +197,27 @@ class TrainProgress:
 TrainProgressCallback = Callable[[TrainProgress], None]
 
 
+def _fits(value: object, annotation: str) -> bool:
+    """Whether a JSON value has the type a ``TrainConfig`` annotation names."""
+    if value is None:
+        return annotation.endswith("| None")
+    kind = annotation.removesuffix(" | None")
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "float":
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if kind == "str":
+        return isinstance(value, str)
+    if kind in ("tuple[str, ...]", "tuple[int, ...]"):
+        item = str if kind == "tuple[str, ...]" else int
+        return isinstance(value, (list, tuple)) and all(
+            isinstance(v, item) and not isinstance(v, bool) for v in value
+        )
+    raise AssertionError(f"TrainConfig field type {annotation!r} has no JSON check")
+
+
 @dataclass(frozen=True)
 class TrainResult:
     """What a finished run produced.
@@ -174,8 +227,12 @@ class TrainResult:
         config: the resolved configuration.
         history: per-epoch metrics (as in ``metrics.jsonl``).
         best_epoch: epoch saved as ``best.pt``.
-        best: that epoch's metrics.
-        selection: the split ``best.pt`` was chosen on (``val``, ``test`` or ``train``).
+        best: that epoch's metrics (train and validation; never test).
+        selection: how ``best.pt`` was chosen: ``val`` (best validation accuracy) or ``last``
+            (no validation split: the last epoch).
+        test: the test split's numbers for ``best.pt``, measured once after training
+            (``accuracy``, ``loss``, ``count``, ``epoch``, ``checkpoint``), or ``None`` without a
+            test split.
         parameters: total parameters; ``trainable``: those trained.
         skipped: ``(path, reason)`` of unreadable images.
         resumed_from: the epoch a resumed run continued from, else ``None``.
@@ -194,6 +251,7 @@ class TrainResult:
     resumed_from: int | None = None
     evolution: Path | None = None
     data: dict[str, Any] = field(default_factory=dict)
+    test: dict[str, Any] | None = None
 
     @property
     def best_checkpoint(self) -> Path:
@@ -205,9 +263,8 @@ class TrainResult:
 
     @property
     def test_accuracy(self) -> float | None:
-        """Test accuracy of the ``best.pt`` epoch, when the data has a test split."""
-        value = self.best.get("test_accuracy")
-        return None if value is None else float(value)
+        """Test accuracy of ``best.pt``, when the data has a test split."""
+        return None if self.test is None else float(self.test["accuracy"])
 
 
 # -- configuration ------------------------------------------------------------------------------
@@ -291,11 +348,19 @@ def load_run_config(run_dir: str | os.PathLike[str]) -> TrainConfig:
 
     Raises:
         BadArgument: the folder has no ``last.pt``.
+        BadWeightsFile: ``last.pt`` is invalid, damaged, or not written as ``last.pt``.
     """
     path = Path(run_dir) / "last.pt"
     if not path.exists():
         raise BadArgument(str(path), "no checkpoint to resume from", "start the run without --resume")
-    return TrainConfig.from_json(read_checkpoint(path)["config"])
+    return _saved_config(read_checkpoint(path, role="last"), path)
+
+
+def _saved_config(saved: dict[str, Any], path: Path) -> TrainConfig:
+    try:
+        return TrainConfig.from_json(saved["config"])
+    except (TypeError, ValueError) as exc:
+        raise BadWeightsFile(str(path), f"invalid checkpoint: {exc}") from exc
 
 
 # -- learning rate ------------------------------------------------------------------------------
@@ -326,30 +391,43 @@ def learning_rate(config: TrainConfig, step: int, total: int) -> float:
 class _Model:
     loaded: LoadedModel
     frozen: Frozen
+    variant: str | None  # the surgery the module carries: the --from checkpoint's, then --variant
 
 
 def _build_model(config: TrainConfig, categories: tuple[str, ...], preprocess: Preprocess) -> _Model:
     """The network to train, on its device, seeded by ``config.seed`` (global RNG already seeded)."""
     from convscope.models.load import from_spec, load_model, resolve_device
     from convscope.models.registry import get_spec
+    from convscope.models.variants import apply_variant
 
     spec = get_spec(config.arch)  # type: ignore[arg-type]
     device = resolve_device(config.device)
+    inherited = None
     if config.init_from:
         source = load_model(config.arch, config.init_from, seed=config.seed, device="cpu")
         module = source.module
         replace_head(module, len(categories))
+        inherited = _checkpoint_variant(config.init_from)
     else:
         module = spec.build(len(categories))
     if config.variant:
-        from convscope.training.ablation import apply_variant
-
         apply_variant(module, config.variant, stages=dict(spec.stages), input_size=preprocess.input_size)
     frozen = freeze_prefix(module, config.freeze)
     module.to(device)
     if config.channels_last:
         module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    return _Model(from_spec(spec, module, preprocess, categories, "training"), frozen)
+    variant = ";".join(v for v in (inherited, config.variant) if v) or None
+    return _Model(from_spec(spec, module, preprocess, categories, "training"), frozen, variant)
+
+
+def _checkpoint_variant(path: str) -> str | None:
+    """The variant a ``--from`` checkpoint was trained as (its module already carries it)."""
+    if path == PRETRAINED:
+        return None
+    from convscope.models.weights import is_checkpoint, read_weights_file
+
+    saved = read_weights_file(path)
+    return saved.get("variant") if is_checkpoint(saved) else None
 
 
 def _preprocess_for(config: TrainConfig) -> Preprocess:
@@ -359,10 +437,8 @@ def _preprocess_for(config: TrainConfig) -> Preprocess:
         from convscope.models.weights import is_checkpoint, read_weights_file
 
         saved = read_weights_file(config.init_from)
-        if is_checkpoint(saved) and saved.get("preprocess"):
-            raw = dict(saved["preprocess"])
-            raw["mean"], raw["std"] = tuple(raw["mean"]), tuple(raw["std"])
-            return Preprocess(**raw)
+        if is_checkpoint(saved):
+            return checkpoint_preprocess(saved)
     return get_spec(config.arch).preprocess  # type: ignore[arg-type]
 
 
@@ -430,9 +506,12 @@ def train(config: TrainConfig, progress: TrainProgressCallback | None = None) ->
     Raises:
         BadArgument: invalid options, an existing run without ``resume``, nothing to resume,
             or resume options that differ from the run's.
+        BadWeightsFile: ``last.pt`` is invalid or was not written as ``last.pt`` (a renamed
+            ``best.pt``); ``DamagedWeightsFile`` when it changed after it was written.
         DataError: unusable data.
         WeightsMismatch: resuming a run of another architecture.
         CheckpointWriteError: a checkpoint could not be written (the previous one is intact).
+        TrainingDiverged: a non-finite loss or weights; the last good checkpoint is kept.
         UnknownModel: unknown architecture.
     """
     from convscope.models.load import resolve_device
@@ -443,7 +522,7 @@ def train(config: TrainConfig, progress: TrainProgressCallback | None = None) ->
     if config.resume:
         if not last_path.exists():
             raise BadArgument(str(last_path), "no checkpoint to resume from", "start the run without --resume")
-        saved = read_checkpoint(last_path)
+        saved = read_checkpoint(last_path, role="last")
         if config.arch is not None and config.arch != saved["arch"]:
             raise WeightsMismatch(
                 str(last_path), f"is a checkpoint of {saved['arch']!r}, not of {config.arch!r}",
@@ -455,7 +534,7 @@ def train(config: TrainConfig, progress: TrainProgressCallback | None = None) ->
         )
     config = resolve_config(config)
     if saved is not None:
-        _check_resume_config(config, TrainConfig.from_json(saved["config"]), last_path)
+        _check_resume_config(config, _saved_config(saved, last_path), last_path)
     device = resolve_device(config.device)
     with _run_environment(config, device):
         return _train(config, saved, device, progress)
@@ -501,11 +580,7 @@ def _train(
     start_epoch = 0
     resumed_from = None
     if saved is not None:
-        from convscope.models.weights import load_state_dict_strict
-
-        load_state_dict_strict(module, saved["state_dict"], source=str(run_dir / "last.pt"), model_name=config.arch or "")
-        optimizer.load_state_dict(saved["optimizer"])
-        restore_rng_state(saved["rng"], data_generator)
+        _restore(run_dir, config, saved, module, optimizer, data_generator)
         history = list(saved["history"])
         best = dict(saved["best"])
         start_epoch = resumed_from = int(saved["epoch"])
@@ -515,118 +590,205 @@ def _train(
         atomic_write(run_dir / "config.json", json.dumps(config.to_json(), indent=2) + "\n")
         atomic_write(run_dir / "data.json", json.dumps(data.describe(), indent=2) + "\n")
 
-    selection = data.selection
-    selection_name = selection.name if selection is not None else "train"
+    selection = "val" if data.val is not None else "last"
     evolution = _evolution(config, model.loaded, data, transform)
     if evolution is not None and 0 in config.snapshot_epochs and start_epoch == 0:
         notify(TrainProgress("snapshot", 0, config.epochs, 0, 1))
         _snapshot(run_dir, evolution, 0)
 
-    n = len(data.train)
-    batch = min(config.batch_size, n)
-    steps = n // batch
-    total_steps = steps * config.epochs
     started = time.perf_counter()
     for epoch in range(start_epoch + 1, config.epochs + 1):
         epoch_started = time.perf_counter()
-        module.train()
-        model.frozen.hold_eval(module)
-        order = torch.randperm(n, generator=data_generator)
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        correct = torch.zeros((), dtype=torch.int64)
-        seen = 0
-        lr = 0.0
-        for step in range(steps):
-            index = order[step * batch : (step + 1) * batch]
-            x = transform(data.train.images[index], data_generator).to(device, non_blocking=True)
-            y = data.train.labels[index].to(device, non_blocking=True)
-            if config.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            lr = learning_rate(config, (epoch - 1) * steps + step, total_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            with autocast_for(device, config.precision):
-                logits = module(x)
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            with torch.no_grad():
-                loss_sum += loss.detach().double().cpu() * len(index)
-                correct += (logits.argmax(dim=1) == y).sum().cpu()
-            seen += len(index)
-            if progress is not None:
-                progress(
-                    TrainProgress("train", epoch, config.epochs, step + 1, steps, float(loss_sum) / seen, int(correct) / seen)
-                )
+        metrics = _train_epoch(config, model, optimizer, data, transform, data_generator, epoch, device, progress)
         train_seconds = time.perf_counter() - epoch_started
-        metrics: dict[str, Any] = {
-            "epoch": epoch,
-            "lr": lr,
-            "train_loss": float(loss_sum) / seen,
-            "train_accuracy": int(correct) / seen,
-        }
-        for split in data.held_out:
-            notify(TrainProgress("eval", epoch, config.epochs, 0, len(split)))
+        if data.val is not None:
+            notify(TrainProgress("eval", epoch, config.epochs, 0, len(data.val)))
             scores = evaluate_split(
-                module, split, transform, data.categories, batch_size=max(256, config.batch_size), precision=config.precision
+                module, data.val, transform, data.categories, batch_size=max(256, config.batch_size),
+                precision=config.precision,
             )
-            metrics[f"{split.name}_loss"] = scores.loss
-            metrics[f"{split.name}_accuracy"] = scores.accuracy
-        metrics["images_per_second"] = seen / train_seconds if train_seconds > 0 else None
+            metrics["val_loss"] = scores.loss
+            metrics["val_accuracy"] = scores.accuracy
+        _check_finite(run_dir, module, metrics, epoch, config)
+        metrics["images_per_second"] = metrics.pop("_seen") / train_seconds if train_seconds > 0 else None
         metrics["epoch_seconds"] = time.perf_counter() - epoch_started
         if evolution is not None and epoch in config.snapshot_epochs:
             notify(TrainProgress("snapshot", epoch, config.epochs, 0, 1))
             _snapshot(run_dir, evolution, epoch)
         history.append(metrics)
-        key = f"{selection_name}_accuracy"
-        improved = not best or metrics[key] > best[key]
+        # Validation accuracy alone picks best.pt; without a validation split, the latest epoch.
+        improved = selection == "last" or "val_accuracy" not in best or metrics["val_accuracy"] > best["val_accuracy"]
         if improved:
             best = dict(metrics)
-        _save(run_dir, config, model.loaded, optimizer, data_generator, epoch, metrics, history, best, improved)
+        _save(run_dir, config, model, optimizer, data_generator, epoch, metrics, history, best, improved)
         notify(TrainProgress("epoch", epoch, config.epochs, epoch, config.epochs, metrics=metrics))
 
+    test = None
+    if data.test is not None:
+        notify(TrainProgress("eval", config.epochs, config.epochs, 0, len(data.test)))
+        test = _test_best(run_dir, config, data, transform)
     pictures = None
     if config.snapshot_epochs:
         from convscope.training.snapshots import write_evolution
 
         pictures = write_evolution(run_dir)
-    parameters = sum(p.numel() for p in module.parameters())
-    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     result = TrainResult(
         run_dir=run_dir,
         config=config,
         history=tuple(history),
         best_epoch=int(best["epoch"]),
         best=best,
-        selection=selection_name,
-        parameters=parameters,
-        trainable=trainable,
+        selection=selection,
+        parameters=sum(p.numel() for p in module.parameters()),
+        trainable=sum(p.numel() for p in module.parameters() if p.requires_grad),
         skipped=data.skipped,
         resumed_from=resumed_from,
         evolution=pictures[0] if pictures else None,
         data=data.describe(),
+        test=test,
     )
-    atomic_write(
-        run_dir / "result.json",
-        json.dumps(
-            {
-                "arch": config.arch,
-                "variant": config.variant,
-                "best_epoch": result.best_epoch,
-                "selection": selection_name,
-                "best": best,
-                "final": history[-1],
-                "parameters": parameters,
-                "trainable_parameters": trainable,
-                "skipped_images": len(data.skipped),
-                "elapsed_seconds_this_process": time.perf_counter() - started,
-            },
-            indent=2,
-        )
-        + "\n",
-    )
+    _write_result(result, model.variant, time.perf_counter() - started)
     return result
+
+
+def _restore(
+    run_dir: Path, config: TrainConfig, saved: dict[str, Any], module: nn.Module, optimizer: torch.optim.Optimizer,
+    data_generator: torch.Generator,
+) -> None:
+    """Put a verified ``last.pt`` back: weights, optimizer state, every RNG."""
+    from convscope.models.weights import load_state_dict_strict
+
+    path = run_dir / "last.pt"
+    load_state_dict_strict(module, saved["state_dict"], source=str(path), model_name=config.arch or "")
+    try:
+        optimizer.load_state_dict(saved["optimizer"])
+    except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+        raise BadWeightsFile(
+            str(path), f"invalid checkpoint: its optimizer state does not fit this model ({exc})"
+        ) from exc
+    restore_rng_state(saved["rng"], data_generator)
+
+
+def _train_epoch(
+    config: TrainConfig,
+    model: _Model,
+    optimizer: torch.optim.Optimizer,
+    data: TrainingData,
+    transform: BatchTransform,
+    data_generator: torch.Generator,
+    epoch: int,
+    device: torch.device,
+    progress: TrainProgressCallback | None,
+) -> dict[str, Any]:
+    """One pass over the training split; returns the epoch's train metrics (and ``_seen`` images).
+
+    Raises:
+        TrainingDiverged: a step's loss is not finite (raised before that step updates anything).
+    """
+    module = model.loaded.module
+    module.train()
+    model.frozen.hold_eval(module)
+    n = len(data.train)
+    batch = min(config.batch_size, n)
+    steps = n // batch
+    total_steps = steps * config.epochs
+    order = torch.randperm(n, generator=data_generator)
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    correct = torch.zeros((), dtype=torch.int64)
+    seen = 0
+    lr = 0.0
+    for step in range(steps):
+        index = order[step * batch : (step + 1) * batch]
+        x = transform(data.train.images[index], data_generator).to(device, non_blocking=True)
+        y = data.train.labels[index].to(device, non_blocking=True)
+        if config.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        lr = learning_rate(config, (epoch - 1) * steps + step, total_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        with autocast_for(device, config.precision):
+            logits = module(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
+        step_loss = loss.detach().double().cpu()
+        if not bool(torch.isfinite(step_loss)):
+            raise _diverged(
+                Path(config.out_dir), config, epoch, f"the loss became {float(step_loss)} at step {step + 1} of {steps}"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            loss_sum += step_loss * len(index)
+            correct += (logits.argmax(dim=1) == y).sum().cpu()
+        seen += len(index)
+        if progress is not None:
+            progress(
+                TrainProgress("train", epoch, config.epochs, step + 1, steps, float(loss_sum) / seen, int(correct) / seen)
+            )
+    return {
+        "epoch": epoch,
+        "lr": lr,
+        "train_loss": float(loss_sum) / seen,
+        "train_accuracy": int(correct) / seen,
+        "_seen": seen,
+    }
+
+
+def _check_finite(run_dir: Path, module: nn.Module, metrics: dict[str, Any], epoch: int, config: TrainConfig) -> None:
+    """Refuse to save an epoch whose weights or scores are not finite (the last step can still overflow)."""
+    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise _diverged(run_dir, config, epoch, f"{name} holds non-finite values after the last step")
+    for key, value in metrics.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise _diverged(run_dir, config, epoch, f"the {key.replace('_', ' ')} is {value}")
+
+
+def _diverged(run_dir: Path, config: TrainConfig, epoch: int, what: str) -> TrainingDiverged:
+    kept = (
+        f"last.pt keeps epoch {epoch - 1}, the last good one" if epoch > 1 else "no checkpoint was written"
+    )
+    hint = f"try an --lr below {config.lr:g}"
+    if config.precision == "bf16":
+        hint += ", or --precision fp32"
+    return TrainingDiverged(str(run_dir), f"training diverged in epoch {epoch}: {what}; stopped, {kept}", hint)
+
+
+def _test_best(run_dir: Path, config: TrainConfig, data: TrainingData, transform: BatchTransform) -> dict[str, Any]:
+    """Score ``best.pt`` on the test split, loaded as a user would load it (float32, no augmentation)."""
+    from convscope.models.load import load_model
+
+    assert data.test is not None
+    chosen = load_model(weights=run_dir / "best.pt", device=config.device)
+    epoch = int(read_checkpoint(run_dir / "best.pt")["epoch"])
+    scores = evaluate_split(
+        chosen.module, data.test, transform, data.categories, batch_size=max(256, config.batch_size)
+    )
+    return {"accuracy": scores.accuracy, "loss": scores.loss, "count": scores.count, "epoch": epoch,
+            "checkpoint": "best.pt"}
+
+
+def _write_result(result: TrainResult, variant: str | None, elapsed: float) -> None:
+    from convscope.imageio import atomic_write
+
+    payload = {
+        "arch": result.config.arch,
+        "variant": variant,
+        "best_epoch": result.best_epoch,
+        "selection": result.selection,
+        "validation": result.data.get("validation"),
+        "best": result.best,
+        "test": None if result.test is None else {
+            **result.test,
+            "note": "measured once, on best.pt after training; the test split chose nothing",
+        },
+        "final": result.history[-1],
+        "parameters": result.parameters,
+        "trainable_parameters": result.trainable,
+        "skipped_images": len(result.skipped),
+        "elapsed_seconds_this_process": elapsed,
+    }
+    atomic_write(result.run_dir / "result.json", json.dumps(payload, indent=2, allow_nan=False) + "\n")
 
 
 def _repair_after_kill(run_dir: Path, saved: dict[str, Any]) -> None:
@@ -646,7 +808,7 @@ def _repair_after_kill(run_dir: Path, saved: dict[str, Any]) -> None:
         except ConvscopeError:
             stale = True
         if stale:
-            write_checkpoint(best_path, {**saved, "optimizer": None, "rng": None})
+            write_checkpoint(best_path, seal({**saved, "optimizer": None, "rng": None, "role": "best"}))
     atomic_write(run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in saved["history"]))
 
 
@@ -681,7 +843,7 @@ def _snapshot(run_dir: Path, evolution: Any, epoch: int) -> None:
 def _save(
     run_dir: Path,
     config: TrainConfig,
-    loaded: LoadedModel,
+    model: _Model,
     optimizer: torch.optim.Optimizer,
     data_generator: torch.Generator,
     epoch: int,
@@ -692,6 +854,7 @@ def _save(
 ) -> None:
     from convscope.imageio import atomic_write
 
+    loaded = model.loaded
     common: dict[str, Any] = {
         "arch": loaded.name,
         "state_dict": loaded.module.state_dict(),
@@ -702,13 +865,13 @@ def _save(
         "metrics": metrics,
         "history": history,
         "best": best,
-        "variant": config.variant,
+        "variant": model.variant,
     }
     # last.pt first: it is what --resume reads; best.pt and metrics.jsonl are derived from it.
     write_checkpoint(
         run_dir / "last.pt",
-        make_checkpoint(**common, optimizer=optimizer.state_dict(), rng=rng_state(data_generator)),
+        make_checkpoint(**common, optimizer=optimizer.state_dict(), rng=rng_state(data_generator), role="last"),
     )
     if improved:
-        write_checkpoint(run_dir / "best.pt", checkpoint_bytes(make_checkpoint(**common)))
-    atomic_write(run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in history))
+        write_checkpoint(run_dir / "best.pt", checkpoint_bytes(make_checkpoint(**common, role="best")))
+    atomic_write(run_dir / "metrics.jsonl", "".join(json.dumps(m, allow_nan=False) + "\n" for m in history))

@@ -40,6 +40,7 @@ _EXPORTS = {
     "resume_training": "convscope.training.loop:resume",
     "evaluate": "convscope.training.evaluate:evaluate",
     "ablate": "convscope.training.ablation:ablate",
+    "tune_cpu": "convscope.runtime:tune_cpu",
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])

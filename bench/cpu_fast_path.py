@@ -222,23 +222,43 @@ def section_forward(args: argparse.Namespace) -> None:
     print(f"  convscope tuned / reference tuned  : {ours / result['reference tuned']:.2f}x")
 
 
+def worker_layouts(args: argparse.Namespace) -> dict:
+    """One process, allocator tuned: alternate contiguous and channels-last passes."""
+    import torch
+
+    from convscope.models.load import load_model
+    from convscope.runtime import tune_cpu
+
+    tune_cpu()
+    loaded = load_model(args.model, weights="random", device="cpu")
+    x = torch.randn(args.batch, *loaded.preprocess.input_size, generator=torch.Generator().manual_seed(0))
+    times: dict[str, list[float]] = {"contiguous": [], "channels_last": []}
+    formats = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+    with torch.inference_mode():
+        for round_ in range(args.passes + 1):
+            for name, layout in formats.items():
+                loaded.module.to(memory_format=layout)
+                inputs = x.contiguous(memory_format=layout)
+                loaded.module(inputs)  # first pass after a layout change primes oneDNN
+                start = time.perf_counter()
+                loaded.module(inputs)
+                if round_:
+                    times[name].append(time.perf_counter() - start)
+    return {k: args.batch / statistics.median(v) for k, v in times.items()}
+
+
 def section_layouts(args: argparse.Namespace) -> None:
-    sys.path.insert(0, str(REPO))
     from convscope.models.registry import get_spec, list_models
 
-    print(f"channels-last vs contiguous, tuned allocator, forward-only, median of {args.repeats}, "
-          f"load {_uptime()}")
+    print(f"channels-last vs contiguous, tuned allocator, forward-only, median of {args.passes} alternating "
+          f"passes per layout, load {_uptime()}")
     for name in args.models or list_models():
         batch = args.batch if get_spec(name).preprocess.crop <= 64 or name.startswith("efficientnet") else 8
-        common = ["--impl", "ours", "--model", name, "--tune", "--batch", str(batch), "--seconds", str(args.seconds)]
-        result = _alternate({
-            "contiguous": [*common, "--layout", "contiguous"],
-            "channels_last": [*common, "--layout", "channels_last"],
-        }, args.repeats)
+        result = _worker("worker-layouts", "--model", name, "--batch", str(batch), "--passes", str(args.passes))
         ratio = result["channels_last"] / result["contiguous"]
         print(f"  {name:20s} batch {batch:3d}: contiguous {result['contiguous']:8.1f}  channels-last "
-              f"{result['channels_last']:8.1f} img/s  ratio {ratio:5.2f}  registry: {get_spec(name).channels_last}",
-              flush=True)
+              f"{result['channels_last']:8.1f} img/s  ratio {ratio:5.2f}  registry: {get_spec(name).channels_last}"
+              f"  load {_uptime()}", flush=True)
 
 
 def section_bf16(args: argparse.Namespace) -> None:
@@ -274,7 +294,7 @@ def section_bf16(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("section", choices=["classify", "forward", "layouts", "bf16", "all", "worker-forward",
-                                            "reference-classify"])
+                                            "worker-layouts", "reference-classify"])
     parser.add_argument("folder_arg", nargs="?", default=None)
     parser.add_argument("--folder", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "convscope-bench-photos"))
     parser.add_argument("--images", type=int, default=512)
@@ -293,6 +313,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.section == "worker-forward":
         print(json.dumps(worker_forward(args)))
+        return
+    if args.section == "worker-layouts":
+        print(json.dumps(worker_layouts(args)))
         return
     if args.section == "reference-classify":
         reference_classify(Path(args.folder_arg), args.batch)

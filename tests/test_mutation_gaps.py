@@ -7,7 +7,6 @@ long enough to reach the cut-off. The values are worked out by hand in the comme
 
 from __future__ import annotations
 
-import pytest
 import torch
 from torch import nn
 

@@ -182,6 +182,7 @@ def section_classify(args: argparse.Namespace) -> None:
             done = subprocess.run(cmd, env=_env(), check=True, capture_output=True, text=True)
             times[name].append(time.perf_counter() - start)
             outputs[name] = done.stdout
+            print(f"  run: {name} {times[name][-1]:.1f} s ({_uptime()})", flush=True)
     ours = {r["image"]: r["predictions"][0]["index"] for r in json.loads(outputs["convscope classify"])}
     ref = {r["image"]: r["indices"][0] for r in map(json.loads, outputs["reference script"].splitlines())}
     agree = sum(ours[k] == ref[k] for k in ref) / len(ref)
@@ -201,6 +202,7 @@ def _alternate(configs: dict[str, list[str]], rounds: int) -> dict[str, float]:
     for _ in range(rounds):
         for name, extra in configs.items():
             samples[name].append(_worker("worker-forward", *extra)["ips"])
+            print(f"  run: {name} {samples[name][-1]:.2f} img/s ({_uptime()})", flush=True)
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
@@ -273,7 +275,7 @@ def section_bf16(args: argparse.Namespace) -> None:
     paths = make_photo_folder(folder, args.images)[: args.bf16_images]
     from PIL import Image
 
-    for name in ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"):
+    for name in args.models or ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]:
         loaded = load_model(name, device="cpu")
         batch = loaded.preprocess.to_tensor([Image.open(p) for p in paths])
         with torch.inference_mode():

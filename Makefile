@@ -40,10 +40,11 @@ lint: $(VENV)/.dev-installed
 	$(BIN)/ruff check convscope tests bench
 	$(BIN)/mypy convscope
 
-# Mutation testing of the core numeric modules (about 20 minutes on 2 cores; not in CI).
-# Prints the mutation score per module, then the surviving mutants (`mutmut show NAME`).
+# Mutation testing of the core numeric modules (not in CI). Prints the score per module, then
+# the surviving mutants (`mutmut show NAME`). Results are cached in mutants/, so a run can be
+# resumed; MUTANTS narrows it, e.g. make mutate MUTANTS='convscope.probes.geometry.*'.
 mutate: $(VENV)/.dev-installed
-	$(BIN)/mutmut run --max-children $(or $(MUTATE_JOBS),2) || true
+	$(BIN)/mutmut run --max-children $(or $(MUTATE_JOBS),2) $(MUTANTS) || true
 	$(BIN)/mutmut results --all true | awk -F'[: ]+' '/__mutmut_/ { \
 	    split($$2, part, ".x"); module = part[1]; total[module]++; if ($$3 == "killed") killed[module]++ } \
 	  END { for (m in total) printf "%-36s %4d/%-4d killed  %5.1f%%\n", m, killed[m], total[m], 100 * killed[m] / total[m] }'

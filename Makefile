@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 OUT ?= demo-out
 
-.PHONY: demo test test-fast bench lint clean
+.PHONY: demo test test-fast bench lint clean mutate
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,5 +41,15 @@ lint: $(VENV)/.dev-installed
 	$(BIN)/ruff check convscope tests bench
 	$(BIN)/mypy convscope
 
+# Mutation testing of the core numeric modules (not in CI). Prints the score per module, then
+# the surviving mutants (`mutmut show NAME`). Results are cached in mutants/, so a run can be
+# resumed; MUTANTS narrows it, e.g. make mutate MUTANTS='convscope.probes.geometry.*'.
+mutate: $(VENV)/.dev-installed
+	$(BIN)/mutmut run --max-children $(or $(MUTATE_JOBS),2) $(MUTANTS) || true
+	$(BIN)/mutmut results --all true | awk -F'[: ]+' '/__mutmut_/ { \
+	    split($$2, part, ".x"); module = part[1]; total[module]++; if ($$3 == "killed") killed[module]++ } \
+	  END { for (m in total) printf "%-36s %4d/%-4d killed  %5.1f%%\n", m, killed[m], total[m], 100 * killed[m] / total[m] }'
+	$(BIN)/mutmut results
+
 clean:
-	rm -rf $(VENV) $(OUT) .pytest_cache build *.egg-info
+	rm -rf $(VENV) $(OUT) .pytest_cache build *.egg-info mutants

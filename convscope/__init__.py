@@ -45,6 +45,7 @@ _EXPORTS = {
     "invariance": "convscope.analysis.invariance:invariance",
     "correspondence": "convscope.analysis.correspondence:correspondence",
     "quality": "convscope.analysis.quality:quality",
+    "tune_cpu": "convscope.runtime:tune_cpu",
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])

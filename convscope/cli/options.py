@@ -90,3 +90,11 @@ def class_target(class_index: int | None, label: str | None) -> int | str | None
 
 
 ImageArg = Annotated[Path, typer.Argument(readable=False, help="An image file.", show_default=False)]
+PrecisionOpt = Annotated[
+    str,
+    typer.Option(
+        "--precision",
+        help="float32, or bf16: bfloat16 autocast where the hardware computes it natively "
+        "(AMX / AVX-512-BF16 CPUs, recent CUDA GPUs); elsewhere float32 with a note.",
+    ),
+]

@@ -24,5 +24,6 @@ register_model(
         cam_layer="features.11",
         first_conv="features.0",
         pretrained=TorchvisionWeights("AlexNet_Weights.IMAGENET1K_V1"),
+        channels_last=True,  # 1.38x forward on CPU (bench/cpu_fast_path.py layouts)
     )
 )

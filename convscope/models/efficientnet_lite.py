@@ -352,6 +352,7 @@ def _register(index: int, variant: _Variant, weights_file: str) -> ModelSpec:
                 filename=f"models/{weights_file}",
             ),
             adapt_state_dict=adapt_reference_state_dict,
+            channels_last=True,  # 1.14-1.26x forward on CPU (bench/cpu_fast_path.py layouts)
         )
     )
 

@@ -149,6 +149,8 @@ def load_model(
 
     module.eval()
     module.to(target_device)
+    if spec.channels_last:  # measured faster for this architecture (registry row)
+        module.to(memory_format=torch.channels_last)
     return from_spec(spec, module, preprocess, categories, described)
 
 

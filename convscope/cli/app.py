@@ -23,9 +23,12 @@ from convscope.cli.options import (
     LayerOpt,
     LayersOpt,
     ModelOpt,
+    OldLayersOpt,
     OutDirOpt,
+    RawOpt,
     SeedOpt,
     WeightsOpt,
+    plural,
 )
 from convscope.cli.output import OutputDir, safe_name, safe_stem
 from convscope.cli.progress import progress_bar
@@ -273,35 +276,52 @@ def activations_command(
     weights: WeightsOpt = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
-    layers: LayersOpt = None,
+    layer: LayersOpt = None,
+    old_layers: OldLayersOpt = None,
+    raw: RawOpt = False,
 ) -> None:
     """Activation maps: the mean of each conv stage's rectified output, in jet over the photo.
 
     Writes <image>_<layer>.png per layer and <image>_activations.png (all layers in one strip),
-    all captured in one forward pass per image.
+    all captured in one forward pass per image. Each picture is captioned (model, weights,
+    layer) with a colour bar of the real values; --raw writes the bare overlays.
 
     Example: convscope activations cat.jpg --model alexnet --weights random -o out/
     """
     from convscope.methods.activations import activation_maps
-    from convscope.render.pictures import activation_pictures, activation_strip, display_image
+    from convscope.render.pictures import activation_figure, activation_pictures, activation_strip, display_image
 
     loaded = open_model(model, weights, seed, device)
     out = OutputDir(output)
-    names = split_layers(layers)
+    names = split_layers([*(layer or []), *(old_layers or [])])
 
     def job(path: Path, batch: Any) -> None:
         result = activation_maps(loaded, batch, layers=names)
         photo = display_image(loaded.preprocess, batch)
         stem = safe_stem(path)
-        for layer, picture in activation_pictures(photo, result).items():
-            out.png(f"{stem}_{safe_name(layer)}.png", picture)
-        out.png(f"{stem}_activations.png", activation_strip(photo, result))
+        for name, picture in activation_pictures(photo, result).items():
+            shown = picture if raw else activation_figure(photo, result, name, model=loaded)
+            out.png(f"{stem}_{safe_name(name)}.png", shown)
+        out.png(f"{stem}_activations.png", activation_strip(photo, result, model=loaded, captioned=not raw))
 
     failures = _per_image(images, loaded, job, "activations")
-    out.manifest("activations", {"model": loaded.name, "weights": loaded.weights, "layers": names})
-    typer.echo(f"wrote {len(out.written)} pictures to {out.root}")
+    out.manifest("activations", {"model": loaded.name, "weights": loaded.weights, "layers": layer_records(loaded, names)})
+    typer.echo(f"wrote {plural(len(out.written), 'picture')} to {out.root}")
     if failures:
         raise typer.Exit(EXIT_USER_ERROR)
+
+
+def layer_records(loaded: LoadedModel, names: list[str] | None) -> list[dict[str, str]] | None:
+    """``[{"layer": alias or path as named, "module": module path}]`` for JSON and manifests."""
+    return None if names is None else [layer_record(loaded, name) for name in names]
+
+
+def layer_record(loaded: LoadedModel, name: str) -> dict[str, str]:
+    """A layer as every JSON of a run records it: the friendly name and its module path."""
+    from convscope.probes.layers import alias_of
+
+    path = loaded.stages.get(name, name)
+    return {"layer": alias_of(loaded, path), "module": path}
 
 
 @app.command("features")
@@ -317,13 +337,14 @@ def features_command(
     order: Annotated[
         str, typer.Option("--order", help="index: the first channels; activation: the most active.")
     ] = "index",
+    raw: RawOpt = False,
 ) -> None:
     """Feature-map grid: the channels of one layer as grayscale tiles, captioned with the channel index.
 
     Example: convscope features cat.jpg --layer stage2 --max 32 --order activation -o out/
     """
     from convscope.methods.activations import feature_maps
-    from convscope.render.pictures import feature_grid
+    from convscope.render.pictures import feature_figure, feature_grid
 
     loaded = open_model(model, weights, seed, device)
     name = layer or next(iter(loaded.stages), "")
@@ -333,11 +354,13 @@ def features_command(
 
     def job(path: Path, batch: Any) -> None:
         result = feature_maps(loaded, batch, layer=name, max_channels=max_channels, order=order)
-        out.png(f"{safe_stem(path)}_features_{safe_name(name)}.png", feature_grid(result))
+        picture = feature_grid(result) if raw else feature_figure(result, model=loaded, order=order)
+        out.png(f"{safe_stem(path)}_features_{safe_name(name)}.png", picture)
 
     failures = _per_image(images, loaded, job, "features")
-    out.manifest("features", {"model": loaded.name, "layer": name, "max": max_channels, "order": order})
-    typer.echo(f"wrote {len(out.written)} pictures to {out.root}")
+    out.manifest("features", {"model": loaded.name, "weights": loaded.weights, **layer_record(loaded, name),
+                              "max": max_channels, "order": order})
+    typer.echo(f"wrote {plural(len(out.written), 'picture')} to {out.root}")
     if failures:
         raise typer.Exit(EXIT_USER_ERROR)
 
@@ -350,19 +373,26 @@ def filters_command(
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     layer: LayerOpt = None,
+    raw: RawOpt = False,
 ) -> None:
     """Convolution kernels as tiles (first layer: RGB; deeper: each filter's strongest input).
 
-    Example: convscope filters -o out/ | convscope filters --model alexnet --weights random --layer features.3
+    A stage alias (conv2, stage3) means the convolution that makes that stage's output.
+
+    Examples:
+    convscope filters -o out/
+    convscope filters --model alexnet --weights random --layer conv2
     """
     from convscope.methods.filters import conv_filters
-    from convscope.render.pictures import filter_grid
+    from convscope.render.pictures import filter_figure, filter_grid
 
     loaded = open_model(model, weights, seed, device)
     result = conv_filters(loaded, layer=layer)
     out = OutputDir(output)
-    path = out.png(f"filters_{safe_name(result.layer)}.png", filter_grid(result))
-    out.manifest("filters", {"model": loaded.name, "layer": result.layer})
+    picture = filter_grid(result) if raw else filter_figure(result, model=loaded)
+    path = out.png(f"filters_{safe_name(result.layer)}.png", picture)
+    record = {"layer": layer or result.layer, "module": result.layer}
+    out.manifest("filters", {"model": loaded.name, "weights": loaded.weights, **record})
     typer.echo(f"wrote {path}")
 
 
@@ -385,11 +415,11 @@ def demo_command(
     from convscope.methods.predict import classify
     from convscope.methods.summary import summary
     from convscope.render.pictures import (
-        activation_pictures,
+        activation_figure,
         activation_strip,
         display_image,
-        feature_grid,
-        filter_grid,
+        feature_figure,
+        filter_figure,
     )
     from convscope.render.text import predictions_table, summary_table
 
@@ -410,16 +440,16 @@ def demo_command(
     result = activation_maps(loaded, batch)
     photo = display_image(loaded.preprocess, batch)
     out.png("input.png", photo)
-    for layer, picture in activation_pictures(photo, result).items():
-        out.png(f"activation_{safe_name(layer)}.png", picture)
-    out.png("activations.png", activation_strip(photo, result))
+    for layer in result.layers:
+        out.png(f"activation_{safe_name(layer)}.png", activation_figure(photo, result, layer, model=loaded))
+    out.png("activations.png", activation_strip(photo, result, model=loaded))
 
     stages = list(loaded.stages)
     grid_layer = stages[len(stages) // 3] if stages else loaded.cam_layer
     grid = feature_maps(loaded, batch, layer=grid_layer, max_channels=32, order="activation")
-    out.png(f"features_{safe_name(grid_layer)}.png", feature_grid(grid))
+    out.png(f"features_{safe_name(grid_layer)}.png", feature_figure(grid, model=loaded, order="activation"))
     filters = conv_filters(loaded)
-    out.png("filters.png", filter_grid(filters))
+    out.png("filters.png", filter_figure(filters, model=loaded))
     out.manifest("demo", {"model": loaded.name, "weights": loaded.weights, "image": str(photo_path)})
 
     typer.echo(table)

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
-from convscope.cli.app import app, expand_images, load_good_images, open_model
+from convscope.cli.app import app, expand_images, layer_record, load_good_images, open_model
 from convscope.cli.errors import EXIT_USER_ERROR
 from convscope.cli.options import (
     ClassOpt,
@@ -24,9 +24,11 @@ from convscope.cli.options import (
     LayerOpt,
     ModelOpt,
     OutDirOpt,
+    RawOpt,
     SeedOpt,
     WeightsOpt,
     class_target,
+    plural,
 )
 from convscope.cli.output import OutputDir, safe_stem
 from convscope.cli.progress import progress_bar
@@ -76,6 +78,7 @@ def occlusion_command(
     ] = "exact",
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Occluded copies per forward pass.")] = 64,
     json_out: JsonOpt = False,
+    raw: RawOpt = False,
 ) -> None:
     """Occlusion sensitivity (Zeiler & Fergus 2014, Fig. 7): slide a grey square over the photo.
 
@@ -93,7 +96,7 @@ def occlusion_command(
     from convscope.render.colormaps import colorize
     from convscope.render.grids import upscale
     from convscope.render.overlay import overlay
-    from convscope.render.pictures import display_image
+    from convscope.render.pictures import display_image, occlusion_figures
 
     target = class_target(class_index, label)
     paths = expand_images(images)
@@ -116,13 +119,17 @@ def occlusion_command(
         photo = display_image(loaded.preprocess, batch, 0)
         origins = (result.row_origins, result.col_origins)
         stem = safe_stem(path)
+        figures = {} if raw else occlusion_figures(photo, result, 0, loaded)
         probability = grid_to_image(result.probability[0], origins, window, (height, width))
-        out.png(f"{stem}_occlusion_probability.png", overlay(photo, _normalised(probability)))
-        out.png(f"{stem}_occlusion_drop.png", overlay(photo, _normalised(result.pixel_drop[0].clamp_min(0))))
+        out.png(f"{stem}_occlusion_probability.png",
+                figures.get("probability", overlay(photo, _normalised(probability))))
+        out.png(f"{stem}_occlusion_drop.png",
+                figures.get("drop", overlay(photo, _normalised(result.pixel_drop[0].clamp_min(0)))))
         out.png(
             f"{stem}_occlusion_classes.png",
-            class_map_picture(result.top_class[0], result.class_names, origins, window, (height, width),
-                              photo=photo, highlight=int(result.targets[0])),
+            figures.get("classes", class_map_picture(
+                result.top_class[0], result.class_names, origins, window, (height, width),
+                photo=photo, highlight=int(result.targets[0]))),
         )
         record: dict[str, Any] = {
             "image": str(path),
@@ -142,10 +149,11 @@ def occlusion_command(
         }
         if result.activation is not None and result.channels is not None:
             activation = grid_to_image(result.activation[0], origins, window, (height, width))
-            out.png(f"{stem}_occlusion_activation.png", overlay(photo, _normalised(activation)))
+            out.png(f"{stem}_occlusion_activation.png",
+                    figures.get("activation", overlay(photo, _normalised(activation))))
             out.png(f"{stem}_occlusion_activation_map.png", upscale(colorize(_normalised(result.activation[0].numpy())), 224))
             record.update({
-                "layer": layer,
+                **layer_record(loaded, layer or ""),
                 "channel": int(result.channels[0]),
                 "clean_activation": float(result.clean_activation[0]) if result.clean_activation is not None else None,
             })
@@ -153,12 +161,13 @@ def occlusion_command(
     out.json("occlusion.json", records)
     out.manifest("occlusion", {
         "model": loaded.name, "weights": loaded.weights, "class": class_index, "label": label,
-        "window": window, "stride": stride, "fill": fill, "layer": layer, "channel": channel,
+        "window": window, "stride": stride, "fill": fill, **(layer_record(loaded, layer) if layer else {"layer": None}),
+        "channel": channel,
         "cover_border": cover_border, "mode": mode, "batch_size": batch_size,
     })
     if json_out:
         typer.echo(json.dumps(records, indent=2))
     else:
-        typer.echo(f"wrote {len(out.written)} files to {out.root}")
+        typer.echo(f"wrote {plural(len(out.written), 'file')} to {out.root}")
     if failures:
         raise typer.Exit(EXIT_USER_ERROR)

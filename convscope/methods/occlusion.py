@@ -54,6 +54,7 @@ from convscope.methods._common import ModelLike, prepare
 from convscope.methods.targets import TargetLike, resolve_targets, target_labels
 from convscope.probes.hooks import eval_mode
 from convscope.probes.layers import resolve_layer
+from convscope.types import Renderable
 
 FILL_COLOURS = {"grey": 0.5, "gray": 0.5, "black": 0.0, "white": 1.0}
 MODES = ("exact", "approximate", "full")
@@ -84,7 +85,7 @@ class OcclusionStats:
 
 
 @dataclass(frozen=True)
-class OcclusionResult:
+class OcclusionResult(Renderable):
     """The three Zeiler & Fergus occlusion maps of a batch, on the grid of window positions.
 
     Attributes:

@@ -148,7 +148,7 @@ def activation_strip(photo: np.ndarray, result: ActivationMaps, index: int = 0, 
     """The photo then every layer's overlay in one row; captioned (the default when ``model`` is
     given): each tile says its layer and value range, under a title naming the model."""
     pictures = activation_pictures(photo, result, index)
-    tiles = [enlarge(photo, 160)] + [enlarge(p, 160) for p in pictures.values()]
+    tiles = [enlarge(photo, 224)] + [enlarge(p, 224) for p in pictures.values()]
     labels = ["input"] + [f"{name}: {_fmt_range(result.raw[name][index])}" for name in pictures]
     if not (model is not None if captioned is None else captioned):
         return strip([photo, *pictures.values()], ["input", *pictures.keys()])
@@ -253,6 +253,14 @@ def _square_crop(array: np.ndarray, box: Sequence[int], side: int) -> np.ndarray
     y = min(max(0, (top + bottom) // 2 - side // 2), height - side)
     x = min(max(0, (left + right) // 2 - side // 2), width - side)
     return array[y : y + side, x : x + side]
+
+
+def _fit(picture: np.ndarray, side: int) -> np.ndarray:
+    """A square picture resized to ``side`` px: nearest when enlarging (crisp), bilinear when shrinking."""
+    from PIL import Image
+
+    method = Image.Resampling.NEAREST if picture.shape[0] <= side else Image.Resampling.BILINEAR
+    return np.asarray(Image.fromarray(np.ascontiguousarray(picture)).resize((side, side), method))
 
 
 def deconv_pairs(photo: np.ndarray, result: Any, index: int = 0) -> tuple[list[np.ndarray], list[str]]:
@@ -421,8 +429,8 @@ def explain_panel(
     box = as_array(projections.boxes[index, k]).astype(np.int64)
     proj_side = int(max(box[2] - box[0], box[3] - box[1], 1))
     projection = side_by_side([
-        enlarge(_square_crop(signed_picture(projections.projections[index, k]), box, proj_side), side // 2),
-        enlarge(_square_crop(photo, box, proj_side), side // 2)], gap=2)
+        _fit(_square_crop(signed_picture(projections.projections[index, k]), box, proj_side), side // 2 - 1),
+        _fit(_square_crop(photo, box, proj_side), side // 2 - 1)], gap=2)
     cells = [
         cell_of(photo, "(a) input", image_name or "the network's view"),
         cell_of(prediction_picture(prediction, width=side, height=side), "(b) top-5", "softmax probability"),

@@ -381,7 +381,7 @@ def filters_command(
 
     Examples:
     convscope filters -o out/
-    convscope filters --model alexnet --weights random --layer conv2
+    convscope filters -m alexnet -w random --layer conv2
     """
     from convscope.methods.filters import conv_filters
     from convscope.render.pictures import filter_figure, filter_grid
@@ -461,6 +461,42 @@ def demo_command(
 from convscope.cli import explain as _explain  # noqa: F401
 from convscope.cli import occlusion_cmd as _occlusion  # noqa: F401
 from convscope.cli import train_cmd as _train  # noqa: F401
+
+
+def reflow_help(doc: str) -> str:
+    """A docstring as help text that reads well at any width: each paragraph one line (the help
+    formatter keeps single line breaks, which broke sentences mid-way in an 80-column pipe), and
+    each example on a line of its own."""
+    paragraphs = []
+    for block in doc.strip().split("\n\n"):
+        lines = [line.strip() for line in block.strip().splitlines()]
+        if lines and lines[0].startswith(("Example:", "Examples:")):
+            head, _, first = lines[0].partition(":")
+            entries: list[str] = []
+            joined = False
+            for line in [first.strip(), *lines[1:]]:
+                if joined or (entries and (line.startswith(("(", "--")) or entries[-1].endswith(" |"))):
+                    entries[-1] = entries[-1].rstrip("\\ ") + " " + line
+                elif line:
+                    entries.append(line)
+                joined = line.endswith("\\")
+            examples = [e.strip() for entry in entries for e in entry.split(" | ") if e.strip(" |")]
+            paragraphs.append("\n".join([f"{head}:", *("  " + e.rstrip(" |") for e in examples)]))
+        else:
+            paragraphs.append(" ".join(lines))
+    return "\n\n".join(paragraphs)
+
+
+def _reflow_command_help() -> None:
+    import inspect
+
+    for info in app.registered_commands:
+        doc = info.help or (inspect.getdoc(info.callback) if info.callback else None)
+        if doc:
+            info.help = reflow_help(doc)
+
+
+_reflow_command_help()
 
 
 def main() -> None:

@@ -156,7 +156,7 @@ def gradcam_command(
     also writes the guided Grad-CAM picture <image>_guided_gradcam.png.
 
     Examples: convscope gradcam cat.jpg -o out/ | convscope gradcam cat.jpg --label "tiger cat" --layer stage6 |
-    convscope gradcam photos/ --model vgg16 --weights random --variant gradcam++
+    convscope gradcam photos/ -m vgg16 -w random --variant gradcam++
     """
     from convscope.methods.gradcam import gradcam, gradcam_plus_plus, guided_gradcam
     from convscope.render.colormaps import colorize
@@ -338,7 +338,7 @@ def deconv_command(
     <image>_<layer>_ch<C>_crop.png (the projection cropped to the receptive field, next to the
     image patch under it); <image>_<layer>_deconv.png shows all of them in one grid.
 
-    Examples: convscope deconv cat.jpg --layer conv5 --model alexnet --weights random -o out/ |
+    Examples: convscope deconv cat.jpg --layer conv5 -m alexnet -w random -o out/ |
     convscope deconv cat.jpg --layer stage4 --channel 7 --channel 12 --location all
     """
     from convscope.methods.deconvnet import deconv
@@ -425,7 +425,7 @@ def explain_command(
 
     Examples:
     convscope explain cat.jpg -o out/
-    convscope explain cat.jpg --label "tiger cat" --model alexnet --weights random
+    convscope explain cat.jpg --label "tiger cat" -m alexnet -w random
     """
     from convscope.methods.deconvnet import deconv
     from convscope.methods.gradcam import guided_gradcam

@@ -89,7 +89,7 @@ def occlusion_command(
     <image>_occlusion_activation.png (total activation of one feature map at each position).
 
     Examples: convscope occlusion cat.jpg -o out/ | convscope occlusion cat.jpg --label tabby --window 32 --stride 16 |
-    convscope occlusion cat.jpg --model alexnet --weights random --layer conv5 --fill black
+    convscope occlusion cat.jpg -m alexnet -w random --layer conv5 --fill black
     """
     from convscope.methods.occlusion import grid_origins, occlusion
     from convscope.render.classmap import class_map_picture, grid_to_image

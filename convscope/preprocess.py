@@ -5,9 +5,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 from PIL import Image
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,8 @@ class Preprocess:
         return image.crop((left, top, left + self.crop, top + self.crop))
 
     def _stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch  # here, not at the top: model registry rows hold a Preprocess and import without torch
+
         mean = torch.tensor(self.mean, dtype=like.dtype, device=like.device).view(1, -1, 1, 1)
         std = torch.tensor(self.std, dtype=like.dtype, device=like.device).view(1, -1, 1, 1)
         return mean, std
@@ -71,6 +77,8 @@ class Preprocess:
             if array.ndim == 2:
                 array = array[:, :, None]
             arrays.append(array.transpose(2, 0, 1))
+        import torch
+
         batch = torch.from_numpy(np.stack(arrays))
         mean, std = self._stats(batch)
         return (batch - mean) / std

@@ -10,7 +10,7 @@ import json
 from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -33,7 +33,9 @@ from convscope.cli.options import (
 from convscope.cli.output import OutputDir, safe_name, safe_stem
 from convscope.cli.progress import progress_bar
 from convscope.errors import BadArgument, ConvscopeError, ImageError
-from convscope.types import LoadedModel
+
+if TYPE_CHECKING:
+    from convscope.types import LoadedModel
 
 app = typer.Typer(
     cls=GuardedGroup,

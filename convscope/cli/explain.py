@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
 import typer
@@ -36,8 +36,9 @@ from convscope.cli.options import (
 from convscope.cli.output import OutputDir, safe_name, safe_stem
 from convscope.cli.progress import progress_bar
 from convscope.errors import BadArgument, ImageError
-from convscope.render.pictures import magnitude_picture, signed_picture
-from convscope.types import LoadedModel
+
+if TYPE_CHECKING:
+    from convscope.types import LoadedModel
 
 VARIANTS = ("gradcam", "gradcam++", "guided")
 # How input-space maps are displayed, recorded in the JSON next to the files.
@@ -161,7 +162,7 @@ def gradcam_command(
     from convscope.methods.gradcam import gradcam, gradcam_plus_plus, guided_gradcam
     from convscope.render.colormaps import colorize
     from convscope.render.overlay import overlay
-    from convscope.render.pictures import cam_figure, gradient_figure
+    from convscope.render.pictures import cam_figure, gradient_figure, signed_picture
 
     if variant not in VARIANTS:
         raise BadArgument(f"--variant {variant}", "must be one of " + ", ".join(VARIANTS))
@@ -216,7 +217,7 @@ def _input_gradient_command(
     raw: bool = False,
 ) -> None:
     from convscope.methods.guided import guided_backprop, saliency
-    from convscope.render.pictures import gradient_figure, gradient_magnitude_figure
+    from convscope.render.pictures import gradient_figure, gradient_magnitude_figure, magnitude_picture, signed_picture
 
     target = class_target(class_index, label)
     loaded = open_model(model, weights, seed, device)
@@ -343,7 +344,7 @@ def deconv_command(
     """
     from convscope.methods.deconvnet import deconv
     from convscope.render.grids import strip, tile, upscale
-    from convscope.render.pictures import deconv_figure, projection_figure
+    from convscope.render.pictures import deconv_figure, projection_figure, signed_picture
 
     if not layer:
         raise BadArgument("--layer", "is required: name a layer alias or module path (see 'convscope layers')")

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from convscope.models.load import DEFAULT_MODEL
+from convscope.models.registry import DEFAULT_MODEL
 
 
 def _model_names() -> list[str]:

@@ -12,7 +12,7 @@ from torch import nn
 
 from convscope.errors import BadArgument, WeightsMismatch
 from convscope.models.labels import get_labels
-from convscope.models.registry import ModelSpec, get_spec
+from convscope.models.registry import DEFAULT_MODEL, ModelSpec, get_spec
 from convscope.models.weights import (
     is_checkpoint,
     load_state_dict_strict,
@@ -23,7 +23,6 @@ from convscope.models.weights import (
 from convscope.preprocess import IMAGENET, Preprocess
 from convscope.types import LoadedModel
 
-DEFAULT_MODEL = "efficientnet_lite0"
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:

@@ -103,6 +103,7 @@ def occlusion_command(
     loaded = open_model(model, weights, seed, device)
     out = OutputDir(output)
     records: list[dict[str, Any]] = []
+    warned: set[str] = set()
     failures = len(paths)
     for path, image in load_good_images(paths):
         failures -= 1
@@ -116,6 +117,9 @@ def occlusion_command(
                 loaded, batch, target, window=window, stride=stride, fill=fill, layer=layer,
                 channel=channel, batch_size=batch_size, mode=mode, cover_border=cover_border, progress=advance,
             )
+        if result.stats.fallback and result.stats.fallback not in warned:
+            warned.add(result.stats.fallback)
+            typer.echo(f"warning: --mode approximate: {result.stats.fallback}", err=True)
         photo = display_image(loaded.preprocess, batch, 0)
         origins = (result.row_origins, result.col_origins)
         stem = safe_stem(path)
@@ -146,6 +150,7 @@ def occlusion_command(
             "mode": result.stats.mode,
             "work_fraction": round(result.stats.work_fraction, 4),
             "precision": result.stats.precision,
+            "fallback": result.stats.fallback or None,
         }
         if result.activation is not None and result.channels is not None:
             activation = grid_to_image(result.activation[0], origins, window, (height, width))

@@ -4,6 +4,7 @@ the TensorFlow conventions kept here and the checkpoint adapter)."""
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 
 import torch
 from torch import nn

@@ -239,9 +239,14 @@ def _ticks(low: float, high: float, count: int = 5) -> list[float]:
     return [low + (high - low) * k / (count - 1) for k in range(count)]
 
 
-def _fmt(value: float) -> str:
+def _fmt(value: float, step: float | None = None) -> str:
+    """A tick label with enough digits to tell ticks ``step`` apart (0.00102, 0.00105...)."""
     if value == 0:
         return "0"
+    if step is not None and step > 0 and abs(value) < 1000:
+        decimals = max(0, 1 - math.floor(math.log10(step)))
+        if decimals <= 6:
+            return f"{value:.{decimals}f}"
     if abs(value) >= 1000 or abs(value) < 0.01:
         return f"{value:.2g}"
     return f"{value:.3g}"
@@ -273,11 +278,16 @@ def colour_bar(
     band.paste(Image.fromarray(np.repeat(colours[None], bar_height, axis=0)), (left, 4))
     draw = ImageDraw.Draw(band)
     draw.rectangle((left - 1, 3, left + inner, 4 + bar_height), outline=MUTED)
-    for value in _ticks(low, high):
+    for count in (5, 3, 2):  # fewer ticks when long labels would overlap
+        ticks = _ticks(low, high, count)
+        step = (ticks[1] - ticks[0]) if len(ticks) > 1 else None
+        if sum(text_width(_fmt(v, step), small) + 8 for v in ticks) <= inner:
+            break
+    for value in ticks:
         fraction = 0.0 if high <= low else (value - low) / (high - low)
         x = left + int(round(fraction * (inner - 1)))
         draw.line((x, 4 + bar_height, x, 4 + bar_height + 3), fill=INK)
-        text = _fmt(value)
+        text = _fmt(value, step)
         w = text_width(text, small)
         draw.text((min(max(0, x - w // 2), width - w), 4 + bar_height + 3), text, font=small, fill=INK)
     y = 4 + bar_height + 3 + tick_row
@@ -351,7 +361,7 @@ def figure(
     bar: Bar | None = None,
     *,
     min_side: int = MIN_SIDE,
-    min_width: int = 300,
+    min_width: int = 360,
 ) -> np.ndarray:
     """Caption on top, the (enlarged) picture, then the colour bar: one ``(H, W, 3)`` uint8."""
     body = enlarge(as_rgb(picture), min_side)

@@ -24,6 +24,7 @@ import numpy as np
 
 from convscope.render.colormaps import as_array, colorize, percentile_scale, to_rgb_uint8
 from convscope.render.figures import (
+    MIN_SIDE,
     Bar,
     Line,
     caption_lines,
@@ -324,11 +325,17 @@ def occlusion_figures(photo: np.ndarray, result: Any, index: int = 0, model: Any
         caption_lines(**common, details=(setting, "red: the probability falls; blue: it rises (zero-centred)")),
         Bar(-extent, extent, "clean probability minus occluded probability", cmap="RdBu_r"))
 
-    classes = class_map_picture(result.top_class[index], result.class_names, origins, result.window, (height, width),
-                                photo=photo, highlight=int(result.targets[index]))
+    # Enlarge the map, not the legend: class_map_picture draws at the size it is given.
+    factor = max(1, -(-MIN_SIDE // max(1, min(height, width))))
+    big_origins = (tuple(o * factor for o in origins[0]), tuple(o * factor for o in origins[1]))
+    classes = class_map_picture(result.top_class[index], result.class_names, big_origins, result.window * factor,
+                                (height * factor, width * factor), photo=enlarge(photo, MIN_SIDE),
+                                highlight=int(result.targets[index]))
     figures["classes"] = figure(classes, "Occlusion: most probable class",
-                                caption_lines(**common, details=(setting, "* marks the explained class")),
-                                min_side=min(classes.shape[:2]) * max(1, -(-224 // min(height, width))))
+                                caption_lines(**common, details=(
+                                    f"grey square {result.window} px, stride {result.stride}; colour at each pixel: "
+                                    "the most probable class with the square centred nearest; legend: share of "
+                                    "positions; * marks the explained class",)), min_side=1)
 
     if result.activation is not None and result.channels is not None:
         activation = grid_to_image(result.activation[index], origins, result.window, (height, width))

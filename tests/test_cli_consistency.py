@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import skimage_photo
 from PIL import Image
 from typer.testing import CliRunner
 
 import convscope
 from convscope.cli.app import app, reflow_help
 from convscope.cli.options import plural
-from conftest import skimage_photo
 
 runner = CliRunner()
 TINY = ["--model", "tiny", "--weights", "random"]

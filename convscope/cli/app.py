@@ -291,7 +291,12 @@ def activations_command(
     Example: convscope activations cat.jpg --model alexnet --weights random -o out/
     """
     from convscope.methods.activations import activation_maps
-    from convscope.render.pictures import activation_figure, activation_pictures, activation_strip, display_image
+    from convscope.render.pictures import (
+        activation_figure,
+        activation_pictures,
+        activation_strip,
+        display_image,
+    )
 
     loaded = open_model(model, weights, seed, device)
     out = OutputDir(output)

@@ -217,7 +217,12 @@ def _input_gradient_command(
     raw: bool = False,
 ) -> None:
     from convscope.methods.guided import guided_backprop, saliency
-    from convscope.render.pictures import gradient_figure, gradient_magnitude_figure, magnitude_picture, signed_picture
+    from convscope.render.pictures import (
+        gradient_figure,
+        gradient_magnitude_figure,
+        magnitude_picture,
+        signed_picture,
+    )
 
     target = class_target(class_index, label)
     loaded = open_model(model, weights, seed, device)

@@ -24,7 +24,6 @@ from convscope.preprocess import IMAGENET, Preprocess
 from convscope.types import LoadedModel
 
 
-
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
     """``None``/``"auto"`` -> CUDA when present, else CPU; anything else as given."""
     if device is None or device == "auto":

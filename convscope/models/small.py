@@ -10,7 +10,6 @@ Zeiler & Fergus' fix (3x3 stride 1, then pooling), keeping more spatial detail e
 from __future__ import annotations
 
 from functools import partial
-
 from typing import TYPE_CHECKING
 
 from convscope.models.registry import ModelSpec, register_model

@@ -63,7 +63,7 @@ def font(size: int = TEXT_SIZE, *, bold: bool = False, mono: bool = False) -> Fo
 
 
 def text_width(text: str, face: Font) -> int:
-    return int(math.ceil(face.getlength(text)))
+    return math.ceil(face.getlength(text))
 
 
 def line_height(face: Font) -> int:
@@ -285,7 +285,7 @@ def colour_bar(
             break
     for value in ticks:
         fraction = 0.0 if high <= low else (value - low) / (high - low)
-        x = left + int(round(fraction * (inner - 1)))
+        x = left + round(fraction * (inner - 1))
         draw.line((x, 4 + bar_height, x, 4 + bar_height + 3), fill=INK)
         text = _fmt(value, step)
         w = text_width(text, small)

@@ -33,8 +33,8 @@ from convscope.render.figures import (
     font,
     labelled_grid,
     line_height,
-    pad_height,
     model_info,
+    pad_height,
     side_by_side,
     stack,
     text_block,
@@ -138,8 +138,8 @@ def activation_figure(photo: np.ndarray, result: ActivationMaps, layer: str, ind
     """One layer's activation overlay with its caption and the channel-mean's real range."""
     low, high = _range(result.raw[layer][index])
     lines = caption_lines(model=model, layer=layer, details=(
-        "mean over channels of the layer output, bilinear-upsampled, min-max scaled per image; "
-        "jet over the photo (0.6 photo + 0.4 colour)",))
+        ("mean over channels of the layer output, bilinear-upsampled, min-max scaled per image; "
+        "jet over the photo (0.6 photo + 0.4 colour)"),))
     bar = Bar(low, high, "mean activation over channels")
     return figure(overlay(photo, result.maps[layer][index]), "Activation map", lines, bar)
 
@@ -219,8 +219,8 @@ def gradient_figure(result: Any, index: int = 0, model: Any = None, probability:
     """Input-space attribution as the literature shows it: signed maps grey-centred (guided
     backprop, guided Grad-CAM), saliency as a magnitude map; per-image 99.5th-percentile clip."""
     title = _GRADIENT_TITLES.get(result.method, result.method)
-    common = dict(model=model, label=result.labels[index], class_index=int(result.targets[index]),
-                  probability=probability, score=float(result.scores[index]))
+    common: dict[str, Any] = {"model": model, "label": result.labels[index], "class_index": int(result.targets[index]),
+                              "probability": probability, "score": float(result.scores[index])}
     layer = result.cam.layer if result.cam is not None else None
     if result.method == "saliency":
         high = float(np.percentile(as_array(result.maps[index]), CLIP_PERCENTILE))
@@ -246,7 +246,7 @@ def gradient_magnitude_figure(photo: np.ndarray, result: Any, index: int = 0, mo
     return figure(picture, title, lines, Bar(0.0, high, "|gradient|"))
 
 
-def _square_crop(array: np.ndarray, box: Sequence[int], side: int) -> np.ndarray:
+def _square_crop(array: np.ndarray, box: Sequence[int] | np.ndarray, side: int) -> np.ndarray:
     """A ``side`` x ``side`` crop of ``(H, W, ...)`` centred on ``box``, shifted to stay inside."""
     top, left, bottom, right = (int(v) for v in box)
     height, width = array.shape[:2]
@@ -284,8 +284,8 @@ def deconv_figure(photo: np.ndarray, result: Any, index: int = 0, model: Any = N
     grid = labelled_grid(pairs, labels, columns=min(3, len(pairs)), min_side=1, gap=8)
     where = "each channel's strongest activation" if result.location == "max" else "each whole feature map"
     lines = caption_lines(model=model, layer=result.layer, details=(
-        f"{len(pairs)} feature maps, strongest first; projection of {where} (left) and the photo under its "
-        "receptive field (right); label: channel and its largest activation", SIGNED_NOTE))
+        (f"{len(pairs)} feature maps, strongest first; projection of {where} (left) and the photo under its "
+        "receptive field (right); label: channel and its largest activation"), SIGNED_NOTE))
     return titled(grid, f"Deconvnet projections of {result.layer}", lines)
 
 
@@ -307,8 +307,8 @@ def occlusion_figures(photo: np.ndarray, result: Any, index: int = 0, model: Any
     origins = (result.row_origins, result.col_origins)
     setting = (f"grey square {result.window} px, stride {result.stride}; value at each pixel: mean over the "
                "square positions covering it")
-    common = dict(model=model, label=result.labels[index], class_index=int(result.targets[index]),
-                  probability=float(result.clean_probability[index]))
+    common: dict[str, Any] = {"model": model, "label": result.labels[index], "class_index": int(result.targets[index]),
+                              "probability": float(result.clean_probability[index])}
     figures: dict[str, np.ndarray] = {}
 
     probability = grid_to_image(result.probability[index], origins, result.window, (height, width))
@@ -333,9 +333,9 @@ def occlusion_figures(photo: np.ndarray, result: Any, index: int = 0, model: Any
                                 highlight=int(result.targets[index]))
     figures["classes"] = figure(classes, "Occlusion: most probable class",
                                 caption_lines(**common, details=(
-                                    f"grey square {result.window} px, stride {result.stride}; colour at each pixel: "
+                                    (f"grey square {result.window} px, stride {result.stride}; colour at each pixel: "
                                     "the most probable class with the square centred nearest; legend: share of "
-                                    "positions; * marks the explained class",)), min_side=1)
+                                    "positions; * marks the explained class"),)), min_side=1)
 
     if result.activation is not None and result.channels is not None:
         activation = grid_to_image(result.activation[index], origins, result.window, (height, width))
@@ -374,7 +374,7 @@ def prediction_picture(prediction: Prediction, *, width: int = 300, height: int 
         draw.text((4, y), text, font=face, fill=(20, 20, 20))
         bar_y = y + line_height(face)
         draw.rectangle((4, bar_y, width - 5, bar_y + 8), fill=(230, 230, 230))
-        draw.rectangle((4, bar_y, 4 + int(round(probability * (width - 9))), bar_y + 8), fill=(31, 119, 180))
+        draw.rectangle((4, bar_y, 4 + round(probability * (width - 9)), bar_y + 8), fill=(31, 119, 180))
     return np.asarray(canvas)
 
 
@@ -454,9 +454,9 @@ def explain_panel(
     info = model_info(model)
     lines = caption_lines(model=model, label=cam.labels[index], class_index=target, probability=p,
                           score=float(cam.scores[index]), details=(
-        f"(c) Grad-CAM at {cam.layer}, jet over the photo; (e) grey square {occlusion_result.window} px, "
+        (f"(c) Grad-CAM at {cam.layer}, jet over the photo; (e) grey square {occlusion_result.window} px, "
         f"stride {occlusion_result.stride}: probability of the class with the square centred there; "
-        f"(f) Zeiler & Fergus projection of the most active feature map of {projections.layer}",))
+        f"(f) Zeiler & Fergus projection of the most active feature map of {projections.layer}"),))
     title = f"What {info.name if info else 'the network'} sees" + (f" in {image_name}" if image_name else "")
     return titled(row, title, lines)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import pytest
@@ -92,7 +93,10 @@ def test_small_input_activation_picture_is_enlarged(photo) -> None:
     assert x.shape[-2:] == (28, 28)
     maps = convscope.activation_maps(model, x)
     picture = activation_figure(display_image(model.preprocess, x), maps, maps.layers[0], model=model)
-    assert picture.shape[0] >= 224 and picture.shape[1] >= 224
+    # the map itself (not just the caption around it) is at least 224 x 224: count the rows
+    # that hold a run of >= 224 non-white pixels
+    dense_rows = ((picture < 250).any(axis=2).sum(axis=1) >= 224).sum()
+    assert dense_rows >= 224, dense_rows
     assert maps.to_image(x, model=model).width >= 224
 
 
@@ -176,3 +180,23 @@ def test_training_pictures_are_wide_and_uncut() -> None:
             self.strongest_input = torch.zeros(8, dtype=torch.int64)
 
     assert filters_evolution_picture([Snap(1), Snap(2)]).shape[1] >= 600
+
+
+def test_explain_writes_one_panel_per_image(tmp_path, photo) -> None:
+    from typer.testing import CliRunner
+
+    from convscope.cli.app import app
+
+    for name in ("a.png", "b.png"):
+        photo.save(tmp_path / name)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["explain", str(tmp_path / "a.png"), str(tmp_path / "b.png"), "--model", "tiny",
+                                      "--weights", "random", "--window", "8", "--stride", "8", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["a_explain.png", "b_explain.png", "explain.json", "manifest.json"]
+    panel = Image.open(out / "a_explain.png")
+    assert panel.mode == "RGB" and panel.width >= 6 * 224 and panel.height >= 224
+    record = json.loads((out / "explain.json").read_text())[0]
+    assert record["gradcam"] == {"layer": "conv2", "module": "features.4"}
+    assert len(record["top5"]) == 5 and record["file"] == "a_explain.png"
+    assert "99.5th percentile" in record["display"]["guided_gradcam"]

@@ -2,7 +2,7 @@
 
     PYTHONPATH=$PWD python bench/startup.py [--repeat 5] [--source DIR ...]
 
-Each command runs ``--repeat`` times as a fresh process (best and median wall time reported);
+Each command runs ``--repeat`` times as a fresh process, round-robin (median wall and CPU time);
 ``--source`` adds a checkout to compare (e.g. the main branch before the lazy registry), run with
 that checkout first on ``PYTHONPATH``.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -25,14 +26,15 @@ COMMANDS = {
 }
 
 
-def timed(args: list[str], source: Path, repeat: int) -> list[float]:
+def run_once(args: list[str], source: Path) -> tuple[float, float]:
+    """Wall and CPU (user + system) seconds of one fresh process."""
     env = {**os.environ, "PYTHONPATH": str(source)}
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        subprocess.run([sys.executable, *args], env=env, check=True, stdout=subprocess.DEVNULL)
-        times.append(time.perf_counter() - start)
-    return times
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    subprocess.run([sys.executable, *args], env=env, check=True, stdout=subprocess.DEVNULL)
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def main() -> None:
@@ -41,18 +43,20 @@ def main() -> None:
     parser.add_argument("--source", type=Path, action="append", default=[])
     options = parser.parse_args()
     sources = [Path(__file__).resolve().parent.parent, *options.source]
-    rows = []
-    for source in sources:
-        for name, args in COMMANDS.items():
-            if name == "import torch" and source != sources[0]:
-                continue
-            times = timed(args, source, options.repeat)
-            rows.append((source.name, name, min(times), statistics.median(times)))
-    torch_best = next(r[2] for r in rows if r[1] == "import torch")
-    torch_median = next(r[3] for r in rows if r[1] == "import torch")
-    print(f"{'source':<12} {'command':<34} {'best s':>7} {'median s':>9} {'best/torch':>11} {'median/torch':>13}")
-    for source, name, best, median in rows:
-        print(f"{source:<12} {name:<34} {best:7.2f} {median:9.2f} {best / torch_best:10.2f}x {median / torch_median:12.2f}x")
+    jobs = [(sources[0], "import torch", COMMANDS["import torch"])]
+    jobs += [(source, name, args) for source in sources for name, args in COMMANDS.items() if name != "import torch"]
+    results: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    # Round-robin, so a burst of load from other processes hits every command alike.
+    for _ in range(options.repeat):
+        for source, name, args in jobs:
+            results.setdefault((source.name, name), []).append(run_once(args, source))
+    torch_wall = statistics.median(w for w, _ in results[(sources[0].name, "import torch")])
+    torch_cpu = statistics.median(c for _, c in results[(sources[0].name, "import torch")])
+    print(f"{'source':<12} {'command':<34} {'wall s':>7} {'cpu s':>6} {'wall/torch':>11} {'cpu/torch':>10}  (medians)")
+    for (source, name), runs in results.items():
+        wall = statistics.median(w for w, _ in runs)
+        cpu = statistics.median(c for _, c in runs)
+        print(f"{source:<12} {name:<34} {wall:7.2f} {cpu:6.2f} {wall / torch_wall:10.2f}x {cpu / torch_cpu:9.2f}x")
 
 
 if __name__ == "__main__":

@@ -12,14 +12,14 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from convscope.render.colormaps import as_array, colorize, to_rgb_uint8
-from convscope.render.figures import Line, labelled_grid, text_block, titled
+from convscope.render.figures import Line, font, labelled_grid, line_height, text_block, titled
 from convscope.render.grids import filter_tiles, tile
 
 if TYPE_CHECKING:
     from convscope.training.snapshots import Snapshot
 
 _PAD = 2
-_MIN_SIDE = 48
+_MIN_SIDE = 64
 MIN_WIDTH = 600  # training pictures stay readable when a report shrinks them
 
 
@@ -60,10 +60,11 @@ def projection_tile(projection: object, box: object | None = None, side: int | N
 
 
 def _header(width: int, columns: int, labels: Sequence[str], cell: int) -> np.ndarray:
-    band = Image.new("RGB", (width, 14), (255, 255, 255))
+    face = font(12)
+    band = Image.new("RGB", (width, line_height(face) + 2), (255, 255, 255))
     draw = ImageDraw.Draw(band)
     for c, text in enumerate(labels):
-        draw.text((_PAD + c * (cell + _PAD) + 1, 1), text, fill=(0, 0, 0))
+        draw.text((_PAD + c * (cell + _PAD) + 1, 1), text, font=face, fill=(0, 0, 0))
     return np.asarray(band)
 
 
@@ -106,7 +107,7 @@ def evolution_picture(snapshots: Sequence[Snapshot]) -> np.ndarray:
         ]
         grid = tile(tiles, columns=len(snapshots), pad=_PAD, min_side=_MIN_SIDE)
         cell = _cell_width(tiles[0])
-        header = _header(grid.shape[1], len(snapshots), [f"ep {e}" for e in epochs], cell)
+        header = _header(grid.shape[1], len(snapshots), [f"epoch {e}" for e in epochs], cell)
         block = np.concatenate([header, grid], axis=0)
         blocks.append(caption(block, f"{layer}: channels {', '.join(str(c) for c in channels)} ({side}x{side} px crops)"))
     if not blocks:
@@ -118,7 +119,7 @@ def evolution_picture(snapshots: Sequence[Snapshot]) -> np.ndarray:
 
 def filters_picture(snapshot: Snapshot) -> np.ndarray:
     tiles = filter_tiles(snapshot.filters, snapshot.strongest_input.tolist())
-    return tile(tiles, pad=2, min_side=24)
+    return tile(tiles, pad=2, min_side=48)
 
 
 def filters_evolution_picture(snapshots: Sequence[Snapshot]) -> np.ndarray:

@@ -3,8 +3,8 @@
     PYTHONPATH=$PWD python bench/startup.py [--repeat 5] [--source DIR ...]
 
 Each command runs ``--repeat`` times as a fresh process, round-robin (median wall and CPU time);
-``--source`` adds a checkout to compare (e.g. the main branch before the lazy registry), run with
-that checkout first on ``PYTHONPATH``.
+``--source`` adds a folder holding another ``convscope`` package to compare (e.g. ``git archive``
+of the commit before the lazy registry), run from that folder.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ def run_once(args: list[str], source: Path) -> tuple[float, float]:
     env = {**os.environ, "PYTHONPATH": str(source)}
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    subprocess.run([sys.executable, *args], env=env, check=True, stdout=subprocess.DEVNULL)
+    # cwd too: `python -m` puts the working directory before PYTHONPATH on sys.path.
+    subprocess.run([sys.executable, *args], env=env, cwd=source, check=True, stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)

@@ -51,7 +51,13 @@ _EXPORTS = {
 __all__ = sorted([*_EXPORTS, "__version__"])
 
 
+# Subpackages reachable as attributes (``convscope.render.pictures...``) without an import line.
+_SUBPACKAGES = ("render",)
+
+
 def __getattr__(name: str) -> Any:
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"convscope.{name}")
     target = _EXPORTS.get(name)
     if target is None:
         raise AttributeError(f"module 'convscope' has no attribute {name!r}")
@@ -62,4 +68,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return __all__
+    return [*__all__, *_SUBPACKAGES]

@@ -5,16 +5,17 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from PIL import Image
 
 from convscope.errors import BadInput, BadInputType
 from convscope.imageio import SOURCE_INFO, ReducedSource
 from convscope.imageio import load_image as _load_image
-from convscope.validate import describe, refuse_non_image
+
+if TYPE_CHECKING:
+    import torch
 
 # Reduced decoding keeps the shorter side at least this many times the resize target, so the
 # final bilinear resize still shrinks by 3x or more and its anti-aliasing filter still spans
@@ -102,6 +103,8 @@ class Preprocess:
         return _without_source(image.crop((left, top, left + self.crop, top + self.crop)))
 
     def _stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch  # here, not at the top: model registry rows hold a Preprocess and import without torch
+
         mean = torch.tensor(self.mean, dtype=like.dtype, device=like.device).view(1, -1, 1, 1)
         std = torch.tensor(self.std, dtype=like.dtype, device=like.device).view(1, -1, 1, 1)
         return mean, std
@@ -131,6 +134,8 @@ class Preprocess:
             if array.ndim == 2:
                 array = array[:, :, None]
             arrays.append(array.transpose(2, 0, 1))
+        import torch
+
         batch = torch.from_numpy(np.stack(arrays))
         mean, std = self._stats(batch)
         return (batch - mean) / std
@@ -160,6 +165,9 @@ def _image_list(images: Any, argument: str) -> list[Image.Image]:
     expected = "a PIL image or a list of them"
     if isinstance(images, Image.Image):
         return [images]
+    import torch  # here, not at the top: registry rows hold a Preprocess and import without torch
+
+    from convscope.validate import describe, refuse_non_image
     refuse_non_image(images, argument, expected)
     if not isinstance(images, (list, tuple)):
         raise BadInputType(argument, f"expected {expected}, got {describe(images)}")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -11,7 +13,49 @@ from torch import nn
 from convscope.preprocess import Preprocess
 
 if TYPE_CHECKING:
+    from PIL import Image
+
     from convscope.models.registry import ModelSpec
+
+
+class Renderable:
+    """``to_image`` / ``save`` / ``_repr_png_`` for result dataclasses (Jupyter shows them inline).
+
+    The picture is the figure the CLI writes, from ``convscope.render.pictures.figure_of``. The
+    render import happens inside the methods: computing a result must not pull in PIL and the
+    drawing code (``methods/`` never imports them), and most results are never drawn. One small
+    base rather than methods attached from ``render``: the methods are visible to type checkers,
+    ``help()`` and tab completion before anything was drawn.
+    """
+
+    def to_image(self, image: Any = None, *, model: Any = None, index: int = 0,
+                 probability: float | None = None) -> Image.Image:
+        """The figure as an RGB PIL image.
+
+        Args:
+            image: the photo to draw maps on (a PIL image, an ``(H, W, 3)`` uint8 array, or the
+                normalised input batch); without it, maps are drawn on grey or alone.
+            model: the ``LoadedModel`` the result came from (named in the caption, with a
+                warning when its weights are random; also preprocesses ``image``).
+            index: which image of a batch.
+            probability: the explained class's probability (gradient methods know only logits).
+        """
+        from PIL import Image
+
+        from convscope.render.pictures import figure_of
+
+        return Image.fromarray(figure_of(self, image, model=model, index=index, probability=probability))
+
+    def save(self, path: str | os.PathLike[str], image: Any = None, **options: Any) -> Path:
+        """Write ``to_image(image, **options)`` as a PNG, atomically; returns the path."""
+        from convscope.imageio import save_png
+
+        return save_png(path, self.to_image(image, **options))
+
+    def _repr_png_(self) -> bytes:
+        from convscope.render.figures import png_bytes
+
+        return png_bytes(self.to_image())
 
 
 @dataclass(frozen=True, eq=False)
@@ -56,7 +100,7 @@ class LoadedModel:
 
 
 @dataclass(frozen=True)
-class Prediction:
+class Prediction(Renderable):
     """Top-k classes of one image.
 
     Attributes:
@@ -77,7 +121,7 @@ class Prediction:
 
 
 @dataclass(frozen=True)
-class ActivationMaps:
+class ActivationMaps(Renderable):
     """Channel-mean activation maps of several layers for a batch.
 
     Attributes:
@@ -93,7 +137,7 @@ class ActivationMaps:
 
 
 @dataclass(frozen=True)
-class FeatureMaps:
+class FeatureMaps(Renderable):
     """Selected channels of one layer.
 
     Attributes:
@@ -110,7 +154,7 @@ class FeatureMaps:
 
 
 @dataclass(frozen=True)
-class Filters:
+class Filters(Renderable):
     """Convolution kernels of one layer.
 
     Attributes:
@@ -151,7 +195,7 @@ class LayerInfo:
 
 
 @dataclass(frozen=True)
-class ModelSummary:
+class ModelSummary(Renderable):
     """Per-layer measurements of a model for one input size."""
 
     model: str

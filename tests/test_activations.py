@@ -88,5 +88,7 @@ def test_filters_normalised_per_filter() -> None:
     torch.testing.assert_close(flat.max(dim=1).values, torch.ones(64))
     deeper = convscope.conv_filters(loaded, layer="features.3")
     assert deeper.strongest_input.tolist() == deeper.weights.flatten(2).norm(dim=2).argmax(dim=1).tolist()
-    with pytest.raises(UnknownLayer, match="conv1: is a ReLU, not a Conv2d"):
-        convscope.conv_filters(loaded, layer="conv1")
+    # a stage alias names the ReLU after a conv: it means that conv; a module path is taken as given
+    assert convscope.conv_filters(loaded, layer="conv1").layer == "features.0"
+    with pytest.raises(UnknownLayer, match="features.1: is a ReLU, not a Conv2d"):
+        convscope.conv_filters(loaded, layer="features.1")

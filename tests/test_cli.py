@@ -201,8 +201,11 @@ def test_activations_features_filters_write_pngs(images, tmp_path) -> None:
     assert {"good_conv1.png", "good_conv2.png", "good_activations.png", "good_features_conv2.png",
             "filters_features.0.png", "manifest.json"} <= set(names)
     assert not [n for n in names if n.endswith(".tmp") or n.startswith(".")]
-    picture = Image.open(out / "good_conv1.png")
-    assert picture.mode == "RGB" and picture.size == (32, 32)
+    picture = Image.open(out / "good_conv1.png")  # captioned, enlarged to at least 224 px
+    assert picture.mode == "RGB" and min(picture.size) >= 224
+    raw = tmp_path / "raw"
+    assert run("activations", images["good"], "--raw", "-o", raw, *TINY).exit_code == 0
+    assert Image.open(raw / "good_conv1.png").size == (32, 32)
 
 
 def test_bad_device() -> None:

@@ -10,7 +10,7 @@ import json
 from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -23,15 +23,20 @@ from convscope.cli.options import (
     LayerOpt,
     LayersOpt,
     ModelOpt,
+    OldLayersOpt,
     OutDirOpt,
     PrecisionOpt,
+    RawOpt,
     SeedOpt,
     WeightsOpt,
+    plural,
 )
 from convscope.cli.output import OutputDir, safe_name
 from convscope.cli.progress import progress_bar
 from convscope.errors import BadArgument, ConvscopeError, ImageError
-from convscope.types import LoadedModel
+
+if TYPE_CHECKING:
+    from convscope.types import LoadedModel
 
 app = typer.Typer(
     cls=GuardedGroup,
@@ -315,36 +320,59 @@ def activations_command(
     weights: WeightsOpt = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
-    layers: LayersOpt = None,
+    layer: LayersOpt = None,
+    old_layers: OldLayersOpt = None,
+    raw: RawOpt = False,
 ) -> None:
     """Activation maps: the mean of each conv stage's rectified output, in jet over the photo.
 
     Writes <image>_<layer>.png per layer and <image>_activations.png (all layers in one strip),
-    all captured in one forward pass per image.
+    all captured in one forward pass per image. Each picture is captioned (model, weights,
+    layer) with a colour bar of the real values; --raw writes the bare overlays.
 
     Example: convscope activations cat.jpg --model alexnet --weights random -o out/
     """
     from convscope.methods.activations import activation_maps
-    from convscope.render.pictures import activation_pictures, activation_strip, display_image
+    from convscope.render.pictures import (
+        activation_figure,
+        activation_pictures,
+        activation_strip,
+        display_image,
+    )
 
     paths = expand_images(images)
     out = OutputDir(output, inputs=paths)
     loaded = open_model(model, weights, seed, device)
-    names = split_layers(layers)
+    names = split_layers([*(layer or []), *(old_layers or [])])
 
     def job(path: Path, batch: Any) -> None:
         result = activation_maps(loaded, batch, layers=names)
         photo = display_image(loaded.preprocess, batch)
         stem = out.stem(path)
-        for layer, picture in activation_pictures(photo, result).items():
-            out.png(f"{stem}_{safe_name(layer)}.png", picture, source=path)
-        out.png(f"{stem}_activations.png", activation_strip(photo, result), source=path)
+        for name, picture in activation_pictures(photo, result).items():
+            shown = picture if raw else activation_figure(photo, result, name, model=loaded)
+            out.png(f"{stem}_{safe_name(name)}.png", shown, source=path)
+        out.png(f"{stem}_activations.png", activation_strip(photo, result, model=loaded, captioned=not raw),
+                source=path)
 
     failures = _per_image(paths, loaded, job, "activations")
-    out.manifest("activations", {"model": loaded.name, "weights": loaded.weights, "layers": names})
-    typer.echo(f"wrote {len(out.written)} pictures to {out.root}")
+    out.manifest("activations", {"model": loaded.name, "weights": loaded.weights, "layers": layer_records(loaded, names)})
+    typer.echo(f"wrote {plural(len(out.written), 'picture')} to {out.root}")
     if failures:
         raise typer.Exit(EXIT_USER_ERROR)
+
+
+def layer_records(loaded: LoadedModel, names: list[str] | None) -> list[dict[str, str]] | None:
+    """``[{"layer": alias or path as named, "module": module path}]`` for JSON and manifests."""
+    return None if names is None else [layer_record(loaded, name) for name in names]
+
+
+def layer_record(loaded: LoadedModel, name: str) -> dict[str, str]:
+    """A layer as every JSON of a run records it: the friendly name and its module path."""
+    from convscope.probes.layers import alias_of
+
+    path = loaded.stages.get(name, name)
+    return {"layer": alias_of(loaded, path), "module": path}
 
 
 @app.command("features")
@@ -360,13 +388,14 @@ def features_command(
     order: Annotated[
         str, typer.Option("--order", help="index: the first channels; activation: the most active.")
     ] = "index",
+    raw: RawOpt = False,
 ) -> None:
     """Feature-map grid: the channels of one layer as grayscale tiles, captioned with the channel index.
 
     Example: convscope features cat.jpg --layer stage2 --max 32 --order activation -o out/
     """
     from convscope.methods.activations import feature_maps
-    from convscope.render.pictures import feature_grid
+    from convscope.render.pictures import feature_figure, feature_grid
 
     paths = expand_images(images)
     out = OutputDir(output, inputs=paths)
@@ -377,11 +406,13 @@ def features_command(
 
     def job(path: Path, batch: Any) -> None:
         result = feature_maps(loaded, batch, layer=name, max_channels=max_channels, order=order)
-        out.png(f"{out.stem(path)}_features_{safe_name(name)}.png", feature_grid(result), source=path)
+        picture = feature_grid(result) if raw else feature_figure(result, model=loaded, order=order)
+        out.png(f"{out.stem(path)}_features_{safe_name(name)}.png", picture, source=path)
 
     failures = _per_image(paths, loaded, job, "features")
-    out.manifest("features", {"model": loaded.name, "layer": name, "max": max_channels, "order": order})
-    typer.echo(f"wrote {len(out.written)} pictures to {out.root}")
+    out.manifest("features", {"model": loaded.name, "weights": loaded.weights, **layer_record(loaded, name),
+                              "max": max_channels, "order": order})
+    typer.echo(f"wrote {plural(len(out.written), 'picture')} to {out.root}")
     if failures:
         raise typer.Exit(EXIT_USER_ERROR)
 
@@ -394,19 +425,26 @@ def filters_command(
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     layer: LayerOpt = None,
+    raw: RawOpt = False,
 ) -> None:
     """Convolution kernels as tiles (first layer: RGB; deeper: each filter's strongest input).
 
-    Example: convscope filters -o out/ | convscope filters --model alexnet --weights random --layer features.3
+    A stage alias (conv2, stage3) means the convolution that makes that stage's output.
+
+    Examples:
+    convscope filters -o out/
+    convscope filters -m alexnet -w random --layer conv2
     """
     from convscope.methods.filters import conv_filters
-    from convscope.render.pictures import filter_grid
+    from convscope.render.pictures import filter_figure, filter_grid
 
     out = OutputDir(output)
     loaded = open_model(model, weights, seed, device)
     result = conv_filters(loaded, layer=layer)
-    path = out.png(f"filters_{safe_name(result.layer)}.png", filter_grid(result))
-    out.manifest("filters", {"model": loaded.name, "layer": result.layer})
+    picture = filter_grid(result) if raw else filter_figure(result, model=loaded)
+    path = out.png(f"filters_{safe_name(result.layer)}.png", picture)
+    record = {"layer": layer or result.layer, "module": result.layer}
+    out.manifest("filters", {"model": loaded.name, "weights": loaded.weights, **record})
     typer.echo(f"wrote {path}")
 
 
@@ -428,11 +466,11 @@ def demo_command(
     from convscope.methods.predict import classify
     from convscope.methods.summary import summary
     from convscope.render.pictures import (
-        activation_pictures,
+        activation_figure,
         activation_strip,
         display_image,
-        feature_grid,
-        filter_grid,
+        feature_figure,
+        filter_figure,
     )
     from convscope.render.text import predictions_table, summary_table
 
@@ -453,16 +491,16 @@ def demo_command(
     result = activation_maps(loaded, batch)
     photo = display_image(loaded.preprocess, batch)
     out.png("input.png", photo)
-    for layer, picture in activation_pictures(photo, result).items():
-        out.png(f"activation_{safe_name(layer)}.png", picture)
-    strip_path = out.png("activations.png", activation_strip(photo, result))
+    for layer in result.layers:
+        out.png(f"activation_{safe_name(layer)}.png", activation_figure(photo, result, layer, model=loaded))
+    strip_path = out.png("activations.png", activation_strip(photo, result, model=loaded))
 
     stages = list(loaded.stages)
     grid_layer = stages[len(stages) // 3] if stages else loaded.cam_layer
     grid = feature_maps(loaded, batch, layer=grid_layer, max_channels=32, order="activation")
-    out.png(f"features_{safe_name(grid_layer)}.png", feature_grid(grid))
+    out.png(f"features_{safe_name(grid_layer)}.png", feature_figure(grid, model=loaded, order="activation"))
     filters = conv_filters(loaded)
-    out.png("filters.png", filter_grid(filters))
+    out.png("filters.png", filter_figure(filters, model=loaded))
     out.manifest("demo", {"model": loaded.name, "weights": loaded.weights, "image": str(photo_path)})
 
     typer.echo(table)
@@ -477,6 +515,42 @@ from convscope.cli import train_cmd as _train  # noqa: F401
 from convscope.cli import patches_cmd as _patches  # noqa: F401
 from convscope.cli import web_cmd as _web  # noqa: F401
 from convscope.cli import analysis_cmd as _analysis  # noqa: F401
+
+
+def reflow_help(doc: str) -> str:
+    """A docstring as help text that reads well at any width: each paragraph one line (the help
+    formatter keeps single line breaks, which broke sentences mid-way in an 80-column pipe), and
+    each example on a line of its own."""
+    paragraphs = []
+    for block in doc.strip().split("\n\n"):
+        lines = [line.strip() for line in block.strip().splitlines()]
+        if lines and lines[0].startswith(("Example:", "Examples:")):
+            head, _, first = lines[0].partition(":")
+            entries: list[str] = []
+            joined = False
+            for line in [first.strip(), *lines[1:]]:
+                if joined or (entries and (line.startswith(("(", "--")) or entries[-1].endswith(" |"))):
+                    entries[-1] = entries[-1].rstrip("\\ ") + " " + line
+                elif line:
+                    entries.append(line)
+                joined = line.endswith("\\")
+            examples = [e.strip() for entry in entries for e in entry.split(" | ") if e.strip(" |")]
+            paragraphs.append("\n".join([f"{head}:", *("  " + e.rstrip(" |") for e in examples)]))
+        else:
+            paragraphs.append(" ".join(lines))
+    return "\n\n".join(paragraphs)
+
+
+def _reflow_command_help() -> None:
+    import inspect
+
+    for info in app.registered_commands:
+        doc = info.help or (inspect.getdoc(info.callback) if info.callback else None)
+        if doc:
+            info.help = reflow_help(doc)
+
+
+_reflow_command_help()
 
 
 def main() -> None:

@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
 import typer
 
-from convscope.cli.app import app, expand_images, open_model
+from convscope.cli.app import app, expand_images, layer_record, open_model
 from convscope.cli.errors import EXIT_USER_ERROR, print_error
 from convscope.cli.options import (
     BatchSizeOpt,
@@ -27,17 +27,23 @@ from convscope.cli.options import (
     LayerOpt,
     ModelOpt,
     OutDirOpt,
+    RawOpt,
     SeedOpt,
     WeightsOpt,
     class_target,
+    plural,
 )
 from convscope.cli.output import OutputDir, safe_name
 from convscope.cli.progress import progress_bar
 from convscope.errors import BadArgument, ImageError
-from convscope.render.pictures import magnitude_picture, signed_picture
-from convscope.types import LoadedModel
+
+if TYPE_CHECKING:
+    from convscope.types import LoadedModel
 
 VARIANTS = ("gradcam", "gradcam++", "guided", "scorecam")
+# How input-space maps are displayed, recorded in the JSON next to the files.
+SIGNED_DISPLAY = "signed: zero is mid-grey; scaled per image by the 99.5th percentile of |value|, clipped beyond"
+MAGNITUDE_DISPLAY = "magnitude: 0 .. the 99.5th percentile of the map, clipped beyond"
 
 
 def _warn(lines: tuple[str, ...], seen: set[str]) -> None:
@@ -94,7 +100,7 @@ def _finish(out: OutputDir, command: str, options: dict[str, Any], records: list
     if json_out:
         typer.echo(json.dumps(records, indent=2))
     else:
-        typer.echo(f"wrote {len(out.written)} files to {out.root}")
+        typer.echo(f"wrote {plural(len(out.written), 'file')} to {out.root}")
     if failures:
         raise typer.Exit(EXIT_USER_ERROR)
 
@@ -108,8 +114,22 @@ def _photo(loaded: LoadedModel, batch: Any, index: int) -> np.ndarray:
     return display_image(loaded.preprocess, batch, index)
 
 
-def _describe(path: Path, label: str, target: int, score: float) -> str:
-    return f"{path}: explaining {label} (class {target}, score {score:.3f})"
+def _describe(path: Path, label: str, target: int, score: float, probability: float | None = None) -> str:
+    shown = f"p = {probability:.3f}" if probability is not None else f"score {score:.3f}"
+    return f"{path}: explaining {label} (class {target}, {shown})"
+
+
+def _probabilities(loaded: LoadedModel, batch: Any, targets: Any) -> list[float]:
+    """Softmax probability of each image's explained class, for captions and JSON (one extra
+    forward pass; the gradient methods only keep the logit)."""
+    from convscope.methods.predict import classify
+
+    predictions = classify(loaded, batch, topk=len(loaded.categories) or 1)
+    out = []
+    for prediction, target in zip(predictions, targets.tolist(), strict=True):
+        found = (prediction.indices == int(target)).nonzero()
+        out.append(float(prediction.probabilities[int(found[0, 0])]) if len(found) else float("nan"))
+    return out
 
 
 # ---------------------------------------------------------------- commands
@@ -131,6 +151,7 @@ def gradcam_command(
     ] = "gradcam",
     batch_size: BatchSizeOpt = 16,
     json_out: JsonOpt = False,
+    raw: RawOpt = False,
 ) -> None:
     """Grad-CAM: where in the photo the evidence for a class is, at a conv layer (default: the last).
 
@@ -139,11 +160,12 @@ def gradcam_command(
     also writes the guided Grad-CAM picture <image>_guided_gradcam.png.
 
     Examples: convscope gradcam cat.jpg -o out/ | convscope gradcam cat.jpg --label "tiger cat" --layer stage6 |
-    convscope gradcam photos/ --model vgg16 --weights random --variant gradcam++
+    convscope gradcam photos/ -m vgg16 -w random --variant gradcam++
     """
     from convscope.methods.gradcam import gradcam, gradcam_plus_plus, guided_gradcam
     from convscope.render.colormaps import colorize
     from convscope.render.overlay import overlay
+    from convscope.render.pictures import cam_figure, gradient_figure, signed_picture
 
     if variant not in VARIANTS:
         raise BadArgument(f"--variant {variant}", "must be one of " + ", ".join(VARIANTS))
@@ -168,34 +190,48 @@ def gradcam_command(
                 from convscope.methods.scorecam import scorecam as method
             cam, warnings = method(loaded, batch, target=target, layer=layer), ()
         _warn(warnings, seen)
+        probabilities = _probabilities(loaded, batch, cam.targets)
         for i, path in enumerate(paths):
             stem = out.stem(path)
-            files = [
-                out.png(f"{stem}_{name}.png", overlay(_photo(loaded, batch, i), cam.maps[i]), source=path),
-                out.png(f"{stem}_{name}_map.png", colorize(cam.maps[i]), source=path),
-            ]
+            photo, p = _photo(loaded, batch, i), probabilities[i]
+            if raw:
+                pictures = [overlay(photo, cam.maps[i]), colorize(cam.maps[i])]
+            else:
+                pictures = [cam_figure(photo, cam, i, loaded, p), cam_figure(None, cam, i, loaded, p)]
+            files = [out.png(f"{stem}_{name}.png", pictures[0], source=path),
+                     out.png(f"{stem}_{name}_map.png", pictures[1], source=path)]
             if variant == "guided":
-                files.append(out.png(f"{stem}_guided_gradcam.png", signed_picture(guided.attributions[i]), source=path))
+                guided_picture = signed_picture(guided.attributions[i]) if raw else gradient_figure(guided, i, loaded, p)
+                files.append(out.png(f"{stem}_guided_gradcam.png", guided_picture, source=path))
             record = {
-                "image": str(path), "layer": cam.layer, "class": int(cam.targets[i]),
-                "label": cam.labels[i], "score": float(cam.scores[i]),
+                "image": str(path), **layer_record(loaded, cam.layer), "class": int(cam.targets[i]),
+                "label": cam.labels[i], "score": float(cam.scores[i]), "probability": p,
                 "files": [f.name for f in files], "warnings": list(warnings),
             }
+            if variant == "guided":
+                record["display"] = SIGNED_DISPLAY
             records.append(record)
             if not json_out:
-                typer.echo(_describe(path, cam.labels[i], int(cam.targets[i]), float(cam.scores[i])))
+                typer.echo(_describe(path, cam.labels[i], int(cam.targets[i]), float(cam.scores[i]), p))
 
     failures = _run_batched(paths, loaded, batch_size, variant, job)
     options = {"model": loaded.name, "weights": loaded.weights, "variant": variant,
-               "layer": layer or loaded.cam_layer, "target": target}
+               **layer_record(loaded, layer or loaded.cam_layer), "target": target}
     _finish(out, "gradcam", options, records, json_out, failures)
 
 
 def _input_gradient_command(
     command: str, images: list[Path], output: Path, model: str | None, weights: str | None,
     seed: int, device: str, class_index: int | None, label: str | None, batch_size: int, json_out: bool,
+    raw: bool = False,
 ) -> None:
     from convscope.methods.guided import guided_backprop, saliency
+    from convscope.render.pictures import (
+        gradient_figure,
+        gradient_magnitude_figure,
+        magnitude_picture,
+        signed_picture,
+    )
 
     target = class_target(class_index, label)
     paths = expand_images(images)
@@ -208,20 +244,25 @@ def _input_gradient_command(
         method = guided_backprop if command == "guided" else saliency
         result = method(loaded, batch, target=target)
         _warn(result.warnings, seen)
+        probabilities = _probabilities(loaded, batch, result.targets)
         for i, path in enumerate(paths):
-            stem = out.stem(path)
-            if command == "guided":
-                files = [out.png(f"{stem}_guided.png", signed_picture(result.attributions[i]), source=path)]
+            stem, p = out.stem(path), probabilities[i]
+            if raw:
+                main = signed_picture(result.attributions[i]) if command == "guided" else magnitude_picture(result.maps[i])
+                magnitude = _heat(loaded, batch, i, result.maps[i])
             else:
-                files = [out.png(f"{stem}_saliency.png", magnitude_picture(result.maps[i]), source=path)]
-            files.append(out.png(f"{stem}_{command}_magnitude.png", _heat(loaded, batch, i, result.maps[i]), source=path))
+                main = gradient_figure(result, i, loaded, p)
+                magnitude = gradient_magnitude_figure(_photo(loaded, batch, i), result, i, loaded, p)
+            files = [out.png(f"{stem}_{command}.png", main, source=path),
+                     out.png(f"{stem}_{command}_magnitude.png", magnitude, source=path)]
             records.append({
                 "image": str(path), "class": int(result.targets[i]), "label": result.labels[i],
-                "score": float(result.scores[i]), "files": [f.name for f in files],
+                "score": float(result.scores[i]), "probability": p, "files": [f.name for f in files],
+                "display": SIGNED_DISPLAY if command == "guided" else MAGNITUDE_DISPLAY,
                 "warnings": list(result.warnings),
             })
             if not json_out:
-                typer.echo(_describe(path, result.labels[i], int(result.targets[i]), float(result.scores[i])))
+                typer.echo(_describe(path, result.labels[i], int(result.targets[i]), float(result.scores[i]), p))
 
     failures = _run_batched(paths, loaded, batch_size, command, job)
     options = {"model": loaded.name, "weights": loaded.weights, "target": target}
@@ -247,6 +288,7 @@ def guided_command(
     label: LabelOpt = None,
     batch_size: BatchSizeOpt = 16,
     json_out: JsonOpt = False,
+    raw: RawOpt = False,
 ) -> None:
     """Guided backprop: the input gradient with only positive signals passed back through each ReLU.
 
@@ -257,7 +299,7 @@ def guided_command(
     Examples: convscope guided cat.jpg -o out/ | convscope guided cat.jpg --class 281 --model vgg16 --weights random
     """
     _input_gradient_command("guided", images, output, model, weights, seed, device, class_index, label,
-                            batch_size, json_out)
+                            batch_size, json_out, raw)
 
 
 @app.command("saliency")
@@ -272,6 +314,7 @@ def saliency_command(
     label: LabelOpt = None,
     batch_size: BatchSizeOpt = 16,
     json_out: JsonOpt = False,
+    raw: RawOpt = False,
 ) -> None:
     """Saliency (Simonyan et al.): the largest |gradient of the class score| over colours, per pixel.
 
@@ -280,7 +323,7 @@ def saliency_command(
     Examples: convscope saliency cat.jpg -o out/ | convscope saliency photos/ --label espresso
     """
     _input_gradient_command("saliency", images, output, model, weights, seed, device, class_index, label,
-                            batch_size, json_out)
+                            batch_size, json_out, raw)
 
 
 @app.command("deconv")
@@ -303,6 +346,7 @@ def deconv_command(
     ] = "max",
     batch_size: BatchSizeOpt = 8,
     json_out: JsonOpt = False,
+    raw: RawOpt = False,
 ) -> None:
     """Deconvnet (Zeiler & Fergus): project a layer's strongest activations back to pixels.
 
@@ -310,11 +354,12 @@ def deconv_command(
     <image>_<layer>_ch<C>_crop.png (the projection cropped to the receptive field, next to the
     image patch under it); <image>_<layer>_deconv.png shows all of them in one grid.
 
-    Examples: convscope deconv cat.jpg --layer conv5 --model alexnet --weights random -o out/ |
+    Examples: convscope deconv cat.jpg --layer conv5 -m alexnet -w random -o out/ |
     convscope deconv cat.jpg --layer stage4 --channel 7 --channel 12 --location all
     """
     from convscope.methods.deconvnet import deconv
     from convscope.render.grids import strip, tile, upscale
+    from convscope.render.pictures import deconv_figure, projection_figure, signed_picture
 
     if not layer:
         raise BadArgument("--layer", "is required: name a layer alias or module path (see 'convscope layers')")
@@ -338,7 +383,7 @@ def deconv_command(
             for k in range(result.channels.shape[1]):
                 c = int(result.channels[i, k])
                 top_, left, bottom, right = (int(v) for v in result.boxes[i, k])
-                full = signed_picture(result.projections[i, k])
+                full = signed_picture(result.projections[i, k]) if raw else projection_figure(result, i, k, loaded)
                 crop = signed_picture(result.projections[i, k, :, top_:bottom, left:right])
                 patch = photo[top_:bottom, left:right]
                 pair = strip([upscale(crop, 96), upscale(patch, 96)], ["projection", "patch"])
@@ -351,16 +396,97 @@ def deconv_command(
                     "position": [int(v) for v in result.positions[i, k]],
                     "box": [top_, left, bottom, right], "files": [f.name for f in files],
                 })
-            grid = out.png(f"{stem}_{layer_file}_deconv.png", tile(pairs, labels=captions, min_side=1), source=path)
+            grid_picture = tile(pairs, labels=captions, min_side=1) if raw else deconv_figure(photo, result, i, loaded)
+            grid = out.png(f"{stem}_{layer_file}_deconv.png", grid_picture, source=path)
             records.append({
-                "image": str(path), "layer": layer, "location": location, "grid": grid.name,
+                "image": str(path), **layer_record(loaded, layer), "location": location, "grid": grid.name,
+                "display": SIGNED_DISPLAY,
                 "projections": projections, "boxes_exact": result.boxes_exact,
                 "warnings": list(result.warnings),
             })
             if not json_out:
-                typer.echo(f"{path}: {len(projections)} projections of {layer} -> {grid.name}")
+                typer.echo(f"{path}: {plural(len(projections), 'projection')} of {layer} -> {grid.name}")
 
     failures = _run_batched(paths, loaded, batch_size, "deconv", job)
-    options = {"model": loaded.name, "weights": loaded.weights, "layer": layer, "channel": chosen,
+    options = {"model": loaded.name, "weights": loaded.weights, **layer_record(loaded, layer), "channel": chosen,
                "top": top, "location": location}
     _finish(out, "deconv", options, records, json_out, failures)
+
+
+@app.command("explain")
+def explain_command(
+    images: ImagesArg,
+    output: OutDirOpt = Path("convscope-out"),
+    model: ModelOpt = None,
+    weights: WeightsOpt = None,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    class_index: ClassOpt = None,
+    label: LabelOpt = None,
+    layer: LayerOpt = None,
+    deconv_layer: Annotated[
+        str | None, typer.Option("--deconv-layer", help="Layer of the deconvnet projection "
+                                 "(default: the middle conv stage).")
+    ] = None,
+    window: Annotated[int, typer.Option("--window", min=1, help="Occluding square side, pixels.")] = 32,
+    stride: Annotated[int, typer.Option("--stride", min=1, help="Occluder step, pixels.")] = 16,
+    json_out: JsonOpt = False,
+) -> None:
+    """One panel per image, like the papers' figures: the photo, the top-5 classes, Grad-CAM,
+    guided Grad-CAM, the occlusion probability map and the most active feature's deconvnet
+    projection, side by side.
+
+    Writes <image>_explain.png and explain.json. --layer is the Grad-CAM layer (default: the
+    last stage); the occlusion grid is coarser than the occlusion command's (32/16) to stay
+    quick.
+
+    Examples:
+    convscope explain cat.jpg -o out/
+    convscope explain cat.jpg --label "tiger cat" -m alexnet -w random
+    """
+    from convscope.methods.deconvnet import deconv
+    from convscope.methods.gradcam import guided_gradcam
+    from convscope.methods.occlusion import occlusion
+    from convscope.methods.predict import classify
+    from convscope.render.pictures import explain_panel
+
+    target = class_target(class_index, label)
+    paths = expand_images(images)
+    out = OutputDir(output, inputs=paths)
+    loaded = open_model(model, weights, seed, device)
+    stages = list(loaded.stages)
+    projected = deconv_layer or (stages[len(stages) // 2] if stages else loaded.cam_layer)
+    records: list[dict[str, Any]] = []
+    seen: set[str] = set()
+
+    def job(chunk: list[Path], batch: Any) -> None:
+        prediction = classify(loaded, batch, topk=5)[0]
+        guided = guided_gradcam(loaded, batch, target=target, layer=layer)
+        assert guided.cam is not None
+        _warn(guided.warnings, seen)
+        occluded = occlusion(loaded, batch, guided.cam.targets, window=window, stride=stride, fill="grey")
+        projections = deconv(loaded, batch, projected, top=1)
+        _warn(projections.warnings, seen)
+        path = chunk[0]
+        panel = explain_panel(_photo(loaded, batch, 0), prediction, guided.cam, guided, occluded, projections,
+                              model=loaded, image_name=path.name)
+        written = out.png(f"{out.stem(path)}_explain.png", panel, source=path)
+        cam = guided.cam
+        records.append({
+            "image": str(path), "file": written.name, "class": int(cam.targets[0]), "label": cam.labels[0],
+            "probability": float(occluded.clean_probability[0]), "top5": prediction.as_dicts(),
+            "gradcam": layer_record(loaded, cam.layer), "deconv": {
+                **layer_record(loaded, projected), "channel": int(projections.channels[0, 0]),
+                "value": float(projections.values[0, 0])},
+            "occlusion": {"window": window, "stride": stride, "fill": "grey",
+                          "lowest_probability": float(occluded.probability[0].min())},
+            "display": {"guided_gradcam": SIGNED_DISPLAY, "deconv": SIGNED_DISPLAY},
+        })
+        if not json_out:
+            typer.echo(f"{path}: explaining {cam.labels[0]} -> {written.name}")
+
+    failures = _run_batched(paths, loaded, 1, "explain", job)
+    options = {"model": loaded.name, "weights": loaded.weights, "target": target,
+               "gradcam": layer_record(loaded, layer or loaded.cam_layer),
+               "deconv": layer_record(loaded, projected), "window": window, "stride": stride}
+    _finish(out, "explain", options, records, json_out, failures)

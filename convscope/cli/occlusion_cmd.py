@@ -8,12 +8,13 @@ a legend), and, with ``--layer``, the total activation of one feature map.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from convscope.cli.app import app, expand_images, load_good_images, open_model
+from convscope.cli.app import app, expand_images, layer_record, load_good_images, open_model
 from convscope.cli.errors import EXIT_USER_ERROR
 from convscope.cli.options import (
     ClassOpt,
@@ -24,9 +25,11 @@ from convscope.cli.options import (
     LayerOpt,
     ModelOpt,
     OutDirOpt,
+    RawOpt,
     SeedOpt,
     WeightsOpt,
     class_target,
+    plural,
 )
 from convscope.cli.output import OutputDir
 from convscope.cli.progress import progress_bar
@@ -93,6 +96,7 @@ def occlusion_command(
     ] = "exact",
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Occluded copies per forward pass.")] = 64,
     json_out: JsonOpt = False,
+    raw: RawOpt = False,
 ) -> None:
     """Occlusion sensitivity (Zeiler & Fergus 2014, Fig. 7): slide a grey square over the photo.
 
@@ -103,14 +107,14 @@ def occlusion_command(
     <image>_occlusion_activation.png (total activation of one feature map at each position).
 
     Examples: convscope occlusion cat.jpg -o out/ | convscope occlusion cat.jpg --label tabby --window 32 --stride 16 |
-    convscope occlusion cat.jpg --model alexnet --weights random --layer conv5 --fill black
+    convscope occlusion cat.jpg -m alexnet -w random --layer conv5 --fill black
     """
     from convscope.methods.occlusion import grid_origins, occlusion
     from convscope.render.classmap import class_map_picture, grid_to_image
     from convscope.render.colormaps import colorize
     from convscope.render.grids import upscale
     from convscope.render.overlay import overlay
-    from convscope.render.pictures import display_image
+    from convscope.render.pictures import display_image, occlusion_figures
 
     _check_fill(fill)
     target = class_target(class_index, label)
@@ -118,6 +122,7 @@ def occlusion_command(
     out = OutputDir(output, inputs=paths)
     loaded = open_model(model, weights, seed, device)
     records: list[dict[str, Any]] = []
+    warned: set[str] = set()
     failures = len(paths)
     for path, image in load_good_images(paths, loaded.preprocess):
         failures -= 1
@@ -131,18 +136,29 @@ def occlusion_command(
                 loaded, batch, target, window=window, stride=stride, fill=fill, layer=layer,
                 channel=channel, batch_size=batch_size, mode=mode, cover_border=cover_border, progress=advance,
             )
+        if result.stats.fallback and result.stats.fallback not in warned:
+            warned.add(result.stats.fallback)
+            typer.echo(f"warning: --mode approximate: {result.stats.fallback}", err=True)
         photo = display_image(loaded.preprocess, batch, 0)
         origins = (result.row_origins, result.col_origins)
         stem = out.stem(path)
+        figures = {} if raw else occlusion_figures(photo, result, 0, loaded)
+
+        def shown(key: str, bare: Callable[[], Any]) -> Any:
+            return figures[key] if key in figures else bare()
+
         probability = grid_to_image(result.probability[0], origins, window, (height, width))
         files = [
-            out.png(f"{stem}_occlusion_probability.png", overlay(photo, _normalised(probability)), source=path),
-            out.png(f"{stem}_occlusion_drop.png", overlay(photo, _normalised(result.pixel_drop[0].clamp_min(0))),
+            out.png(f"{stem}_occlusion_probability.png",
+                    shown("probability", lambda: overlay(photo, _normalised(probability))), source=path),
+            out.png(f"{stem}_occlusion_drop.png",
+                    shown("drop", lambda: overlay(photo, _normalised(result.pixel_drop[0].clamp_min(0)))),
                     source=path),
             out.png(
                 f"{stem}_occlusion_classes.png",
-                class_map_picture(result.top_class[0], result.class_names, origins, window, (height, width),
-                                  photo=photo, highlight=int(result.targets[0])),
+                shown("classes", lambda: class_map_picture(
+                    result.top_class[0], result.class_names, origins, window, (height, width),
+                    photo=photo, highlight=int(result.targets[0]))),
                 source=path,
             ),
         ]
@@ -161,14 +177,16 @@ def occlusion_command(
             "mode": result.stats.mode,
             "work_fraction": round(result.stats.work_fraction, 4),
             "precision": result.stats.precision,
+            "fallback": result.stats.fallback or None,
         }
         if result.activation is not None and result.channels is not None:
             activation = grid_to_image(result.activation[0], origins, window, (height, width))
-            files.append(out.png(f"{stem}_occlusion_activation.png", overlay(photo, _normalised(activation)), source=path))
+            files.append(out.png(f"{stem}_occlusion_activation.png",
+                                 shown("activation", lambda: overlay(photo, _normalised(activation))), source=path))
             files.append(out.png(f"{stem}_occlusion_activation_map.png",
                                  upscale(colorize(_normalised(result.activation[0].numpy())), 224), source=path))
             record.update({
-                "layer": layer,
+                **layer_record(loaded, layer or ""),
                 "channel": int(result.channels[0]),
                 "clean_activation": float(result.clean_activation[0]) if result.clean_activation is not None else None,
             })
@@ -177,12 +195,13 @@ def occlusion_command(
     out.json("occlusion.json", records)
     out.manifest("occlusion", {
         "model": loaded.name, "weights": loaded.weights, "class": class_index, "label": label,
-        "window": window, "stride": stride, "fill": fill, "layer": layer, "channel": channel,
+        "window": window, "stride": stride, "fill": fill, **(layer_record(loaded, layer) if layer else {"layer": None}),
+        "channel": channel,
         "cover_border": cover_border, "mode": mode, "batch_size": batch_size,
     })
     if json_out:
         typer.echo(json.dumps(records, indent=2))
     else:
-        typer.echo(f"wrote {len(out.written)} files to {out.root}")
+        typer.echo(f"wrote {plural(len(out.written), 'file')} to {out.root}")
     if failures:
         raise typer.Exit(EXIT_USER_ERROR)

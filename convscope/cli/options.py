@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from convscope.models.load import DEFAULT_MODEL
+from convscope.models.registry import DEFAULT_MODEL
 
 
 def _model_names() -> list[str]:
@@ -64,7 +64,14 @@ LayerOpt = Annotated[
 ]
 LayersOpt = Annotated[
     list[str] | None,
-    typer.Option("--layers", help="Layer aliases or module paths; repeat or comma-separate (default: all conv stages)."),
+    typer.Option("--layer", "-l", help="Layer aliases or module paths; repeat or comma-separate "
+                 "(default: all conv stages)."),
+]
+OldLayersOpt = Annotated[
+    list[str] | None, typer.Option("--layers", hidden=True, help="Old spelling of --layer."),
+]
+RawOpt = Annotated[
+    bool, typer.Option("--raw", help="Write the bare pictures (no caption, no colour bar, input size).")
 ]
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass.")]
 ImagesArg = Annotated[
@@ -87,6 +94,11 @@ def class_target(class_index: int | None, label: str | None) -> int | str | None
     if class_index is not None and label is not None:
         raise BadArgument("--class/--label", "give one of them, not both")
     return class_index if class_index is not None else label
+
+
+def plural(count: int, noun: str, plural_form: str | None = None) -> str:
+    """``1 picture``, ``2 pictures``; ``plural_form`` for irregular nouns."""
+    return f"{count} {noun if count == 1 else plural_form or noun + 's'}"
 
 
 ImageArg = Annotated[Path, typer.Argument(readable=False, help="An image file.", show_default=False)]

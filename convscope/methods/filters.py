@@ -23,6 +23,8 @@ def conv_filters(model: ModelLike, *, layer: str | None = None) -> Filters:
     if not name:
         raise UnknownLayer(loaded.name, "has no convolution", "name one with --layer")
     path, module = resolve_layer(loaded, name)
+    if not isinstance(module, nn.Conv2d) and name in loaded.stages:
+        path, module = stage_conv(loaded.module, path)
     if not isinstance(module, nn.Conv2d):
         raise UnknownLayer(name, f"is a {type(module).__name__}, not a Conv2d", "pick a convolution (see 'convscope layers')")
     weights = module.weight.detach().float().cpu()
@@ -32,3 +34,16 @@ def conv_filters(model: ModelLike, *, layer: str | None = None) -> Filters:
     normalized = (weights - low) / (high - low).clamp_min(1e-12)
     strongest = weights.flatten(2).norm(dim=2).argmax(dim=1)
     return Filters(layer=path, weights=weights, normalized=normalized, strongest_input=strongest)
+
+
+
+def stage_conv(module: nn.Module, path: str) -> tuple[str, nn.Module]:
+    """The convolution that makes a stage's output: the last ``Conv2d`` registered up to the
+    end of ``path``'s subtree (a stage alias names the activation after it, ``conv2`` ->
+    ``features.4`` ReLU -> ``features.3`` conv; or a block holding several convolutions)."""
+    named = list(module.named_modules())
+    end = max(i for i, (name, _) in enumerate(named) if name == path or name.startswith(path + "."))
+    convs = [(name, child) for name, child in named[: end + 1] if isinstance(child, nn.Conv2d)]
+    if not convs:
+        raise UnknownLayer(path, "has no convolution before it", "pick a convolution (see 'convscope layers')")
+    return convs[-1]

@@ -54,6 +54,7 @@ from convscope.methods._common import ModelLike, prepare
 from convscope.methods.targets import TargetLike, resolve_targets, target_labels
 from convscope.probes.hooks import eval_mode
 from convscope.probes.layers import resolve_layer
+from convscope.types import Renderable
 
 FILL_COLOURS = {"grey": 0.5, "gray": 0.5, "black": 0.0, "white": 1.0}
 MODES = ("exact", "approximate", "full")
@@ -74,6 +75,8 @@ class OcclusionStats:
         copies: occluded copies evaluated.
         precision: arithmetic of the occluded copies: ``"float32"``, or ``"bfloat16"`` /
             ``"float16"`` in approximate mode.
+        fallback: why ``mode="approximate"`` ran exact (no fast half precision on this device,
+            or it measured no faster here), else ``""``.
     """
 
     mode: str
@@ -81,10 +84,11 @@ class OcclusionStats:
     work_fraction: float
     copies: int
     precision: str = "float32"
+    fallback: str = ""
 
 
 @dataclass(frozen=True)
-class OcclusionResult:
+class OcclusionResult(Renderable):
     """The three Zeiler & Fergus occlusion maps of a batch, on the grid of window positions.
 
     Attributes:
@@ -264,11 +268,21 @@ def occlusion(
     cols = grid_origins(width, window, stride, cover_border)
     module = loaded.module
     low = _low_precision(batch.device) if mode == "approximate" else None
+    fallback = ""
+    if mode == "approximate" and low is None:
+        fallback = f"{batch.device.type} has no fast bfloat16/float16 arithmetic: ran exact (float32)"
     network, full_precision = module, batch
     if low is not None:
         # A half-precision twin; the caller's model is untouched. The layer is found in it
         # by its path.
         network = copy.deepcopy(module).to(low)
+        with eval_mode(module), eval_mode(network), torch.no_grad():
+            ratio = _speedup(module, network, batch[:1], low, min(batch_size, APPROXIMATE_PROBE_COPIES))
+        if ratio < APPROXIMATE_MIN_SPEEDUP:
+            fallback = (f"{str(low).removeprefix('torch.')} measured {ratio:.2f}x the float32 speed on this model and machine "
+                        f"(needs {APPROXIMATE_MIN_SPEEDUP:g}x): ran exact (float32)")
+            network, low = module, None
+    if low is not None:
         if layer_module is not None:
             layer_module = network.get_submodule(next(p for p, m in module.named_modules() if m is layer_module))
         batch = batch.to(low)
@@ -339,6 +353,7 @@ def occlusion(
             work_fraction=sum(s[2] for s in stats) / max(1, len(stats)),
             precision=str(batch.dtype).removeprefix("torch."),
             copies=count * len(rows) * len(cols),
+            fallback=fallback,
         ),
     )
 
@@ -360,6 +375,35 @@ def _input_patches(
         offsets[None, None, :] >= torch.as_tensor(list(shift_cols), device=image.device)[:, None, None]
     )
     return torch.where(inside[:, None], patches, photo).contiguous()
+
+
+# Approximate mode keeps half precision only when a short probe shows it pays: a forward of
+# this many copies in each precision (best of two), before any occluded copy runs.
+APPROXIMATE_PROBE_COPIES = 4
+APPROXIMATE_MIN_SPEEDUP = 1.15
+
+
+def _speedup(module: torch.nn.Module, twin: torch.nn.Module, image: torch.Tensor, low: torch.dtype, copies: int) -> float:
+    """float32 time / ``low`` time of one forward of ``copies`` copies of ``image`` (best of two
+    each; the first calls also warm up the kernels). Small networks and CPUs whose bfloat16 is
+    emulated come out below 1."""
+    import time
+
+    full = image.expand(copies, *image.shape[1:]).contiguous()
+    half = full.to(low)
+
+    def best(network: torch.nn.Module, x: torch.Tensor) -> float:
+        network(x)  # warm-up: first calls pick kernels and allocate
+        times = []
+        for _ in range(2):
+            start = time.perf_counter()
+            network(x)
+            if x.device.type == "cuda":
+                torch.cuda.synchronize(x.device)
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    return best(module, full) / max(best(twin, half), 1e-9)
 
 
 def _low_precision(device: torch.device) -> torch.dtype | None:

@@ -9,9 +9,11 @@ from dataclasses import dataclass
 
 import torch
 
+from convscope.types import Renderable
+
 
 @dataclass(frozen=True)
-class CamMaps:
+class CamMaps(Renderable):
     """Grad-CAM or Grad-CAM++ maps of a batch.
 
     Attributes:
@@ -39,7 +41,7 @@ class CamMaps:
 
 
 @dataclass(frozen=True)
-class GradientMaps:
+class GradientMaps(Renderable):
     """Input-space attributions: saliency, guided backprop or guided Grad-CAM.
 
     Attributes:
@@ -66,7 +68,7 @@ class GradientMaps:
 
 
 @dataclass(frozen=True)
-class DeconvProjections:
+class DeconvProjections(Renderable):
     """Zeiler & Fergus deconvnet projections of chosen feature maps of one layer.
 
     ``K`` projections per image: the chosen channel(s), or each image's ``top`` strongest.

@@ -38,7 +38,26 @@ def resolve_label(name: str, categories: Sequence[str], model_name: str = "model
             f"matches {len(matches)} classes of {model_name}",
             "use --class with one of " + ", ".join(str(i) for i in matches),
         )
-    raise BadTarget(f"--label {name}", f"is not a class of {model_name}", close_matches(name, labels))
+    raise BadTarget(f"--label {name}", f"is not a class of {model_name}", label_suggestions(name, labels))
+
+
+def label_suggestions(name: str, labels: Sequence[str], limit: int = 6) -> str:
+    """``did you mean: ...`` for an unknown label: labels containing ``name`` as a word first
+    (``cat`` -> ``tiger cat``, ``Egyptian cat``), then those containing it anywhere, then spelling
+    neighbours (``tabyy`` -> ``tabby``)."""
+    import re
+
+    folded = name.strip().casefold()
+    if not folded:
+        return close_matches(name, list(labels))
+    word = re.compile(rf"(?<![\w]){re.escape(folded)}(?![\w])")
+    as_word = [label for label in labels if word.search(label.casefold())]
+    inside = [label for label in labels if folded in label.casefold() and label not in as_word]
+    found = (as_word + inside)[:limit]
+    if not found:
+        return close_matches(name, list(labels))
+    more = len(as_word) + len(inside) - len(found)
+    return "did you mean: " + ", ".join(found) + (f" (and {more} more)" if more > 0 else "")
 
 
 def _one(value: int | str, num_classes: int, categories: Sequence[str], model_name: str) -> int:

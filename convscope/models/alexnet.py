@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from torchvision.models import alexnet as _tv_alexnet
-
-from convscope.models.registry import ModelSpec, TorchvisionWeights, register_model
+from convscope.models.registry import ModelSpec, TorchvisionWeights, register_model, torchvision_builder
 from convscope.preprocess import IMAGENET
 
 register_model(
     ModelSpec(
         name="alexnet",
-        build=lambda num_classes: _tv_alexnet(weights=None, num_classes=num_classes),
+        build=lambda num_classes: torchvision_builder("alexnet")(weights=None, num_classes=num_classes),
         preprocess=IMAGENET,
         labels="imagenet",
         description="AlexNet (Krizhevsky et al. 2012), torchvision layout; 224x224 RGB",

@@ -12,7 +12,7 @@ from torch import nn
 from convscope.errors import BadArgument, BadInputType, BadWeightsFile, ConvscopeError, WeightsMismatch
 from convscope.models.checkpoints import checkpoint_preprocess
 from convscope.models.labels import get_labels
-from convscope.models.registry import ModelSpec, get_spec
+from convscope.models.registry import DEFAULT_MODEL, ModelSpec, get_spec
 from convscope.models.variants import apply_variant
 from convscope.models.weights import (
     is_checkpoint,
@@ -23,8 +23,6 @@ from convscope.models.weights import (
 )
 from convscope.preprocess import IMAGENET, Preprocess
 from convscope.types import LoadedModel
-
-DEFAULT_MODEL = "efficientnet_lite0"
 
 
 DEVICE_CHOICES = "auto, cpu, cuda, cuda:N or mps"

@@ -9,12 +9,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
-
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from convscope.errors import UnknownModel, close_matches
 from convscope.preprocess import Preprocess
+
+if TYPE_CHECKING:
+    from torch import nn
+
+# Rows import without torch or torchvision (builders import them when called), so listing
+# models and reading presets stays fast; only building a network pays for the imports.
+DEFAULT_MODEL = "efficientnet_lite0"
 
 
 @dataclass(frozen=True)
@@ -90,6 +95,14 @@ class ModelSpec:
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
+
+
+def torchvision_builder(name: str) -> Callable[..., nn.Module]:
+    """``torchvision.models.<name>``, imported on call (torchvision takes seconds to import)."""
+    import torchvision.models
+
+    builder: Callable[..., nn.Module] = getattr(torchvision.models, name)
+    return builder
 
 
 def register_model(spec: ModelSpec) -> ModelSpec:

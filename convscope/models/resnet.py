@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from torchvision.models import resnet18 as _tv_resnet18
-from torchvision.models import resnet50 as _tv_resnet50
-
-from convscope.models.registry import ModelSpec, TorchvisionWeights, register_model
+from convscope.models.registry import ModelSpec, TorchvisionWeights, register_model, torchvision_builder
 from convscope.preprocess import IMAGENET
 
 _STAGES = {
@@ -19,7 +16,7 @@ _STAGES = {
 register_model(
     ModelSpec(
         name="resnet18",
-        build=lambda num_classes: _tv_resnet18(weights=None, num_classes=num_classes),
+        build=lambda num_classes: torchvision_builder("resnet18")(weights=None, num_classes=num_classes),
         preprocess=IMAGENET,
         labels="imagenet",
         description="ResNet-18 (He et al. 2015), torchvision layout; 224x224 RGB",
@@ -33,7 +30,7 @@ register_model(
 register_model(
     ModelSpec(
         name="resnet50",
-        build=lambda num_classes: _tv_resnet50(weights=None, num_classes=num_classes),
+        build=lambda num_classes: torchvision_builder("resnet50")(weights=None, num_classes=num_classes),
         preprocess=IMAGENET,
         labels="imagenet",
         description="ResNet-50 (He et al. 2015), torchvision layout; 224x224 RGB",

@@ -2,36 +2,25 @@
 
 from __future__ import annotations
 
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from convscope.models.registry import ModelSpec, register_model
 from convscope.preprocess import Preprocess
 
+if TYPE_CHECKING:
+    from torch import nn
 
-class TinyNet(nn.Module):
-    """conv(3->8, 3x3) ReLU maxpool, conv(8->16, 3x3) ReLU maxpool, linear; 32x32 RGB input."""
 
-    def __init__(self, num_classes: int = 10) -> None:
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1),
-            nn.ReLU(inplace=True),
-            nn.MaxPool2d(2),
-            nn.Conv2d(8, 16, 3, padding=1),
-            nn.ReLU(inplace=True),
-            nn.MaxPool2d(2),
-        )
-        self.classifier = nn.Linear(16 * 8 * 8, num_classes)
+def _build(num_classes: int) -> nn.Module:
+    from convscope.models.nets.tiny import TinyNet
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(torch.flatten(self.features(x), 1))
+    return TinyNet(num_classes)
 
 
 register_model(
     ModelSpec(
         name="tiny",
-        build=lambda num_classes: TinyNet(num_classes),
+        build=_build,
         preprocess=Preprocess(resize=36, crop=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)),
         labels="cifar10",
         description="two-conv test network (32x32 RGB); random weights only",
@@ -40,3 +29,10 @@ register_model(
         first_conv="features.0",
     )
 )
+
+
+def __getattr__(name: str) -> object:
+    # The network classes live in ``convscope.models.nets.tiny`` (they need torch); reachable here as before.
+    import importlib
+
+    return getattr(importlib.import_module("convscope.models.nets.tiny"), name)

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from torchvision.models import vgg16 as _tv_vgg16
-
-from convscope.models.registry import ModelSpec, TorchvisionWeights, register_model
+from convscope.models.registry import ModelSpec, TorchvisionWeights, register_model, torchvision_builder
 from convscope.preprocess import IMAGENET
 
 register_model(
     ModelSpec(
         name="vgg16",
-        build=lambda num_classes: _tv_vgg16(weights=None, num_classes=num_classes),
+        build=lambda num_classes: torchvision_builder("vgg16")(weights=None, num_classes=num_classes),
         preprocess=IMAGENET,
         labels="imagenet",
         description="VGG16 (Simonyan & Zisserman 2014), torchvision layout; 224x224 RGB",

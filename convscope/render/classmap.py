@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from convscope.render.colormaps import as_array
+from convscope.render.figures import font, line_height
 
 # Distinct colours (Kelly's / tab20-like), cycled when a map shows more classes.
 PALETTE = (
@@ -88,18 +89,19 @@ def class_map_picture(
     counts = Counter(classes_grid.ravel().tolist())
     total = max(1, classes_grid.size)
     ranked = sorted(shown, key=lambda c: (-counts[c], c))
-    line = 14
+    face, bold = font(12), font(12, bold=True)
+    line = max(14, line_height(face) + 2)
     legend_height = max(height, 6 + line * (len(ranked) + 1))
     legend = Image.new("RGB", (legend_width, legend_height), (255, 255, 255))
     draw = ImageDraw.Draw(legend)
-    draw.text((4, 2), "most probable class", fill=(0, 0, 0))
+    draw.text((6, 2), "most probable class", font=bold, fill=(0, 0, 0))
     for k, c in enumerate(ranked):
         y = 4 + line * (k + 1)
-        draw.rectangle((4, y + 1, 14, y + 11), fill=colours[c], outline=(0, 0, 0))
+        draw.rectangle((6, y + 1, 18, y + 13), fill=colours[c], outline=(0, 0, 0))
         name = class_names.get(c, f"class {c}")
         mark = "*" if c == highlight else ""
         text = f"{mark}{name[:24]} ({100.0 * counts[c] / total:.0f}%)"
-        draw.text((18, y), text, fill=(0, 0, 0))
+        draw.text((24, y), text, font=face, fill=(0, 0, 0))
     canvas = np.full((legend_height, width + legend_width, 3), 255, np.uint8)
     canvas[:height, :width] = picture
     canvas[:, width:] = np.asarray(legend)

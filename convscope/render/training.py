@@ -12,13 +12,24 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from convscope.render.colormaps import as_array, colorize, to_rgb_uint8
-from convscope.render.grids import caption, filter_tiles, strip, tile
+from convscope.render.figures import Line, font, labelled_grid, line_height, text_block, titled
+from convscope.render.grids import filter_tiles, tile
 
 if TYPE_CHECKING:
     from convscope.training.snapshots import Snapshot
 
 _PAD = 2
-_MIN_SIDE = 48
+_MIN_SIDE = 64
+MIN_WIDTH = 600  # training pictures stay readable when a report shrinks them
+
+
+def caption(block: np.ndarray, text: str) -> np.ndarray:
+    """``text`` wrapped (never cut) in a band under ``block``."""
+    width = max(block.shape[1], 300)
+    band = text_block(None, [Line(text)], width)
+    canvas = np.full((block.shape[0], width, 3), 255, np.uint8)
+    canvas[:, : block.shape[1]] = block
+    return np.concatenate([canvas, band], axis=0)
 
 
 MIN_CROP = 7
@@ -49,10 +60,11 @@ def projection_tile(projection: object, box: object | None = None, side: int | N
 
 
 def _header(width: int, columns: int, labels: Sequence[str], cell: int) -> np.ndarray:
-    band = Image.new("RGB", (width, 14), (255, 255, 255))
+    face = font(12)
+    band = Image.new("RGB", (width, line_height(face) + 2), (255, 255, 255))
     draw = ImageDraw.Draw(band)
     for c, text in enumerate(labels):
-        draw.text((_PAD + c * (cell + _PAD) + 1, 1), text, fill=(0, 0, 0))
+        draw.text((_PAD + c * (cell + _PAD) + 1, 1), text, font=face, fill=(0, 0, 0))
     return np.asarray(band)
 
 
@@ -95,22 +107,30 @@ def evolution_picture(snapshots: Sequence[Snapshot]) -> np.ndarray:
         ]
         grid = tile(tiles, columns=len(snapshots), pad=_PAD, min_side=_MIN_SIDE)
         cell = _cell_width(tiles[0])
-        header = _header(grid.shape[1], len(snapshots), [f"ep {e}" for e in epochs], cell)
+        header = _header(grid.shape[1], len(snapshots), [f"epoch {e}" for e in epochs], cell)
         block = np.concatenate([header, grid], axis=0)
         blocks.append(caption(block, f"{layer}: channels {', '.join(str(c) for c in channels)} ({side}x{side} px crops)"))
     if not blocks:
         raise ValueError("the snapshots share no layer")
-    return _stack(blocks)
+    return titled(_stack(blocks), "Feature evolution during training (Zeiler & Fergus Fig. 4)", [Line(
+        "per stage: a row per followed channel, a column per epoch; deconvnet projection of the channel's "
+        "strongest activation, cropped to its receptive field; grey = 0")], min_width=MIN_WIDTH)
 
 
 def filters_picture(snapshot: Snapshot) -> np.ndarray:
     tiles = filter_tiles(snapshot.filters, snapshot.strongest_input.tolist())
-    return tile(tiles, pad=2, min_side=24)
+    return tile(tiles, pad=2, min_side=48)
 
 
 def filters_evolution_picture(snapshots: Sequence[Snapshot]) -> np.ndarray:
-    """The first-layer filters at each snapshot epoch, side by side."""
-    return strip([filters_picture(s) for s in snapshots], [f"epoch {s.epoch}" for s in snapshots])
+    """The first-layer filters at each snapshot epoch, side by side, at least ``MIN_WIDTH`` px."""
+    grids = [filters_picture(s) for s in snapshots]
+    columns = min(len(grids), 6)
+    side = max(1, (MIN_WIDTH // columns) - 16)
+    grid = labelled_grid(grids, [f"epoch {s.epoch}" for s in snapshots], columns=columns, min_side=side, gap=12)
+    return titled(grid, "First-layer filters during training", [Line(
+        "each filter min-max scaled on its own; RGB kernels in colour, else the strongest input channel")],
+        min_width=MIN_WIDTH)
 
 
 def snapshot_picture(snapshot: Snapshot) -> np.ndarray:

@@ -1,0 +1,1 @@
+"""Network definitions (need torch); the registry rows that build them live one folder up."""

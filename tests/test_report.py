@@ -104,3 +104,37 @@ def test_explore_coffee_with_the_pretrained_model(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["report.html"]  # no temp files left
     info: dict[str, Any] = {"bytes": len(html)}
     assert info["bytes"] < 15_000_000
+
+
+def _explore(photo: Path, target: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "convscope", "explore", str(photo), "--model", "tiny", "--weights", "random",
+         "-o", str(target)],
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+
+
+def test_explore_never_replaces_a_file_it_did_not_write(tmp_path: Path) -> None:
+    mine = tmp_path / "notes.html"
+    mine.write_text("<html><body>my thesis notes</body></html>", encoding="utf-8")
+    out = _explore(skimage_photo("coffee.png"), mine)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        f"error: {mine}: exists and was not written by convscope; it is left as it is "
+        "(remove it or choose another file name)"]
+    assert mine.read_text(encoding="utf-8") == "<html><body>my thesis notes</body></html>"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.html"]
+
+
+def test_explore_replaces_its_own_report_and_refuses_system_paths(tmp_path: Path) -> None:
+    target = tmp_path / "report.html"
+    assert _explore(skimage_photo("coffee.png"), target).returncode == 0
+    first = target.read_text(encoding="utf-8")
+    assert '<meta name="generator" content="convscope report">' in first
+    again = _explore(skimage_photo("chelsea.png"), target)
+    assert again.returncode == 0, again.stderr
+    assert target.read_text(encoding="utf-8") != first  # the new photo's report
+    system = _explore(skimage_photo("coffee.png"), Path("/proc/report.html"))
+    assert system.returncode == 2
+    assert system.stderr.strip().splitlines() == [
+        "error: /proc: is inside /proc, a system folder, not a place for output files"]

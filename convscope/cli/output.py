@@ -28,7 +28,7 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -157,6 +157,33 @@ def prepare_folder(path: str | os.PathLike[str]) -> Path:
     except OSError as exc:
         raise OutputError(subject, f"folder is not writable: {_reason(exc)}") from exc
     return folder
+
+
+def prepare_file(path: str | os.PathLike[str], *, ours: Callable[[bytes], bool]) -> Path:
+    """Make sure ``path`` can take a single output file (``explore -o report.html``).
+
+    The folder gets the same checks as ``prepare_folder``. An existing file is replaced only when
+    ``ours(first_bytes)`` says convscope wrote it; anything else (a user's page, a link, a device)
+    is refused, so a typo in ``-o`` never destroys a file.
+
+    Raises:
+        OutputError: ``error: <path>: <reason>``.
+    """
+    target = Path(path)
+    subject = str(target)
+    prepare_folder(target.parent if str(target.parent) else Path("."))
+    if os.path.lexists(target):
+        if target.is_symlink() or not target.is_file():
+            raise OutputError(subject, "exists and is not a regular file", "choose another file name")
+        try:
+            with open(target, "rb") as handle:
+                head = handle.read(4096)
+        except OSError as exc:
+            raise OutputError(subject, f"cannot read the existing file: {_reason(exc)}") from exc
+        if not ours(head):
+            raise OutputError(subject, "exists and was not written by convscope; it is left as it is",
+                              "remove it or choose another file name")
+    return target
 
 
 def _reason(exc: OSError) -> str:

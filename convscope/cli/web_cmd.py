@@ -44,12 +44,14 @@ def explore_command(
     from convscope.cli.progress import progress_bar
     from convscope.explore import explore
     from convscope.imageio import load_image
-    from convscope.render.report import write_report
+    from convscope.cli.output import prepare_file
+    from convscope.render.report import is_convscope_report, write_report
 
     if output.suffix.lower() not in (".html", ".htm"):
         raise BadArgument(f"--output {output}", "must end in .html")
     if output.exists() and output.resolve() == image.resolve():
         raise BadArgument(f"--output {output}", "is the input image")
+    prepare_file(output, ours=is_convscope_report)  # before the slow part: a bad -o fails at once
     started = time.perf_counter()
     picture = load_image(image)
     loaded = open_model(model, weights, seed, device)

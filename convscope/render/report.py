@@ -111,6 +111,15 @@ def report_html(exploration: Any) -> str:
     )
 
 
+# Written into every report's <head>; an existing file is replaced only when it carries it.
+GENERATOR_MARK = b'<meta name="generator" content="convscope report">'
+
+
+def is_convscope_report(head: bytes) -> bool:
+    """Whether the first bytes of a file are those of a report convscope wrote."""
+    return GENERATOR_MARK in head
+
+
 def write_report(path: str | Path, exploration: Any) -> Path:
     """Render and write the report atomically."""
     from convscope.imageio import atomic_write

@@ -48,6 +48,7 @@ def _options(command: Any) -> dict[str, Any]:
 
 def test_registry_has_every_method_in_order() -> None:
     assert list_methods()[: len(EXPECTED)] == EXPECTED
+    assert "scorecam" in list_methods()[len(EXPECTED):]  # later additions come after the first eleven
 
 
 @pytest.mark.parametrize("name", list_methods())

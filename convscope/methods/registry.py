@@ -476,3 +476,14 @@ register_method(MethodSpec(
     cli=CliBinding("occlusion"),
     units="convscope.methods.registry:occlusion_units",
 ))
+register_method(MethodSpec(
+    name="scorecam",
+    title="Score-CAM",
+    summary="Each channel of a conv layer weighted by the class score of the photo masked with it (no gradients).",
+    function="convscope.methods.scorecam:scorecam",
+    renderer="convscope.render.views:cam_views",
+    cost="slow",
+    takes_target=True,
+    layer="optional",
+    cli=CliBinding("gradcam", {"--variant": "scorecam"}),
+))

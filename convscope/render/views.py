@@ -181,7 +181,7 @@ def cam_views(result: Any, context: ViewContext) -> Views:
     assert context.photo is not None
     i = context.index
     label, target, score = result.labels[i], int(result.targets[i]), float(result.scores[i])
-    name = "Grad-CAM++" if result.method == "gradcam++" else "Grad-CAM"
+    name = {"gradcam++": "Grad-CAM++", "scorecam": "Score-CAM"}.get(result.method, "Grad-CAM")
     caption = (f"{name} for {_target_text(label, target, score)} at {result.layer}, in jet over the photo: "
                f"red marks the regions whose features raise the {label} score most, blue those that do not.")
     return Views(

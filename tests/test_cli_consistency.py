@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -110,7 +111,8 @@ def test_help_fits_80_columns_without_broken_sentences() -> None:
     # The docstring's hard line breaks used to end lines mid-sentence ("... with the square at
     # each" / "position, over the photo"): inside a paragraph, only its last line may be short.
     paragraphs: list[list[str]] = [[]]
-    for line in occlusion_help.split("╭")[0].splitlines():
+    prose = re.split(r"╭|\n(?:Arguments|Options):", occlusion_help)[0]  # rich (TTY) or plain (pipe) layout
+    for line in prose.splitlines():
         if line.strip():
             paragraphs[-1].append(line.strip())
         else:
@@ -122,7 +124,7 @@ def test_help_fits_80_columns_without_broken_sentences() -> None:
 
 def test_reflow_joins_paragraph_lines_and_splits_examples() -> None:
     text = reflow_help("Title line\ncontinued.\n\nExamples: a --x | b \\\n  --y\n(comment)")
-    assert text == "Title line continued.\n\nExamples:\n  a --x\n  b --y (comment)"
+    assert text == "Title line continued.\n\n\b\nExamples:\n  a --x\n  b --y (comment)"
 
 
 def test_approximate_falls_back_to_exact_when_not_faster(monkeypatch) -> None:

@@ -535,7 +535,8 @@ def reflow_help(doc: str) -> str:
                     entries.append(line)
                 joined = line.endswith("\\")
             examples = [e.strip() for entry in entries for e in entry.split(" | ") if e.strip(" |")]
-            paragraphs.append("\n".join([f"{head}:", *("  " + e.rstrip(" |") for e in examples)]))
+            # "\b" keeps click's plain formatter (piped help) from re-wrapping the examples into one line.
+            paragraphs.append("\b\n" + "\n".join([f"{head}:", *("  " + e.rstrip(" |") for e in examples)]))
         else:
             paragraphs.append(" ".join(lines))
     return "\n\n".join(paragraphs)
@@ -555,6 +556,14 @@ _reflow_command_help()
 
 def main() -> None:
     """Console-script entry point."""
+    import sys
+
+    import typer.core
+
+    if not sys.stdout.isatty():
+        # Piped help (`convscope train --help | less`, 80 columns) in click's plain layout: rich's
+        # boxed table truncates long option names and squeezes their help into a narrow column.
+        typer.core.HAS_RICH = False
     app()
 
 

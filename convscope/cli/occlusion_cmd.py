@@ -8,7 +8,6 @@ a legend), and, with ``--layer``, the total activation of one feature map.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -142,26 +141,23 @@ def occlusion_command(
         photo = display_image(loaded.preprocess, batch, 0)
         origins = (result.row_origins, result.col_origins)
         stem = out.stem(path)
-        figures = {} if raw else occlusion_figures(photo, result, 0, loaded)
-
-        def shown(key: str, bare: Callable[[], Any]) -> Any:
-            return figures[key] if key in figures else bare()
-
         probability = grid_to_image(result.probability[0], origins, window, (height, width))
-        files = [
-            out.png(f"{stem}_occlusion_probability.png",
-                    shown("probability", lambda: overlay(photo, _normalised(probability))), source=path),
-            out.png(f"{stem}_occlusion_drop.png",
-                    shown("drop", lambda: overlay(photo, _normalised(result.pixel_drop[0].clamp_min(0)))),
-                    source=path),
-            out.png(
-                f"{stem}_occlusion_classes.png",
-                shown("classes", lambda: class_map_picture(
-                    result.top_class[0], result.class_names, origins, window, (height, width),
-                    photo=photo, highlight=int(result.targets[0]))),
-                source=path,
-            ),
-        ]
+        activation = None
+        if result.activation is not None and result.channels is not None:
+            activation = grid_to_image(result.activation[0], origins, window, (height, width))
+        if raw:
+            pictures = {
+                "probability": overlay(photo, _normalised(probability)),
+                "drop": overlay(photo, _normalised(result.pixel_drop[0].clamp_min(0))),
+                "classes": class_map_picture(result.top_class[0], result.class_names, origins, window,
+                                             (height, width), photo=photo, highlight=int(result.targets[0])),
+            }
+            if activation is not None:
+                pictures["activation"] = overlay(photo, _normalised(activation))
+        else:
+            pictures = occlusion_figures(photo, result, 0, loaded)
+        files = [out.png(f"{stem}_occlusion_{key}.png", pictures[key], source=path)
+                 for key in ("probability", "drop", "classes")]
         record: dict[str, Any] = {
             "image": str(path),
             "class": int(result.targets[0]),
@@ -179,10 +175,8 @@ def occlusion_command(
             "precision": result.stats.precision,
             "fallback": result.stats.fallback or None,
         }
-        if result.activation is not None and result.channels is not None:
-            activation = grid_to_image(result.activation[0], origins, window, (height, width))
-            files.append(out.png(f"{stem}_occlusion_activation.png",
-                                 shown("activation", lambda: overlay(photo, _normalised(activation))), source=path))
+        if activation is not None and result.channels is not None:
+            files.append(out.png(f"{stem}_occlusion_activation.png", pictures["activation"], source=path))
             files.append(out.png(f"{stem}_occlusion_activation_map.png",
                                  upscale(colorize(_normalised(result.activation[0].numpy())), 224), source=path))
             record.update({

@@ -29,14 +29,26 @@ WeightsOpt = Annotated[
     str | None,
     typer.Option(
         "--weights", "-w",
-        help="'pretrained', 'random', or a .pth/.safetensors/convscope checkpoint file "
+        help="'pretrained', 'random', or a weights file (.pth, .safetensors, a convscope checkpoint) "
         "(default: pretrained when the model has published weights, else random).",
     ),
 ]
 # torch.manual_seed takes 64 bits and a larger seed ended in an overflow traceback; 63 bits leave
 # room for the seed + k that derived generators use.
 SEED_MAX = 2**63 - 1
-SeedOpt = Annotated[int, typer.Option("--seed", min=0, max=SEED_MAX, help="Seed for --weights random.")]
+
+
+def _check_seed(value: int) -> int:
+    # A callback rather than min/max: click prints an IntRange's 19-digit bounds in the help table,
+    # which squeezed every other option's help into a sliver at 80 columns.
+    if not 0 <= value <= SEED_MAX:
+        raise typer.BadParameter(f"must be between 0 and 2^63-1 (9223372036854775807), got {value}")
+    return value
+
+
+SeedOpt = Annotated[
+    int, typer.Option("--seed", callback=_check_seed, help="Seed for --weights random (0 .. 2^63-1).")
+]
 
 
 def check_device(value: str) -> str:

@@ -68,3 +68,9 @@ def test_classify_probabilities_are_the_softmax_over_classes_in_batches() -> Non
 def test_classify_clips_topk_to_the_number_of_classes() -> None:
     [prediction] = classify(_model(4), torch.zeros(1, 3, 8, 8), topk=50)
     assert prediction.indices.tolist() == [3, 2, 1, 0]
+
+
+def test_classify_default_is_top5() -> None:
+    # kills the mutant that changes the documented default `topk=5`.
+    [prediction] = classify(_model(), torch.zeros(1, 3, 8, 8))
+    assert prediction.indices.tolist() == [11, 10, 9, 8, 7]

@@ -83,6 +83,9 @@ def main(argv: list[str]) -> int:
             status = line.rsplit(":", 1)[1].strip()
             counts[status] = counts.get(status, 0) + 1
     total = sum(counts.values())
+    for line in out.splitlines():
+        if "__mutmut_" in line and not line.rstrip().endswith(": killed"):
+            print("  " + line.strip())
     print(f"{path}: {total} mutants, " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     return 0
 

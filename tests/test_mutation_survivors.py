@@ -132,3 +132,28 @@ def test_cell_boxes_xyxy_order_and_clipping() -> None:
     assert cell_box(geo, 0, 3, (10, 8)) == (0, 5, 3, 8)
     with pytest.raises(ValueError):
         cell_boxes_xyxy(geo, [0, 1], [0], (10, 8))
+
+
+def test_conv_output_size_default_dilation_is_one() -> None:
+    from convscope.probes.geometry import conv_output_size
+
+    # (10 + 0 - 1*(3-1) - 1) // 1 + 1 = 8; dilation 2 would give 6.
+    assert conv_output_size(10, 3, 1, 0) == 8
+    assert conv_output_size(10, 3, 1, 0, 2) == 6
+    # (224 + 2*3 - 6 - 1) // 2 + 1 = 112
+    assert conv_output_size(224, 7, 2, 3) == 112
+
+
+# --- preprocess.py ------------------------------------------------------------------------
+
+
+def test_to_display_inverts_normalize_and_clamps_both_ends() -> None:
+    pre = Preprocess(resize=None, crop=2, mean=(0.2, 0.5, 0.7), std=(0.1, 0.3, 0.9))
+    pixels = torch.tensor([0.0, 0.25, 0.5, 1.0]).view(1, 1, 2, 2).repeat(1, 3, 1, 1)
+    torch.testing.assert_close(pre.to_display(pre.normalize(pixels)), pixels)
+    # a normalised value of -10 maps below 0 and +10 above 1 in every channel: clamped.
+    extreme = torch.tensor([-10.0, 10.0, 0.0, 0.0]).view(1, 1, 2, 2).repeat(1, 3, 1, 1)
+    shown = pre.to_display(extreme)
+    assert shown[:, :, 0, 0].tolist() == [[0.0, 0.0, 0.0]]
+    assert shown[:, :, 0, 1].tolist() == [[1.0, 1.0, 1.0]]
+    torch.testing.assert_close(shown[0, :, 1, 0], torch.tensor([0.2, 0.5, 0.7]))

@@ -157,3 +157,18 @@ def test_to_display_inverts_normalize_and_clamps_both_ends() -> None:
     assert shown[:, :, 0, 0].tolist() == [[0.0, 0.0, 0.0]]
     assert shown[:, :, 0, 1].tolist() == [[1.0, 1.0, 1.0]]
     torch.testing.assert_close(shown[0, :, 1, 0], torch.tensor([0.2, 0.5, 0.7]))
+
+
+def test_to_pil_refuses_a_non_image_naming_it() -> None:
+    from convscope.errors import BadInputType
+
+    with pytest.raises(BadInputType) as caught:
+        Preprocess(resize=None, crop=8).to_pil("photo.jpg")  # type: ignore[arg-type]
+    assert str(caught.value) == "image: expected a PIL image, got str"
+
+
+def test_window_of_keeps_a_non_square_kernel_in_height_width_order() -> None:
+    from convscope.probes.geometry import window_of
+
+    conv = nn.Conv2d(1, 1, (3, 5), stride=(1, 2), padding=(1, 2), dilation=(2, 1))
+    assert window_of(conv) == ((3, 5), (1, 2), (1, 2), (2, 1))

@@ -172,3 +172,14 @@ def test_window_of_keeps_a_non_square_kernel_in_height_width_order() -> None:
 
     conv = nn.Conv2d(1, 1, (3, 5), stride=(1, 2), padding=(1, 2), dilation=(2, 1))
     assert window_of(conv) == ((3, 5), (1, 2), (1, 2), (2, 1))
+
+
+def test_window_of_same_and_valid_padding_strings() -> None:
+    from convscope.probes.geometry import window_of
+
+    # "same" with k=3, d=2: padding d*(k-1)//2 = 2 per side; k=(5, 3), d=1: (2, 1).
+    same = nn.Conv2d(1, 1, 3, padding="same", dilation=2)
+    assert window_of(same) == ((3, 3), (1, 1), (2, 2), (2, 2))
+    assert window_of(nn.Conv2d(1, 1, (5, 3), padding="same"))[2] == (2, 1)
+    assert window_of(nn.Conv2d(1, 1, 3, padding="valid"))[2] == (0, 0)
+    assert window_of(nn.ReLU()) is None

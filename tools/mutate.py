@@ -26,7 +26,7 @@ MODULES: dict[str, tuple[str, list[str]]] = {
     "preprocess": (
         "convscope/preprocess.py",
         ["tests/test_mutation_survivors.py", "tests/test_mutation_gaps.py", "tests/test_models_load.py",
-         "tests/test_validation.py"],
+         "tests/test_validation.py", "tests/test_memory.py"],
     ),
     "geometry": (
         "convscope/probes/geometry.py",

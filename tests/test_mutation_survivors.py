@@ -183,3 +183,15 @@ def test_window_of_same_and_valid_padding_strings() -> None:
     assert window_of(nn.Conv2d(1, 1, (5, 3), padding="same"))[2] == (2, 1)
     assert window_of(nn.Conv2d(1, 1, 3, padding="valid"))[2] == (0, 0)
     assert window_of(nn.ReLU()) is None
+
+
+def test_to_pil_converts_to_the_model_channels() -> None:
+    from PIL import Image
+
+    rgb = Image.new("RGB", (8, 8), (255, 0, 0))
+    grey = Preprocess(resize=None, crop=8, mean=(0.5,), std=(0.5,), channels=1)
+    assert grey.to_pil(rgb).mode == "L"
+    assert grey.to_tensor(rgb).shape == (1, 1, 8, 8)
+    # red in ITU-R 601 luma: 255 * 299/1000 = 76.2 -> 76
+    assert grey.to_pil(rgb).getpixel((0, 0)) == 76
+    assert Preprocess(resize=None, crop=8).to_pil(Image.new("L", (8, 8), 9)).mode == "RGB"

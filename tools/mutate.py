@@ -2,7 +2,7 @@
 
 Usage (from the repository root; ``make mutate MODULE=predict`` wraps it)::
 
-    python tools/mutate.py predict [--jobs 2]
+    python tools/mutate.py predict [--jobs 2] [--tests a.py,b.py::test_x] [MUTANT_GLOB ...]
 
 mutmut 3 reads one ``[tool.mutmut]`` section; this script starts from it and narrows
 ``only_mutate`` and the test selection to the chosen module, so the stats pass runs a few
@@ -58,7 +58,10 @@ def main(argv: list[str]) -> int:
         return 2
     name, rest = argv[0], argv[1:]
     jobs = rest[rest.index("--jobs") + 1] if "--jobs" in rest else "2"
+    tests_arg = rest[rest.index("--tests") + 1].split(",") if "--tests" in rest else None
+    names = [a for i, a in enumerate(rest) if not a.startswith("--") and (i == 0 or rest[i - 1] not in ("--jobs", "--tests"))]
     path, tests = MODULES[name]
+    tests = tests_arg or tests
 
     from mutmut import configuration
     from mutmut.__main__ import cli
@@ -72,7 +75,7 @@ def main(argv: list[str]) -> int:
     )
     shutil.rmtree("mutants", ignore_errors=True)
     try:
-        cli(["run", "--max-children", jobs], standalone_mode=False)
+        cli(["run", "--max-children", jobs, *names], standalone_mode=False)
     except SystemExit:
         pass
     out = subprocess.run([sys.executable, "-m", "mutmut", "results", "--all", "true"],

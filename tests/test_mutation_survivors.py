@@ -106,9 +106,9 @@ def test_layer_geometry_by_container_and_leaf_name() -> None:
     assert layer_geometry(model, x, "block1") == second
     assert layer_geometries(model, x, ["block1", "block", "block.0"]) == {
         "block1": second, "block": first, "block.0": first}
-    with pytest.raises(KeyError):
+    with pytest.raises(KeyError, match="blo"):
         layer_geometry(model, x, "blo")
-    with pytest.raises(KeyError):
+    with pytest.raises(KeyError, match="missing"):
         layer_geometries(model, x, ["block", "missing"])
 
 

@@ -7,8 +7,11 @@ yields a one-process ``World`` whose collectives return their input, so callers 
 
 What the rest of convscope needs from it: which slice of the data a rank owns (``shard_range``),
 whether this rank writes files (``World.is_rank0``), gathering tensors and small Python objects
-from every rank (``all_gather``, ``all_gather_object``), and a ``barrier``. Merging what was
-gathered (a top-k, gradients) belongs to the caller, which knows what the tensors mean.
+from every rank (``all_gather``, ``all_gather_object``), summing counters over the ranks
+(``all_reduce_sum``), a ``barrier``, and a model wrapped for data-parallel training
+(``World.data_parallel``: ``DistributedDataParallel``, which averages gradients over the ranks).
+Merging what was gathered (a top-k, metrics) belongs to the caller, which knows what the tensors
+mean.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from convscope.errors import BadArgument
 
@@ -74,9 +78,39 @@ class World:
         dist.all_gather_object(gathered, value)
         return gathered
 
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The sum of ``tensor`` over the ranks (a new tensor on the caller's device; the input is
+        left alone)."""
+        if not self.distributed:
+            return tensor.clone()
+        total = tensor.detach().to(self.device).clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return total.to(tensor.device)
+
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()
+
+    def data_parallel(self, module: nn.Module) -> nn.Module:
+        """``module`` wrapped in ``DistributedDataParallel`` (the module itself in a one-process world).
+
+        The wrapper shares ``module``'s parameters, broadcasts rank 0's weights and buffers when it
+        is built and at every forward, and averages gradients over the ranks in ``backward``. Call
+        the wrapper for training steps; read and save weights from ``module``.
+
+        BatchNorm: on nccl (CUDA) every BatchNorm becomes a ``SyncBatchNorm``, so that batch
+        statistics are those of the global batch, as in a one-process run. PyTorch has no
+        ``SyncBatchNorm`` for CPU tensors, so under gloo each rank normalises with the statistics
+        of its own shard (the running statistics kept are rank 0's).
+        """
+        if not self.distributed:
+            return module
+        from torch.nn.parallel import DistributedDataParallel
+
+        if self.backend == "nccl":
+            module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+            return DistributedDataParallel(module, device_ids=[self.local_rank], output_device=self.local_rank)
+        return DistributedDataParallel(module)
 
 
 def env_world() -> World:

@@ -29,10 +29,11 @@ every process trains a ``DistributedDataParallel`` replica (gloo on CPU, nccl on
 ``convscope.distributed``). ``batch_size`` is the GLOBAL batch: each step, every rank draws the same
 seeded permutation and global batch a one-process run would (``epoch_batches``), trains on its
 contiguous share of it (``rank_share``), and weights its loss so that the averaged gradient is the
-gradient of the global batch's mean loss. Train and validation numbers are summed over the ranks;
-rank 0 alone writes files. On CPU each rank's BatchNorm sees only its share of the batch (PyTorch
-has no CPU ``SyncBatchNorm``); on CUDA BatchNorm is synchronised. Resuming reads the same
-``last.pt`` on every rank, with any number of processes.
+gradient of the global batch's mean loss. BatchNorm normalises with the global batch's statistics
+and Dropout keeps this rank's rows of the global batch's mask (``World.global_batch``), so a run
+computes what one process would, up to floating-point summation order. Train and validation
+numbers are summed over the ranks; rank 0 alone writes files. Resuming reads the same ``last.pt``
+on every rank, with any number of processes.
 
 Determinism: one seed drives the model's initialisation, a data generator (epoch order,
 augmentation) and the global RNG (dropout). Their states go into ``last.pt`` at the end of every
@@ -631,8 +632,6 @@ def _train(
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(run_dir / "config.json", json.dumps(config.to_json(), indent=2) + "\n")
         atomic_write(run_dir / "data.json", json.dumps(data.describe(), indent=2) + "\n")
-    # Built after the restore: every rank starts from the same weights (DDP also broadcasts rank 0's).
-    trainer = world.data_parallel(module)
 
     selection = "val" if data.val is not None else "last"
     evolution = _evolution(config, model.loaded, data, transform) if world.is_rank0 else None
@@ -641,32 +640,36 @@ def _train(
         _snapshot(run_dir, evolution, 0)
 
     started = time.perf_counter()
-    for epoch in range(start_epoch + 1, config.epochs + 1):
-        epoch_started = time.perf_counter()
-        metrics = _train_epoch(
-            config, model, trainer, optimizer, data, transform, data_generator, epoch, device, progress, world
-        )
-        train_seconds = time.perf_counter() - epoch_started
-        if data.val is not None:
-            notify(TrainProgress("eval", epoch, config.epochs, 0, len(data.val)))
-            metrics["val_loss"], metrics["val_accuracy"] = _evaluate_shared(
-                world, module, data.val, transform, data.categories, batch_size=max(256, config.batch_size),
-                precision=config.precision,
+    # The DDP wrapper is built after the restore, so every rank starts from the same weights (it
+    # also broadcasts rank 0's); BatchNorm and Dropout act on the global batch, as in one process.
+    with world.global_batch(module):
+        trainer = world.data_parallel(module)
+        for epoch in range(start_epoch + 1, config.epochs + 1):
+            epoch_started = time.perf_counter()
+            metrics = _train_epoch(
+                config, model, trainer, optimizer, data, transform, data_generator, epoch, device, progress, world
             )
-        _check_finite(run_dir, module, metrics, epoch, config)
-        metrics["images_per_second"] = metrics.pop("_seen") / train_seconds if train_seconds > 0 else None
-        metrics["epoch_seconds"] = time.perf_counter() - epoch_started
-        if evolution is not None and epoch in config.snapshot_epochs:  # rank 0 only
-            notify(TrainProgress("snapshot", epoch, config.epochs, 0, 1))
-            _snapshot(run_dir, evolution, epoch)
-        history.append(metrics)
-        # Validation accuracy alone picks best.pt; without a validation split, the latest epoch.
-        improved = selection == "last" or "val_accuracy" not in best or metrics["val_accuracy"] > best["val_accuracy"]
-        if improved:
-            best = dict(metrics)
-        if world.is_rank0:
-            _save(run_dir, config, model, optimizer, data_generator, epoch, metrics, history, best, improved)
-        notify(TrainProgress("epoch", epoch, config.epochs, epoch, config.epochs, metrics=metrics))
+            train_seconds = time.perf_counter() - epoch_started
+            if data.val is not None:
+                notify(TrainProgress("eval", epoch, config.epochs, 0, len(data.val)))
+                metrics["val_loss"], metrics["val_accuracy"] = _evaluate_shared(
+                    world, module, data.val, transform, data.categories, batch_size=max(256, config.batch_size),
+                    precision=config.precision,
+                )
+            _check_finite(run_dir, module, metrics, epoch, config)
+            metrics["images_per_second"] = metrics.pop("_seen") / train_seconds if train_seconds > 0 else None
+            metrics["epoch_seconds"] = time.perf_counter() - epoch_started
+            if evolution is not None and epoch in config.snapshot_epochs:  # rank 0 only
+                notify(TrainProgress("snapshot", epoch, config.epochs, 0, 1))
+                _snapshot(run_dir, evolution, epoch)
+            history.append(metrics)
+            # Validation accuracy alone picks best.pt; without a validation split, the latest epoch.
+            improved = selection == "last" or "val_accuracy" not in best or metrics["val_accuracy"] > best["val_accuracy"]
+            if improved:
+                best = dict(metrics)
+            if world.is_rank0:
+                _save(run_dir, config, model, optimizer, data_generator, epoch, metrics, history, best, improved)
+            notify(TrainProgress("epoch", epoch, config.epochs, epoch, config.epochs, metrics=metrics))
 
     test = None
     if data.test is not None and world.is_rank0:

@@ -133,7 +133,7 @@ class World:
                     if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, GlobalBatchNorm):
                         replacement = GlobalBatchNorm.sharing(child)
                     elif type(child) is nn.Dropout:
-                        replacement = GlobalDropout(child.p, rank=self.rank)
+                        replacement = GlobalDropout(child.p, world=self)
                         replacement.train(child.training)
                     if replacement is not None:
                         setattr(parent, name, replacement)
@@ -297,17 +297,16 @@ class GlobalDropout(nn.Module):
     RNG state afterwards, are those of the one-process run. Eval mode is the identity.
     """
 
-    def __init__(self, p: float, *, rank: int) -> None:
+    def __init__(self, p: float, *, world: World) -> None:
         super().__init__()
         self.p = p
-        self.rank = rank
+        self.world = world
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
             return input
-        counts = [int(c) for c in World(rank=self.rank, size=dist.get_world_size(), backend=str(dist.get_backend()))
-                  .all_gather(torch.tensor([input.shape[0]]))]
-        start = sum(counts[: self.rank])
+        counts = [int(c) for c in self.world.all_gather(torch.tensor([input.shape[0]]))]
+        start = sum(counts[: self.world.rank])
         if self.p == 1.0:
             return input * 0.0
         mask = torch.empty((sum(counts), *input.shape[1:]), dtype=input.dtype, device=input.device)

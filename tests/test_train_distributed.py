@@ -200,7 +200,7 @@ def test_two_process_run_matches_one_process_and_only_rank0_writes(
 
     run = tmp_path / "two"
     done = subprocess.run(
-        _torchrun_cmd(*DATA, "--epochs", 1, "-o", run), env=_env(tmp_path, tmp_path), capture_output=True, text=True,
+        _torchrun_cmd(*DATA, "--epochs", 1, "-o", run), env=_env(tmp_path, tmp_path), capture_output=True, text=True, check=False,
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -234,7 +234,7 @@ def test_two_process_run_matches_one_process_and_only_rank0_writes(
 def test_global_batch_too_small_for_the_world_is_a_one_line_error(tmp_path: Path) -> None:
     done = subprocess.run(
         _torchrun_cmd(*DATA[:-4], "-b", 2, "--epochs", 1, "-o", tmp_path / "run"), env=_env(tmp_path, tmp_path),
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=300, check=False,
     )
     assert done.returncode != 0
     assert "error: --batch-size 2: is the global batch; 2 processes need at least 4" in done.stderr
@@ -292,16 +292,20 @@ def test_sigkill_of_one_rank_fails_cleanly_and_resume_finishes(tmp_path: Path) -
     assert not (run / "result.json").exists()
 
     resumed = subprocess.run(
-        _torchrun_cmd("-o", run, "--resume"), env=env, capture_output=True, text=True, timeout=300
+        _torchrun_cmd("-o", run, "--resume"), env=env, capture_output=True, text=True, timeout=300, check=False
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in history] == [1, 2, 3]
     result = json.loads((run / "result.json").read_text())
     assert result["world_size"] == 2 and result["final"]["epoch"] == epochs
-    # The resumed run continues the same optimisation: it ends where one uninterrupted process does.
-    reference = _one_process(tmp_path / "one3", epochs=epochs)
-    # (Accuracies are not compared here: after 3 epochs on 60 validation images, rounding noise can
-    # tip the choice of best.pt; the 1-epoch test holds the accuracy bound.)
-    for key in ("train_loss", "val_loss"):
-        assert result["final"][key] == pytest.approx(reference["final"][key], rel=1e-2), key
+    # The resumed run retraces the uninterrupted 2-process run (weights, optimizer, every RNG restored
+    # on both ranks from rank 0's last.pt).
+    straight = tmp_path / "straight"
+    done = subprocess.run(_torchrun_cmd(*DATA, "--epochs", epochs, "-o", straight), env=env, capture_output=True,
+                          text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    expected = json.loads((straight / "result.json").read_text())
+    for key in ("train_loss", "val_loss", "val_accuracy"):
+        assert result["final"][key] == pytest.approx(expected["final"][key], rel=1e-6), key
+    assert result["test"]["accuracy"] == expected["test"]["accuracy"]

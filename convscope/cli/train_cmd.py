@@ -31,7 +31,7 @@ RunDirOpt = Annotated[
     Path, typer.Option("--output", "-o", readable=False, help="Run folder (created): checkpoints, metrics, pictures.")
 ]
 EpochsOpt = Annotated[int | None, typer.Option("--epochs", "-e", min=1, help="Passes over the training data (default: 10).")]
-BatchOpt = Annotated[int | None, typer.Option("--batch-size", "-b", min=2, help="Images per step (default: 128).")]
+BatchOpt = Annotated[int | None, typer.Option("--batch-size", "-b", min=2, help="Images per step; under torchrun the global batch over all processes (default: 128).")]
 LrOpt = Annotated[
     float | None, typer.Option("--lr", help="Peak learning rate (default: adamw 3e-3, adam 1e-3, sgd 0.05).")
 ]

@@ -7,8 +7,11 @@ yields a one-process ``World`` whose collectives return their input, so callers 
 
 What the rest of convscope needs from it: which slice of the data a rank owns (``shard_range``),
 whether this rank writes files (``World.is_rank0``), gathering tensors and small Python objects
-from every rank (``all_gather``, ``all_gather_object``), and a ``barrier``. Merging what was
-gathered (a top-k, gradients) belongs to the caller, which knows what the tensors mean.
+from every rank (``all_gather``, ``all_gather_object``), summing counters over the ranks
+(``all_reduce_sum``), a ``barrier``, and a model wrapped for data-parallel training
+(``World.data_parallel``: ``DistributedDataParallel``, which averages gradients over the ranks).
+Merging what was gathered (a top-k, metrics) belongs to the caller, which knows what the tensors
+mean.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from convscope.errors import BadArgument
 
@@ -74,9 +78,71 @@ class World:
         dist.all_gather_object(gathered, value)
         return gathered
 
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The sum of ``tensor`` over the ranks (a new tensor on the caller's device; the input is
+        left alone)."""
+        if not self.distributed:
+            return tensor.clone()
+        total = tensor.detach().to(self.device).clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return total.to(tensor.device)
+
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()
+
+    def data_parallel(self, module: nn.Module) -> nn.Module:
+        """``module`` wrapped in ``DistributedDataParallel`` (the module itself in a one-process world).
+
+        The wrapper shares ``module``'s parameters, broadcasts rank 0's weights and buffers when it
+        is built and at every forward, and averages gradients over the ranks in ``backward``. Call
+        the wrapper for training steps; read and save weights from ``module``. For BatchNorm see
+        ``global_batch``.
+        """
+        if not self.distributed:
+            return module
+        from torch.nn.parallel import DistributedDataParallel
+
+        if self.backend == "nccl":
+            return DistributedDataParallel(module, device_ids=[self.local_rank], output_device=self.local_rank)
+        return DistributedDataParallel(module)
+
+    @contextmanager
+    def global_batch(self, module: nn.Module) -> Iterator[nn.Module]:
+        """Inside the block, ``module``'s batch-dependent layers act on the global batch.
+
+        Data-parallel training hands each rank a share of the batch. Plain BatchNorm would then
+        normalise with the share's mean and variance, and plain Dropout would draw every rank's
+        masks from the same RNG state (all ranks are seeded alike): both a different function than
+        the one-process run computes. Here every ``BatchNorm1d/2d/3d`` child becomes a
+        ``GlobalBatchNorm`` (statistics all-reduced over the ranks) and every ``nn.Dropout`` a
+        ``GlobalDropout`` (the mask of the whole global batch drawn, this rank's rows kept). The new
+        layers share the originals' parameters and buffers, so optimizers, DDP and ``state_dict``
+        see the same tensors, and the originals are put back in ``finally``. PyTorch's own
+        ``SyncBatchNorm`` runs on CUDA only; these work under gloo and nccl alike. In a one-process
+        world the module is left as is.
+        """
+        if not self.distributed:
+            yield module
+            return
+        swapped: list[tuple[nn.Module, str, nn.Module]] = []
+        try:
+            for parent in list(module.modules()):
+                for name, child in list(parent.named_children()):
+                    replacement: nn.Module | None = None
+                    if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, GlobalBatchNorm):
+                        replacement = GlobalBatchNorm.sharing(child)
+                    elif type(child) is nn.Dropout:
+                        replacement = GlobalDropout(child.p, world=self)
+                        replacement.train(child.training)
+                    if replacement is not None:
+                        setattr(parent, name, replacement)
+                        swapped.append((parent, name, child))
+            yield module
+        finally:
+            for parent, name, child in reversed(swapped):
+                child.train(getattr(parent, name).training)
+                setattr(parent, name, child)
 
 
 def env_world() -> World:
@@ -155,3 +221,94 @@ def shard_range(count: int, rank: int, size: int) -> range:
     base, extra = divmod(count, size)
     start = rank * base + min(rank, extra)
     return range(start, start + base + (1 if rank < extra else 0))
+
+
+class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose training-mode statistics are those of the batch summed over all ranks.
+
+    Each rank computes its share's per-channel mean and (biased) variance, the ranks all-reduce
+    ``count``, ``count * mean`` and ``count * (variance + mean**2)`` in float64 (differentiably:
+    the backward pass all-reduces the gradients of those sums, so every rank gets the gradient of
+    the global batch's loss), and every rank normalises with the global mean and variance. The
+    running statistics follow ``nn.BatchNorm`` (unbiased variance, ``momentum``, or a cumulative
+    average when ``momentum`` is ``None``). Eval mode is plain BatchNorm with the running statistics.
+    Built by ``World.global_batch``; not meant to be saved as a module (save ``state_dict``s).
+    """
+
+    @classmethod
+    def sharing(cls, original: nn.modules.batchnorm._BatchNorm) -> GlobalBatchNorm:
+        """A ``GlobalBatchNorm`` holding ``original``'s very parameter and buffer tensors."""
+        norm = cls(
+            original.num_features, eps=original.eps, momentum=original.momentum, affine=original.affine,
+            track_running_stats=original.track_running_stats,
+        )
+        for name, parameter in original.named_parameters(recurse=False):
+            setattr(norm, name, parameter)
+        for name, buffer in original.named_buffers(recurse=False):
+            setattr(norm, name, buffer)
+        norm.train(original.training)
+        return norm
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2-D input (N, C, ...), got {input.dim()}-D")
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        if not self.training or not (dist.is_available() and dist.is_initialized()):
+            return super().forward(input)
+        from torch.distributed.nn.functional import all_reduce
+
+        channels = input.shape[1]
+        dims = [0, *range(2, input.dim())]
+        count = input.numel() // channels
+        var, mean = torch.var_mean(input.float(), dim=dims, correction=0)
+        local = torch.cat([
+            torch.full((1,), float(count), dtype=torch.float64, device=input.device),
+            mean.double() * count,
+            (var.double() + mean.double() ** 2) * count,
+        ])
+        total = all_reduce(local)
+        n = total[0]
+        global_mean = total[1 : 1 + channels] / n
+        global_var = (total[1 + channels :] / n - global_mean**2).clamp_min(0)
+        if self.track_running_stats and self.running_mean is not None and self.running_var is not None:
+            assert self.num_batches_tracked is not None
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+                unbiased = global_var * (n / (n - 1)) if float(n) > 1 else global_var
+                self.running_mean.mul_(1 - factor).add_(global_mean.to(self.running_mean.dtype), alpha=factor)
+                self.running_var.mul_(1 - factor).add_(unbiased.to(self.running_var.dtype), alpha=factor)
+        shape = [1, channels] + [1] * (input.dim() - 2)
+        scale = torch.rsqrt(global_var + self.eps).to(input.dtype)
+        out = (input - global_mean.to(input.dtype).view(shape)) * scale.view(shape)
+        if self.weight is not None and self.bias is not None:
+            out = out * self.weight.view(shape) + self.bias.view(shape)
+        return out
+
+
+class GlobalDropout(nn.Module):
+    """Dropout whose mask is this rank's rows of the mask a one-process run draws for the whole batch.
+
+    Every rank draws the ``(global batch, ...)`` mask from the global RNG, exactly as
+    ``nn.Dropout`` does for a one-process batch (``bernoulli_`` on a float tensor of that shape),
+    and keeps the rows of its share (shares are contiguous, in rank order). So the masks, and the
+    RNG state afterwards, are those of the one-process run. Eval mode is the identity.
+    """
+
+    def __init__(self, p: float, *, world: World) -> None:
+        super().__init__()
+        self.p = p
+        self.world = world
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return input
+        counts = [int(c) for c in self.world.all_gather(torch.tensor([input.shape[0]]))]
+        start = sum(counts[: self.world.rank])
+        if self.p == 1.0:
+            return input * 0.0
+        mask = torch.empty((sum(counts), *input.shape[1:]), dtype=input.dtype, device=input.device)
+        mask.bernoulli_(1.0 - self.p).div_(1.0 - self.p)
+        return input * mask[start : start + input.shape[0]]

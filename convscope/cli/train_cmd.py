@@ -7,7 +7,7 @@ import json
 import math
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -31,7 +31,7 @@ RunDirOpt = Annotated[
     Path, typer.Option("--output", "-o", readable=False, help="Run folder (created): checkpoints, metrics, pictures.")
 ]
 EpochsOpt = Annotated[int | None, typer.Option("--epochs", "-e", min=1, help="Passes over the training data (default: 10).")]
-BatchOpt = Annotated[int | None, typer.Option("--batch-size", "-b", min=2, help="Images per step (default: 128).")]
+BatchOpt = Annotated[int | None, typer.Option("--batch-size", "-b", min=2, help="Images per step; under torchrun the global batch over all processes (default: 128).")]
 LrOpt = Annotated[
     float | None, typer.Option("--lr", help="Peak learning rate (default: adamw 3e-3, adam 1e-3, sgd 0.05).")
 ]
@@ -177,8 +177,11 @@ def train_command(
       convscope train --data fashion-mnist --arch zfnet_mnist --epochs 20 -b 128 --precision bf16 \\
           --channels-last --augment crop,flip --label-smoothing 0.1 -o runs/fm   (93.3-93.6 % in ~6 min, 2 cores)
       convscope train -o runs/fm --resume
+      torchrun --nproc-per-node 2 -m convscope train --data fashion-mnist --arch zfnet_mnist -b 128 -o runs/ddp
+          (DistributedDataParallel: -b is the global batch; rank 0 writes the run folder)
       convscope train --data flowers/ --from runs/fm/best.pt --freeze features -o runs/transfer
     """
+    from convscope.distributed import env_world
     from convscope.training.loop import TrainConfig, load_run_config, train
 
     given: dict[str, Any] = {
@@ -192,14 +195,19 @@ def train_command(
     given = {k: v for k, v in given.items() if v is not None}
     if not resume and "data" not in given:
         raise BadArgument("--data", "is required", "fashion-mnist, digits or a folder of class sub-folders")
-    prepare_folder(output)
-    with _run_folder(output, "train"), _train_display() as show:
+    # Under torchrun rank 0 alone prepares, locks and reports; the other ranks only train.
+    rank0 = env_world().is_rank0
+    if rank0:
+        prepare_folder(output)
+    with _run_folder(output, "train") if rank0 else nullcontext(), _train_display() as show:
         if resume:
             # Options not repeated come from the run; repeated ones must agree (the library checks).
             config = dataclasses.replace(load_run_config(output), **given, out_dir=str(output), device=device, resume=True)
         else:
             config = TrainConfig(out_dir=str(output), device=device, **given)
-        result = train(config, show)
+        result = train(config, show if rank0 else None)
+    if not rank0:
+        return
     if result.skipped:
         path, reason = result.skipped[0]
         typer.echo(
@@ -212,6 +220,7 @@ def train_command(
             "run_dir": str(result.run_dir), "best_epoch": result.best_epoch, "selection": result.selection,
             "validation": result.data.get("validation"), "best": result.best, "test": result.test, "parameters": result.parameters, "trainable_parameters": result.trainable,
             "skipped": len(result.skipped), "evolution": str(result.evolution) if result.evolution else None,
+            "world_size": result.world_size,
         }, indent=2))
         return
     best = result.best

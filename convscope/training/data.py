@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from convscope.distributed import shard_range
 from convscope.errors import BadArgument, DataError, ImageError
 from convscope.preprocess import Preprocess
 
@@ -429,6 +430,29 @@ def _decode_all(
 
 
 # -- batches ------------------------------------------------------------------------------------
+
+
+def epoch_batches(count: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """One epoch's global batches: a seeded permutation of ``range(count)`` cut into full batches.
+
+    The permutation is one ``randperm`` draw from ``generator`` whatever the number of processes,
+    so every rank of a distributed run (all seeded alike) gets the batches of a one-process run;
+    the last partial batch is dropped, so every step has ``batch_size`` images (``count`` when the
+    split is smaller than one batch).
+    """
+    batch = min(batch_size, count)
+    order = torch.randperm(count, generator=generator)
+    return [order[start : start + batch] for start in range(0, count - batch + 1, batch)]
+
+
+def rank_share(batch: torch.Tensor, rank: int, size: int) -> torch.Tensor:
+    """The part of a global ``batch`` of indices that ``rank`` of ``size`` trains on.
+
+    Contiguous slices in rank order, differing in length by at most one; together the ranks
+    cover the batch exactly once (``convscope.distributed.shard_range``).
+    """
+    share = shard_range(len(batch), rank, size)
+    return batch[share.start : share.stop]
 
 
 def parse_augment(spec: str | Sequence[str] | None) -> tuple[str, ...]:

@@ -24,6 +24,17 @@ Every checkpoint is sealed with a checksum and verified when read (``convscope.m
 Training stops with ``TrainingDiverged`` at the first non-finite loss, before anything of that step
 is saved: ``last.pt``, ``best.pt`` and ``metrics.jsonl`` keep the last good epoch.
 
+Distributed training: under ``torchrun`` (``torchrun --nproc-per-node N -m convscope train ...``)
+every process trains a ``DistributedDataParallel`` replica (gloo on CPU, nccl on CUDA; see
+``convscope.distributed``). ``batch_size`` is the GLOBAL batch: each step, every rank draws the same
+seeded permutation and global batch a one-process run would (``epoch_batches``), trains on its
+contiguous share of it (``rank_share``), and weights its loss so that the averaged gradient is the
+gradient of the global batch's mean loss. BatchNorm normalises with the global batch's statistics
+and Dropout keeps this rank's rows of the global batch's mask (``World.global_batch``), so a run
+computes what one process would, up to floating-point summation order. Train and validation
+numbers are summed over the ranks; rank 0 alone writes files. Resuming reads the same ``last.pt``
+on every rank, with any number of processes.
+
 Determinism: one seed drives the model's initialisation, a data generator (epoch order,
 augmentation) and the global RNG (dropout). Their states go into ``last.pt`` at the end of every
 epoch, so a run killed at any moment and resumed with ``resume=True`` retraces the uninterrupted
@@ -48,7 +59,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from convscope.errors import BadArgument, BadWeightsFile, DataError, TrainingDiverged, WeightsMismatch
+from convscope.distributed import World, init_from_env, shard_range
+from convscope.errors import (
+    BadArgument,
+    BadWeightsFile,
+    DataError,
+    TrainingDiverged,
+    WeightsMismatch,
+)
 from convscope.models.checkpoints import checkpoint_preprocess, seal
 from convscope.preprocess import Preprocess
 from convscope.training.checkpoint import (
@@ -59,7 +77,15 @@ from convscope.training.checkpoint import (
     rng_state,
     write_checkpoint,
 )
-from convscope.training.data import BatchTransform, TrainingData, load_training_data, parse_augment
+from convscope.training.data import (
+    BatchTransform,
+    Split,
+    TrainingData,
+    epoch_batches,
+    load_training_data,
+    parse_augment,
+    rank_share,
+)
 from convscope.training.evaluate import autocast_for, evaluate_split
 from convscope.training.transfer import FREEZE_MODES, Frozen, freeze_prefix, replace_head
 from convscope.types import LoadedModel
@@ -84,8 +110,10 @@ class TrainConfig:
         out_dir: the run folder.
         arch: registry name; ``None`` with ``init_from`` a checkpoint takes the checkpoint's.
         epochs: passes over the training split.
-        batch_size: images per step (a last partial batch is dropped, so every step has
-            the same size; a split smaller than one batch is one step).
+        batch_size: images per optimizer step, over all processes of a distributed run (the
+            global batch; each of N processes takes about batch_size / N of it). A last partial
+            batch is dropped, so every step has the same size; a split smaller than one batch is
+            one step.
         lr: peak learning rate (default per optimizer: adamw 3e-3, adam 1e-3, sgd 0.05).
         optimizer: ``adamw``, ``adam`` or ``sgd`` (Nesterov momentum 0.9).
         weight_decay: default per optimizer: adamw 0.05, adam 0, sgd 5e-4.
@@ -237,6 +265,7 @@ class TrainResult:
         skipped: ``(path, reason)`` of unreadable images.
         resumed_from: the epoch a resumed run continued from, else ``None``.
         evolution: the evolution picture, when snapshots were taken.
+        world_size: processes that trained (this process's run; 1 without torchrun).
     """
 
     run_dir: Path
@@ -252,6 +281,7 @@ class TrainResult:
     evolution: Path | None = None
     data: dict[str, Any] = field(default_factory=dict)
     test: dict[str, Any] | None = None
+    world_size: int = 1
 
     @property
     def best_checkpoint(self) -> Path:
@@ -394,14 +424,15 @@ class _Model:
     variant: str | None  # the surgery the module carries: the --from checkpoint's, then --variant
 
 
-def _build_model(config: TrainConfig, categories: tuple[str, ...], preprocess: Preprocess) -> _Model:
-    """The network to train, on its device, seeded by ``config.seed`` (global RNG already seeded)."""
-    from convscope.models.load import from_spec, load_model, resolve_device
+def _build_model(
+    config: TrainConfig, categories: tuple[str, ...], preprocess: Preprocess, device: torch.device
+) -> _Model:
+    """The network to train, on ``device``, seeded by ``config.seed`` (global RNG already seeded)."""
+    from convscope.models.load import from_spec, load_model
     from convscope.models.registry import get_spec
     from convscope.models.variants import apply_variant
 
     spec = get_spec(config.arch)  # type: ignore[arg-type]
-    device = resolve_device(config.device)
     inherited = None
     if config.init_from:
         source = load_model(config.arch, config.init_from, seed=config.seed, device="cpu")
@@ -536,8 +567,18 @@ def train(config: TrainConfig, progress: TrainProgressCallback | None = None) ->
     if saved is not None:
         _check_resume_config(config, _saved_config(saved, last_path), last_path)
     device = resolve_device(config.device)
-    with _run_environment(config, device):
-        return _train(config, saved, device, progress)
+    with init_from_env(device) as world:
+        if world.backend == "nccl":
+            device = world.device  # this rank's GPU, not cuda:0 for all
+        if config.batch_size < 2 * world.size:
+            raise BadArgument(
+                f"--batch-size {config.batch_size}",
+                f"is the global batch; {world.size} processes need at least {2 * world.size} (2 per process for BatchNorm)",
+            )
+        # Every rank has read last.pt and checked the options before rank 0 writes anything.
+        world.barrier()
+        with _run_environment(config, device):
+            return _train(config, saved, device, progress, world)
 
 
 def _check_resume_config(config: TrainConfig, saved: TrainConfig, path: Path) -> None:
@@ -554,7 +595,8 @@ def _check_resume_config(config: TrainConfig, saved: TrainConfig, path: Path) ->
 
 
 def _train(
-    config: TrainConfig, saved: dict[str, Any] | None, device: torch.device, progress: TrainProgressCallback | None
+    config: TrainConfig, saved: dict[str, Any] | None, device: torch.device, progress: TrainProgressCallback | None,
+    world: World,
 ) -> TrainResult:
     from convscope.imageio import atomic_write
 
@@ -570,7 +612,7 @@ def _train(
     )
     if len(data.train) < 2:
         raise DataError(config.data, f"has {len(data.train)} training image; training needs at least 2")
-    model = _build_model(config, data.categories, preprocess)
+    model = _build_model(config, data.categories, preprocess, device)
     module = model.loaded.module
     optimizer = _optimizer(config, module)
     data_generator = torch.Generator().manual_seed(config.seed)
@@ -584,54 +626,62 @@ def _train(
         history = list(saved["history"])
         best = dict(saved["best"])
         start_epoch = resumed_from = int(saved["epoch"])
-        _repair_after_kill(run_dir, saved)
-    else:
+        if world.is_rank0:
+            _repair_after_kill(run_dir, saved)
+    elif world.is_rank0:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(run_dir / "config.json", json.dumps(config.to_json(), indent=2) + "\n")
         atomic_write(run_dir / "data.json", json.dumps(data.describe(), indent=2) + "\n")
 
     selection = "val" if data.val is not None else "last"
-    evolution = _evolution(config, model.loaded, data, transform)
+    evolution = _evolution(config, model.loaded, data, transform) if world.is_rank0 else None
     if evolution is not None and 0 in config.snapshot_epochs and start_epoch == 0:
         notify(TrainProgress("snapshot", 0, config.epochs, 0, 1))
         _snapshot(run_dir, evolution, 0)
 
     started = time.perf_counter()
-    for epoch in range(start_epoch + 1, config.epochs + 1):
-        epoch_started = time.perf_counter()
-        metrics = _train_epoch(config, model, optimizer, data, transform, data_generator, epoch, device, progress)
-        train_seconds = time.perf_counter() - epoch_started
-        if data.val is not None:
-            notify(TrainProgress("eval", epoch, config.epochs, 0, len(data.val)))
-            scores = evaluate_split(
-                module, data.val, transform, data.categories, batch_size=max(256, config.batch_size),
-                precision=config.precision,
+    # The DDP wrapper is built after the restore, so every rank starts from the same weights (it
+    # also broadcasts rank 0's); BatchNorm and Dropout act on the global batch, as in one process.
+    with world.global_batch(module):
+        trainer = world.data_parallel(module)
+        for epoch in range(start_epoch + 1, config.epochs + 1):
+            epoch_started = time.perf_counter()
+            metrics = _train_epoch(
+                config, model, trainer, optimizer, data, transform, data_generator, epoch, device, progress, world
             )
-            metrics["val_loss"] = scores.loss
-            metrics["val_accuracy"] = scores.accuracy
-        _check_finite(run_dir, module, metrics, epoch, config)
-        metrics["images_per_second"] = metrics.pop("_seen") / train_seconds if train_seconds > 0 else None
-        metrics["epoch_seconds"] = time.perf_counter() - epoch_started
-        if evolution is not None and epoch in config.snapshot_epochs:
-            notify(TrainProgress("snapshot", epoch, config.epochs, 0, 1))
-            _snapshot(run_dir, evolution, epoch)
-        history.append(metrics)
-        # Validation accuracy alone picks best.pt; without a validation split, the latest epoch.
-        improved = selection == "last" or "val_accuracy" not in best or metrics["val_accuracy"] > best["val_accuracy"]
-        if improved:
-            best = dict(metrics)
-        _save(run_dir, config, model, optimizer, data_generator, epoch, metrics, history, best, improved)
-        notify(TrainProgress("epoch", epoch, config.epochs, epoch, config.epochs, metrics=metrics))
+            train_seconds = time.perf_counter() - epoch_started
+            if data.val is not None:
+                notify(TrainProgress("eval", epoch, config.epochs, 0, len(data.val)))
+                metrics["val_loss"], metrics["val_accuracy"] = _evaluate_shared(
+                    world, module, data.val, transform, data.categories, batch_size=max(256, config.batch_size),
+                    precision=config.precision,
+                )
+            _check_finite(run_dir, module, metrics, epoch, config)
+            metrics["images_per_second"] = metrics.pop("_seen") / train_seconds if train_seconds > 0 else None
+            metrics["epoch_seconds"] = time.perf_counter() - epoch_started
+            if evolution is not None and epoch in config.snapshot_epochs:  # rank 0 only
+                notify(TrainProgress("snapshot", epoch, config.epochs, 0, 1))
+                _snapshot(run_dir, evolution, epoch)
+            history.append(metrics)
+            # Validation accuracy alone picks best.pt; without a validation split, the latest epoch.
+            improved = selection == "last" or "val_accuracy" not in best or metrics["val_accuracy"] > best["val_accuracy"]
+            if improved:
+                best = dict(metrics)
+            if world.is_rank0:
+                _save(run_dir, config, model, optimizer, data_generator, epoch, metrics, history, best, improved)
+            notify(TrainProgress("epoch", epoch, config.epochs, epoch, config.epochs, metrics=metrics))
 
     test = None
-    if data.test is not None:
+    if data.test is not None and world.is_rank0:
         notify(TrainProgress("eval", config.epochs, config.epochs, 0, len(data.test)))
-        test = _test_best(run_dir, config, data, transform)
+        test = _test_best(run_dir, config, data, transform, device)
+    # Rank 0 read best.pt back; the others return its numbers too.
+    test = world.all_gather_object(test)[0]
     pictures = None
     if config.snapshot_epochs:
         from convscope.training.snapshots import write_evolution
 
-        pictures = write_evolution(run_dir)
+        pictures = write_evolution(run_dir) if world.is_rank0 else None
     result = TrainResult(
         run_dir=run_dir,
         config=config,
@@ -646,8 +696,10 @@ def _train(
         evolution=pictures[0] if pictures else None,
         data=data.describe(),
         test=test,
+        world_size=world.size,
     )
-    _write_result(result, model.variant, time.perf_counter() - started)
+    if world.is_rank0:
+        _write_result(result, model.variant, time.perf_counter() - started)
     return result
 
 
@@ -672,6 +724,7 @@ def _restore(
 def _train_epoch(
     config: TrainConfig,
     model: _Model,
+    trainer: nn.Module,
     optimizer: torch.optim.Optimizer,
     data: TrainingData,
     transform: BatchTransform,
@@ -679,27 +732,38 @@ def _train_epoch(
     epoch: int,
     device: torch.device,
     progress: TrainProgressCallback | None,
+    world: World,
 ) -> dict[str, Any]:
     """One pass over the training split; returns the epoch's train metrics (and ``_seen`` images).
 
+    ``trainer`` is the module to step (the DDP wrapper under torchrun). Every rank walks the same
+    global batches and trains on its share; the metrics are over the global batches.
+
     Raises:
-        TrainingDiverged: a step's loss is not finite (raised before that step updates anything).
+        TrainingDiverged: a step's loss is not finite (raised on every rank, before that step
+            updates anything).
     """
     module = model.loaded.module
-    module.train()
+    trainer.train()
     model.frozen.hold_eval(module)
-    n = len(data.train)
-    batch = min(config.batch_size, n)
-    steps = n // batch
+    batches = epoch_batches(len(data.train), config.batch_size, data_generator)
+    steps = len(batches)
     total_steps = steps * config.epochs
-    order = torch.randperm(n, generator=data_generator)
-    loss_sum = torch.zeros((), dtype=torch.float64)
-    correct = torch.zeros((), dtype=torch.int64)
+    # Augmentation draws per image from the shared generator: a rank augments the whole global
+    # batch and keeps its share, so the generator (and every image's augmentation) follows a
+    # one-process run. Without augmentation a rank converts its share only.
+    whole_batch = world.distributed and bool(transform.augment)
+    totals = torch.zeros(2, dtype=torch.float64)  # loss sum, correct
     seen = 0
     lr = 0.0
-    for step in range(steps):
-        index = order[step * batch : (step + 1) * batch]
-        x = transform(data.train.images[index], data_generator).to(device, non_blocking=True)
+    for step, batch in enumerate(batches):
+        index = rank_share(batch, world.rank, world.size)
+        if whole_batch:
+            share = shard_range(len(batch), world.rank, world.size)
+            x = transform(data.train.images[batch], data_generator)[share.start : share.stop]
+        else:
+            x = transform(data.train.images[index], data_generator)
+        x = x.to(device, non_blocking=True)
         y = data.train.labels[index].to(device, non_blocking=True)
         if config.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -707,31 +771,58 @@ def _train_epoch(
         for group in optimizer.param_groups:
             group["lr"] = lr
         with autocast_for(device, config.precision):
-            logits = module(x)
+            logits = trainer(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
-        step_loss = loss.detach().double().cpu()
+        # DDP averages gradients over the ranks; weighting each rank's mean by its share of the
+        # global batch makes that average the gradient of the global batch's mean loss (the weight
+        # is exactly 1.0 in a one-process run).
+        weighted = loss * (len(index) * world.size / len(batch))
+        with torch.no_grad():
+            local = torch.stack([loss.detach().double().cpu() * len(index), (logits.argmax(dim=1) == y).sum().double().cpu()])
+        step_totals = world.all_reduce_sum(local)
+        step_loss = step_totals[0] / len(batch)
         if not bool(torch.isfinite(step_loss)):
             raise _diverged(
                 Path(config.out_dir), config, epoch, f"the loss became {float(step_loss)} at step {step + 1} of {steps}"
             )
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        weighted.backward()
         optimizer.step()
-        with torch.no_grad():
-            loss_sum += step_loss * len(index)
-            correct += (logits.argmax(dim=1) == y).sum().cpu()
-        seen += len(index)
+        totals += step_totals
+        seen += len(batch)
         if progress is not None:
             progress(
-                TrainProgress("train", epoch, config.epochs, step + 1, steps, float(loss_sum) / seen, int(correct) / seen)
+                TrainProgress(
+                    "train", epoch, config.epochs, step + 1, steps, float(totals[0]) / seen, float(totals[1]) / seen
+                )
             )
     return {
         "epoch": epoch,
         "lr": lr,
-        "train_loss": float(loss_sum) / seen,
-        "train_accuracy": int(correct) / seen,
+        "train_loss": float(totals[0]) / seen,
+        "train_accuracy": int(totals[1]) / seen,
         "_seen": seen,
     }
+
+
+def _evaluate_shared(
+    world: World, module: nn.Module, split: Split, transform: BatchTransform, categories: tuple[str, ...], *,
+    batch_size: int, precision: str,
+) -> tuple[float, float]:
+    """``(loss, accuracy)`` of ``module`` on ``split``, each rank scoring its contiguous share."""
+    if not world.distributed:
+        scores = evaluate_split(module, split, transform, categories, batch_size=batch_size, precision=precision)
+        return scores.loss, scores.accuracy
+    share = shard_range(len(split), world.rank, world.size)
+    local = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count
+    if len(share):
+        part = split.subset(torch.arange(share.start, share.stop))
+        scores = evaluate_split(module, part, transform, categories, batch_size=batch_size, precision=precision)
+        local = torch.tensor(
+            [scores.loss * scores.count, float(scores.confusion.diag().sum()), scores.count], dtype=torch.float64
+        )
+    total = world.all_reduce_sum(local)
+    return float(total[0] / total[2]), float(total[1] / total[2])
 
 
 def _check_finite(run_dir: Path, module: nn.Module, metrics: dict[str, Any], epoch: int, config: TrainConfig) -> None:
@@ -754,12 +845,14 @@ def _diverged(run_dir: Path, config: TrainConfig, epoch: int, what: str) -> Trai
     return TrainingDiverged(str(run_dir), f"training diverged in epoch {epoch}: {what}; stopped, {kept}", hint)
 
 
-def _test_best(run_dir: Path, config: TrainConfig, data: TrainingData, transform: BatchTransform) -> dict[str, Any]:
+def _test_best(
+    run_dir: Path, config: TrainConfig, data: TrainingData, transform: BatchTransform, device: torch.device
+) -> dict[str, Any]:
     """Score ``best.pt`` on the test split, loaded as a user would load it (float32, no augmentation)."""
     from convscope.models.load import load_model
 
     assert data.test is not None
-    chosen = load_model(weights=run_dir / "best.pt", device=config.device)
+    chosen = load_model(weights=run_dir / "best.pt", device=str(device))
     epoch = int(read_checkpoint(run_dir / "best.pt")["epoch"])
     scores = evaluate_split(
         chosen.module, data.test, transform, data.categories, batch_size=max(256, config.batch_size)
@@ -771,6 +864,7 @@ def _test_best(run_dir: Path, config: TrainConfig, data: TrainingData, transform
 def _write_result(result: TrainResult, variant: str | None, elapsed: float) -> None:
     from convscope.imageio import atomic_write
 
+    batch = min(result.config.batch_size, int(result.data["splits"]["train"]))
     payload = {
         "arch": result.config.arch,
         "variant": variant,
@@ -786,6 +880,12 @@ def _write_result(result: TrainResult, variant: str | None, elapsed: float) -> N
         "parameters": result.parameters,
         "trainable_parameters": result.trainable,
         "skipped_images": len(result.skipped),
+        "world_size": result.world_size,
+        "batch_size": {
+            "global": result.config.batch_size,
+            "per_process": [len(shard_range(batch, rank, result.world_size)) for rank in range(result.world_size)],
+            "meaning": "images per optimizer step over all processes (-b is the global batch)",
+        },
         "elapsed_seconds_this_process": elapsed,
     }
     atomic_write(result.run_dir / "result.json", json.dumps(payload, indent=2, allow_nan=False) + "\n")

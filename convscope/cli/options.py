@@ -54,15 +54,19 @@ SeedOpt = Annotated[
 def check_device(value: str) -> str:
     """``--device``: auto, cpu, cuda, cuda:N or mps; anything else is one error line.
 
-    torch accepts more (``meta``, ``xpu``...), but convscope needs real tensors on a device it can run.
+    The well-formed names pass here without importing torch (whether the machine has the device is
+    checked when the model is loaded); anything else gets the library's own message from
+    ``models.load.resolve_device``, the one place that judges devices.
     """
-    from convscope.errors import BadArgument
-
     text = value.strip().lower()
     kind, _, index = text.partition(":")
     if text in ("auto", "cpu", "cuda", "mps") or (kind == "cuda" and index.isdigit()):
         return text
-    raise BadArgument(f"--device {value}", "not a device convscope can run on (use auto, cpu, cuda, cuda:N or mps)")
+    from convscope.errors import BadArgument
+    from convscope.models.load import DEVICE_CHOICES, resolve_device
+
+    resolve_device(value)  # raises BadArgument naming what is wrong with this device
+    raise BadArgument(f"--device {value}", "not a device convscope can run on", f"use {DEVICE_CHOICES}")
 
 
 DeviceOpt = Annotated[

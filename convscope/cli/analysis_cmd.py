@@ -22,7 +22,6 @@ from convscope.cli.options import (
     ImagesArg,
     JsonOpt,
     LayerOpt,
-    LayersOpt,
     ModelOpt,
     OutDirOpt,
     SeedOpt,
@@ -86,6 +85,19 @@ def _finish(out: OutputDir, command: str, options: dict[str, Any], record: Any, 
 # ---------------------------------------------------------------- invariance
 
 
+# --layers is these commands' documented spelling; --layer/-l, the other commands' one, works too.
+InvarianceLayersOpt = Annotated[
+    list[str] | None,
+    typer.Option("--layers", "--layer", "-l", help="Layer aliases or module paths; repeat or comma-separate "
+                 "(default: the first conv stage and classifier_input, the input of the last Linear)."),
+]
+CorrespondenceLayersOpt = Annotated[
+    list[str] | None,
+    typer.Option("--layers", "--layer", "-l", help="Layer aliases or module paths; repeat or comma-separate "
+                 "(default: the last conv stage and classifier_input)."),
+]
+
+
 @app.command("invariance")
 def invariance_command(
     images: ImagesArg,
@@ -95,7 +107,7 @@ def invariance_command(
         typer.Option("--amounts", help="Comma list or start:stop:step (default: the paper's -60..60 px, "
                      "1.0..1.8, 0..360 degrees). Use --amounts=-60,... for negative values."),
     ] = None,
-    layers: LayersOpt = None,
+    layers: InvarianceLayersOpt = None,
     target: TargetOpt = None,
     pad: Annotated[str, typer.Option("--pad", help="Uncovered border: mean (the image's mean colour) or reflect.")] = "mean",
     output: OutDirOpt = Path("convscope-out"),
@@ -165,7 +177,7 @@ def correspondence_command(
     images: ImagesArg,
     parts: Annotated[Path, typer.Option("--parts", help="JSON: part name -> [top, left, bottom, right] in image "
                                         "pixels, one box per image, or {image file name: box}.")],
-    layers: LayersOpt = None,
+    layers: CorrespondenceLayersOpt = None,
     random: Annotated[int, typer.Option("--random", min=0, help="Random boxes for the control.")] = 10,
     window: Annotated[int, typer.Option("--window", min=0, help="0: the boxes as given; N: N x N squares "
                                         "centred on them.")] = 0,

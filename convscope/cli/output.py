@@ -247,11 +247,13 @@ class OutputDir:
             path = atomic_write(target, data)
         except OSError as exc:  # disk full, folder removed or made read-only during the run
             raise OutputError(str(target), f"cannot write: {_reason(exc)}") from exc
-        self.written.append(path.name)
-        self._checksums[path.name] = hashlib.sha256(data).hexdigest()
+        # Relative to the folder, so files in sub-folders (patches' LAYER/channel_K.png) keep them.
+        name = path.relative_to(self.root).as_posix()
+        self.written.append(name)
+        self._checksums[name] = hashlib.sha256(data).hexdigest()
         if source is not None:
-            self.sources.setdefault(str(source), []).append(path.name)
-        self._log({"name": path.name, "sha256": self._checksums[path.name],
+            self.sources.setdefault(str(source), []).append(name)
+        self._log({"name": name, "sha256": self._checksums[name],
                    "source": None if source is None else str(source), "pid": os.getpid(), "started": self._started})
         return path
 

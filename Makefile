@@ -38,7 +38,7 @@ bench: $(VENV)/.dev-installed
 	$(BIN)/python bench/classify.py
 
 lint: $(VENV)/.dev-installed
-	$(BIN)/ruff check convscope tests bench
+	$(BIN)/ruff check convscope tests bench tools
 	$(BIN)/mypy convscope
 
 # Mutation testing of the core numeric modules (not in CI). One mutmut run per module, each

@@ -85,7 +85,7 @@ def main() -> None:
                 target = int(module(image).argmax())
             forward = (time.perf_counter() - start) / 3
 
-        def softmax_model(x: torch.Tensor) -> torch.Tensor:
+        def softmax_model(x: torch.Tensor, module: torch.nn.Module = module) -> torch.Tensor:
             return torch.softmax(module(x), dim=1)
 
         # captum probe: time per perturbation at each ppe, skipping one warm-up batch.
@@ -113,7 +113,7 @@ def main() -> None:
                 probe[ppe] = (calls["stop"] - calls["start"]) / (ppe * args.probe_batches)
         ranked = sorted(probe, key=probe.get)[:2]
 
-        def run_captum(ppe: int) -> torch.Tensor:
+        def run_captum(ppe: int, image: torch.Tensor = image, target: int = target) -> torch.Tensor:
             with torch.no_grad():
                 return Occlusion(softmax_model).attribute(
                     image, sliding_window_shapes=(3, 16, 16), strides=(3, 8, 8), baselines=0.0,

@@ -87,13 +87,13 @@ def main() -> None:
         best_ours, best_peer = (math.inf, math.inf), (math.inf, math.inf)
         ours_maps = peer_maps = None
         for _ in range(args.repeats):
-            wall, cpu, result = timed(lambda: scorecam(loaded, x, layer=layer))
+            wall, cpu, result = timed(lambda layer=layer: scorecam(loaded, x, layer=layer))
             best_ours = (min(best_ours[0], wall), min(best_ours[1], cpu))
             ours_maps = result
             print(f"scorecam {layer}: ours {wall:.2f} s wall / {cpu:.2f} s CPU", flush=True)
             target = [ClassifierOutputTarget(int(result.targets[0]))]
 
-            def peer() -> Any:
+            def peer(module: Any = module, target: Any = target) -> Any:
                 with ScoreCAM(model=net, target_layers=[module]) as cam:
                     return cam(input_tensor=x, targets=target)
 

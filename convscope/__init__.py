@@ -48,7 +48,7 @@ _EXPORTS = {
     "tune_cpu": "convscope.runtime:tune_cpu",
 }
 
-__all__ = sorted([*_EXPORTS, "__version__"])
+__all__ = sorted([*_EXPORTS, "__version__"])  # noqa: PLE0605 - built from _EXPORTS, one list of names
 
 
 # Subpackages reachable as attributes (``convscope.render.pictures...``) without an import line.

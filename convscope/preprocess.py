@@ -98,8 +98,8 @@ class Preprocess:
         if scale != 1.0 or box is not None:
             image = image.resize(size, Image.Resampling.BILINEAR, box=box)
         w, h = image.size
-        left = int(round((w - self.crop) / 2.0))
-        top = int(round((h - self.crop) / 2.0))
+        left = round((w - self.crop) / 2.0)
+        top = round((h - self.crop) / 2.0)
         return _without_source(image.crop((left, top, left + self.crop, top + self.crop)))
 
     def _stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

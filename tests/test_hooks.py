@@ -62,9 +62,8 @@ def test_hooks_removed_when_the_block_raises(tiny_cnn, assert_no_side_effects) -
 
 
 def test_hooks_removed_when_the_model_raises(tiny_cnn) -> None:
-    with pytest.raises(RuntimeError):
-        with capture(tiny_cnn, {"conv1": tiny_cnn.conv1}):
-            tiny_cnn(torch.randn(1, 5, 16, 16))  # wrong channel count
+    with pytest.raises(RuntimeError), capture(tiny_cnn, {"conv1": tiny_cnn.conv1}):
+        tiny_cnn(torch.randn(1, 5, 16, 16))  # wrong channel count
     assert not tiny_cnn.conv1._forward_hooks
 
 
@@ -74,9 +73,8 @@ def test_eval_mode_restores_each_flag(tiny_cnn) -> None:
     with eval_mode(tiny_cnn):
         assert not any(m.training for m in tiny_cnn.modules())
     assert tiny_cnn.training and tiny_cnn.conv1.training and not tiny_cnn.conv2.training
-    with pytest.raises(ValueError):
-        with eval_mode(tiny_cnn):
-            raise ValueError("x")
+    with pytest.raises(ValueError), eval_mode(tiny_cnn):
+        raise ValueError("x")
     assert tiny_cnn.training and not tiny_cnn.conv2.training
 
 

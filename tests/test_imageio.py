@@ -524,10 +524,9 @@ def test_atomic_path_success(tmp_path: Path) -> None:
 def test_atomic_path_failure_leaves_old_content(tmp_path: Path) -> None:
     target = tmp_path / "weights.pt"
     target.write_bytes(b"old")
-    with pytest.raises(RuntimeError, match="writer crashed"):
-        with atomic_path(target) as temp:
-            temp.write_bytes(b"half")
-            raise RuntimeError("writer crashed")
+    with pytest.raises(RuntimeError, match="writer crashed"), atomic_path(target) as temp:
+        temp.write_bytes(b"half")
+        raise RuntimeError("writer crashed")
     assert target.read_bytes() == b"old"
     assert os.listdir(tmp_path) == ["weights.pt"]
 

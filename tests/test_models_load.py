@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision.transforms as T
+from conftest import grace_hopper_path
 from PIL import Image
 
 import convscope
@@ -16,8 +17,6 @@ from convscope.errors import BadWeightsFile, WeightsMismatch, WeightsUnavailable
 from convscope.models.load import load_model, wrap_model
 from convscope.models.weights import CHECKPOINT_FORMAT
 from convscope.training.checkpoint import make_checkpoint
-
-from conftest import grace_hopper_path
 
 CAT_CLASSES = set(range(281, 286))  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 

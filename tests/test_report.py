@@ -120,8 +120,8 @@ def test_explore_never_replaces_a_file_it_did_not_write(tmp_path: Path) -> None:
     out = _explore(skimage_photo("coffee.png"), mine)
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [
-        f"error: {mine}: exists and was not written by convscope; it is left as it is "
-        "(remove it or choose another file name)"]
+        (f"error: {mine}: exists and was not written by convscope; it is left as it is "
+         "(remove it or choose another file name)")]
     assert mine.read_text(encoding="utf-8") == "<html><body>my thesis notes</body></html>"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.html"]
 

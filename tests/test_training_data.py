@@ -18,7 +18,12 @@ from convscope.models.labels import DIGITS, FASHION_MNIST
 from convscope.models.registry import get_spec
 from convscope.preprocess import Preprocess
 from convscope.training.ablation import apply_variant, count_parameters, parse_variant
-from convscope.training.checkpoint import CheckpointWriteError, make_checkpoint, read_checkpoint, write_checkpoint
+from convscope.training.checkpoint import (
+    CheckpointWriteError,
+    make_checkpoint,
+    read_checkpoint,
+    write_checkpoint,
+)
 from convscope.training.data import (
     BatchTransform,
     Split,

@@ -509,12 +509,12 @@ def demo_command(
 
 
 # Command modules register themselves on `app` when imported.
+from convscope.cli import analysis_cmd as _analysis  # noqa: F401
 from convscope.cli import explain as _explain  # noqa: F401
 from convscope.cli import occlusion_cmd as _occlusion  # noqa: F401
-from convscope.cli import train_cmd as _train  # noqa: F401
 from convscope.cli import patches_cmd as _patches  # noqa: F401
+from convscope.cli import train_cmd as _train  # noqa: F401
 from convscope.cli import web_cmd as _web  # noqa: F401
-from convscope.cli import analysis_cmd as _analysis  # noqa: F401
 
 
 def reflow_help(doc: str) -> str:

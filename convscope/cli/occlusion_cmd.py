@@ -175,7 +175,7 @@ def occlusion_command(
             "precision": result.stats.precision,
             "fallback": result.stats.fallback or None,
         }
-        if activation is not None and result.channels is not None:
+        if activation is not None and result.activation is not None and result.channels is not None:
             files.append(out.png(f"{stem}_occlusion_activation.png", pictures["activation"], source=path))
             files.append(out.png(f"{stem}_occlusion_activation_map.png",
                                  upscale(colorize(_normalised(result.activation[0].numpy())), 224), source=path))

@@ -41,10 +41,10 @@ def explore_command(
     """
     import time
 
+    from convscope.cli.output import prepare_file
     from convscope.cli.progress import progress_bar
     from convscope.explore import explore
     from convscope.imageio import load_image
-    from convscope.cli.output import prepare_file
     from convscope.render.report import is_convscope_report, write_report
 
     if output.suffix.lower() not in (".html", ".htm"):

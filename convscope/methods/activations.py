@@ -94,7 +94,7 @@ def feature_maps(
     if max_channels < 1:
         raise BadArgument("--max", f"must be at least 1, got {max_channels}")
     loaded, batch = prepare(model, images)
-    path, module = resolve_layer(loaded, layer)
+    _, module = resolve_layer(loaded, layer)
     with eval_mode(loaded.module), torch.inference_mode(), capture(loaded.module, {layer: module}) as store:
         loaded.module(batch)
         output = _spatial(layer, store.last(layer)).float()

@@ -313,8 +313,8 @@ def occlusion(
                 layer_module, channel, batch_size, "full" if mode == "full" else "exact", progress,
             )
             del recorded
-            for key in outputs:
-                outputs[key].append(result[key])
+            for key, collected in outputs.items():
+                collected.append(result[key])
             clean_probability.append(result["clean_probability"])
             chosen_channels.append(result["channel"])
             clean_activation.append(result["clean_activation"])

@@ -24,7 +24,6 @@ from convscope.models.weights import (
 from convscope.preprocess import IMAGENET, Preprocess
 from convscope.types import LoadedModel
 
-
 DEVICE_CHOICES = "auto, cpu, cuda, cuda:N or mps"
 
 

@@ -52,10 +52,10 @@ def summary_table(result: ModelSummary) -> str:
     lines += [
         "",
         f"model: {result.model}   input: {c}x{h}x{w}",
-        f"total params: {result.total_params:,}   trainable: {result.trainable_params:,}   "
-        f"size: {result.param_bytes / 2**20:.2f} MB",
-        f"mult-adds: {_human(result.total_mult_adds)}   "
-        f"activations (forward, one image): {result.activation_bytes / 2**20:.2f} MB",
+        (f"total params: {result.total_params:,}   trainable: {result.trainable_params:,}   "
+         f"size: {result.param_bytes / 2**20:.2f} MB"),
+        (f"mult-adds: {_human(result.total_mult_adds)}   "
+         f"activations (forward, one image): {result.activation_bytes / 2**20:.2f} MB"),
     ]
     lines += [f"note: {n}" for n in result.notes]
     return "\n".join(lines)

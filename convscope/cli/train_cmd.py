@@ -31,6 +31,10 @@ RunDirOpt = Annotated[
     Path, typer.Option("--output", "-o", readable=False, help="Run folder (created): checkpoints, metrics, pictures.")
 ]
 EpochsOpt = Annotated[int | None, typer.Option("--epochs", "-e", min=1, help="Passes over the training data (default: 10).")]
+TrainEpochsOpt = Annotated[
+    int | None,
+    typer.Option("--epochs", "-e", min=1, help="Passes over the training data (default: 10); with --resume: extend to N."),
+]
 BatchOpt = Annotated[int | None, typer.Option("--batch-size", "-b", min=2, help="Images per step; under torchrun the global batch over all processes (default: 128).")]
 LrOpt = Annotated[
     float | None, typer.Option("--lr", help="Peak learning rate (default: adamw 3e-3, adam 1e-3, sgd 0.05).")
@@ -127,7 +131,7 @@ def train_command(
     output: RunDirOpt,
     data: DataOpt = None,
     arch: ArchOpt = None,
-    epochs: EpochsOpt = None,
+    epochs: TrainEpochsOpt = None,
     batch_size: BatchOpt = None,
     lr: LrOpt = None,
     optimizer: OptimizerOpt = None,
@@ -162,7 +166,14 @@ def train_command(
         bool | None, typer.Option("--channels-last/--no-channels-last", help="NHWC tensors (can be faster on CPU).")
     ] = None,
     device: DeviceOpt = "auto",
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --output from its last.pt.")] = False,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue the run in --output from its last.pt. With --epochs N, extend it (finished or "
+            "not) to N epochs; the learning-rate schedule is then re-planned over N.",
+        ),
+    ] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Train a model on Fashion-MNIST, digits or an image folder; checkpoints each epoch, resumable.
@@ -173,10 +184,16 @@ def train_command(
     pictures (evolution.png). Checkpoints carry a checksum and are verified when read.
     Use the result anywhere with --weights RUN/best.pt.
 
+    Extending a run: --resume --epochs N trains on to N epochs (N below the epochs done is refused).
+    The learning-rate schedule is defined over all epochs and is re-planned over N: the new epochs
+    get the rate a run started with --epochs N has at those steps, so in a finished onecycle or cosine
+    run the rate rises again (a warm restart) and decays to the floor by epoch N.
+
     Examples:
       convscope train --data fashion-mnist --arch zfnet_mnist --epochs 20 -b 128 --precision bf16 \\
           --channels-last --augment crop,flip --label-smoothing 0.1 -o runs/fm   (93.3-93.6 % in ~6 min, 2 cores)
       convscope train -o runs/fm --resume
+      convscope train -o runs/fm --resume --epochs 30   (extend to 30 epochs)
       torchrun --nproc-per-node 2 -m convscope train --data fashion-mnist --arch zfnet_mnist -b 128 -o runs/ddp
           (DistributedDataParallel: -b is the global batch; rank 0 writes the run folder)
       convscope train --data flowers/ --from runs/fm/best.pt --freeze features -o runs/transfer
@@ -201,13 +218,22 @@ def train_command(
         prepare_folder(output)
     with _run_folder(output, "train") if rank0 else nullcontext(), _train_display() as show:
         if resume:
-            # Options not repeated come from the run; repeated ones must agree (the library checks).
-            config = dataclasses.replace(load_run_config(output), **given, out_dir=str(output), device=device, resume=True)
+            # Options not repeated come from the run; repeated ones must agree (the library checks),
+            # except --epochs, which extends the run.
+            recorded = load_run_config(output)
+            config = dataclasses.replace(recorded, **given, out_dir=str(output), device=device, resume=True)
         else:
+            recorded = None
             config = TrainConfig(out_dir=str(output), device=device, **given)
         result = train(config, show if rank0 else None)
     if not rank0:
         return
+    if recorded is not None and config.epochs != recorded.epochs:
+        typer.echo(
+            f"note: {output}: extended from epoch {result.resumed_from} (planned: {recorded.epochs}) to "
+            f"{config.epochs} epochs; the learning-rate schedule was re-planned over {config.epochs} epochs",
+            err=True,
+        )
     if result.skipped:
         path, reason = result.skipped[0]
         typer.echo(
@@ -215,9 +241,11 @@ def train_command(
             f"first: {path}: {reason}",
             err=True,
         )
+    for note in result.notes:
+        typer.echo(f"note: {note}", err=True)
     if json_out:
         typer.echo(json.dumps({
-            "run_dir": str(result.run_dir), "best_epoch": result.best_epoch, "selection": result.selection,
+            "notes": list(result.notes), "run_dir": str(result.run_dir), "best_epoch": result.best_epoch, "selection": result.selection,
             "validation": result.data.get("validation"), "best": result.best, "test": result.test, "parameters": result.parameters, "trainable_parameters": result.trainable,
             "skipped": len(result.skipped), "evolution": str(result.evolution) if result.evolution else None,
             "world_size": result.world_size,
@@ -261,11 +289,19 @@ def evaluate_command(
     """
     from convscope.models.load import load_model
     from convscope.render.training import confusion_picture
-    from convscope.training.evaluate import evaluate
+    from convscope.training.evaluate import evaluate, trained_on
 
     out = OutputDir(output) if output is not None else None
     loaded = load_model(model, weights, device=device)
-    result = evaluate(loaded, data, split=split, batch_size=batch_size, limit=limit)
+    trained = trained_on(weights) if Path(weights).is_file() else None
+    result = evaluate(loaded, data, split=split, batch_size=batch_size, limit=limit, trained=trained)
+    if result.note:
+        typer.echo(f"note: {result.note}", err=True)
+    if result.includes_training and split != "train":
+        typer.echo(
+            f"warning: {data} includes images {weights} was trained on: accuracy is optimistic "
+            "(the run held none out; evaluate on a separate folder)", err=True,
+        )
     payload = {"weights": weights, "data": data, "model": loaded.name, **result.as_dict()}
     written: list[Path] = []
     if out is not None:

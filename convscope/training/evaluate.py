@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -29,6 +30,10 @@ class Evaluation:
         per_class: ``(K,)`` float32 recall of each class (NaN for a class with no image).
         confusion: ``(K, K)`` int64, rows true class, columns predicted class.
         categories: the K class names.
+        note: how the split was chosen, when that needs saying (the run's held-out split of its
+            own training folder).
+        includes_training: the images include ones the model was trained on (known when the
+            checkpoint records its training data; see ``TrainedOn``).
     """
 
     split: str
@@ -38,6 +43,8 @@ class Evaluation:
     per_class: torch.Tensor
     confusion: torch.Tensor
     categories: tuple[str, ...]
+    note: str | None = None
+    includes_training: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -52,7 +59,56 @@ class Evaluation:
             },
             "confusion": self.confusion.tolist(),
             "categories": list(self.categories),
+            "note": self.note,
+            "includes_training_images": self.includes_training,
         }
+
+
+@dataclass(frozen=True)
+class TrainedOn:
+    """The data a checkpoint's run trained on, as its ``config`` records it.
+
+    Attributes:
+        data: ``fashion-mnist``, ``digits`` or the folder, as given to ``train``.
+        val_split: the run's ``--val-split`` (``None``: the default fraction). The held-out split
+            is seeded independently of the run's seed (``load_training_data``'s ``split_seed``), so
+            data, fraction and the model's preprocessing rebuild it exactly.
+    """
+
+    data: str
+    val_split: float | None
+
+    def matches(self, data: str | os.PathLike[str]) -> bool:
+        """Whether ``data`` names the same dataset or folder (paths compared resolved)."""
+        from pathlib import Path
+
+        from convscope.training.data import BUILTIN_DATASETS
+
+        name = os.fspath(data)
+        if name in BUILTIN_DATASETS or self.data in BUILTIN_DATASETS:
+            return name == self.data
+        try:
+            return Path(name).resolve() == Path(self.data).resolve()
+        except (OSError, RuntimeError):
+            return False
+
+
+def trained_on(weights: str | os.PathLike[str]) -> TrainedOn | None:
+    """The training data a convscope checkpoint records, or ``None`` (plain weights, no record).
+
+    Raises:
+        BadWeightsFile: unreadable or damaged file (as ``load_model``).
+    """
+    from convscope.models.weights import is_checkpoint, read_weights_file
+
+    saved = read_weights_file(weights)
+    config = saved.get("config") if is_checkpoint(saved) else None
+    if not isinstance(config, dict) or not isinstance(config.get("data"), str):
+        return None
+    val_split = config.get("val_split")
+    if val_split is not None and not isinstance(val_split, (int, float)):
+        return None
+    return TrainedOn(config["data"], None if val_split is None else float(val_split))
 
 
 def autocast_for(device: torch.device, precision: str) -> Any:
@@ -150,6 +206,7 @@ def evaluate(
     limit: int | None = None,
     precision: str = "fp32",
     progress: Callable[[int], None] | None = None,
+    trained: TrainedOn | None = None,
 ) -> Evaluation:
     """Score a classifier on a dataset split.
 
@@ -162,6 +219,11 @@ def evaluate(
             default to choose ``best.pt``: same fraction and seed), ``train`` (the training images
             without that split), or ``all`` (train + val + test).
         limit: cap the split at this many images (seeded subset).
+        trained: the data the model was trained on (read from ``model`` when it is a checkpoint
+            path; ``trained_on(path)`` otherwise). On that same folder, ``auto`` and ``val`` mean
+            the run's own held-out split (its ``val_split``), so no training image is scored;
+            when the run held nothing out, ``auto`` scores every image and the result says
+            ``includes_training``.
 
     Raises:
         BadArgument: unknown split, or a split the data does not have.
@@ -173,21 +235,33 @@ def evaluate(
 
     if split not in SPLITS:
         raise BadArgument(f"--split {split}", "unknown split", "choose from: " + ", ".join(SPLITS))
-    loaded = model if not isinstance(model, (str, bytes)) and hasattr(model, "module") else load_model(weights=model)
-    flat_folder = data not in ("fashion-mnist", "digits") and split in ("auto", "all")
+    if isinstance(model, (str, os.PathLike)):
+        trained = trained or trained_on(model)
+        loaded = load_model(weights=model)
+    else:
+        loaded = model
+    own = trained is not None and trained.matches(data)
+    run_val_split = trained.val_split if own and trained is not None else None
+    flat_folder = data not in ("fashion-mnist", "digits") and split in ("auto", "all") and not own
     dataset = load_training_data(
-        data, preprocess=loaded.preprocess, val_split=0.0 if flat_folder else None, limit=limit
+        data, preprocess=loaded.preprocess, val_split=0.0 if flat_folder else run_val_split, limit=limit
     )
     parts = {"train": dataset.train, "val": dataset.val, "test": dataset.test}
+    note = None
     if split == "auto":
         chosen = dataset.test or dataset.val or dataset.train
         if chosen is dataset.train:
             chosen = Split("all", dataset.train.images, dataset.train.labels)
+        elif own and chosen is dataset.val and dataset.test is None:
+            note = (
+                f"{data} is the folder this model was trained on: scoring the run's held-out split "
+                f"({len(chosen)} images; {dataset.validation}), not its training images"
+            )
     elif split == "all":
         present = [s for s in parts.values() if s is not None]
         chosen = Split("all", torch.cat([s.images for s in present]), torch.cat([s.labels for s in present]))
     else:
-        if split == "val" and dataset.val is None and data not in ("fashion-mnist", "digits"):
+        if split == "val" and dataset.val is None and data not in ("fashion-mnist", "digits") and not own:
             dataset = load_training_data(data, preprocess=loaded.preprocess, limit=limit)
             parts["val"] = dataset.val
         found = parts[split]
@@ -195,9 +269,11 @@ def evaluate(
             have = ", ".join(name for name, s in parts.items() if s is not None)
             raise BadArgument(f"--split {split}", f"{data} has no {split} split", f"it has: {have}")
         chosen = found
+    includes_training = own and (split in ("train", "all") or chosen.name == "all")
     mapping = label_mapping(dataset.categories, loaded.categories, data)
     transform = BatchTransform(loaded.preprocess)
-    return evaluate_split(
+    result = evaluate_split(
         loaded.module, chosen, transform, tuple(loaded.categories), batch_size=batch_size,
         precision=precision, label_map=mapping, progress=progress,
     )
+    return replace(result, note=note, includes_training=includes_training)

@@ -39,6 +39,12 @@ Determinism: one seed drives the model's initialisation, a data generator (epoch
 augmentation) and the global RNG (dropout). Their states go into ``last.pt`` at the end of every
 epoch, so a run killed at any moment and resumed with ``resume=True`` retraces the uninterrupted
 run exactly (same thread count and device assumed).
+
+Extending: resuming with a larger ``epochs`` (``train --resume --epochs N``) continues a finished
+or unfinished run to N epochs. The learning-rate schedule is defined over all epochs, and it is
+re-planned over N: every remaining step gets the rate a run started with ``--epochs N`` has at that
+step. For a finished ``onecycle``/``cosine`` run that raises the rate again (a warm restart) and
+decays it to the floor by epoch N; resuming the extended run later retraces it exactly.
 """
 
 from __future__ import annotations
@@ -87,7 +93,7 @@ from convscope.training.data import (
     rank_share,
 )
 from convscope.training.evaluate import autocast_for, evaluate_split
-from convscope.training.transfer import FREEZE_MODES, Frozen, freeze_prefix, replace_head
+from convscope.training.transfer import FREEZE_MODES, Frozen, freeze_prefix, grayscale_note, replace_head
 from convscope.types import LoadedModel
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
@@ -97,8 +103,9 @@ DEFAULT_LR = {"adamw": 3e-3, "adam": 1e-3, "sgd": 0.05}
 DEFAULT_WEIGHT_DECAY = {"adamw": 0.05, "adam": 0.0, "sgd": 5e-4}
 PRETRAINED = "pretrained"
 PROBE_COUNT = 32
-# Options that may differ when resuming (they do not change the computation's result).
-_RESUME_FREE = ("resume", "out_dir", "device")
+# Options that may differ when resuming (they do not change the computation's result; a new
+# ``epochs`` re-plans the learning-rate schedule, see ``_check_resume_epochs``).
+_RESUME_FREE = ("resume", "out_dir", "device", "epochs")
 
 
 @dataclass(frozen=True)
@@ -266,6 +273,8 @@ class TrainResult:
         resumed_from: the epoch a resumed run continued from, else ``None``.
         evolution: the evolution picture, when snapshots were taken.
         world_size: processes that trained (this process's run; 1 without torchrun).
+        notes: facts about the input a user should know (``grayscale_note``); also in
+            ``result.json``.
     """
 
     run_dir: Path
@@ -282,6 +291,7 @@ class TrainResult:
     data: dict[str, Any] = field(default_factory=dict)
     test: dict[str, Any] | None = None
     world_size: int = 1
+    notes: tuple[str, ...] = ()
 
     @property
     def best_checkpoint(self) -> Path:
@@ -566,6 +576,7 @@ def train(config: TrainConfig, progress: TrainProgressCallback | None = None) ->
     config = resolve_config(config)
     if saved is not None:
         _check_resume_config(config, _saved_config(saved, last_path), last_path)
+        _check_resume_epochs(config, saved, last_path)
     device = resolve_device(config.device)
     with init_from_env(device) as world:
         if world.backend == "nccl":
@@ -591,6 +602,20 @@ def _check_resume_config(config: TrainConfig, saved: TrainConfig, path: Path) ->
         raise BadArgument(
             str(path), "the run was started with other options: " + "; ".join(differences[:4]) + " (given vs saved)",
             "resume with the same options (or none: they are read from the run), or start a new run with --from",
+        )
+
+
+def _check_resume_epochs(config: TrainConfig, saved: dict[str, Any], path: Path) -> None:
+    """A resumed run may be extended (or an unfinished one shortened) but never below what is done.
+
+    The schedule is a function of the step and ``config.epochs``, so a new ``epochs`` re-plans it:
+    the remaining epochs get the learning rate a run started with that ``epochs`` has at those steps.
+    """
+    done = int(saved["epoch"])
+    if config.epochs < done:
+        raise BadArgument(
+            f"--epochs {config.epochs}", f"{path.parent} has already trained {done} epochs",
+            f"give --epochs {done} or more to extend it",
         )
 
 
@@ -628,6 +653,8 @@ def _train(
         start_epoch = resumed_from = int(saved["epoch"])
         if world.is_rank0:
             _repair_after_kill(run_dir, saved)
+            if saved["config"].get("epochs") != config.epochs:
+                atomic_write(run_dir / "config.json", json.dumps(config.to_json(), indent=2) + "\n")
     elif world.is_rank0:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(run_dir / "config.json", json.dumps(config.to_json(), indent=2) + "\n")
@@ -697,6 +724,7 @@ def _train(
         data=data.describe(),
         test=test,
         world_size=world.size,
+        notes=tuple(n for n in (grayscale_note(config.data, preprocess, config.arch or ""),) if n),
     )
     if world.is_rank0:
         _write_result(result, model.variant, time.perf_counter() - started)
@@ -886,6 +914,7 @@ def _write_result(result: TrainResult, variant: str | None, elapsed: float) -> N
             "per_process": [len(shard_range(batch, rank, result.world_size)) for rank in range(result.world_size)],
             "meaning": "images per optimizer step over all processes (-b is the global batch)",
         },
+        "notes": list(result.notes),
         "elapsed_seconds_this_process": elapsed,
     }
     atomic_write(result.run_dir / "result.json", json.dumps(payload, indent=2, allow_nan=False) + "\n")
@@ -913,12 +942,23 @@ def _repair_after_kill(run_dir: Path, saved: dict[str, Any]) -> None:
 
 
 def resume(
-    run_dir: str | os.PathLike[str], progress: TrainProgressCallback | None = None, *, device: str | None = None
+    run_dir: str | os.PathLike[str], progress: TrainProgressCallback | None = None, *, device: str | None = None,
+    epochs: int | None = None,
 ) -> TrainResult:
-    """Continue the run in ``run_dir`` from its ``last.pt`` with the options it was started with."""
+    """Continue the run in ``run_dir`` from its ``last.pt`` with the options it was started with.
+
+    Args:
+        epochs: extend the run (finished or not) to this many epochs; the learning-rate schedule is
+            re-planned over them (see ``_check_resume_epochs``). Default: the run's own.
+
+    Raises:
+        BadArgument: ``epochs`` below the epochs already trained (and as ``train``).
+    """
     config = replace(load_run_config(run_dir), out_dir=str(run_dir), resume=True)
     if device is not None:
         config = replace(config, device=device)
+    if epochs is not None:
+        config = replace(config, epochs=epochs)
     return train(config, progress)
 
 

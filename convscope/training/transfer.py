@@ -15,11 +15,13 @@ fixed function, bit for bit.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from torch import nn
 
 from convscope.errors import BadArgument
+from convscope.preprocess import Preprocess
 
 FREEZE_MODES = ("none", "features", "all-but-last")
 
@@ -100,3 +102,21 @@ def freeze_prefix(module: nn.Module, mode: str) -> Frozen:
             parameter.requires_grad_(False)
             frozen_parameters.append(f"{path}.{pname}")
     return Frozen(mode, tuple(frozen_modules), tuple(frozen_parameters))
+
+
+def grayscale_note(data: str | os.PathLike[str], preprocess: Preprocess, arch: str) -> str | None:
+    """What happens to a folder's photos on the way into a 1-channel model, or ``None``.
+
+    A model trained on Fashion-MNIST (``zfnet_mnist``) takes ``1x28x28`` input; photos given to it
+    (transfer to an image folder) lose their colour and nearly all their pixels, which a user
+    reading the accuracy should know.
+    """
+    from convscope.training.data import BUILTIN_DATASETS
+
+    if preprocess.channels != 1 or os.fspath(data) in BUILTIN_DATASETS:
+        return None
+    side = preprocess.crop
+    return (
+        f"images are converted to {preprocess.channels}\u00d7{side}\u00d7{side} grayscale "
+        f"({arch} takes 1-channel {side}\u00d7{side} input; colour is discarded)"
+    )

@@ -191,7 +191,7 @@ def train_command(
 
     Examples:
       convscope train --data fashion-mnist --arch zfnet_mnist --epochs 20 -b 128 --precision bf16 \\
-          --channels-last --augment crop,flip --label-smoothing 0.1 -o runs/fm   (93.3-93.6 % in ~6 min, 2 cores)
+          --channels-last --augment crop,flip --label-smoothing 0.1 -o runs/fm   (93.25 % test accuracy, 6-9 min on 2 cores)
       convscope train -o runs/fm --resume
       convscope train -o runs/fm --resume --epochs 30   (extend to 30 epochs)
       torchrun --nproc-per-node 2 -m convscope train --data fashion-mnist --arch zfnet_mnist -b 128 -o runs/ddp

@@ -15,6 +15,31 @@ from torch import nn
 os.environ.setdefault("CONVSCOPE_OFFLINE", "1")  # tests never touch the network
 
 
+def shapes_folder(root: Path, *, per_class: int = 12, rgb: bool = False) -> Path:
+    """Three classes (bars, blobs, frames) of synthetic 28x28 grey images, a sub-folder each; with
+    ``rgb`` tinted 56x56 colour images instead (photos for a 1-channel model to convert)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for label, name in enumerate(["bars", "blobs", "frames"]):
+        for i in range(per_class):
+            image = rng.integers(0, 60, (28, 28), dtype=np.uint8)
+            if label == 0:
+                image[:, 4 + i % 5 :: 7] = 255
+            elif label == 1:
+                image[8:20, 8:20] = 220
+            else:
+                image[2:26, 2:5] = image[2:26, 23:26] = 255
+            (root / name).mkdir(parents=True, exist_ok=True)
+            if rgb:
+                tint = np.array([1.0, 0.3 + 0.2 * label, 0.6], dtype=np.float32)
+                colour = (image[..., None].astype(np.float32) * tint).astype(np.uint8)
+                Image.fromarray(np.repeat(np.repeat(colour, 2, 0), 2, 1), "RGB").save(root / name / f"{i}.png")
+            else:
+                Image.fromarray(image).save(root / name / f"{i}.png")
+    return root
+
+
 def skimage_photo(name: str) -> Path:
     import skimage
 

@@ -17,10 +17,9 @@ import zipfile
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from conftest import shapes_folder
 
 import convscope.errors
 from convscope.errors import BadWeightsFile, ConvscopeError, DamagedWeightsFile, TrainingDiverged
@@ -394,21 +393,6 @@ def test_cli_divergence_is_one_line(tmp_path: Path) -> None:
 # -- every kind of checkpoint round-trips through load_model -----------------------------------------
 
 
-def _shapes_folder(root: Path) -> Path:
-    rng = np.random.default_rng(0)
-    for label, name in enumerate(["bars", "blobs", "frames"]):
-        for i in range(10):
-            image = rng.integers(0, 60, (28, 28), dtype=np.uint8)
-            if label == 0:
-                image[:, 4 + i % 5 :: 7] = 255
-            elif label == 1:
-                image[8:20, 8:20] = 220
-            else:
-                image[2:26, 2:5] = image[2:26, 23:26] = 255
-            (root / name).mkdir(parents=True, exist_ok=True)
-            Image.fromarray(image).save(root / name / f"{i}.png")
-    return root
-
 
 @pytest.fixture(scope="module")
 def every_kind(run: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
@@ -420,7 +404,7 @@ def every_kind(run: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
     fast = root / "fast"
     train(TrainConfig(out_dir=str(fast), **{**TINY, "epochs": 1}, precision="bf16", channels_last=True))
     transfer = root / "transfer"
-    train(TrainConfig(data=str(_shapes_folder(root / "shapes")), out_dir=str(transfer), epochs=1, batch_size=8,
+    train(TrainConfig(data=str(shapes_folder(root / "shapes", per_class=10)), out_dir=str(transfer), epochs=1, batch_size=8,
                       init_from=str(ablation / "drop-conv3-conv4" / "best.pt"), freeze="features"))
     # Killed between writing last.pt and best.pt: resuming rewrites best.pt from last.pt. (Without a
     # validation split every epoch is the best, so the lost best.pt is always last.pt's epoch.)

@@ -8,9 +8,9 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from conftest import shapes_folder
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -30,33 +30,12 @@ def cli():
     return lambda *args: runner.invoke(app, [str(a) for a in args])
 
 
-def _shapes_folder(root: Path, *, rgb: bool = False) -> Path:
-    """Three classes of 12 synthetic 28x28 images (RGB photos-to-be when ``rgb``)."""
-    rng = np.random.default_rng(0)
-    for label, name in enumerate(["bars", "blobs", "frames"]):
-        for i in range(12):
-            image = rng.integers(0, 60, (28, 28), dtype=np.uint8)
-            if label == 0:
-                image[:, 4 + i % 5 :: 7] = 255
-            elif label == 1:
-                image[8:20, 8:20] = 220
-            else:
-                image[2:26, 2:5] = image[2:26, 23:26] = 255
-            (root / name).mkdir(parents=True, exist_ok=True)
-            if rgb:
-                tint = np.array([1.0, 0.3 + 0.2 * label, 0.6], dtype=np.float32)
-                colour = (image[..., None].astype(np.float32) * tint).astype(np.uint8)
-                Image.fromarray(np.repeat(np.repeat(colour, 2, 0), 2, 1), "RGB").save(root / name / f"{i}.png")
-            else:
-                Image.fromarray(image).save(root / name / f"{i}.png")
-    return root
-
 
 @pytest.fixture(scope="module")
 def folder_run(tmp_path_factory: pytest.TempPathFactory):
     """One epoch of zfnet_mnist on a flat class folder (default 20 % held out: 2 of 12 per class)."""
     root = tmp_path_factory.mktemp("own")
-    folder = _shapes_folder(root / "shapes")
+    folder = shapes_folder(root / "shapes")
     result = train(TrainConfig(data=str(folder), out_dir=str(root / "run"), arch="zfnet_mnist", epochs=1, batch_size=8))
     return folder, result
 
@@ -97,7 +76,7 @@ def test_evaluate_other_folder_scores_every_image(cli, folder_run, tmp_path: Pat
 
 
 def test_evaluate_own_folder_without_held_out_split_warns(cli, tmp_path: Path) -> None:
-    folder = _shapes_folder(tmp_path / "shapes")
+    folder = shapes_folder(tmp_path / "shapes")
     run = tmp_path / "run"
     trained = cli("train", "--data", folder, "--arch", "zfnet_mnist", "--epochs", 1, "-b", 8, "--val-split", 0, "-o", run)
     assert trained.exit_code == 0, trained.output
@@ -164,7 +143,7 @@ def test_transfer_from_grayscale_checkpoint_to_rgb_photos_says_so(cli, tmp_path:
     assert "note:" not in first.output  # digits are 1-channel already
     assert json.loads((source / "result.json").read_text())["notes"] == []
 
-    photos = _shapes_folder(tmp_path / "photos", rgb=True)
+    photos = shapes_folder(tmp_path / "photos", rgb=True)
     assert Image.open(photos / "bars" / "0.png").mode == "RGB"
     run = tmp_path / "transfer"
     done = cli("train", "--data", photos, "--from", source / "best.pt", "--freeze", "features", "--epochs", 1,

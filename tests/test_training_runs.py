@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import shapes_folder
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -232,28 +233,13 @@ def test_bad_options(tmp_path: Path) -> None:
 # -- transfer -------------------------------------------------------------------------------------
 
 
-def _shapes_folder(root: Path) -> Path:
-    rng = np.random.default_rng(0)
-    for label, name in enumerate(["bars", "blobs", "frames"]):
-        for i in range(12):
-            image = rng.integers(0, 60, (28, 28), dtype=np.uint8)
-            if label == 0:
-                image[:, 4 + i % 5 :: 7] = 255
-            elif label == 1:
-                image[8 : 20, 8 : 20] = 220
-            else:
-                image[2:26, 2:5] = image[2:26, 23:26] = 255
-            (root / name).mkdir(parents=True, exist_ok=True)
-            Image.fromarray(image).save(root / name / f"{i}.png")
-    return root
-
 
 @pytest.mark.parametrize("freeze", ["features", "all-but-last"])
 def test_transfer_trains_only_the_head(clean_run, tmp_path: Path, freeze: str) -> None:
     source = torch.load(clean_run.best_checkpoint, weights_only=True)["state_dict"]
     run = tmp_path / "transfer"
     result = train(TrainConfig(
-        data=str(_shapes_folder(tmp_path / "shapes")), out_dir=str(run), init_from=str(clean_run.best_checkpoint),
+        data=str(shapes_folder(tmp_path / "shapes")), out_dir=str(run), init_from=str(clean_run.best_checkpoint),
         freeze=freeze, epochs=2, batch_size=8, augment=("crop",),
     ))
     assert result.config.arch == "zfnet_mnist" and result.selection == "val"

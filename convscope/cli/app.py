@@ -325,14 +325,16 @@ def reflow_help(doc: str) -> str:
     return "\n\n".join(paragraphs)
 
 
-# Command modules register themselves on `app` when imported (after reflow_help, which the
-# generated method commands use); methods_cmd builds one command per method of the registry.
+# Command modules register themselves on `app` when imported; the method commands are built from
+# the method registry (after reflow_help, which they use).
 from convscope.cli import analysis_cmd as _analysis  # noqa: F401
 from convscope.cli import explain as _explain  # noqa: F401
-from convscope.cli import methods_cmd as _methods  # noqa: F401
+from convscope.cli import methods_cmd as _methods
 from convscope.cli import patches_cmd as _patches  # noqa: F401
 from convscope.cli import train_cmd as _train  # noqa: F401
 from convscope.cli import web_cmd as _web  # noqa: F401
+
+_methods.register_method_commands(app)
 
 
 def _reflow_command_help() -> None:

@@ -10,7 +10,10 @@ rows:
 - a selector for each ``fixed`` option of the rows (``gradcam --variant``), choices in registry
   order, the first row's value by default;
 - every ``Param`` with a ``flag``, with its type, default, bounds and help; its value goes through
-  ``Param.parse``, so a bad one is one error line naming the option, worded as on the web;
+  ``Param.parse`` (one error line naming the option). Two wordings stay as the commands always had
+  them: a number out of range is click's one-line "Input should be ..." (a ``Param`` with a
+  ``unit`` is checked by ``parse`` instead, worded as the library words it), and a word outside a
+  str parameter's choices is the method's own message;
 - the shared ``-o -m -w --seed --device -b --json --raw`` as the row's ``CliBinding`` asks, and
   its ``extras``.
 
@@ -27,6 +30,7 @@ record per image, so a new method needs only its function and one row.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 import json
@@ -37,7 +41,6 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from convscope.cli.app import app, expand_images, layer_record, open_model, reflow_help, split_layers
 from convscope.cli.errors import EXIT_USER_ERROR, print_error
 from convscope.cli.options import (
     BatchSizeOpt,
@@ -218,7 +221,7 @@ class MethodWriter:
         """The method's result for ``batch`` (``None`` for a method without images)."""
         run = self.run
         return run.spec.run(run.loaded, batch, target=run.target, layer=run.layer, options=run.options,
-                            progress=progress)
+                            progress=progress, checked=True)
 
     def write(self, paths: list[Path], batch: Any, result: Any) -> None:
         """Write the pictures and records of ``result`` (one per path; none for filters-like methods)."""
@@ -247,6 +250,8 @@ class MethodWriter:
 
     def manifest(self) -> dict[str, Any]:
         """The manifest's options."""
+        from convscope.cli.app import layer_record
+
         run = self.run
         layer: dict[str, Any] = {"layer": run.layer}
         if isinstance(run.layer, str) and run.layer:
@@ -286,12 +291,14 @@ def _select(command: str, rows: list[MethodSpec], values: dict[str, Any]) -> Met
 
 def run_method_command(command: str, rows: list[MethodSpec], values: dict[str, Any]) -> None:
     """The body of every generated command: ``values`` are its parsed options by parameter name."""
+    from convscope.cli.app import expand_images, open_model, split_layers
+
     spec = _select(command, rows, values)
     binding = rows[0].cli
     assert binding is not None
     writer_class = _resolve_writer(spec)
-    options = spec.parse_options({p.name: values[_param_name(p)] for p in spec.params if p.flag
-                                  and _param_name(p) in values})
+    # parsed by the options' callbacks; a parameter without a flag takes its default
+    options = {p.name: values.get(_param_name(p), p.default) for p in spec.params}
     class_index, label = values.get("class_index"), values.get("label")
     target = class_target(class_index, label) if spec.takes_target else None
     layer: Any = values.get("layer")
@@ -382,8 +389,12 @@ def _param_option(param: Param, aliases: dict[str, str]) -> tuple[Any, Any]:
         # click's range check: its one-line "Input should be ..." error, as the commands always had
         bounds = {"min": param.minimum, "max": param.maximum}
 
+    # A word outside a str parameter's choices is left to the method, whose message the commands
+    # always printed ("--location mean: must be 'max' or 'all'").
+    parse = dataclasses.replace(param, choices=None).parse if param.type == "str" else param.parse
+
     def check(value: Any) -> Any:
-        return param.parse(value)
+        return parse(value)
 
     option = typer.Option(*names, help=param.help, callback=check, **bounds)
     default = None if param.multiple else param.default
@@ -454,11 +465,18 @@ def _command_function(command: str, rows: list[MethodSpec]) -> Callable[..., Non
     return method_command
 
 
-def register_method_commands(target: typer.Typer = app) -> list[str]:
+def register_method_commands(target: typer.Typer | None = None) -> list[str]:
     """(Re)build one command per ``cli.command`` of the registry on ``target``; return their names.
 
     Commands built earlier are replaced, so a test can register a row and call this again. The new
-    commands go where the first generated one was (after ``layers`` at start-up)."""
+    commands go where the first generated one was (after ``layers`` at start-up). ``target``:
+    ``convscope.cli.app.app`` unless given (``app`` calls this once it is built)."""
+    from convscope.cli.app import reflow_help
+
+    if target is None:
+        from convscope.cli.app import app
+
+        target = app
     old = [i for i, info in enumerate(target.registered_commands)
            if getattr(info.callback, "generated", False)]
     position = old[0] if old else next(
@@ -477,6 +495,3 @@ def register_method_commands(target: typer.Typer = app) -> list[str]:
     del target.registered_commands[len(target.registered_commands) - len(built):]
     target.registered_commands[position:position] = built
     return names
-
-
-register_method_commands()

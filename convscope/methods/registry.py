@@ -284,13 +284,18 @@ class MethodSpec:
         layer: str | Sequence[str] | None = None,
         options: Mapping[str, Any] | None = None,
         progress: Callable[[int], None] | None = None,
+        checked: bool = False,
     ) -> Any:
         """Call the method's function with the standard inputs this row declares.
 
         ``options`` are typed values (see ``parse_options``); missing ones take their defaults.
-        ``layer`` may be a list for a ``"many"`` row.
+        ``layer`` may be a list for a ``"many"`` row. ``checked``: the caller has parsed the
+        options already (the CLI: its own checks stand), they are passed as given.
         """
-        values = self.parse_options(options or {})
+        if checked:
+            values = {p.name: p.default for p in self.params} | dict(options or {})
+        else:
+            values = self.parse_options(options or {})
         args: list[Any] = [model]
         if self.takes_images:
             args.append(batch)

@@ -30,6 +30,7 @@ record per image, so a new method needs only its function and one row.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import inspect
@@ -340,13 +341,14 @@ def _one_at_a_time(run: MethodRun, writer: MethodWriter) -> int:
     loaded, spec = run.loaded, run.spec
     counted = spec.progress and spec.units is not None
     failures = 0
-    with progress_bar(None if counted else len(run.paths), run.command, unit="img") as advance_images:
+    bar = contextlib.nullcontext(lambda n=1: None) if counted else progress_bar(len(run.paths), run.command, unit="img")
+    with bar as advance_images:
         for path in run.paths:
             try:
                 batch = loaded.preprocess.to_tensor(loaded.preprocess.load_image(path)).to(loaded.device)
                 if counted:
                     height, width = batch.shape[-2:]
-                    total = spec.work_units(run.options, int(height), int(width)) or None
+                    total = spec.work_units(run.options, int(height), int(width), checked=True) or None
                     with progress_bar(total, f"{run.command} {path.name}", unit="copy") as advance:
                         result = writer.compute(batch, advance)
                 else:
@@ -358,8 +360,7 @@ def _one_at_a_time(run: MethodRun, writer: MethodWriter) -> int:
                 failures += 1
                 print_error(exc)
                 writer.failed(path, exc)
-            if not counted:
-                advance_images(1)
+            advance_images(1)
     return failures
 
 

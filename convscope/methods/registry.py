@@ -314,11 +314,12 @@ class MethodSpec:
             keywords["progress"] = progress
         return self.resolve_function()(*args, **keywords)
 
-    def work_units(self, options: Mapping[str, Any], height: int, width: int) -> int | None:
-        """How many units ``progress`` will report in all, when the row knows."""
+    def work_units(self, options: Mapping[str, Any], height: int, width: int, *, checked: bool = False) -> int | None:
+        """How many units ``progress`` will report in all, when the row knows (``checked``: as in ``run``)."""
         if self.units is None:
             return None
-        return int(_resolve(self.units)(self.parse_options(options), height, width))
+        values = {p.name: p.default for p in self.params} | dict(options) if checked else self.parse_options(options)
+        return int(_resolve(self.units)(values, height, width))
 
     def schema(self) -> dict[str, Any]:
         """JSON description (``/api/methods``, the web form)."""

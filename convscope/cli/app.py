@@ -1,7 +1,9 @@
 """The ``convscope`` command line: one thin command per job.
 
 Each command parses options, calls library functions, renders and writes through
-``OutputDir``. User errors become ``error: <subject>: <reason>`` with exit code 2.
+``OutputDir``. User errors become ``error: <subject>: <reason>`` with exit code 2. The method
+commands (classify, activations, ..., occlusion) are generated from the method registry by
+``convscope.cli.methods_cmd``; the others are written here and in the ``*_cmd`` modules.
 """
 
 from __future__ import annotations
@@ -14,26 +16,17 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from convscope.cli.errors import EXIT_USER_ERROR, GuardedGroup, print_error
+from convscope.cli.errors import GuardedGroup, print_error
 from convscope.cli.options import (
-    BatchSizeOpt,
     DeviceOpt,
-    ImagesArg,
     JsonOpt,
-    LayerOpt,
-    LayersOpt,
     ModelOpt,
-    OldLayersOpt,
     OutDirOpt,
-    PrecisionOpt,
-    RawOpt,
     SeedOpt,
     WeightsOpt,
-    plural,
 )
 from convscope.cli.output import OutputDir, safe_name
-from convscope.cli.progress import progress_bar
-from convscope.errors import BadArgument, ConvscopeError, ImageError
+from convscope.errors import BadArgument, ImageError
 
 if TYPE_CHECKING:
     from convscope.types import LoadedModel
@@ -167,66 +160,6 @@ def layers_command(
         typer.echo(layers_table(rows))
 
 
-@app.command("classify")
-def classify_command(
-    images: ImagesArg,
-    model: ModelOpt = None,
-    weights: WeightsOpt = None,
-    seed: SeedOpt = 0,
-    device: DeviceOpt = "auto",
-    topk: Annotated[int, typer.Option("--topk", "-k", min=1, help="Classes per image.")] = 5,
-    batch_size: BatchSizeOpt = 32,
-    json_out: JsonOpt = False,
-    precision: PrecisionOpt = "float32",
-) -> None:
-    """Top-k ImageNet (or checkpoint) classes with probabilities, for files and folders.
-
-    Examples: convscope classify cat.jpg | convscope classify photos/ --topk 3 --json
-    | convscope classify photos/ --precision bf16
-    """
-    from convscope.methods.predict import classify
-    from convscope.render.text import predictions_table
-
-    loaded = open_model(model, weights, seed, device, precision)
-    paths = expand_images(images)
-    results: list[dict[str, Any]] = []
-    failures = 0
-    pending: list[tuple[Path, Any]] = []
-
-    def flush() -> None:
-        if not pending:
-            return
-        import torch
-
-        batch = torch.cat([tensor for _, tensor in pending])
-        for (path, _), prediction in zip(pending, classify(loaded, batch, topk=topk, batch_size=batch_size), strict=True):
-            results.append({"image": str(path), "predictions": prediction.as_dicts()})
-            if not json_out:
-                typer.echo(predictions_table(str(path), prediction))
-        pending.clear()
-
-    with progress_bar(len(paths), "classify", unit="img") as advance:
-        for path in paths:
-            try:
-                # Decoded at reduced size and turned into the network's input at once: a batch
-                # costs its input tensors, whatever the photos' pixel counts.
-                pending.append((path, loaded.preprocess.to_tensor(loaded.preprocess.load_image(path))))
-            except ImageError as exc:
-                failures += 1
-                results.append({"image": str(path), "error": exc.reason})
-                print_error(exc)
-            if len(pending) >= batch_size:
-                flush()
-            advance(1)
-        flush()
-    if json_out:
-        order = {str(p): i for i, p in enumerate(paths)}
-        results.sort(key=lambda r: order.get(r["image"], 0))
-        typer.echo(json.dumps(results, indent=2))
-    if failures:
-        raise typer.Exit(EXIT_USER_ERROR)
-
-
 @app.command("summary")
 def summary_command(
     model: ModelOpt = None,
@@ -292,76 +225,6 @@ def summary_json(result: Any) -> dict[str, Any]:
     }
 
 
-def _per_image(
-    paths: list[Path], loaded: LoadedModel, job: Any, description: str
-) -> int:
-    """Run ``job(path, batch)`` for each readable image of ``expand_images``; return the number of failures."""
-
-    failures = 0
-    with progress_bar(len(paths), description, unit="img") as advance:
-        for path in paths:
-            try:
-                batch = loaded.preprocess.to_tensor(loaded.preprocess.load_image(path)).to(loaded.device)
-                job(path, batch)
-            except ConvscopeError as exc:
-                if not isinstance(exc, ImageError):
-                    raise  # a bad layer or option fails the same way for every image
-                failures += 1
-                print_error(exc)
-            advance(1)
-    return failures
-
-
-@app.command("activations")
-def activations_command(
-    images: ImagesArg,
-    output: OutDirOpt = Path("convscope-out"),
-    model: ModelOpt = None,
-    weights: WeightsOpt = None,
-    seed: SeedOpt = 0,
-    device: DeviceOpt = "auto",
-    layer: LayersOpt = None,
-    old_layers: OldLayersOpt = None,
-    raw: RawOpt = False,
-) -> None:
-    """Activation maps: the mean of each conv stage's rectified output, in jet over the photo.
-
-    Writes <image>_<layer>.png per layer and <image>_activations.png (all layers in one strip),
-    all captured in one forward pass per image. Each picture is captioned (model, weights,
-    layer) with a colour bar of the real values; --raw writes the bare overlays.
-
-    Example: convscope activations cat.jpg --model alexnet --weights random -o out/
-    """
-    from convscope.methods.activations import activation_maps
-    from convscope.render.pictures import (
-        activation_figure,
-        activation_pictures,
-        activation_strip,
-        display_image,
-    )
-
-    paths = expand_images(images)
-    out = OutputDir(output, inputs=paths)
-    loaded = open_model(model, weights, seed, device)
-    names = split_layers([*(layer or []), *(old_layers or [])])
-
-    def job(path: Path, batch: Any) -> None:
-        result = activation_maps(loaded, batch, layers=names)
-        photo = display_image(loaded.preprocess, batch)
-        stem = out.stem(path)
-        for name, picture in activation_pictures(photo, result).items():
-            shown = picture if raw else activation_figure(photo, result, name, model=loaded)
-            out.png(f"{stem}_{safe_name(name)}.png", shown, source=path)
-        out.png(f"{stem}_activations.png", activation_strip(photo, result, model=loaded, captioned=not raw),
-                source=path)
-
-    failures = _per_image(paths, loaded, job, "activations")
-    out.manifest("activations", {"model": loaded.name, "weights": loaded.weights, "layers": layer_records(loaded, names)})
-    typer.echo(f"wrote {plural(len(out.written), 'picture')} to {out.root}")
-    if failures:
-        raise typer.Exit(EXIT_USER_ERROR)
-
-
 def layer_records(loaded: LoadedModel, names: list[str] | None) -> list[dict[str, str]] | None:
     """``[{"layer": alias or path as named, "module": module path}]`` for JSON and manifests."""
     return None if names is None else [layer_record(loaded, name) for name in names]
@@ -373,79 +236,6 @@ def layer_record(loaded: LoadedModel, name: str) -> dict[str, str]:
 
     path = loaded.stages.get(name, name)
     return {"layer": alias_of(loaded, path), "module": path}
-
-
-@app.command("features")
-def features_command(
-    images: ImagesArg,
-    layer: LayerOpt = None,
-    output: OutDirOpt = Path("convscope-out"),
-    model: ModelOpt = None,
-    weights: WeightsOpt = None,
-    seed: SeedOpt = 0,
-    device: DeviceOpt = "auto",
-    max_channels: Annotated[int, typer.Option("--max", min=1, help="How many channels to show.")] = 64,
-    order: Annotated[
-        str, typer.Option("--order", help="index: the first channels; activation: the most active.")
-    ] = "index",
-    raw: RawOpt = False,
-) -> None:
-    """Feature-map grid: the channels of one layer as grayscale tiles, captioned with the channel index.
-
-    Example: convscope features cat.jpg --layer stage2 --max 32 --order activation -o out/
-    """
-    from convscope.methods.activations import feature_maps
-    from convscope.render.pictures import feature_figure, feature_grid
-
-    paths = expand_images(images)
-    out = OutputDir(output, inputs=paths)
-    loaded = open_model(model, weights, seed, device)
-    name = layer or next(iter(loaded.stages), "")
-    if not name:
-        raise BadArgument("--layer", "this model has no conv stages; name a layer")
-
-    def job(path: Path, batch: Any) -> None:
-        result = feature_maps(loaded, batch, layer=name, max_channels=max_channels, order=order)
-        picture = feature_grid(result) if raw else feature_figure(result, model=loaded, order=order)
-        out.png(f"{out.stem(path)}_features_{safe_name(name)}.png", picture, source=path)
-
-    failures = _per_image(paths, loaded, job, "features")
-    out.manifest("features", {"model": loaded.name, "weights": loaded.weights, **layer_record(loaded, name),
-                              "max": max_channels, "order": order})
-    typer.echo(f"wrote {plural(len(out.written), 'picture')} to {out.root}")
-    if failures:
-        raise typer.Exit(EXIT_USER_ERROR)
-
-
-@app.command("filters")
-def filters_command(
-    output: OutDirOpt = Path("convscope-out"),
-    model: ModelOpt = None,
-    weights: WeightsOpt = None,
-    seed: SeedOpt = 0,
-    device: DeviceOpt = "auto",
-    layer: LayerOpt = None,
-    raw: RawOpt = False,
-) -> None:
-    """Convolution kernels as tiles (first layer: RGB; deeper: each filter's strongest input).
-
-    A stage alias (conv2, stage3) means the convolution that makes that stage's output.
-
-    Examples:
-    convscope filters -o out/
-    convscope filters -m alexnet -w random --layer conv2
-    """
-    from convscope.methods.filters import conv_filters
-    from convscope.render.pictures import filter_figure, filter_grid
-
-    out = OutputDir(output)
-    loaded = open_model(model, weights, seed, device)
-    result = conv_filters(loaded, layer=layer)
-    picture = filter_grid(result) if raw else filter_figure(result, model=loaded)
-    path = out.png(f"filters_{safe_name(result.layer)}.png", picture)
-    record = {"layer": layer or result.layer, "module": result.layer}
-    out.manifest("filters", {"model": loaded.name, "weights": loaded.weights, **record})
-    typer.echo(f"wrote {path}")
 
 
 @app.command("demo")
@@ -508,13 +298,6 @@ def demo_command(
     typer.echo(f"  open {strip_path} for the activation maps of every stage")
 
 
-# Command modules register themselves on `app` when imported.
-from convscope.cli import analysis_cmd as _analysis  # noqa: F401
-from convscope.cli import explain as _explain  # noqa: F401
-from convscope.cli import occlusion_cmd as _occlusion  # noqa: F401
-from convscope.cli import patches_cmd as _patches  # noqa: F401
-from convscope.cli import train_cmd as _train  # noqa: F401
-from convscope.cli import web_cmd as _web  # noqa: F401
 
 
 def reflow_help(doc: str) -> str:
@@ -542,10 +325,24 @@ def reflow_help(doc: str) -> str:
     return "\n\n".join(paragraphs)
 
 
+# Command modules register themselves on `app` when imported; the method commands are built from
+# the method registry (after reflow_help, which they use).
+from convscope.cli import analysis_cmd as _analysis  # noqa: F401
+from convscope.cli import explain as _explain  # noqa: F401
+from convscope.cli import methods_cmd as _methods
+from convscope.cli import patches_cmd as _patches  # noqa: F401
+from convscope.cli import train_cmd as _train  # noqa: F401
+from convscope.cli import web_cmd as _web  # noqa: F401
+
+_methods.register_method_commands(app)
+
+
 def _reflow_command_help() -> None:
     import inspect
 
     for info in app.registered_commands:
+        if getattr(info.callback, "generated", False):
+            continue  # built with reflowed help
         doc = info.help or (inspect.getdoc(info.callback) if info.callback else None)
         if doc:
             info.help = reflow_help(doc)

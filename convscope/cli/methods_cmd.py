@@ -1,0 +1,498 @@
+"""The method commands, generated from the method registry (``convscope.methods.registry``).
+
+One command per distinct ``cli.command`` of the table (classify, activations, features, filters,
+gradcam, guided, saliency, deconv, occlusion, and any row added later). Its options come from the
+rows:
+
+- the image argument when the rows take images; ``--class/--label`` when they explain a class;
+  ``--layer`` as the row's ``layer`` says (``"many"``: repeat or comma-separate, plus the hidden
+  old ``--layers``);
+- a selector for each ``fixed`` option of the rows (``gradcam --variant``), choices in registry
+  order, the first row's value by default;
+- every ``Param`` with a ``flag``, with its type, default, bounds and help; its value goes through
+  ``Param.parse`` (one error line naming the option). Two wordings stay as the commands always had
+  them: a number out of range is click's one-line "Input should be ..." (a ``Param`` with a
+  ``unit`` is checked by ``parse`` instead, worded as the library words it), and a word outside a
+  str parameter's choices is the method's own message;
+- the shared ``-o -m -w --seed --device -b --json --raw`` as the row's ``CliBinding`` asks, and
+  its ``extras``.
+
+One body runs them all: expand the images, open the output folder and the model, run the method
+over batches (or one image at a time, with a progress bar of the method's own units when the row
+counts them), hand each result to the row's writer, then write ``<command>.json`` and the manifest,
+print the records with ``--json``, and exit with 2 when some inputs failed.
+
+A writer (``CliBinding.writer``) is a ``MethodWriter`` subclass; rows without one get
+``MethodWriter`` itself, which writes each picture of the row's renderer as
+``<image>_<method>_<view>.png`` (``<method>_<view>.png`` without images) and the renderer's JSON
+record per image, so a new method needs only its function and one row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import inspect
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from convscope.cli.errors import EXIT_USER_ERROR, print_error
+from convscope.cli.options import (
+    BatchSizeOpt,
+    ClassOpt,
+    DeviceOpt,
+    ImagesArg,
+    JsonOpt,
+    LabelOpt,
+    LayerOpt,
+    LayersOpt,
+    ModelOpt,
+    OldLayersOpt,
+    OutDirOpt,
+    PrecisionOpt,
+    RawOpt,
+    SeedOpt,
+    WeightsOpt,
+    class_target,
+    plural,
+)
+from convscope.cli.output import OutputDir, safe_name
+from convscope.cli.progress import progress_bar
+from convscope.errors import BadArgument, ConvscopeError, ImageError
+from convscope.methods.registry import MethodSpec, Param, cli_commands
+
+if TYPE_CHECKING:
+    from convscope.types import LoadedModel
+
+# Shared options a binding may ask for by name (``CliBinding.extras``): (parameter, annotation, default).
+EXTRAS: dict[str, tuple[str, Any, Any]] = {"precision": ("precision", PrecisionOpt, "float32")}
+LAYER_REQUIRED = "is required: name a layer alias or module path (see 'convscope layers')"
+
+
+# ---------------------------------------------------------------- plumbing shared with hand-written commands
+
+
+def warn_once(lines: tuple[str, ...] | list[str], seen: set[str]) -> None:
+    """``warning: <line>`` on stderr, once per run (not once per batch)."""
+    for line in lines:
+        if line not in seen:
+            seen.add(line)
+            typer.echo(f"warning: {line}", err=True)
+
+
+def _batches(
+    paths: list[Path], size: int, on_failure: Callable[[Path, ImageError], None], preprocess: Any
+) -> Iterator[tuple[list[Path], list[Any]]]:
+    """Yield ``(paths, tensors)`` of up to ``size`` readable images, each decoded at reduced size
+    and made a ``(1, C, H, W)`` input for ``preprocess`` at once (a batch costs its input tensors,
+    whatever the photos' pixel counts); unreadable ones are reported and passed to ``on_failure``."""
+    pending: tuple[list[Path], list[Any]] = ([], [])
+    for path in paths:
+        try:
+            image = preprocess.to_tensor(preprocess.load_image(path))
+        except ImageError as exc:
+            print_error(exc)
+            on_failure(path, exc)
+            continue
+        pending[0].append(path)
+        pending[1].append(image)
+        if len(pending[0]) >= size:
+            yield pending
+            pending = ([], [])
+    if pending[0]:
+        yield pending
+
+
+def run_batched(
+    paths: list[Path], loaded: LoadedModel, batch_size: int, description: str,
+    job: Callable[[list[Path], Any], None], on_failure: Callable[[Path, ImageError], None] | None = None,
+) -> int:
+    """``job(paths, batch)`` over batches of the readable images of ``expand_images``; return how many
+    files failed."""
+    import torch
+
+    failed: list[Path] = []
+
+    def fail(path: Path, exc: ImageError) -> None:
+        failed.append(path)
+        if on_failure is not None:
+            on_failure(path, exc)
+
+    with progress_bar(len(paths), description, unit="img") as advance:
+        for chunk, pictures in _batches(paths, batch_size, fail, loaded.preprocess):
+            batch = torch.cat(pictures).to(loaded.device)
+            job(chunk, batch)
+            advance(len(chunk))
+    return len(failed)
+
+
+def finish(out: OutputDir, command: str, options: dict[str, Any], records: list[dict[str, Any]],
+           json_out: bool, failures: int) -> None:
+    """``<command>.json``, the manifest, the records on stdout with ``--json`` (else a count of the
+    files), and exit code 2 when some inputs failed."""
+    out.json(f"{command}.json", records)
+    out.manifest(command, options)
+    if json_out:
+        typer.echo(json.dumps(records, indent=2))
+    else:
+        typer.echo(f"wrote {plural(len(out.written), 'file')} to {out.root}")
+    if failures:
+        raise typer.Exit(EXIT_USER_ERROR)
+
+
+def photo_of(loaded: LoadedModel, batch: Any, index: int) -> Any:
+    """Image ``index`` of ``batch`` as the network saw it, ``(H, W, 3)`` uint8."""
+    from convscope.render.pictures import display_image
+
+    return display_image(loaded.preprocess, batch, index)
+
+
+# ---------------------------------------------------------------- one run and its writer
+
+
+@dataclass
+class MethodRun:
+    """What a writer knows about the command being run.
+
+    Attributes:
+        command: the sub-command; ``spec`` the row selected (``--variant``).
+        selected: the fixed options of that row (``{"--variant": "gradcam++"}``).
+        options: the row's typed parameter values.
+        target: ``--class``/``--label`` as the method takes it; ``class_index``/``label`` as given.
+        layer: ``--layer`` (a list or ``None`` for a ``"many"`` row), after the writer's default.
+        batch_size: ``-b`` when the command has it.
+        records: one JSON record per image (``<command>.json``); ``failures`` unreadable inputs.
+    """
+
+    command: str
+    spec: MethodSpec
+    loaded: Any
+    out: OutputDir | None
+    paths: list[Path]
+    selected: dict[str, str]
+    options: dict[str, Any]
+    target: int | str | None = None
+    class_index: int | None = None
+    label: str | None = None
+    layer: Any = None
+    batch_size: int | None = None
+    raw: bool = False
+    json_out: bool = False
+    records: list[dict[str, Any]] = field(default_factory=list)
+    warned: set[str] = field(default_factory=set)
+    failures: int = 0
+
+    def warn(self, lines: tuple[str, ...] | list[str]) -> None:
+        warn_once(lines, self.warned)
+
+    @property
+    def basics(self) -> dict[str, Any]:
+        """``{"model", "weights"}`` for manifests."""
+        return {"model": self.loaded.name, "weights": self.loaded.weights}
+
+
+class MethodWriter:
+    """Turns a method's results into files, JSON records, stdout lines and a manifest.
+
+    This base class is the default writer: each ``View`` of the row's renderer becomes
+    ``<image>_<method>_<view key>.png`` (``<method>_<view key>.png`` for a method without images),
+    and each image a record ``{"image", "method", <the renderer's record>, "files"}`` in
+    ``<command>.json``; stdout gets one line per image. Subclasses override what differs.
+
+    Attributes:
+        picks_layer: the writer chooses a layer itself when a ``"required"`` one is not given.
+    """
+
+    picks_layer = False
+
+    def __init__(self, run: MethodRun) -> None:
+        self.run = run
+
+    def choose_layer(self) -> Any:
+        """The layer to run at (called once the model is open)."""
+        return self.run.layer
+
+    def compute(self, batch: Any, progress: Callable[[int], None] | None = None) -> Any:
+        """The method's result for ``batch`` (``None`` for a method without images)."""
+        run = self.run
+        return run.spec.run(run.loaded, batch, target=run.target, layer=run.layer, options=run.options,
+                            progress=progress, checked=True)
+
+    def write(self, paths: list[Path], batch: Any, result: Any) -> None:
+        """Write the pictures and records of ``result`` (one per path; none for filters-like methods)."""
+        from convscope.render.views import ViewContext
+
+        run = self.run
+        render = run.spec.resolve_renderer()
+        method = safe_name(run.spec.name)
+        for i, path in enumerate(paths or [None]):
+            photo = None if batch is None else photo_of(run.loaded, batch, i)
+            views = render(result, ViewContext(photo, model=run.loaded.name, weights=run.loaded.weights, index=i))
+            prefix = method if path is None else f"{run.out.stem(path) if run.out else path.stem}_{method}"
+            files = []
+            if run.out is not None:
+                files = [run.out.png(f"{prefix}_{safe_name(view.key)}.png", view.picture, source=path)
+                         for view in views.views]
+            record: dict[str, Any] = {} if path is None else {"image": str(path)}
+            record.update({"method": run.spec.name, **views.record, "files": [f.name for f in files]})
+            run.records.append(record)
+            if not run.json_out:
+                shown = f" -> {', '.join(f.name for f in files)}" if files else ""
+                typer.echo(f"{path or run.spec.name}: {plural(len(views.views), 'picture')}{shown}")
+
+    def failed(self, path: Path, exc: ImageError) -> None:
+        """An input that could not be read (already reported on stderr)."""
+
+    def manifest(self) -> dict[str, Any]:
+        """The manifest's options."""
+        from convscope.cli.app import layer_record
+
+        run = self.run
+        layer: dict[str, Any] = {"layer": run.layer}
+        if isinstance(run.layer, str) and run.layer:
+            layer = layer_record(run.loaded, run.layer)
+        target = {"target": run.target} if run.spec.takes_target else {}
+        return {**run.basics, "method": run.spec.name, **layer, **target, **run.options}
+
+    def finish(self) -> None:
+        """Records file, manifest, ``--json`` output, exit code."""
+        run = self.run
+        if run.out is None:
+            if run.json_out:
+                typer.echo(json.dumps(run.records, indent=2))
+            if run.failures:
+                raise typer.Exit(EXIT_USER_ERROR)
+            return
+        finish(run.out, run.command, self.manifest(), run.records, run.json_out, run.failures)
+
+
+def _resolve_writer(spec: MethodSpec) -> type[MethodWriter]:
+    if spec.cli is None or spec.cli.writer is None:
+        return MethodWriter
+    module_name, attribute = spec.cli.writer.split(":")
+    return getattr(importlib.import_module(module_name), attribute)  # type: ignore[no-any-return]
+
+
+# ---------------------------------------------------------------- the generic body
+
+
+def _select(command: str, rows: list[MethodSpec], values: dict[str, Any]) -> MethodSpec:
+    for spec in rows:
+        assert spec.cli is not None
+        if all(values[_fixed_name(flag)] == value for flag, value in spec.cli.fixed.items()):
+            return spec
+    raise BadArgument(command, "no method matches these options")  # unreachable: the selectors check
+
+
+def run_method_command(command: str, rows: list[MethodSpec], values: dict[str, Any]) -> None:
+    """The body of every generated command: ``values`` are its parsed options by parameter name."""
+    from convscope.cli.app import expand_images, open_model, split_layers
+
+    spec = _select(command, rows, values)
+    binding = rows[0].cli
+    assert binding is not None
+    writer_class = _resolve_writer(spec)
+    # parsed by the options' callbacks; a parameter without a flag takes its default
+    options = {p.name: values.get(_param_name(p), p.default) for p in spec.params}
+    class_index, label = values.get("class_index"), values.get("label")
+    target = class_target(class_index, label) if spec.takes_target else None
+    layer: Any = values.get("layer")
+    if spec.layer == "many":
+        layer = split_layers([*(layer or []), *(values.get("old_layers") or [])])
+    elif spec.layer == "required" and not layer and not writer_class.picks_layer:
+        raise BadArgument("--layer", LAYER_REQUIRED)
+    paths = expand_images(values["images"]) if spec.takes_images else []
+    out = OutputDir(values["output"], inputs=paths) if binding.output else None
+    loaded = open_model(values["model"], values["weights"], values["seed"], values["device"],
+                        values.get("precision", "float32"))
+    run = MethodRun(
+        command=command, spec=spec, loaded=loaded, out=out, paths=paths,
+        selected={flag: values[_fixed_name(flag)] for flag in spec.cli.fixed} if spec.cli else {},
+        options=options, target=target, class_index=class_index, label=label, layer=layer,
+        batch_size=values.get("batch_size") if binding.batch_size is not None else None,
+        raw=bool(values.get("raw", False)), json_out=bool(values.get("json_out", False)),
+    )
+    writer = writer_class(run)
+    run.layer = writer.choose_layer()
+    if not spec.takes_images:
+        writer.write([], None, writer.compute(None))
+    elif run.batch_size is not None:
+        description = next(iter(run.selected.values()), command)
+
+        def failed(path: Path, exc: ImageError) -> None:
+            writer.failed(path, exc)
+
+        run.failures = run_batched(paths, loaded, run.batch_size, description,
+                                   lambda chunk, batch: writer.write(chunk, batch, writer.compute(batch)), failed)
+    else:
+        run.failures = _one_at_a_time(run, writer)
+    writer.finish()
+
+
+def _one_at_a_time(run: MethodRun, writer: MethodWriter) -> int:
+    """Each image alone: a bar over the images, or, for a row that counts its work units, a bar
+    over one image's units. A bad layer or option fails the same way for every image: it ends the run."""
+    loaded, spec = run.loaded, run.spec
+    counted = spec.progress and spec.units is not None
+    failures = 0
+    bar = contextlib.nullcontext(lambda n=1: None) if counted else progress_bar(len(run.paths), run.command, unit="img")
+    with bar as advance_images:
+        for path in run.paths:
+            try:
+                batch = loaded.preprocess.to_tensor(loaded.preprocess.load_image(path)).to(loaded.device)
+                if counted:
+                    height, width = batch.shape[-2:]
+                    total = spec.work_units(run.options, int(height), int(width), checked=True) or None
+                    with progress_bar(total, f"{run.command} {path.name}", unit="copy") as advance:
+                        result = writer.compute(batch, advance)
+                else:
+                    result = writer.compute(batch)
+                writer.write([path], batch, result)
+            except ConvscopeError as exc:
+                if not isinstance(exc, ImageError):
+                    raise
+                failures += 1
+                print_error(exc)
+                writer.failed(path, exc)
+            advance_images(1)
+    return failures
+
+
+# ---------------------------------------------------------------- building the commands
+
+
+def _param_name(param: Param) -> str:
+    return "param_" + param.name
+
+
+def _fixed_name(flag: str) -> str:
+    return "fixed_" + flag.lstrip("-").replace("-", "_")
+
+
+def _param_option(param: Param, aliases: dict[str, str]) -> tuple[Any, Any]:
+    """``(annotation, default)`` of a parameter's option: its type, bounds and help; the value
+    checked by ``Param.parse``."""
+    assert param.flag is not None
+    python_type: Any = {"int": int, "float": float, "bool": bool}.get(param.type, str)
+    if param.multiple:
+        python_type = list[python_type] | None  # type: ignore[valid-type]
+    elif param.optional:
+        python_type = python_type | None
+    names = [param.flag, *([aliases[param.flag]] if param.flag in aliases else [])]
+    bounds: dict[str, Any] = {}
+    if param.type in ("int", "float") and param.unit is None:
+        # click's range check: its one-line "Input should be ..." error, as the commands always had
+        bounds = {"min": param.minimum, "max": param.maximum}
+
+    # A word outside a str parameter's choices is left to the method, whose message the commands
+    # always printed ("--location mean: must be 'max' or 'all'").
+    parse = dataclasses.replace(param, choices=None).parse if param.type == "str" else param.parse
+
+    def check(value: Any) -> Any:
+        return parse(value)
+
+    option = typer.Option(*names, help=param.help, callback=check, **bounds)
+    default = None if param.multiple else param.default
+    return Annotated[python_type, option], default
+
+
+def _selector_option(flag: str, rows: list[MethodSpec]) -> tuple[Any, Any]:
+    choices = [(spec.cli.fixed[flag], spec.title) for spec in rows if spec.cli and flag in spec.cli.fixed]
+    names = [value for value, _ in choices]
+    described = [f"{value} ({title})" for value, title in choices]
+    text = ", ".join(described[:-1]) + " or " + described[-1] if len(described) > 1 else described[0]
+
+    def check(value: str) -> str:
+        if value not in names:
+            raise BadArgument(f"{flag} {value}", "must be one of " + ", ".join(names))
+        return value
+
+    return Annotated[str, typer.Option(flag, help=f"Method: {text}.", callback=check)], names[0]
+
+
+def command_parameters(rows: list[MethodSpec]) -> list[inspect.Parameter]:
+    """The generated command's parameters, in ``--help`` order."""
+    first = rows[0]
+    binding = first.cli
+    assert binding is not None
+    entries: list[tuple[str, Any, Any]] = []
+    if first.takes_images:
+        entries.append(("images", ImagesArg, inspect.Parameter.empty))
+    if first.layer == "required":  # the command is about a layer: its option comes first
+        entries.append(("layer", LayerOpt, None))
+    if binding.output:
+        entries.append(("output", OutDirOpt, Path("convscope-out")))
+    entries += [("model", ModelOpt, None), ("weights", WeightsOpt, None), ("seed", SeedOpt, 0),
+                ("device", DeviceOpt, "auto")]
+    if any(spec.takes_target for spec in rows):
+        entries += [("class_index", ClassOpt, None), ("label", LabelOpt, None)]
+    if first.layer == "many":
+        entries += [("layer", LayersOpt, None), ("old_layers", OldLayersOpt, None)]
+    elif first.layer == "optional":
+        entries.append(("layer", LayerOpt, None))
+    seen: set[str] = set()
+    for spec in rows:
+        for param in spec.params:
+            if param.flag and param.flag not in seen:
+                seen.add(param.flag)
+                entries.append((_param_name(param), *_param_option(param, dict(binding.aliases))))
+    for flag in dict.fromkeys(flag for spec in rows if spec.cli for flag in spec.cli.fixed):
+        entries.append((_fixed_name(flag), *_selector_option(flag, rows)))
+    if binding.batch_size is not None:
+        entries.append(("batch_size", BatchSizeOpt, binding.batch_size))
+    if binding.json:
+        entries.append(("json_out", JsonOpt, False))
+    if binding.raw:
+        entries.append(("raw", RawOpt, False))
+    entries += [EXTRAS[name] for name in binding.extras]
+    return [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
+            for name, annotation, default in entries]
+
+
+def _command_function(command: str, rows: list[MethodSpec]) -> Callable[..., None]:
+    def method_command(**values: Any) -> None:
+        run_method_command(command, rows, values)
+
+    method_command.__signature__ = inspect.Signature(command_parameters(rows))  # type: ignore[attr-defined]
+    method_command.__annotations__ = {}
+    method_command.__name__ = method_command.__qualname__ = f"{command.replace('-', '_')}_command"
+    method_command.generated = True  # type: ignore[attr-defined]
+    return method_command
+
+
+def register_method_commands(target: typer.Typer | None = None) -> list[str]:
+    """(Re)build one command per ``cli.command`` of the registry on ``target``; return their names.
+
+    Commands built earlier are replaced, so a test can register a row and call this again. The new
+    commands go where the first generated one was (after ``layers`` at start-up). ``target``:
+    ``convscope.cli.app.app`` unless given (``app`` calls this once it is built)."""
+    from convscope.cli.app import reflow_help
+
+    if target is None:
+        from convscope.cli.app import app
+
+        target = app
+    old = [i for i, info in enumerate(target.registered_commands)
+           if getattr(info.callback, "generated", False)]
+    position = old[0] if old else next(
+        (i + 1 for i, info in enumerate(target.registered_commands) if info.name == "layers"),
+        len(target.registered_commands))
+    for i in reversed(old):
+        del target.registered_commands[i]
+    names = []
+    for command, rows in cli_commands().items():
+        binding = rows[0].cli
+        assert binding is not None
+        help_text = reflow_help(binding.help or rows[0].summary)
+        target.command(command, help=help_text)(_command_function(command, rows))
+        names.append(command)
+    built = target.registered_commands[-len(names):] if names else []
+    del target.registered_commands[len(target.registered_commands) - len(built):]
+    target.registered_commands[position:position] = built
+    return names

@@ -91,14 +91,15 @@ def _batches(
 ) -> Iterator[tuple[list[Path], list[Any]]]:
     """Yield ``(paths, tensors)`` of up to ``size`` readable images, each decoded at reduced size
     and made a ``(1, C, H, W)`` input for ``preprocess`` at once (a batch costs its input tensors,
-    whatever the photos' pixel counts); unreadable ones are reported and passed to ``on_failure``."""
+    whatever the photos' pixel counts); unreadable ones are reported and passed to ``on_failure``.
+    The next batch is decoded in a background thread while the caller works on this one."""
+    from convscope.imageio import read_ahead
+
     pending: tuple[list[Path], list[Any]] = ([], [])
-    for path in paths:
-        try:
-            image = preprocess.to_tensor(preprocess.load_image(path))
-        except ImageError as exc:
-            print_error(exc)
-            on_failure(path, exc)
+    for path, image in read_ahead(paths, lambda p: preprocess.to_tensor(preprocess.load_image(p)), depth=size):
+        if isinstance(image, ImageError):
+            print_error(image)
+            on_failure(path, image)
             continue
         pending[0].append(path)
         pending[1].append(image)

@@ -57,6 +57,7 @@ IN_PLACE: list[tuple[str, Callable[[torch.Tensor], torch.Tensor], str, float]] =
     ("F.hardtanh_(x, 0, 6)", lambda x: F.hardtanh_(x, 0.0, 6.0), "ReLU6", 6.0),
     ("F.hardtanh_(x, 0, 3)", lambda x: F.hardtanh_(x, 0.0, 3.0), "clipped ReLU", 3.0),
     ("F.hardtanh_(x, 0)", lambda x: F.hardtanh_(x, 0.0), "clipped ReLU", 1.0),  # max_val's default
+    ("F.hardtanh_(input=x)", lambda x: F.hardtanh_(input=x, min_val=0.0, max_val=6.0), "ReLU6", 6.0),
 ]
 
 
@@ -129,6 +130,8 @@ def test_integer_and_no_grad_rectifiers_run_as_called_without_a_rule() -> None:
     floats = X.clone().requires_grad_(True)
     with relu_rule(nn.Identity(), "guided") as state:
         assert torch.equal(torch.relu(ints), torch.tensor([0, 0, 2]))
+        F.relu(ints, inplace=True)  # the keyword reaches the op
+        assert torch.equal(ints, torch.tensor([0, 0, 2]))
         with torch.no_grad():
             target = floats.detach().clone()
             out = F.relu(target, inplace=True)

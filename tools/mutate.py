@@ -98,7 +98,7 @@ def main(argv: list[str]) -> int:
         pass
     out = subprocess.run([sys.executable, "-m", "mutmut", "results", "--all", "true"],
                          check=False, capture_output=True, text=True).stdout
-    counts: dict[str, int] = {}
+    counts: dict[str, int] = {}  # "not checked": outside the mutant globs of this run
     for line in out.splitlines():
         if "__mutmut_" in line and ":" in line:
             status = line.rsplit(":", 1)[1].strip()
@@ -106,7 +106,8 @@ def main(argv: list[str]) -> int:
     total = sum(counts.values())
     survivors = []
     for line in out.splitlines():
-        if "__mutmut_" in line and not line.rstrip().endswith(": killed"):
+        status = line.rsplit(":", 1)[-1].strip()
+        if "__mutmut_" in line and status not in ("killed", "not checked", "skipped"):
             print("  " + line.strip())
             survivors.append(line.rsplit(":", 1)[0].strip())
     if "--diffs" in rest:  # each survivor's change, for deciding: missing test or equivalent mutant

@@ -83,3 +83,13 @@ def test_last_raises_for_a_layer_that_did_not_run(tiny_cnn) -> None:
         pass
     with pytest.raises(RuntimeError, match="'fc' was not called"):
         store.last("fc")
+
+
+def test_capture_refuses_a_module_of_another_network(tiny_cnn) -> None:
+    from torch import nn
+
+    stranger = nn.Conv2d(3, 3, 1)
+    with pytest.raises(ValueError, match="capture: other not part of the model"), \
+            capture(tiny_cnn, {"other": stranger}):
+        pass
+    assert not stranger._forward_hooks

@@ -2,7 +2,9 @@
 
 Usage (from the repository root; ``make mutate MODULE=predict`` wraps it)::
 
-    python tools/mutate.py predict [--jobs 2] [--tests a.py,b.py::test_x] [MUTANT_GLOB ...]
+    python tools/mutate.py predict [--jobs 2] [--tests a.py,b.py::test_x] [--diffs] [MUTANT_GLOB ...]
+
+``--diffs`` prints the change of every survivor (``mutmut show``) after the counts.
 
 mutmut 3 reads one ``[tool.mutmut]`` section; this script starts from it and narrows
 ``only_mutate`` and the test selection to the chosen module, so the stats pass runs a few
@@ -34,16 +36,31 @@ MODULES: dict[str, tuple[str, list[str]]] = {
     ),
     "relu_rules": (
         "convscope/probes/relu_rules.py",
-        ["tests/test_mutation_gaps.py", "tests/test_gradients.py", "tests/test_peers_gradients.py"],
+        ["tests/test_relu_rules_calls.py", "tests/test_mutation_gaps.py", "tests/test_gradients.py",
+         "tests/test_peers_gradients.py"],
     ),
     "gradcam": (
         "convscope/methods/gradcam.py",
-        ["tests/test_mutation_gaps.py", "tests/test_gradients.py", "tests/test_peers_gradients.py"],
+        ["tests/test_gradcam_contract.py", "tests/test_mutation_gaps.py", "tests/test_gradients.py",
+         "tests/test_peers_gradients.py"],
     ),
     "occlusion": (
         "convscope/methods/occlusion.py",
         ["tests/test_mutation_gaps.py", "tests/test_occlusion.py"],
     ),
+    # The dataset microscope's running top-k (merge, table update, per-image peaks); the rest of
+    # patches.py (checkpoints, planning, rendering glue) is not numeric core.
+    "patches_merge": (
+        "convscope/dataset/patches.py",
+        ["tests/test_patches.py"],
+    ),
+}
+
+# Mutant globs a module's run is limited to when none are given on the command line.
+DEFAULT_GLOBS: dict[str, list[str]] = {
+    "patches_merge": ["convscope.dataset.patches.x_merge_topk__mutmut_*",
+                      "convscope.dataset.patches.x_peaks__mutmut_*",
+                      "convscope.dataset.patches.xǁ_Tableǁ*"],
 }
 
 # Tests that cannot reach a mutant (subprocess CLI checks of error text) and fail or flake
@@ -62,6 +79,7 @@ def main(argv: list[str]) -> int:
     names = [a for i, a in enumerate(rest) if not a.startswith("--") and (i == 0 or rest[i - 1] not in ("--jobs", "--tests"))]
     path, tests = MODULES[name]
     tests = tests_arg or tests
+    names = names or DEFAULT_GLOBS.get(name, [])
 
     from mutmut import configuration
     from mutmut.__main__ import cli
@@ -80,15 +98,23 @@ def main(argv: list[str]) -> int:
         pass
     out = subprocess.run([sys.executable, "-m", "mutmut", "results", "--all", "true"],
                          check=False, capture_output=True, text=True).stdout
-    counts: dict[str, int] = {}
+    counts: dict[str, int] = {}  # "not checked": outside the mutant globs of this run
     for line in out.splitlines():
         if "__mutmut_" in line and ":" in line:
             status = line.rsplit(":", 1)[1].strip()
             counts[status] = counts.get(status, 0) + 1
     total = sum(counts.values())
+    survivors = []
     for line in out.splitlines():
-        if "__mutmut_" in line and not line.rstrip().endswith(": killed"):
+        status = line.rsplit(":", 1)[-1].strip()
+        if "__mutmut_" in line and status not in ("killed", "not checked", "skipped"):
             print("  " + line.strip())
+            survivors.append(line.rsplit(":", 1)[0].strip())
+    if "--diffs" in rest:  # each survivor's change, for deciding: missing test or equivalent mutant
+        for mutant in survivors:
+            shown = subprocess.run([sys.executable, "-m", "mutmut", "show", mutant],
+                                   check=False, capture_output=True, text=True).stdout
+            print(f"--- {mutant}\n{shown.strip()}")
     print(f"{path}: {total} mutants, " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     return 0
 

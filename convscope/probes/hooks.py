@@ -43,7 +43,8 @@ def capture(
     """Record the outputs of ``layers`` for every forward pass inside the block.
 
     Args:
-        model: the network (only used to check the modules belong to it).
+        model: the network; every module in ``layers`` must be one of its submodules (a
+            module of another network would never fire, and the method would blame the layer).
         layers: display name -> module.
         mode: ``"clone"`` stores a detached copy (safe against later in-place ops such as
             torchvision's ``ReLU(inplace=True)``); ``"graph"`` stores the module's real
@@ -56,6 +57,10 @@ def capture(
     """
     if mode not in ("clone", "graph"):
         raise ValueError(f"mode must be 'clone' or 'graph', not {mode!r}")
+    members = {id(m) for m in model.modules()}
+    strangers = [name for name, module in layers.items() if id(module) not in members]
+    if strangers:
+        raise ValueError(f"capture: {', '.join(strangers)} not part of the model")
     store = Capture({name: [] for name in layers})
     handles = []
 

@@ -50,6 +50,7 @@ def test_gradcam_plus_plus_channel_weights_by_hand() -> None:
     plain = gradcam(model, x, target=0, layer="0")
     torch.testing.assert_close(plain.weights, torch.tensor([[1.0, 0.01]]), rtol=1e-6, atol=0)
     assert plain.method == "gradcam" and plain.layer == "0"
+    assert plain.warnings == () and plus.warnings == ()  # a tuple, empty: no rule was involved
     # the map: relu(0.25 * 2 + 0.004878 * 4) at the single cell, upsampled to 4x4, then scaled to [0, 1]
     torch.testing.assert_close(plus.raw, torch.tensor([[[2 / 4.000001 + 4 * 0.01 * 1e-4 / 2.05e-4]]]),
                                rtol=1e-6, atol=0)

@@ -108,6 +108,28 @@ def test_merge_topk_orders_by_value_then_image() -> None:
     assert v.tolist() == [[3.0, 3.0, 2.0]] and i.tolist() == [[2, 9, 1]] and c.tolist() == [[2, 1, 4]]
     v, i, _ = merge_topk(values[:, :1], images[:, :1], cells[:, :1], 3)
     assert i.tolist() == [[4, EMPTY, EMPTY]]
+    # fewer candidates than slots, in more rows than candidates: each row padded on its own
+    v, i, c = merge_topk(torch.tensor([[1.0, 5.0], [7.0, 2.0], [0.5, 0.5]]), torch.tensor([[3, 8], [1, 2], [6, 4]]),
+                         torch.tensor([[10, 11], [12, 13], [14, 15]]), 4)
+    inf = float("-inf")
+    assert v.tolist() == [[5.0, 1.0, inf, inf], [7.0, 2.0, inf, inf], [0.5, 0.5, inf, inf]]
+    assert i.tolist() == [[8, 3, EMPTY, EMPTY], [1, 2, EMPTY, EMPTY], [4, 6, EMPTY, EMPTY]]  # a tie: lower image first
+    assert c.tolist() == [[11, 10, 0, 0], [12, 13, 0, 0], [15, 14, 0, 0]]
+
+
+def test_running_table_stays_on_its_device_with_integer_positions() -> None:
+    # meta tensors stand in for a GPU: nothing may fall back to the CPU default device or to float.
+    from convscope.dataset.patches import _Table
+
+    table = _Table.empty(3, 4, torch.device("meta"))
+    assert [t.device.type for t in (table.values, table.images, table.cells)] == ["meta"] * 3
+    assert (table.values.dtype, table.images.dtype, table.cells.dtype) == (torch.float32, torch.int64, torch.int64)
+    cpu = _Table.empty(2, 3, torch.device("cpu"))
+    assert cpu.values.tolist() == [[float("-inf")] * 3] * 2 and cpu.images.tolist() == [[EMPTY] * 3] * 2
+    assert cpu.cells.tolist() == [[0] * 3] * 2
+    updated = table.update(torch.zeros(2, 3, device="meta"), torch.zeros(2, 3, dtype=torch.int64, device="meta"),
+                           torch.tensor([5, 6]))  # positions arrive on the CPU
+    assert updated.images.device.type == "meta" and updated.cells.dtype == torch.int64
 
 
 def test_model_left_as_found_and_errors(zfnet, images_with_ties, assert_no_side_effects) -> None:

@@ -350,3 +350,16 @@ def test_cli_device_meta_is_one_line_exit_2(tmp_path: Path) -> None:
     )
     assert done.stderr.strip().splitlines() == [expected]
     assert done.stdout == ""
+
+
+def test_finite_check_takes_overflowing_sums_and_mixed_infinities_right() -> None:
+    # The fast path sums the batch; a sum that overflows (finite values near float32's max) must
+    # not be called infinite, and +inf with -inf (a NaN sum) must still count as two infinities.
+    from convscope.validate import _check_finite
+
+    _check_finite(torch.full((1, 3, 4, 4), 3e38), "images")
+    _check_finite(torch.full((1, 3, 4, 4), 60000.0, dtype=torch.float16), "images")  # sum overflows in half
+    mixed = torch.zeros(1, 3, 4, 4)
+    mixed[0, 0, 0, 0], mixed[0, 1, 0, 0] = float("inf"), float("-inf")
+    with pytest.raises(BadInput, match=r"^images: holds 0 NaN and 2 infinite values \(of 48\)"):
+        _check_finite(mixed, "images")

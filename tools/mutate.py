@@ -32,7 +32,8 @@ MODULES: dict[str, tuple[str, list[str]]] = {
     ),
     "geometry": (
         "convscope/probes/geometry.py",
-        ["tests/test_mutation_survivors.py", "tests/test_mutation_gaps.py", "tests/test_geometry.py"],
+        ["tests/test_geometry_contract.py", "tests/test_mutation_survivors.py", "tests/test_mutation_gaps.py",
+         "tests/test_geometry.py"],
     ),
     "relu_rules": (
         "convscope/probes/relu_rules.py",

@@ -79,7 +79,8 @@ def propagate(geo: Geometry, module: nn.Module) -> Geometry:
     window = window_of(module)
     if window is not None:
         kernel, stride, padding, dilation = window
-        square = kernel[0] == kernel[1] and stride[0] == stride[1] and padding[0] == padding[1]
+        square = (kernel[0] == kernel[1] and stride[0] == stride[1] and padding[0] == padding[1]
+                  and dilation[0] == dilation[1])
         k_eff = dilation[0] * (kernel[0] - 1) + 1
         return Geometry(
             size=geo.size + (k_eff - 1) * geo.jump,
@@ -164,7 +165,7 @@ def trace(model: nn.Module, x: torch.Tensor) -> list[LayerCall]:
             nbytes = output.numel() * output.element_size()
             known[id(output)] = (output._version, geo_out, output)
             key = shape_out[2:]
-            if key not in widest or widest[key].size <= geo_out.size:
+            if key not in widest or widest[key].size <= geo_out.size:  # a tie: the latest call wins
                 widest[key] = geo_out
         calls.append(LayerCall(names.get(module, "?"), module, shape_in, shape_out, geo_out, nbytes))
 

@@ -418,3 +418,52 @@ def test_approximate_mode_without_fast_bfloat16_is_exact(alexnet_small, monkeypa
     exact = occlusion(loaded, image, window=16, stride=8)
     assert approx.stats.precision == "float32"
     torch.testing.assert_close(approx.probability, exact.probability, rtol=0, atol=0)
+
+
+def test_non_square_images_and_grids_equal_naive(alexnet_small) -> None:
+    # Rows and columns differ in count and extent: a swapped axis anywhere in the incremental
+    # chain, its plans or its bands would show here (every square test hides it).
+    module, loaded = alexnet_small
+    torch.manual_seed(5)
+    image = torch.randn(1, 3, 96, 144)
+    layer = dict(module.named_modules())["0.features.3"]
+    result = occlusion(loaded, image, None, window=16, stride=8, fill=0.0, layer="0.features.3", channel=2,
+                       batch_size=40)
+    assert result.stats.mode == "incremental" and (len(result.row_origins), len(result.col_origins)) == (11, 17)
+    expected = naive(module, image, int(result.targets[0]), 16, 8, 0.0, layer=layer, channel=2)
+    assert_matches(result, expected)
+    torch.testing.assert_close(result.activation[0], expected["activation"], rtol=1e-5, atol=1e-3)
+
+
+def test_a_single_row_of_windows_equals_naive() -> None:
+    torch.manual_seed(6)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 6, 3, padding=1),
+                        nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 5), Temperature(30.0)).eval()
+    loaded = wrap_model(net, preprocess=Preprocess(resize=None, crop=8))
+    image = torch.randn(1, 3, 8, 40)  # window 8: one row, five columns
+    result = occlusion(loaded, image, None, window=8, stride=8, fill=0.5)
+    assert result.row_origins == (0,) and result.col_origins == (0, 8, 16, 24, 32)
+    assert_matches(result, naive(net, image, int(result.targets[0]), 8, 8, 0.5))
+
+
+def test_speedup_probe_times_both_precisions_after_a_warm_up() -> None:
+    # Stand-in networks that take a known time per call (a slow first call, as real kernels
+    # have): the probe must give float32 time / low-precision time, warm-up excluded.
+    import time
+
+    from convscope.methods.occlusion import _speedup
+
+    class Sleeper(nn.Module):
+        def __init__(self, seconds: float) -> None:
+            super().__init__()
+            self.seconds, self.calls = seconds, []
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.calls.append((x.shape[0], x.dtype))
+            time.sleep(0.25 if len(self.calls) == 1 else self.seconds)
+            return x
+
+    full, half = Sleeper(0.04), Sleeper(0.01)
+    ratio = _speedup(full, half, torch.zeros(1, 3, 4, 4), torch.bfloat16, copies=4)
+    assert 3.0 < ratio < 4.5, ratio
+    assert full.calls == [(4, torch.float32)] * 3 and half.calls == [(4, torch.bfloat16)] * 3

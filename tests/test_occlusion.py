@@ -158,20 +158,25 @@ def test_border_windows_like_captum(alexnet_small) -> None:
 
 
 @pytest.mark.parametrize(
-    ("name", "size", "window", "stride", "expect"),
+    ("name", "size", "window", "stride", "expect", "last", "fraction"),
     [
-        ("zfnet_cifar", 32, 8, 4, "0.features.4"),
-        ("efficientnet_lite0", 64, 16, 8, "0.features.2.1"),  # residual MBConv blocks as units
-        ("resnet18", 64, 16, 8, "0.layer1.0"),  # BasicBlocks with a reused ReLU
+        ("zfnet_cifar", 32, 8, 4, "0.features.4", "0.features.10", 0.6755),
+        # residual MBConv blocks as units; the chain is cut where recomputing patches stops paying
+        ("efficientnet_lite0", 64, 16, 8, "0.features.2.1", "0.features.3.0", 0.8653),
+        ("resnet18", 64, 16, 8, "0.layer1.0", "0.layer1.1", 0.9274),  # BasicBlocks with a reused ReLU
     ],
 )
-def test_other_architectures_equal_naive(name: str, size: int, window: int, stride: int, expect: str) -> None:
+def test_other_architectures_equal_naive(name: str, size: int, window: int, stride: int, expect: str, last: str,
+                                         fraction: float) -> None:
     module, loaded = sharpened(name, 50.0)
     torch.manual_seed(4)
     image = torch.randn(1, loaded.preprocess.channels, size, size)
     result = occlusion(loaded, image, window=window, stride=stride, fill=0.3)
     assert result.stats.mode == "incremental"
     assert expect in result.stats.incremental_layers
+    # where the chain stops, and the work it saves: both move if the cut-off rule changes
+    assert result.stats.incremental_layers[-1] == last
+    assert result.stats.work_fraction == pytest.approx(fraction, abs=1e-3)
     assert_matches(result, naive(module, image, int(result.targets[0]), window, stride, 0.3))
 
 

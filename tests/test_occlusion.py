@@ -472,3 +472,54 @@ def test_speedup_probe_times_both_precisions_after_a_warm_up() -> None:
     ratio = _speedup(full, half, torch.zeros(1, 3, 4, 4), torch.bfloat16, copies=4)
     assert 3.0 < ratio < 4.5, ratio
     assert full.calls == [(4, torch.float32)] * 3 and half.calls == [(4, torch.bfloat16)] * 3
+
+
+def _small_net() -> tuple[nn.Module, object]:
+    torch.manual_seed(7)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3), Temperature(20.0)).eval()
+    return net, wrap_model(net, preprocess=Preprocess(resize=None, crop=8))
+
+
+def test_approximate_mode_probe_and_its_fallbacks(monkeypatch) -> None:
+    # The speed-up probe gets the model, its half-precision twin, one image and up to 4 copies;
+    # a measured 1.15x (the threshold) keeps half precision, anything less runs exact and says why.
+    import convscope.methods.occlusion as occlusion_module
+
+    net, loaded = _small_net()
+    image = torch.randn(2, 3, 8, 8)
+    monkeypatch.setattr(occlusion_module, "_low_precision", lambda device: torch.bfloat16)
+    calls = []
+
+    def probe(ratio: float):
+        def fake(module, twin, first, low, copies):
+            calls.append((module is net, next(twin.parameters()).dtype, tuple(first.shape), low, copies))
+            return ratio
+        return fake
+
+    monkeypatch.setattr(occlusion_module, "_speedup", probe(1.15))
+    kept = occlusion(loaded, image, window=4, stride=4, mode="approximate", batch_size=3, layer="2", channel=1)
+    assert calls == [(True, torch.bfloat16, (1, 3, 8, 8), torch.bfloat16, 3)]
+    assert kept.stats.precision == "bfloat16" and kept.stats.fallback == "" and kept.activation is not None
+    monkeypatch.setattr(occlusion_module, "_speedup", probe(1.0))
+    slow = occlusion(loaded, image, window=4, stride=4, mode="approximate")
+    assert slow.stats.precision == "float32"
+    assert slow.stats.fallback == ("bfloat16 measured 1.00x the float32 speed on this model and machine "
+                                   "(needs 1.15x): ran exact (float32)")
+    monkeypatch.setattr(occlusion_module, "_low_precision", lambda device: None)
+    none = occlusion(loaded, image, window=4, stride=4, mode="approximate")
+    assert none.stats.fallback == "cpu has no fast bfloat16/float16 arithmetic: ran exact (float32)"
+    assert occlusion(loaded, image, window=4, stride=4).stats.fallback == ""  # exact mode: nothing to explain
+
+
+def test_smallest_settings_and_their_errors() -> None:
+    _, loaded = _small_net()
+    image = torch.randn(1, 3, 4, 4)
+    one = occlusion(loaded, image, window=1, stride=2, fill="black", layer="0", channel=0)  # the smallest window
+    assert one.row_origins == (0, 2) and one.activation is not None and int(one.channels[0]) == 0
+    with pytest.raises(BadArgument, match=r"^--batch-size 0: must be at least 1$"):
+        occlusion(loaded, image, window=2, stride=2, batch_size=0)
+    with pytest.raises(BadArgument, match=r"^--fill inf: must be a finite number$"):
+        occlusion(loaded, image, window=2, stride=2, fill=float("inf"))
+    # one mean and std for three channels (a grey-statistics model fed RGB): repeated per channel
+    assert resolve_fill("white", [0.5], [0.25], 3) == (2.0, 2.0, 2.0)

@@ -435,6 +435,8 @@ def test_non_square_images_and_grids_equal_naive(alexnet_small) -> None:
     result = occlusion(loaded, image, None, window=16, stride=8, fill=0.0, layer="0.features.3", channel=2,
                        batch_size=40)
     assert result.stats.mode == "incremental" and (len(result.row_origins), len(result.col_origins)) == (11, 17)
+    # the watched layer sits inside the chain, which goes on past it (its totals come from the chain)
+    assert result.stats.incremental_layers == tuple(f"0.features.{i}" for i in range(6))
     expected = naive(module, image, int(result.targets[0]), 16, 8, 0.0, layer=layer, channel=2)
     assert_matches(result, expected)
     torch.testing.assert_close(result.activation[0], expected["activation"], rtol=1e-5, atol=1e-3)
@@ -523,3 +525,30 @@ def test_smallest_settings_and_their_errors() -> None:
         occlusion(loaded, image, window=2, stride=2, fill=float("inf"))
     # one mean and std for three channels (a grey-statistics model fed RGB): repeated per channel
     assert resolve_fill("white", [0.5], [0.25], 3) == (2.0, 2.0, 2.0)
+
+
+def test_result_without_a_layer_and_the_class_names_it_carries() -> None:
+    # logit "left" = sum of the left half, logit "right" = 0.9 x the right half: on an image of
+    # ones "left" wins (96 vs 86.4) until a 4x4 square (fill 0) covers part of the left half.
+    head = nn.Linear(3 * 8 * 8, 2, bias=False)
+    with torch.no_grad():
+        columns = torch.arange(8).repeat(3 * 8)
+        head.weight.copy_(torch.stack([(columns < 4).float(), 0.9 * (columns >= 4).float()]))
+    loaded = wrap_model(nn.Sequential(nn.Flatten(), head), preprocess=Preprocess(resize=None, crop=8),
+                        categories=["left", "right"])
+    result = occlusion(loaded, torch.ones(1, 3, 8, 8), window=4, stride=4, fill=0.0)
+    assert result.activation is None and result.clean_activation is None and result.channels is None
+    assert result.layer is None and result.targets.tolist() == [0]
+    assert result.top_class[0].tolist() == [[1, 0], [1, 0]]  # a square on the left half: "right" wins
+    assert result.class_names == {0: "left", 1: "right"}  # the target's name and every top class's
+
+
+def test_a_chain_without_multiply_adds_costs_a_whole_pass_per_copy() -> None:
+    # Only pools: the chain is incremental, and with no multiply-adds to count its work per copy
+    # is reported as one full pass (1.0), not something larger.
+    net = nn.Sequential(nn.MaxPool2d(2), nn.AvgPool2d(2), nn.Flatten(), Temperature(5.0)).eval()
+    loaded = wrap_model(net, preprocess=Preprocess(resize=None, crop=8))
+    torch.manual_seed(0)
+    result = occlusion(loaded, torch.randn(1, 3, 8, 8), window=2, stride=2)
+    assert result.stats.mode == "incremental" and result.stats.incremental_layers == ("0", "1")
+    assert result.stats.work_fraction == 1.0 and result.stats.copies == 16

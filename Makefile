@@ -44,7 +44,7 @@ lint: $(VENV)/.dev-installed
 # Mutation testing of the core numeric modules (not in CI). One mutmut run per module, each
 # with only the tests that exercise that module (tools/mutate.py holds the table); prints
 # killed/survived/timeout per module, the names of the survivors and (--diffs) their changes.
-# Default scope: every core module; occlusion as a fixed one-in-five sample of its 1,499 mutants.
+# Default scope: every core module; occlusion as a fixed one-in-five sample of its 1,572 mutants.
 # About an hour on this 2-core machine with one job while other work ran; MODULES narrows it,
 # e.g. make mutate MODULES=gradcam; MUTATE_JOBS=1 leaves one core free (the default runs two).
 MODULES ?= predict preprocess geometry relu_rules gradcam patches_merge occlusion

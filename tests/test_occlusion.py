@@ -470,9 +470,11 @@ def test_speedup_probe_times_both_precisions_after_a_warm_up() -> None:
             time.sleep(0.25 if len(self.calls) == 1 else self.seconds)
             return x
 
-    full, half = Sleeper(0.04), Sleeper(0.01)
+    full, half = Sleeper(0.08), Sleeper(0.01)
     ratio = _speedup(full, half, torch.zeros(1, 3, 4, 4), torch.bfloat16, copies=4)
-    assert 3.0 < ratio < 4.5, ratio
+    # 8x when sleeps are exact; a loaded machine's oversleep (5-10 ms) pulls it down towards 4.5x;
+    # the ratio upside down would be 0.125.
+    assert 3.0 < ratio < 9.0, ratio
     assert full.calls == [(4, torch.float32)] * 3 and half.calls == [(4, torch.bfloat16)] * 3
 
 

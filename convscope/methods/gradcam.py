@@ -83,6 +83,15 @@ def _cam_maps(
 ) -> CamMaps:
     activations = activations.detach().float()
     weights = _channel_weights(method, activations, grads.float())
+    return cam_from_weights(method, name, loaded, activations, weights, size, targets, scores, warnings)
+
+
+def cam_from_weights(
+    method: str, name: str, loaded: LoadedModel, activations: torch.Tensor, weights: torch.Tensor,
+    size: tuple[int, int], targets: torch.Tensor, scores: torch.Tensor, warnings: tuple[str, ...] = (),
+) -> CamMaps:
+    """The class-activation map every CAM method ends with: the ReLU of the channels summed with
+    ``weights`` ``(N, C)``, upsampled bilinearly to ``size`` and scaled to [0, 1] per image."""
     raw = (weights[:, :, None, None] * activations).sum(dim=1).clamp_min(0)
     up = F.interpolate(raw[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
     return CamMaps(

@@ -27,10 +27,9 @@ import torch
 import torch.nn.functional as F
 
 from convscope.methods._common import ModelLike, prepare
-from convscope.methods.activations import normalize_per_image
-from convscope.methods.gradcam import _default_layer, feature_map_of
+from convscope.methods.gradcam import _default_layer, cam_from_weights, feature_map_of
 from convscope.methods.results import CamMaps
-from convscope.methods.targets import TargetLike, resolve_targets, target_labels
+from convscope.methods.targets import TargetLike, resolve_targets
 from convscope.probes.hooks import capture, eval_mode
 from convscope.probes.layers import resolve_layer
 
@@ -91,18 +90,8 @@ def scorecam(
                 net, batch[i], activations[i], int(targets[i]), size, batch_size, progress
             )
     weights = torch.softmax(masked_logits, dim=1)
-    raw = (weights[:, :, None, None] * activations).sum(dim=1).clamp_min(0)
-    up = F.interpolate(raw[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
-    return CamMaps(
-        method="scorecam",
-        layer=name,
-        maps=normalize_per_image(up).cpu(),
-        raw=raw.cpu(),
-        weights=weights.cpu(),
-        targets=targets.cpu(),
-        labels=target_labels(targets, loaded.categories),
-        scores=logits.gather(1, targets[:, None])[:, 0].float().cpu(),
-    )
+    scores = logits.gather(1, targets[:, None])[:, 0]
+    return cam_from_weights("scorecam", name, loaded, activations, weights, size, targets, scores)
 
 
 def _channel_scores(

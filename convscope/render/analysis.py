@@ -50,6 +50,14 @@ def _panels(curves: InvarianceCurves) -> list[tuple[str, np.ndarray, str]]:
     return panels
 
 
+def _dress(ax: Any, title: str, ylabel: str, transform: str) -> None:
+    """Title, axis labels and grid of one invariance panel."""
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel(AMOUNT_LABELS[transform])
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+
+
 def invariance_figure(curves: InvarianceCurves, names: Sequence[str]) -> np.ndarray:
     """The paper's Fig. 5 panels for one transform: one distance panel per layer and the target
     probability, one curve per image (legend: image names)."""
@@ -59,10 +67,7 @@ def invariance_figure(curves: InvarianceCurves, names: Sequence[str]) -> np.ndar
     for ax, (title, values, ylabel) in zip(axes[0], panels, strict=True):
         for row, name in zip(values, names, strict=True):
             ax.plot(x, row, marker=".", linewidth=1.2, label=name)
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel(AMOUNT_LABELS[curves.transform])
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
+        _dress(ax, title, ylabel, curves.transform)
     axes[0][-1].set_ylim(-0.02, 1.02)
     axes[0][-1].legend(fontsize=7, loc="best")
     fig.suptitle(f"invariance to {curves.transform}", fontsize=11)
@@ -78,10 +83,7 @@ def invariance_mean_figure(curves: InvarianceCurves) -> np.ndarray:
         mean, std = values.mean(axis=0), values.std(axis=0)
         ax.plot(x, mean, color="C0", linewidth=1.6, label=f"mean of {values.shape[0]} images")
         ax.fill_between(x, mean - std, mean + std, color="C0", alpha=0.25, label="±1 std")
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel(AMOUNT_LABELS[curves.transform])
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
+        _dress(ax, title, ylabel, curves.transform)
     axes[0][-1].set_ylim(-0.02, 1.02)
     axes[0][-1].legend(fontsize=8, loc="best")
     fig.suptitle(f"invariance to {curves.transform}: mean over images", fontsize=11)

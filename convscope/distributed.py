@@ -206,7 +206,28 @@ def init_from_env(device: torch.device | str | None = None, *, backend: str | No
     dist.init_process_group(backend=chosen, rank=world.rank, world_size=world.size)
     try:
         yield World(rank=world.rank, size=world.size, local_rank=world.local_rank, backend=chosen)
+    except BaseException:
+        # Another rank may be gone: no collective here, just leave.
+        dist.destroy_process_group()
+        raise
+    _leave_together()
+
+
+def _leave_together() -> None:
+    """Leave the group after every rank has finished with it.
+
+    A rank that is done (rank 1, once rank 0 has sent it the test result) would otherwise tear its
+    connections down while rank 0 still writes the run folder. The barrier makes the ranks leave
+    together, and collecting first drops the objects that still hold the group (a DDP reducer,
+    work handles) so its threads are joined here, on this thread, rather than during interpreter
+    shutdown.
+    """
+    import gc
+
+    try:
+        dist.barrier()
     finally:
+        gc.collect()
         dist.destroy_process_group()
 
 
@@ -221,6 +242,27 @@ def shard_range(count: int, rank: int, size: int) -> range:
     base, extra = divmod(count, size)
     start = rank * base + min(rank, extra)
     return range(start, start + base + (1 if rank < extra else 0))
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """The sum of ``tensor`` over the ranks, differentiable: the gradient is summed over the ranks too.
+
+    (``torch.distributed.nn.functional.all_reduce`` does this but is deprecated and warns on every
+    call.) Forward and backward are blocking collectives, issued in the same order on every rank
+    because every rank runs the same layers.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:
+        total = tensor.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        total = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return total
 
 
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -257,8 +299,6 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         self._check_input_dim(input)
         if not self.training or not (dist.is_available() and dist.is_initialized()):
             return super().forward(input)
-        from torch.distributed.nn.functional import all_reduce
-
         channels = input.shape[1]
         dims = [0, *range(2, input.dim())]
         count = input.numel() // channels
@@ -268,7 +308,7 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
             mean.double() * count,
             (var.double() + mean.double() ** 2) * count,
         ])
-        total = all_reduce(local)
+        total = _AllReduceSum.apply(local)
         n = total[0]
         global_mean = total[1 : 1 + channels] / n
         global_var = (total[1 + channels :] / n - global_mean**2).clamp_min(0)

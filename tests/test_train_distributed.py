@@ -72,6 +72,29 @@ def _torchrun_cmd(*args: object, nproc: int = 2) -> list[str]:
     ]
 
 
+# A rare abort inside PyTorch's gloo teardown, seen once in CI (rank 1, after training, "terminate
+# called without an active exception"; not reproduced in ~100 launches here). convscope now leaves
+# the group together (barrier, collect, destroy), which should close the window; a fresh run that
+# still hits exactly this is started once more, with a warning, so the rest of the test still runs.
+_GLOO_TEARDOWN_ABORT = "terminate called without an active exception"
+
+
+def _fresh_torchrun(args: list[object], run: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    import shutil
+    import warnings
+
+    for attempt in (1, 2):
+        done = subprocess.run(_torchrun_cmd(*args, "-o", run), env=env, capture_output=True, text=True, timeout=300,
+                              check=False)
+        if done.returncode == 0 or _GLOO_TEARDOWN_ABORT not in done.stderr or attempt == 2:
+            return done
+        warnings.warn(f"torchrun aborted in gloo teardown; starting {run.name} once more", stacklevel=2)
+        shutil.rmtree(run, ignore_errors=True)
+        for log in Path(env["CONVSCOPE_TEST_WRITE_LOG"]).parent.glob(Path(env["CONVSCOPE_TEST_WRITE_LOG"]).name + ".rank*"):
+            log.unlink()
+    raise AssertionError("unreachable")
+
+
 def _env(tmp: Path, watch: Path) -> dict[str, str]:
     hook_dir = tmp / "hook"
     hook_dir.mkdir(exist_ok=True)
@@ -202,11 +225,9 @@ def test_two_process_run_matches_one_process_and_only_rank0_writes(
     from convscope.training.evaluate import evaluate
 
     run = tmp_path / "two"
-    done = subprocess.run(
-        _torchrun_cmd(*DATA, "--epochs", 1, "-o", run), env=_env(tmp_path, tmp_path), capture_output=True, text=True, check=False,
-        timeout=300,
-    )
+    done = _fresh_torchrun([*DATA, "--epochs", 1], run, _env(tmp_path, tmp_path))
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "Warning" not in done.stderr, done.stderr[-3000:]  # e.g. no deprecation warning per step
     assert done.stdout.count("best epoch 1/1") == 1  # rank 0 alone reports
     assert {p.name for p in run.iterdir()} == EXPECTED_FILES
     writes = tmp_path / "writes"
@@ -305,8 +326,7 @@ def test_sigkill_of_one_rank_fails_cleanly_and_resume_finishes(tmp_path: Path) -
     # The resumed run retraces the uninterrupted 2-process run (weights, optimizer, every RNG restored
     # on both ranks from rank 0's last.pt).
     straight = tmp_path / "straight"
-    done = subprocess.run(_torchrun_cmd(*DATA, "--epochs", epochs, "-o", straight), env=env, capture_output=True,
-                          text=True, timeout=300, check=False)
+    done = _fresh_torchrun([*DATA, "--epochs", epochs], straight, env)
     assert done.returncode == 0, done.stderr[-3000:]
     expected = json.loads((straight / "result.json").read_text())
     for key in ("train_loss", "val_loss", "val_accuracy"):

@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 OUT ?= demo-out
 
-.PHONY: demo test test-fast bench lint clean mutate
+.PHONY: demo test test-fast bench lint clean mutate mutate-full
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,15 +42,21 @@ lint: $(VENV)/.dev-installed
 	$(BIN)/mypy convscope
 
 # Mutation testing of the core numeric modules (not in CI). One mutmut run per module, each
-# with only the tests that exercise that module (tools/mutate.py holds the table); prints
-# killed/survived/timeout per module, the names of the survivors and (--diffs) their changes.
-# Default scope: every core module; occlusion as a fixed one-in-five sample of its 1,572 mutants.
-# About an hour on this 2-core machine with one job while other work ran; MODULES narrows it,
-# e.g. make mutate MODULES=gradcam; MUTATE_JOBS=1 leaves one core free (the default runs two).
+# with only the tests that exercise that module (tools/mutate.py holds the table; a mutant's
+# tests run fastest first); prints killed/survived/timeout per module, the names of the
+# survivors and (--diffs) their changes. `make mutate`: fixed samples where the tests are slow
+# (preprocess and geometry every 2nd mutant, occlusion every 20th), about 20 minutes on this
+# 2-core machine. `make mutate-full`: every mutant (occlusion every 5th), about an hour.
+# MODULES narrows either, e.g. make mutate MODULES=gradcam; MUTATE_JOBS=1 leaves one core free.
 MODULES ?= predict preprocess geometry relu_rules gradcam patches_merge occlusion
 mutate: $(VENV)/.dev-installed
 	for module in $(MODULES); do \
-	    PYTHONPATH= $(BIN)/python tools/mutate.py $$module --jobs $(or $(MUTATE_JOBS),2) --diffs || exit 1; \
+	    PYTHONPATH= OMP_NUM_THREADS=1 $(BIN)/python tools/mutate.py $$module --jobs $(or $(MUTATE_JOBS),2) --diffs || exit 1; \
+	done
+
+mutate-full: $(VENV)/.dev-installed
+	for module in $(MODULES); do \
+	    PYTHONPATH= OMP_NUM_THREADS=1 $(BIN)/python tools/mutate.py $$module --full --jobs $(or $(MUTATE_JOBS),2) --diffs || exit 1; \
 	done
 
 clean:

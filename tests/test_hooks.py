@@ -1,11 +1,11 @@
-"""capture() and eval_mode(): cleanup on exit and on error, reused modules, in-place ReLU."""
+"""capture(), reduce_outputs() and eval_mode(): cleanup on exit and on error, reused modules, in-place ReLU."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from convscope.probes.hooks import capture, eval_mode
+from convscope.probes.hooks import capture, eval_mode, reduce_outputs
 
 
 def test_capture_records_every_call_of_a_reused_module(tiny_cnn, assert_no_side_effects) -> None:
@@ -91,5 +91,41 @@ def test_capture_refuses_a_module_of_another_network(tiny_cnn) -> None:
     stranger = nn.Conv2d(3, 3, 1)
     with pytest.raises(ValueError, match="capture: other not part of the model"), \
             capture(tiny_cnn, {"other": stranger}):
+        pass
+    assert not stranger._forward_hooks
+
+
+def test_reduce_outputs_sees_each_call_before_the_inplace_relu(tiny_cnn, assert_no_side_effects) -> None:
+    x = torch.randn(2, 3, 16, 16)
+
+    def run():
+        with torch.no_grad(), reduce_outputs(
+            tiny_cnn, {"conv1": tiny_cnn.conv1, "relu": tiny_cnn.relu}, lambda name, out: (name, out.amin(), out.sum())
+        ) as found:
+            tiny_cnn(x)
+        return found
+
+    found = assert_no_side_effects(tiny_cnn, run)
+    with torch.no_grad():
+        conv1 = tiny_cnn.conv1(x)
+        second = torch.relu(tiny_cnn.conv2(torch.relu(conv1)))
+    ((name, low, total),) = found["conv1"]
+    assert name == "conv1"
+    # The in-place ReLU right after conv1 runs after the hook: the reduction saw the negatives.
+    assert low < 0 and low == conv1.amin()
+    torch.testing.assert_close(total, conv1.sum())
+    assert [n for n, _, _ in found["relu"]] == ["relu", "relu"]  # both calls of the reused ReLU
+    torch.testing.assert_close(found["relu"][1][2], second.sum())
+
+
+def test_reduce_outputs_cleans_up_and_refuses_strangers(tiny_cnn) -> None:
+    from torch import nn
+
+    with pytest.raises(RuntimeError), reduce_outputs(tiny_cnn, {"conv1": tiny_cnn.conv1}, lambda n, o: o.sum()):
+        tiny_cnn(torch.randn(1, 5, 16, 16))  # wrong channel count
+    assert not tiny_cnn.conv1._forward_hooks
+    stranger = nn.Conv2d(3, 3, 1)
+    with pytest.raises(ValueError, match="reduce_outputs: other not part of the model"), \
+            reduce_outputs(tiny_cnn, {"other": stranger}, lambda n, o: o):
         pass
     assert not stranger._forward_hooks

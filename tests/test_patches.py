@@ -287,3 +287,41 @@ def test_ctrl_c_checkpoints_and_resume_finishes_the_same(zfnet, images_with_ties
                           resume=True, progress=resumed_progress.append)
     assert resumed == whole
     assert resumed_progress[0] == 9 and sum(resumed_progress) == 23  # the bar starts where the run stopped
+
+
+@pytest.mark.parametrize("chosen", [None, [4, 0, 2]])
+def test_table_update_from_maps_equals_the_full_merge(chosen) -> None:
+    """The lazy merge (amax, merge only channels some image can enter, argmax only for entrants)
+    keeps exactly the table of the full merge of ``_peaks``: ties between images, ties inside a
+    map, NaN maps, empty maps and batches whose images all lose, over many batches."""
+    from convscope.dataset.patches import _peaks, _Table
+
+    generator = torch.Generator().manual_seed(1)
+    index = None if chosen is None else torch.tensor(chosen)
+    channels = 6 if chosen is None else len(chosen)
+    full = lazy = _Table.empty(channels, 4, torch.device("cpu"))
+    # Image positions in shuffled order: ties between images must go to the lower position even
+    # when it arrives later.
+    order = torch.randperm(60, generator=generator)
+    position = 0
+    entered_late = 0
+    for step in range(12):
+        batch = 1 + step % 5
+        # Small integers: maxima tie across images and inside maps.
+        maps = torch.randint(-3, 4, (batch, 6, 3, 5), generator=generator).float()
+        maps[0, 1] = 2.0  # a flat map: every cell ties
+        if step == 3:
+            maps[:, 2] = float("nan")
+        if step >= 8:
+            maps[:, 3] -= 10.0  # late images cannot enter channel 3
+            maps[:, 0] += step - 6  # but they push earlier ones out of channel 0
+        positions = order[position : position + batch]
+        position += batch
+        full = full.update(*_peaks(maps, index), positions)
+        before = lazy.images.clone()
+        lazy = lazy.update_from_maps(maps, index, positions)
+        entered_late += int((lazy.images != before).sum()) if step >= 8 else 0
+        torch.testing.assert_close(lazy.values, full.values)
+        assert torch.equal(lazy.images, full.images), step
+        assert torch.equal(lazy.cells, full.cells), step
+    assert entered_late > 0  # the later batches did change the table: not a vacuous comparison

@@ -47,7 +47,7 @@ from convscope.imageio import atomic_write
 from convscope.methods._common import ModelLike
 from convscope.models.load import as_loaded
 from convscope.probes.geometry import Geometry, cell_boxes_xyxy, layer_geometries
-from convscope.probes.hooks import capture, eval_mode
+from convscope.probes.hooks import capture, eval_mode, reduce_outputs
 from convscope.probes.layers import resolve_layer
 from convscope.types import LoadedModel
 
@@ -200,6 +200,41 @@ class _Table:
             self.values.shape[1],
         )
         return _Table(values, images, cells)
+
+    def update_from_maps(self, output: torch.Tensor, chosen: torch.Tensor | None, positions: torch.Tensor) -> _Table:
+        """Merge a batch of maps ``(B, C_all, h, w)``; the same table as ``update(*_peaks(output, chosen), positions)``.
+
+        Cheaper: the maxima come from ``amax`` (no indices); only channels where some image
+        reaches the current ``top``-th value (``>=``, so ties are merged and ordered by
+        ``merge_topk``) are merged; and the cell of a maximum is found only for the images that
+        entered the table. Once the table holds strong maps, few channels merge per batch.
+        """
+        values = output.amax(dim=(2, 3))  # (B, C_all); NaN propagates like max
+        if chosen is not None:
+            values = values.index_select(1, chosen)
+        values = torch.nan_to_num(values.float(), nan=float("-inf")).t()  # (C, B)
+        rows = (values >= self.values[:, -1:]).any(dim=1).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            return self
+        count, batch = values.shape
+        # Batch candidates carry -1 - (their row in the batch) as the cell until they win a place.
+        slots = -1 - torch.arange(batch, device=values.device, dtype=torch.int64)
+        merged_values, merged_images, merged_cells = merge_topk(
+            torch.cat([self.values[rows], values[rows]], 1),
+            torch.cat([self.images[rows], positions.to(self.images.device).unsqueeze(0).expand(len(rows), -1)], 1),
+            torch.cat([self.cells[rows], slots.unsqueeze(0).expand(len(rows), -1)], 1),
+            self.values.shape[1],
+        )
+        new = (merged_cells < 0).nonzero()  # (K, 2): row in ``rows``, slot in the table
+        if len(new):
+            which = rows[new[:, 0]]
+            channel = which if chosen is None else chosen[which]
+            image = -1 - merged_cells[new[:, 0], new[:, 1]]
+            # argmax returns the first of equal maxima (row-major), as ``_peaks``' max does.
+            merged_cells[new[:, 0], new[:, 1]] = output.flatten(2)[image, channel].argmax(dim=1)
+        table_values, table_images, table_cells = self.values.clone(), self.images.clone(), self.cells.clone()
+        table_values[rows], table_images[rows], table_cells[rows] = merged_values, merged_images, merged_cells
+        return _Table(table_values, table_images, table_cells)
 
     def cpu(self) -> dict[str, torch.Tensor]:
         return {"values": self.values.cpu(), "images": self.images.cpu(), "cells": self.cells.cpu()}
@@ -437,18 +472,27 @@ def top_patches(
 
     committed = state
     since_save = 0
-    with eval_mode(loaded.module), torch.no_grad(), capture(loaded.module, plan.modules) as store:
+    current: dict[str, Any] = {}  # the batch in flight: its image positions and the tables it starts from
+
+    def merge_batch(name: str, output: torch.Tensor) -> _Table:
+        # In the hook, on the module's own output: nothing downstream has run, so no copy is kept.
+        positions = current["positions"]
+        return current["tables"][name].update_from_maps(output[: len(positions)], chosen_index[name], positions)
+
+    with eval_mode(loaded.module), torch.no_grad(), reduce_outputs(loaded.module, plan.modules, merge_batch) as found:
         try:
             for batch in source.batches(range(state.position, shard.stop), batch_size, workers):
                 tables = committed.tables
                 if len(batch.indices):
-                    store.clear()
+                    for calls in found.values():
+                        calls.clear()
+                    current.update(positions=batch.indices, tables=committed.tables)
                     _forward(loaded.module, batch.images.to(device=device, dtype=loaded.dtype))
                     tables = {}
                     for name in plan.names:
-                        output = store.last(name)[: len(batch.indices)]
-                        peaks, where = _peaks(output, chosen_index[name])
-                        tables[name] = committed.tables[name].update(peaks, where, batch.indices)
+                        if not found[name]:
+                            raise RuntimeError(f"layer {name!r} was not called during the forward pass")
+                        tables[name] = found[name][-1]  # a module called twice: its last call, as capture's last()
                 # One assignment, so an interrupt never leaves a half-updated state to save.
                 committed = _State(
                     committed.position + batch.consumed,

@@ -79,16 +79,16 @@ def _channel_weights(method: str, activations: torch.Tensor, grads: torch.Tensor
 
 def _cam_maps(
     method: str, name: str, loaded: LoadedModel, activations: torch.Tensor, grads: torch.Tensor,
-    size: tuple[int, int], targets: torch.Tensor, scores: torch.Tensor, warnings: tuple[str, ...] = (),
+    size: tuple[int, int], targets: torch.Tensor, scores: torch.Tensor,
 ) -> CamMaps:
     activations = activations.detach().float()
     weights = _channel_weights(method, activations, grads.float())
-    return cam_from_weights(method, name, loaded, activations, weights, size, targets, scores, warnings)
+    return cam_from_weights(method, name, loaded, activations, weights, size, targets, scores)
 
 
 def cam_from_weights(
     method: str, name: str, loaded: LoadedModel, activations: torch.Tensor, weights: torch.Tensor,
-    size: tuple[int, int], targets: torch.Tensor, scores: torch.Tensor, warnings: tuple[str, ...] = (),
+    size: tuple[int, int], targets: torch.Tensor, scores: torch.Tensor,
 ) -> CamMaps:
     """The class-activation map every CAM method ends with: the ReLU of the channels summed with
     ``weights`` ``(N, C)``, upsampled bilinearly to ``size`` and scaled to [0, 1] per image."""
@@ -103,7 +103,6 @@ def cam_from_weights(
         targets=targets.cpu(),
         labels=target_labels(targets, loaded.categories),
         scores=scores.detach().float().cpu(),
-        warnings=warnings,
     )
 
 

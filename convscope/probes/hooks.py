@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -57,10 +58,7 @@ def capture(
     """
     if mode not in ("clone", "graph"):
         raise ValueError(f"mode must be 'clone' or 'graph', not {mode!r}")
-    members = {id(m) for m in model.modules()}
-    strangers = [name for name, module in layers.items() if id(module) not in members]
-    if strangers:
-        raise ValueError(f"capture: {', '.join(strangers)} not part of the model")
+    _check_members(model, layers, "capture")
     store = Capture({name: [] for name in layers})
     handles = []
 
@@ -80,6 +78,49 @@ def capture(
         for name, module in layers.items():
             handles.append(module.register_forward_hook(make_hook(name)))
         yield store
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _check_members(model: nn.Module, layers: Mapping[str, nn.Module], who: str) -> None:
+    members = {id(m) for m in model.modules()}
+    strangers = [name for name, module in layers.items() if id(module) not in members]
+    if strangers:
+        raise ValueError(f"{who}: {', '.join(strangers)} not part of the model")
+
+
+@contextmanager
+def reduce_outputs(
+    model: nn.Module,
+    layers: Mapping[str, nn.Module],
+    reduce: Callable[[str, torch.Tensor], Any],
+) -> Iterator[dict[str, list[Any]]]:
+    """Record ``reduce(name, output)`` of ``layers`` for every forward pass inside the block.
+
+    The reduction runs inside the hook, on the module's own output (detached), before anything
+    downstream runs: an in-place op later in the network cannot change what it sees, so no copy
+    of the output is needed. For passes that keep a summary (the dataset miner keeps each map's
+    maximum) this saves ``capture``'s copy of every map. ``reduce`` must not modify its input.
+
+    Yields:
+        layer name -> one result per call of that module; clear the lists between passes.
+    """
+    _check_members(model, layers, "reduce_outputs")
+    results: dict[str, list[Any]] = {name: [] for name in layers}
+    handles = []
+
+    def make_hook(name: str):  # type: ignore[no-untyped-def]
+        def hook(module: nn.Module, inputs: object, output: object) -> None:
+            if isinstance(output, torch.Tensor):
+                results[name].append(reduce(name, output.detach()))
+
+        return hook
+
+    try:
+        for name, module in layers.items():
+            handles.append(module.register_forward_hook(make_hook(name)))
+        yield results
     finally:
         for handle in handles:
             handle.remove()

@@ -216,7 +216,7 @@ class _Table:
         rows = (values >= self.values[:, -1:]).any(dim=1).nonzero().squeeze(1)
         if rows.numel() == 0:
             return self
-        count, batch = values.shape
+        batch = values.shape[1]
         # Batch candidates carry -1 - (their row in the batch) as the cell until they win a place.
         slots = -1 - torch.arange(batch, device=values.device, dtype=torch.int64)
         merged_values, merged_images, merged_cells = merge_topk(

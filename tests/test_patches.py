@@ -310,8 +310,8 @@ def test_table_update_from_maps_equals_the_full_merge(chosen) -> None:
         # Small integers: maxima tie across images and inside maps.
         maps = torch.randint(-3, 4, (batch, 6, 3, 5), generator=generator).float()
         maps[0, 1] = 2.0  # a flat map: every cell ties
-        if step == 3:
-            maps[:, 2] = float("nan")
+        if step in (0, 3):
+            maps[:, 2] = float("nan")  # a NaN map counts as -inf (first batch: it still fills an empty slot)
         if step >= 8:
             maps[:, 3] -= 10.0  # late images cannot enter channel 3
             maps[:, 0] += step - 6  # but they push earlier ones out of channel 0

@@ -124,68 +124,70 @@ def patches_command(
                 progress=advance, checkpoint=state_dir, checkpoint_every=checkpoint_every, resume=resume,
             )
         mining_seconds = time.perf_counter() - started
-        if not world.is_rank0:
-            return
-        if index.images == 0:
-            for image, reason in index.skipped[:MAX_LISTED]:
-                typer.echo(f"error: {image}: {reason}", err=True)
-            raise DataError(data, f"none of the {len(index.skipped)} images could be read")
+    # The ranks leave the process group together once the tables are merged; rank 0 alone draws,
+    # outside it, so the others do not wait on it (nor time out) while it renders.
+    if not world.is_rank0:
+        return
+    if index.images == 0:
+        for image, reason in index.skipped[:MAX_LISTED]:
+            typer.echo(f"error: {image}: {reason}", err=True)
+        raise DataError(data, f"none of the {len(index.skipped)} images could be read")
 
-        out = OutputDir(output)
-        out.json("patches.json", index.to_json())
-        started = time.perf_counter()
-        gallery: dict[str, list[dict[str, object]]] = {name: [] for name in index.layers}
-        total = sum(len(entries) for lists in index.layers.values() for entries in lists)
-        with progress_bar(total, "projections" if not no_projections else "crops", unit="patch") as advance:
-            for patches in collect_patches(
-                loaded, source, index, projections=not no_projections, batch_size=batch_size, progress=advance
-            ):
-                name = f"{safe_name(patches.layer)}/channel_{patches.channel}.png"
-                if patches.entries:
-                    picture = channel_figure(patches.crops, patches.projections, [e.value for e in patches.entries])
-                    out.png(name, picture)
-                gallery[patches.layer].append({
-                    "channel": patches.channel,
-                    "picture": name,
-                    "best": patches.entries[0].value if patches.entries else None,
-                    "count": len(patches.entries),
-                })
-        drawing_seconds = time.perf_counter() - started
-        notes = [
-            f"model {index.model} ({loaded.weights}); data {index.source}: {index.images} images"
-            + (f", {len(index.skipped)} skipped (listed in patches.json)" if index.skipped else ""),
-            "left: the input under each activation's receptive field; right: its deconvnet projection"
-            if not no_projections else "the input under each activation's receptive field",
-        ]
-        inexact = [name for name, exact in index.boxes_exact.items() if not exact]
-        if inexact:
-            notes.append(
-                f"receptive fields of {', '.join(inexact)} are approximate (the network leaves a plain conv/pool "
-                "chain, e.g. residual additions): the crops follow the main path"
-            )
-        out.text("index.html", gallery_html(f"Top-{top} patches", gallery, notes=notes))
-        out.manifest("patches", {
-            "data": data, "model": loaded.name, "weights": loaded.weights, "layers": list(layer),
-            "top": top, "channels": channels, "projections": not no_projections, "batch_size": batch_size,
-            "workers": workers, "processes": world.size, "images": index.images, "skipped": len(index.skipped),
-            "boxes_exact": index.boxes_exact,
-            "timings": {
-                "mining_seconds": round(mining_seconds, 3),
-                "images_per_second": round(index.images / mining_seconds, 1) if mining_seconds > 0 else None,
-                "drawing_seconds": round(drawing_seconds, 3),
-            },
-        })
-        shutil.rmtree(state_dir, ignore_errors=True)  # the run is complete: nothing to resume
-        rate = index.images / mining_seconds if mining_seconds > 0 else 0.0
-        typer.echo(
-            f"mined {index.images} images in {mining_seconds:.1f} s ({rate:.0f} img/s) on {world.size} "
-            f"process{'es' if world.size > 1 else ''}; wrote {len(out.written)} files to {out.root}"
+    out = OutputDir(output)
+    out.json("patches.json", index.to_json())
+    started = time.perf_counter()
+    gallery: dict[str, list[dict[str, object]]] = {name: [] for name in index.layers}
+    total = sum(len(entries) for lists in index.layers.values() for entries in lists)
+    with progress_bar(total, "projections" if not no_projections else "crops", unit="patch") as advance:
+        for patches in collect_patches(
+            loaded, source, index, projections=not no_projections, batch_size=batch_size, progress=advance
+        ):
+            name = f"{safe_name(patches.layer)}/channel_{patches.channel}.png"
+            if patches.entries:
+                picture = channel_figure(patches.crops, patches.projections, [e.value for e in patches.entries])
+                out.png(name, picture)
+            gallery[patches.layer].append({
+                "channel": patches.channel,
+                "picture": name,
+                "best": patches.entries[0].value if patches.entries else None,
+                "count": len(patches.entries),
+            })
+    drawing_seconds = time.perf_counter() - started
+    notes = [
+        f"model {index.model} ({loaded.weights}); data {index.source}: {index.images} images"
+        + (f", {len(index.skipped)} skipped (listed in patches.json)" if index.skipped else ""),
+        "left: the input under each activation's receptive field; right: its deconvnet projection"
+        if not no_projections else "the input under each activation's receptive field",
+    ]
+    inexact = [name for name, exact in index.boxes_exact.items() if not exact]
+    if inexact:
+        notes.append(
+            f"receptive fields of {', '.join(inexact)} are approximate (the network leaves a plain conv/pool "
+            "chain, e.g. residual additions): the crops follow the main path"
         )
-        if index.skipped:
-            typer.echo(f"skipped {len(index.skipped)} unreadable images:", err=True)
-            for image, reason in index.skipped[:MAX_LISTED]:
-                typer.echo(f"  {image}: {reason}", err=True)
-            if len(index.skipped) > MAX_LISTED:
-                typer.echo(f"  ... and {len(index.skipped) - MAX_LISTED} more (see patches.json)", err=True)
-            raise typer.Exit(EXIT_USER_ERROR)
+    out.text("index.html", gallery_html(f"Top-{top} patches", gallery, notes=notes))
+    out.manifest("patches", {
+        "data": data, "model": loaded.name, "weights": loaded.weights, "layers": list(layer),
+        "top": top, "channels": channels, "projections": not no_projections, "batch_size": batch_size,
+        "workers": workers, "processes": world.size, "images": index.images, "skipped": len(index.skipped),
+        "boxes_exact": index.boxes_exact,
+        "timings": {
+            "mining_seconds": round(mining_seconds, 3),
+            "images_per_second": round(index.images / mining_seconds, 1) if mining_seconds > 0 else None,
+            "drawing_seconds": round(drawing_seconds, 3),
+        },
+    })
+    shutil.rmtree(state_dir, ignore_errors=True)  # the run is complete: nothing to resume
+    rate = index.images / mining_seconds if mining_seconds > 0 else 0.0
+    typer.echo(
+        f"mined {index.images} images in {mining_seconds:.1f} s ({rate:.0f} img/s) on {world.size} "
+        f"process{'es' if world.size > 1 else ''}; wrote {len(out.written)} files to {out.root}"
+    )
+    if index.skipped:
+        typer.echo(f"skipped {len(index.skipped)} unreadable images:", err=True)
+        for image, reason in index.skipped[:MAX_LISTED]:
+            typer.echo(f"  {image}: {reason}", err=True)
+        if len(index.skipped) > MAX_LISTED:
+            typer.echo(f"  ... and {len(index.skipped) - MAX_LISTED} more (see patches.json)", err=True)
+        raise typer.Exit(EXIT_USER_ERROR)
 

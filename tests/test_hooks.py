@@ -109,13 +109,13 @@ def test_reduce_outputs_sees_each_call_before_the_inplace_relu(tiny_cnn, assert_
     with torch.no_grad():
         conv1 = tiny_cnn.conv1(x)
         second = torch.relu(tiny_cnn.conv2(torch.relu(conv1)))
-    ((name, low, total),) = found["conv1"]
+    ((name, low, total),) = found.outputs["conv1"]
     assert name == "conv1"
     # The in-place ReLU right after conv1 runs after the hook: the reduction saw the negatives.
     assert low < 0 and low == conv1.amin()
     torch.testing.assert_close(total, conv1.sum())
-    assert [n for n, _, _ in found["relu"]] == ["relu", "relu"]  # both calls of the reused ReLU
-    torch.testing.assert_close(found["relu"][1][2], second.sum())
+    assert [n for n, _, _ in found.outputs["relu"]] == ["relu", "relu"]  # both calls of the reused ReLU
+    torch.testing.assert_close(found.outputs["relu"][1][2], second.sum())
 
 
 def test_reduce_outputs_cleans_up_and_refuses_strangers(tiny_cnn) -> None:

@@ -484,15 +484,12 @@ def top_patches(
             for batch in source.batches(range(state.position, shard.stop), batch_size, workers):
                 tables = committed.tables
                 if len(batch.indices):
-                    for calls in found.values():
-                        calls.clear()
+                    found.clear()
                     current.update(positions=batch.indices, tables=committed.tables)
                     _forward(loaded.module, batch.images.to(device=device, dtype=loaded.dtype))
                     tables = {}
                     for name in plan.names:
-                        if not found[name]:
-                            raise RuntimeError(f"layer {name!r} was not called during the forward pass")
-                        tables[name] = found[name][-1]  # a module called twice: its last call, as capture's last()
+                        tables[name] = found.last(name)  # a module called twice: its last call
                 # One assignment, so an interrupt never leaves a half-updated state to save.
                 committed = _State(
                     committed.position + batch.consumed,

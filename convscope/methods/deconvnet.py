@@ -57,7 +57,7 @@ class _UpToLayer(nn.Module):
     top-level module may be called from anywhere, so then the pass runs to the end.
     """
 
-    def __init__(self, inner: nn.Module, path: str, store: Capture) -> None:
+    def __init__(self, inner: nn.Module, path: str, store: Capture[torch.Tensor]) -> None:
         super().__init__()
         self.inner = inner
         self.path = path

@@ -30,7 +30,7 @@ from convscope.types import LoadedModel
 CAM_METHODS = ("gradcam", "gradcam++")
 
 
-def feature_map_of(store: Capture, key: str, name: str) -> torch.Tensor:
+def feature_map_of(store: Capture[torch.Tensor], key: str, name: str) -> torch.Tensor:
     """The last output of a captured layer, checked to be an ``(N, C, h, w)`` feature map."""
     calls = store.outputs.get(key)
     if not calls:

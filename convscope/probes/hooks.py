@@ -5,24 +5,27 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import torch
 from torch import nn
 
+T = TypeVar("T")
+
 
 @dataclass
-class Capture:
+class Capture(Generic[T]):
     """Outputs recorded during the ``with`` block.
 
     Attributes:
-        outputs: layer name -> one tensor per call of that module (reused modules such as
-            ResNet's block ReLU are called more than once per forward).
+        outputs: layer name -> one record per call of that module (reused modules such as
+            ResNet's block ReLU are called more than once per forward): the output tensor for
+            ``capture``, the reduction's result for ``reduce_outputs``.
     """
 
-    outputs: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    outputs: dict[str, list[T]] = field(default_factory=dict)
 
-    def last(self, name: str) -> torch.Tensor:
+    def last(self, name: str) -> T:
         """The output of the most recent call of ``name``."""
         calls = self.outputs.get(name)
         if not calls:
@@ -40,7 +43,7 @@ def capture(
     layers: Mapping[str, nn.Module],
     *,
     mode: str = "clone",
-) -> Iterator[Capture]:
+) -> Iterator[Capture[torch.Tensor]]:
     """Record the outputs of ``layers`` for every forward pass inside the block.
 
     Args:
@@ -58,9 +61,7 @@ def capture(
     """
     if mode not in ("clone", "graph"):
         raise ValueError(f"mode must be 'clone' or 'graph', not {mode!r}")
-    _check_members(model, layers, "capture")
-    store = Capture({name: [] for name in layers})
-    handles = []
+    store: Capture[torch.Tensor] = Capture({name: [] for name in layers})
 
     def make_hook(name: str):  # type: ignore[no-untyped-def]
         def hook(module: nn.Module, inputs: object, output: object) -> object:
@@ -74,20 +75,29 @@ def capture(
 
         return hook
 
-    try:
-        for name, module in layers.items():
-            handles.append(module.register_forward_hook(make_hook(name)))
+    with _hooked(model, layers, make_hook, "capture"):
         yield store
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
-def _check_members(model: nn.Module, layers: Mapping[str, nn.Module], who: str) -> None:
+@contextmanager
+def _hooked(
+    model: nn.Module, layers: Mapping[str, nn.Module], make_hook: Callable[[str], Any], who: str
+) -> Iterator[None]:
+    """``make_hook(name)`` registered as a forward hook on each of ``layers`` for the block, and
+    removed in ``finally``. Every module must be one of ``model``'s: a module of another network
+    would never fire, and the method would blame the layer."""
     members = {id(m) for m in model.modules()}
     strangers = [name for name, module in layers.items() if id(module) not in members]
     if strangers:
         raise ValueError(f"{who}: {', '.join(strangers)} not part of the model")
+    handles = []
+    try:
+        for name, module in layers.items():
+            handles.append(module.register_forward_hook(make_hook(name)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 @contextmanager
@@ -95,7 +105,7 @@ def reduce_outputs(
     model: nn.Module,
     layers: Mapping[str, nn.Module],
     reduce: Callable[[str, torch.Tensor], Any],
-) -> Iterator[dict[str, list[Any]]]:
+) -> Iterator[Capture[Any]]:
     """Record ``reduce(name, output)`` of ``layers`` for every forward pass inside the block.
 
     The reduction runs inside the hook, on the module's own output (detached), before anything
@@ -104,26 +114,19 @@ def reduce_outputs(
     maximum) this saves ``capture``'s copy of every map. ``reduce`` must not modify its input.
 
     Yields:
-        layer name -> one result per call of that module; clear the lists between passes.
+        a ``Capture`` of the results, one per call of each module (``clear()`` it between passes).
     """
-    _check_members(model, layers, "reduce_outputs")
-    results: dict[str, list[Any]] = {name: [] for name in layers}
-    handles = []
+    store: Capture[Any] = Capture({name: [] for name in layers})
 
     def make_hook(name: str):  # type: ignore[no-untyped-def]
         def hook(module: nn.Module, inputs: object, output: object) -> None:
             if isinstance(output, torch.Tensor):
-                results[name].append(reduce(name, output.detach()))
+                store.outputs[name].append(reduce(name, output.detach()))
 
         return hook
 
-    try:
-        for name, module in layers.items():
-            handles.append(module.register_forward_hook(make_hook(name)))
-        yield results
-    finally:
-        for handle in handles:
-            handle.remove()
+    with _hooked(model, layers, make_hook, "reduce_outputs"):
+        yield store
 
 
 @contextmanager

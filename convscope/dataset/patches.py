@@ -190,7 +190,11 @@ class _Table:
         )
 
     def update(self, peaks: torch.Tensor, where: torch.Tensor, positions: torch.Tensor) -> _Table:
-        """Merge a batch: ``peaks``/``where`` ``(B, C)``, ``positions`` ``(B,)``."""
+        """Merge a batch: ``peaks``/``where`` ``(B, C)``, ``positions`` ``(B,)``.
+
+        The plain merge, and the definition the miner's ``update_from_maps`` is tested against;
+        the miner itself uses ``update_from_maps``, which gives the same table with less work.
+        """
         count = self.values.shape[0]
         batch_images = positions.to(self.images.device).unsqueeze(0).expand(count, -1)
         values, images, cells = merge_topk(

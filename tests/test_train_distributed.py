@@ -83,16 +83,19 @@ def _fresh_torchrun(args: list[object], run: Path, env: dict[str, str]) -> subpr
     import shutil
     import warnings
 
-    for attempt in (1, 2):
-        done = subprocess.run(_torchrun_cmd(*args, "-o", run), env=env, capture_output=True, text=True, timeout=300,
+    def once() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(_torchrun_cmd(*args, "-o", run), env=env, capture_output=True, text=True, timeout=300,
                               check=False)
-        if done.returncode == 0 or _GLOO_TEARDOWN_ABORT not in done.stderr or attempt == 2:
-            return done
+
+    done = once()
+    if done.returncode != 0 and _GLOO_TEARDOWN_ABORT in done.stderr:
         warnings.warn(f"torchrun aborted in gloo teardown; starting {run.name} once more", stacklevel=2)
         shutil.rmtree(run, ignore_errors=True)
-        for log in Path(env["CONVSCOPE_TEST_WRITE_LOG"]).parent.glob(Path(env["CONVSCOPE_TEST_WRITE_LOG"]).name + ".rank*"):
-            log.unlink()
-    raise AssertionError("unreachable")
+        log = Path(env["CONVSCOPE_TEST_WRITE_LOG"])
+        for written in log.parent.glob(log.name + ".rank*"):
+            written.unlink()
+        done = once()
+    return done
 
 
 def _env(tmp: Path, watch: Path) -> dict[str, str]:

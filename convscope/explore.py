@@ -1,9 +1,9 @@
 """One image, many methods: the composition behind ``convscope explore`` and the web app.
 
 ``explain`` runs one registry method on one image and hands the result to the row's renderer;
-``explore`` runs the report's whole programme (top-5, summary, activation maps, feature grids,
-filters, Grad-CAM and guided Grad-CAM for the top classes, occlusion, deconvnet, saliency) and
-returns sections of captioned pictures with the time each part took. Nothing here draws or
+``explore`` runs the report's ``PARTS``, a table of sections (top-5, summary, activation maps,
+feature grids, filters, Grad-CAM and guided Grad-CAM for the top classes, occlusion, deconvnet,
+saliency), and returns them as sections of views with the time each part took. Nothing here draws or
 writes a file: pictures come from ``render.views`` and HTML from ``render.report``.
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from convscope.methods.registry import MethodSpec, get_method
+from convscope.methods.registry import MethodSpec, get_method, list_methods
 from convscope.render.pictures import display_image
 from convscope.render.views import View, ViewContext, Views
 from convscope.types import LoadedModel, ModelSummary, Prediction
@@ -30,9 +30,12 @@ OCCLUSION_OPTIONS = {"window": 32, "stride": 16}
 DECONV_TOP = 6
 
 
-def context_for(loaded: LoadedModel, batch: torch.Tensor | None, index: int = 0) -> ViewContext:
+def context_for(loaded: LoadedModel, batch: torch.Tensor | None, index: int = 0,
+                spec: MethodSpec | None = None) -> ViewContext:
+    """What ``spec``'s renderer knows about image ``index`` of ``batch``."""
     photo = display_image(loaded.preprocess, batch.detach().cpu(), index) if batch is not None else None
-    return ViewContext(photo=photo, model=loaded.name, weights=loaded.weights, index=index)
+    return ViewContext(photo=photo, model=loaded.name, weights=loaded.weights, index=index, loaded=loaded,
+                       title=spec.title if spec else "", method=spec.name if spec else "")
 
 
 def explain(
@@ -52,7 +55,7 @@ def explain(
     """
     spec = method if isinstance(method, MethodSpec) else get_method(method)
     result = spec.run(loaded, batch, target=target, layer=layer, options=options, progress=progress)
-    return spec.resolve_renderer()(result, context_for(loaded, batch))  # type: ignore[no-any-return]
+    return spec.resolve_renderer()(result, context_for(loaded, batch, spec=spec))  # type: ignore[no-any-return]
 
 
 @dataclass
@@ -88,6 +91,91 @@ def spread(items: list[str], count: int) -> list[str]:
     return [items[round(k * step)] for k in range(count)]
 
 
+def _no_layer(loaded: LoadedModel) -> list[str | None]:
+    return [None]
+
+
+def _three_stages(loaded: LoadedModel) -> list[str | None]:
+    """An early, a middle and a late stage."""
+    return list(spread(list(loaded.stages), 3)) or [loaded.cam_layer]
+
+
+def _last_stage(loaded: LoadedModel) -> list[str | None]:
+    stages = list(loaded.stages)
+    return [stages[-1] if stages else loaded.cam_layer]
+
+
+def _later_stages(loaded: LoadedModel) -> list[str | None]:
+    # The first stage sees a few pixels (a 3x3 crop says little); project from the later ones.
+    return list(spread(list(loaded.stages)[1:], 3)) or _three_stages(loaded)
+
+
+@dataclass(frozen=True)
+class Part:
+    """A section of the report: which registry methods it runs, at which layers, for which classes.
+
+    Attributes:
+        key: the HTML anchor and timing key; ``title`` and ``intro`` head the section (``intro``
+            may say ``{count}``, the number of classes, and ``{asked}``, a note on the asked class).
+        methods: registry rows run for each layer (and class), in order.
+        layers: ``(model) -> layers`` to run at (``[None]``: the method's default).
+        per_class: run for the three most probable classes (the asked one first), else for the
+            asked class (``None``: the most probable).
+        options: the methods' options.
+        main_only: show each run's main view only.
+    """
+
+    key: str
+    title: str
+    intro: str
+    methods: tuple[str, ...] = ()
+    layers: Callable[[LoadedModel], list[str | None]] = _no_layer
+    per_class: bool = False
+    options: Mapping[str, Any] = field(default_factory=dict)
+    main_only: bool = False
+
+
+# The report, part by part. Adding a method to the report is adding it to a part here.
+PARTS = (
+    Part("classify", "Top-5 classes", "What the network says the photo shows.", ("classify",), options={"topk": 5}),
+    Part("summary", "Layers and receptive fields",
+         "Each layer's output shape, parameters, kernel/stride/padding and receptive field: how many input "
+         "pixels one cell of its output sees."),
+    Part("activations", "Activation maps", "One forward pass, every conv stage.", ("activations",), main_only=True),
+    Part("features", "Feature maps of three layers", "The most active channels of an early, a middle and a late stage.",
+         ("features",), _three_stages, options={"max_channels": 32, "order": "activation"}),
+    Part("filters", "First-layer filters", "What the first convolution looks for.", ("filters",)),
+    Part("gradcam", "Grad-CAM and guided Grad-CAM", "For the {count} classes the network finds most probable{asked}.",
+         ("gradcam", "guided-gradcam"), per_class=True, main_only=True),
+    Part("occlusion", "Occlusion sensitivity", "A grey square slid over the photo (Zeiler & Fergus, Fig. 7).",
+         ("occlusion",), _last_stage, options=OCCLUSION_OPTIONS),
+    Part("deconv", "Deconvnet projections",
+         "The strongest channels of three layers projected back to pixels (Zeiler & Fergus, Fig. 2).",
+         ("deconv",), _later_stages, options={"top": DECONV_TOP}, main_only=True),
+    Part("saliency", "Saliency and guided backprop", "Input gradients: which pixels the class score is most "
+         "sensitive to.", ("saliency", "guided"), main_only=True),
+)
+
+
+def parts() -> tuple[Part, ...]:
+    """``PARTS``, then a section for each other registry row that asks to be in the report."""
+    shown = {name for part in PARTS for name in part.methods}
+    extra = [get_method(name) for name in list_methods()]
+    return PARTS + tuple(Part(spec.name, spec.title, spec.summary, (spec.name,))
+                         for spec in extra if spec.in_report and spec.name not in shown)
+
+
+def _classes(prediction: Prediction, target: int | str | None) -> list[int | str]:
+    """The asked class, then the most probable ones, three in all."""
+    classes: list[int | str] = [] if target is None else [target]
+    for index in prediction.indices.tolist():
+        if len(classes) >= 3:
+            break
+        if int(index) not in classes:
+            classes.append(int(index))
+    return classes
+
+
 def explore(
     loaded: LoadedModel,
     batch: torch.Tensor,
@@ -96,102 +184,37 @@ def explore(
     target: int | str | None = None,
     progress: Progress | None = None,
 ) -> Exploration:
-    """The report's programme on one image (``(1, C, H, W)`` normalised batch)."""
+    """The report's ``PARTS`` on one image (``(1, C, H, W)`` normalised batch)."""
     from convscope.methods.summary import summary
 
     timings: dict[str, float] = {}
     warnings: list[str] = []
     sections: list[Section] = []
-
-    def step(name: str) -> float:
+    prediction: Prediction | None = None
+    model_summary: ModelSummary | None = None
+    for part in parts():
         if progress is not None:
-            progress(name)
-        return time.perf_counter()
-
-    def section(key: str, title: str, intro: str, started: float) -> Section:
-        made = Section(key, title, intro, seconds=time.perf_counter() - started)
-        timings[key] = timings.get(key, 0.0) + made.seconds
-        sections.append(made)
-        return made
-
-    def keep(views: Views) -> list[View]:
-        warnings.extend(w for w in views.record.get("warnings", []) if w not in warnings)
-        return list(views.views)
-
-    started = step("classify")
-    classify_spec = get_method("classify")
-    predictions = classify_spec.run(loaded, batch, options={"topk": 5})
-    prediction = predictions[0]
-    classified = classify_spec.resolve_renderer()(predictions, context_for(loaded, batch))
-    part = section("classify", "Top-5 classes", "What the network says the photo shows.", started)
-    part.views = keep(classified)
-
-    started = step("summary")
-    model_summary = summary(loaded)
-    section("summary", "Layers and receptive fields",
-            "Each layer's output shape, parameters, kernel/stride/padding and receptive field: how many input "
-            "pixels one cell of its output sees.", started)
-
-    stages = list(loaded.stages)
-    started = step("activations")
-    part = section("activations", "Activation maps", "One forward pass, every conv stage.", started)
-    part.views = keep(explain(loaded, batch, "activations"))[:1]
-    part.seconds = timings["activations"] = time.perf_counter() - started
-
-    grid_layers = spread(stages, 3) or [loaded.cam_layer]
-    started = step("features")
-    part = section("features", "Feature maps of three layers",
-                   "The most active channels of an early, a middle and a late stage.", started)
-    for name in grid_layers:
-        part.views += keep(explain(loaded, batch, "features", layer=name,
-                                   options={"max_channels": 32, "order": "activation"}))
-    part.seconds = timings["features"] = time.perf_counter() - started
-
-    started = step("filters")
-    part = section("filters", "First-layer filters", "What the first convolution looks for.", started)
-    part.views = keep(explain(loaded, batch, "filters"))
-
-    classes: list[int | str] = []
-    if target is not None:
-        classes.append(target)
-    for index in prediction.indices.tolist():
-        if len(classes) >= 3:
-            break
-        if int(index) not in classes:
-            classes.append(int(index))
-    started = step("gradcam")
-    part = section("gradcam", "Grad-CAM and guided Grad-CAM",
-                   f"For the {len(classes)} classes the network finds most probable"
-                   + (" (the asked class first)" if target is not None else "") + ".", started)
-    for cls in classes:
-        part.views += keep(explain(loaded, batch, "gradcam", target=cls))[:1]
-        part.views += keep(explain(loaded, batch, "guided-gradcam", target=cls))[:1]
-    part.seconds = timings["gradcam"] = time.perf_counter() - started
-
-    started = step("occlusion")
-    part = section("occlusion", "Occlusion sensitivity",
-                   "A grey square slid over the photo (Zeiler & Fergus, Fig. 7).", started)
-    occlusion_layer = stages[-1] if stages else loaded.cam_layer
-    part.views = keep(explain(loaded, batch, "occlusion", target=target, layer=occlusion_layer,
-                              options=OCCLUSION_OPTIONS))
-    part.seconds = timings["occlusion"] = time.perf_counter() - started
-
-    started = step("deconv")
-    part = section("deconv", "Deconvnet projections",
-                   "The strongest channels of three layers projected back to pixels (Zeiler & Fergus, Fig. 2).",
-                   started)
-    # The first stage sees a few pixels (a 3x3 crop says little); project from the later ones.
-    for name in spread(stages[1:], 3) or grid_layers:
-        part.views += keep(explain(loaded, batch, "deconv", layer=name, options={"top": DECONV_TOP}))[:1]
-    part.seconds = timings["deconv"] = time.perf_counter() - started
-
-    started = step("saliency")
-    part = section("saliency", "Saliency and guided backprop",
-                   "Input gradients: which pixels the class score is most sensitive to.", started)
-    part.views = keep(explain(loaded, batch, "saliency", target=target))[:1]
-    part.views += keep(explain(loaded, batch, "guided", target=target))[:1]
-    part.seconds = timings["saliency"] = time.perf_counter() - started
-
+            progress(part.key)
+        started = time.perf_counter()
+        classes = _classes(prediction, target) if part.per_class and prediction is not None else [target]
+        intro = part.intro if not part.per_class else part.intro.format(
+            count=len(classes), asked=" (the asked class first)" if target is not None else "")
+        section = Section(part.key, part.title, intro)
+        if part.key == "summary":
+            model_summary = summary(loaded)
+        for cls in classes:
+            for layer in part.layers(loaded):
+                for name in part.methods:
+                    spec = get_method(name)
+                    result = spec.run(loaded, batch, target=cls, layer=layer, options=part.options)
+                    views = spec.resolve_renderer()(result, context_for(loaded, batch, spec=spec))
+                    warnings.extend(w for w in views.record.get("warnings", []) if w not in warnings)
+                    section.views += list(views.views)[: 1 if part.main_only else None]
+                    if name == "classify":
+                        prediction = result[0]
+        section.seconds = timings[part.key] = time.perf_counter() - started
+        sections.append(section)
+    assert prediction is not None and model_summary is not None
     return Exploration(
         image=image, model=loaded.name, weights=loaded.weights, prediction=prediction,
         summary=model_summary, sections=sections, timings=timings, warnings=warnings,

@@ -447,12 +447,50 @@ def disk_full_as_error(path: str | os.PathLike[str], needed: int | None = None) 
     try:
         yield
     except OSError as exc:
-        if exc.errno not in _NO_SPACE:
+        error = disk_full_error(exc, path, needed)
+        if error is None:
             raise
-        mount = _mount_point(Path(path))
-        amount = f" ({needed} bytes needed)" if needed is not None else ""
-        what = "no space left" if exc.errno == 28 else "disk quota exceeded"
-        raise OutputError(str(path), f"{what} on {mount}{amount}", "free some space and run again") from exc
+        raise error from exc
+
+
+def disk_full_error(
+    exc: OSError, path: str | os.PathLike[str] | None = None, needed: int | None = None
+) -> OutputError | None:
+    """The ``OutputError`` for a "no space left" or "quota exceeded" ``exc``; None for any other error.
+
+    Args:
+        path: the file being written (default: ``exc.filename``); without one the message says
+            ``output: no space left on device``.
+        needed: bytes the write needed, when known.
+    """
+    if exc.errno not in _NO_SPACE:
+        return None
+    if path is None and isinstance(exc.filename, (str, os.PathLike)):
+        path = exc.filename
+    what = "no space left" if exc.errno == _NO_SPACE[0] else "disk quota exceeded"
+    amount = f" ({needed} bytes needed)" if needed is not None else ""
+    where = shown_path(_mount_point(Path(path))) if path is not None else "device"
+    return OutputError(shown_path(path) if path is not None else "output", f"{what} on {where}{amount}",
+                       "free some space and run again")
+
+
+def shown_path(path: str | bytes | os.PathLike[str] | os.PathLike[bytes]) -> str:
+    """A path as text for people, in messages, pages and JSON: bytes that are not UTF-8 become U+FFFD.
+
+    Python holds such a name (``b"caf\\xe9.jpg"``) as ``"caf\\udce9.jpg"``, which no UTF-8 file or
+    strict terminal accepts; the file itself is still opened by its real bytes.
+    """
+    raw = os.fspath(path)
+    return raw.decode("utf-8", "replace") if isinstance(raw, bytes) else shown_text(raw)
+
+
+def shown_text(text: str) -> str:
+    """``text`` with the lone surrogates of undecodable bytes (and any other) as U+FFFD."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate that stands for no byte
+        raw = text.encode("utf-8", "surrogatepass")
+    return raw.decode("utf-8", "replace")
 
 
 def _mount_point(path: Path) -> str:

@@ -50,11 +50,12 @@ def parse_class_index(text: str, *, subject: str = "target") -> int | str:
         raise BadTarget(f"{subject} {text!r}", "is empty", "give a class index (0, 1, ...) or a class name")
     if stripped.isascii() and stripped.isdigit():
         if len(stripped) > MAX_DIGITS:
-            raise BadTarget(f"{subject} {_shown(stripped)}", "is out of range: a class index has at most "
+            raise BadTarget(f"{subject} {shown(stripped)}", "is out of range: a class index has at most "
                             f"{MAX_DIGITS} digits")
         return int(stripped)
-    if _NUMBERISH.fullmatch(stripped):
-        raise BadTarget(f"{subject} {_shown(stripped)}",
+    # \d is Unicode decimals only: superscripts and other digits ("²".isdigit()) count as digits too.
+    if _NUMBERISH.fullmatch("".join("0" if ch.isdigit() else ch for ch in stripped)):
+        raise BadTarget(f"{subject} {shown(stripped)}",
                         "is not a class index: use the digits 0-9 only, no sign (0 is the first class)")
     return stripped
 
@@ -67,10 +68,10 @@ def parse_int(text: str, *, subject: str, minimum: int | None = None, maximum: i
     """
     stripped = text.strip()
     if not _INT.fullmatch(stripped):
-        raise BadArgument(f"{subject} {_shown(text)}", "must be a whole number")
+        raise BadArgument(f"{subject} {shown(text)}", "must be a whole number")
     if len(stripped.lstrip("+-")) > MAX_DIGITS:
-        raise BadArgument(f"{subject} {_shown(text)}", _bounds_reason(minimum, maximum, "is out of range"))
-    return check_bounds(int(stripped), subject=subject, shown=_shown(text), minimum=minimum, maximum=maximum)
+        raise BadArgument(f"{subject} {shown(text)}", _bounds_reason(minimum, maximum, "is out of range"))
+    return check_bounds(int(stripped), subject=subject, shown=shown(text), minimum=minimum, maximum=maximum)
 
 
 def parse_float(text: str, *, subject: str, minimum: float | None = None, maximum: float | None = None) -> float:
@@ -85,12 +86,12 @@ def parse_float(text: str, *, subject: str, minimum: float | None = None, maximu
     if not _FLOAT.fullmatch(stripped):
         folded = stripped.lower().lstrip("+-")
         if folded in ("nan", "inf", "infinity"):
-            raise BadArgument(f"{subject} {_shown(text)}", "must be a finite number")
-        raise BadArgument(f"{subject} {_shown(text)}", "must be a number")
+            raise BadArgument(f"{subject} {shown(text)}", "must be a finite number")
+        raise BadArgument(f"{subject} {shown(text)}", "must be a number")
     value = float(stripped)
     if not math.isfinite(value):
-        raise BadArgument(f"{subject} {_shown(text)}", "must be a finite number")
-    return check_bounds(value, subject=subject, shown=_shown(text), minimum=minimum, maximum=maximum)
+        raise BadArgument(f"{subject} {shown(text)}", "must be a finite number")
+    return check_bounds(value, subject=subject, shown=shown(text), minimum=minimum, maximum=maximum)
 
 
 def check_bounds(value: _Number, *, subject: str, shown: str | None = None, minimum: float | None = None,
@@ -118,7 +119,7 @@ def _bounds_reason(minimum: float | None, maximum: float | None, prefix: str = "
     return prefix.rstrip(";")
 
 
-def _shown(text: str, limit: int = 40) -> str:
-    """The user's text for a message: one line, at most ``limit`` characters."""
+def shown(text: object, limit: int = 40) -> str:
+    """The user's text (or a value) for a message: one line, at most ``limit`` characters."""
     flat = " ".join(str(text).split())
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"

@@ -30,10 +30,12 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from convscope.errors import BadArgument
+
+if TYPE_CHECKING:
+    import torch
 
 # mallopt parameter numbers (glibc <malloc.h>) and the values tune_cpu sets.
 M_TRIM_THRESHOLD = -1
@@ -150,6 +152,8 @@ def _cpu_flags() -> set[str]:
 
 def native_bf16(device: str | torch.device = "cpu") -> tuple[bool, str]:
     """Whether ``device`` computes bfloat16 matrix products in hardware, and why (not)."""
+    import torch  # here, not at the top: the CLI tunes the allocator at start-up without loading torch
+
     device = torch.device(device)
     if device.type == "cuda":
         if torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False):
@@ -211,5 +215,7 @@ def inference_precision(precision: str, device: str | torch.device = "cpu") -> I
     if choice.used == "float32":
         yield choice
         return
+    import torch
+
     with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16):
         yield choice

@@ -21,12 +21,18 @@ if TYPE_CHECKING:
 class Renderable:
     """``to_image`` / ``save`` / ``_repr_png_`` for result dataclasses (Jupyter shows them inline).
 
-    The picture is the figure the CLI writes, from ``convscope.render.pictures.figure_of``. The
-    render import happens inside the methods: computing a result must not pull in PIL and the
-    drawing code (``methods/`` never imports them), and most results are never drawn. One small
-    base rather than methods attached from ``render``: the methods are visible to type checkers,
-    ``help()`` and tab completion before anything was drawn.
+    The image is the main figure of the method's renderer (its registry row's ``renderer``), the
+    one the CLI writes: one presentation per method. The render import happens inside the
+    methods: computing a result must not pull in PIL and the drawing code (``methods/`` never
+    imports them), and most results are never drawn. One small base rather than methods attached
+    from ``render``: the methods are visible to type checkers, ``help()`` and tab completion
+    before anything was drawn.
     """
+
+    def _presented(self) -> tuple[str, Any]:
+        """The registry row whose renderer draws this result, and the result as it takes it: the
+        result's ``method``, else its class name (``OcclusionResult`` -> ``occlusion``)."""
+        return str(getattr(self, "method", "") or type(self).__name__.removesuffix("Result").lower()), self
 
     def to_image(self, image: Any = None, *, model: Any = None, index: int = 0,
                  probability: float | None = None) -> Image.Image:
@@ -42,9 +48,12 @@ class Renderable:
         """
         from PIL import Image
 
-        from convscope.render.pictures import figure_of
+        from convscope.methods.registry import get_method
+        from convscope.render.views import render
 
-        return Image.fromarray(figure_of(self, image, model=model, index=index, probability=probability))
+        name, result = self._presented()
+        views = render(get_method(name), result, image, model=model, index=index, probability=probability)
+        return Image.fromarray(views.figure)
 
     def save(self, path: str | os.PathLike[str], image: Any = None, **options: Any) -> Path:
         """Write ``to_image(image, **options)`` as a PNG, atomically; returns the path."""
@@ -113,6 +122,14 @@ class Prediction(Renderable):
     probabilities: torch.Tensor
     labels: tuple[str, ...]
 
+    def _presented(self) -> tuple[str, Any]:
+        return "classify", [self]
+
+    def to_image(self, image: Any = None, *, model: Any = None, index: int = 0,
+                 probability: float | None = None) -> Image.Image:
+        """The top-k classes as probability bars (``image``, ``index``, ``probability``: unused)."""
+        return super().to_image(model=model)
+
     def as_dicts(self) -> list[dict[str, object]]:
         return [
             {"index": int(i), "label": label, "probability": float(p)}
@@ -135,6 +152,9 @@ class ActivationMaps(Renderable):
     maps: dict[str, torch.Tensor]
     raw: dict[str, torch.Tensor]
 
+    def _presented(self) -> tuple[str, Any]:
+        return "activations", self
+
 
 @dataclass(frozen=True)
 class FeatureMaps(Renderable):
@@ -151,6 +171,9 @@ class FeatureMaps(Renderable):
     channels: torch.Tensor
     maps: torch.Tensor
     strength: torch.Tensor
+
+    def _presented(self) -> tuple[str, Any]:
+        return "features", self
 
 
 @dataclass(frozen=True)
@@ -169,6 +192,9 @@ class Filters(Renderable):
     weights: torch.Tensor
     normalized: torch.Tensor
     strongest_input: torch.Tensor
+
+    def _presented(self) -> tuple[str, Any]:
+        return "filters", self
 
 
 @dataclass(frozen=True)
@@ -207,3 +233,12 @@ class ModelSummary(Renderable):
     param_bytes: int
     activation_bytes: int
     notes: tuple[str, ...] = ()
+
+    def to_image(self, image: Any = None, *, model: Any = None, index: int = 0,
+                 probability: float | None = None) -> Image.Image:
+        """The summary table drawn in a monospace font (the other arguments: unused)."""
+        from PIL import Image
+
+        from convscope.render.pictures import summary_figure
+
+        return Image.fromarray(summary_figure(self))

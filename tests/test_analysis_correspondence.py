@@ -144,3 +144,22 @@ def test_cli_on_lfw_faces(tmp_path: Path) -> None:
         check=False, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 2 and proc.stderr.startswith("error: --parts") and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), True])
+def test_parse_parts_refuses_non_finite_and_boolean_coordinates(value: float) -> None:
+    # Issue 21, finding 9: int(nan) / int(inf) ended in a ValueError / OverflowError traceback.
+    sizes = [(20, 20), (20, 20)]
+    reason = "is not [top, left, bottom, right]" if value is True else ": coordinates must be finite numbers"
+    if value is not True:
+        with pytest.raises(BadArgument, match=r"^--parts eye: box \[1, -?(nan|inf), 5, 6\]: coordinates must be finite"):
+            parse_parts({"eye": [1, value, 5, 6]}, sizes)
+    with pytest.raises(BadArgument) as caught:
+        parse_parts({"eye": [[1, 2, 5, 6], [1, value, 5, 6]]}, sizes)
+    assert str(caught.value) == f"--parts eye: box [1, {value}, 5, 6]{' ' if value is True else ''}{reason}"
+
+
+def test_random_control_has_a_limit(tiny_cnn) -> None:  # type: ignore[no-untyped-def]
+    images = [Image.new("RGB", (16, 16)), Image.new("RGB", (16, 16))]
+    with pytest.raises(BadArgument, match=r"^--random: must be between 0 and 10000, got 10001$"):
+        correspondence(tiny_cnn, images, {"p": [0, 0, 4, 4]}, random=10_001)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -161,3 +162,34 @@ def test_cli_writes_the_specified_record(tmp_path: Path) -> None:
         assert len(row["probability"]) == 3 and row["top_class"][1] == row["target"]
     assert {"invariance_translate.png", "invariance_translate_mean.png", "manifest.json"} <= {p.name for p in out.iterdir()}
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_amounts_are_bounded_before_anything_is_made(tiny_cnn) -> None:  # type: ignore[no-untyped-def]
+    # Issue 21, findings 5 and 9: a count and a size limit, checked before the amounts are copied.
+    class Huge(Sequence[float]):
+        """10**15 amounts that must be counted, never copied (the code as it was copied them all)."""
+
+        def __len__(self) -> int:
+            return 10**15
+
+        def __getitem__(self, index):  # type: ignore[no-untyped-def]
+            raise AssertionError("the amounts were read before their count was checked")
+
+    image = Image.new("RGB", (16, 16))
+    with pytest.raises(BadArgument, match=r"^--amounts: gives 1000000000000000 amounts, over the limit of 1000$"):
+        invariance(tiny_cnn, [image], "rotate", Huge())
+    with pytest.raises(BadArgument, match=r"^--amounts: 1e\+308 must be between -1e\+06 and 1e\+06$"):
+        invariance(tiny_cnn, [image], "translate", [0.0, 1e308])
+
+
+def test_many_amounts_in_small_batches_equal_one_big_batch(tiny_cnn) -> None:  # type: ignore[no-untyped-def]
+    # Copies are made one batch at a time; the curves do not depend on the batch size.
+    loaded = wrap_model(tiny_cnn, preprocess=Preprocess(resize=None, crop=16), categories=tuple("abcde"))
+    image = Image.fromarray(np.random.default_rng(3).integers(0, 256, (24, 20, 3), dtype=np.uint8))
+    amounts = [0.0, 10.0, 20.0, 360.0, 45.0, 90.0, 0.0]
+    small = invariance(loaded, [image], "rotate", amounts, batch_size=2)
+    big = invariance(loaded, [image], "rotate", amounts, batch_size=64)
+    torch.testing.assert_close(small.probability, big.probability)
+    for layer in small.layers:
+        torch.testing.assert_close(small.distance[layer], big.distance[layer])
+    assert small.distance[small.layers[0]][0, 0] == 0 and small.distance[small.layers[0]][0, 3] == 0

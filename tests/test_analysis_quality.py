@@ -175,3 +175,15 @@ def test_cli_writes_the_specified_record(tmp_path: Path) -> None:
         assert row["flagged"] == expected
     assert set(record["baselines"]["edges"]) == {"deletion", "insertion"}
     assert {"quality.txt", "quality_curves.png", "randomization.png", "manifest.json"} <= {p.name for p in out.iterdir()}
+
+
+@pytest.mark.parametrize("fill", [float("nan"), float("inf"), -float("inf")])
+def test_deletion_fill_must_be_finite(tiny_cnn, fill: float) -> None:  # type: ignore[no-untyped-def]
+    # Issue 21, finding 13: a NaN fill was accepted and every deletion AUC came out nan.
+    with pytest.raises(BadArgument, match=r"^--fill -?(nan|inf): must be a finite number$"):
+        quality(tiny_cnn, torch.zeros(1, 3, 16, 16), "saliency", ("deletion",), deletion_fill=fill)
+
+
+def test_no_metric_is_refused(tiny_cnn) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(BadArgument, match=r"^metrics: names nothing \(choose from deletion, insertion, randomization\)$"):
+        quality(tiny_cnn, torch.zeros(1, 3, 16, 16), "saliency", ())

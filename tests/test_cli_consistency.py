@@ -128,21 +128,21 @@ def test_reflow_joins_paragraph_lines_and_splits_examples() -> None:
 
 
 def test_approximate_falls_back_to_exact_when_not_faster(monkeypatch) -> None:
-    from convscope.methods import occlusion as occ
+    from convscope.methods.occlusion import precision
 
     model = convscope.load_model("tiny", weights="random")
     x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     exact = convscope.occlusion(model, x, window=8, stride=8)
-    monkeypatch.setattr(occ, "_low_precision", lambda device: torch.bfloat16)
-    monkeypatch.setattr(occ, "_speedup", lambda *args: 0.8)
+    monkeypatch.setattr(precision, "low_precision", lambda device: torch.bfloat16)
+    monkeypatch.setattr(precision, "speedup", lambda *args: 0.8)
     slow = convscope.occlusion(model, x, window=8, stride=8, mode="approximate")
     assert slow.stats.precision == "float32"
     assert "bfloat16 measured 0.80x" in slow.stats.fallback and "ran exact" in slow.stats.fallback
     assert torch.equal(slow.probability, exact.probability)
-    monkeypatch.setattr(occ, "_speedup", lambda *args: 3.0)
+    monkeypatch.setattr(precision, "speedup", lambda *args: 3.0)
     fast = convscope.occlusion(model, x, window=8, stride=8, mode="approximate")
     assert fast.stats.precision == "bfloat16" and fast.stats.fallback == ""
-    monkeypatch.setattr(occ, "_low_precision", lambda device: None)
+    monkeypatch.setattr(precision, "low_precision", lambda device: None)
     none = convscope.occlusion(model, x, window=8, stride=8, mode="approximate")
     assert "no fast bfloat16" in none.stats.fallback and none.stats.precision == "float32"
     assert exact.stats.fallback == ""

@@ -346,9 +346,8 @@ def test_second_train_into_a_run_folder_is_refused_and_a_dead_holders_lock_is_ta
         first.kill()  # SIGKILL: the lock file still names it, but the kernel has released the lock
         first.wait()
     assert _holder(run)["pid"] == first.pid
-    for checkpoint in run.glob("*.pt"):  # this test is about the lock, not about resuming
-        checkpoint.unlink()
-    third = convscope(*train, "--epochs", "1", "--limit", "48", "-o", run)
+    # This test is about the lock, not about resuming: --overwrite replaces the killed run's files.
+    third = convscope(*train, "--epochs", "1", "--limit", "48", "--overwrite", "-o", run)
     assert third.returncode == 0, third.stderr
     assert f"taking over the lock of train pid {first.pid}, which is no longer running" in third.stderr
     assert (run / "last.pt").is_file()

@@ -102,7 +102,7 @@ def mean_views(result: Any, context: Any) -> Any:
     value = float(result[context.index])
     picture = np.full((20, 30, 3), shade(value), dtype=np.uint8)
     return Views((View("shade", "Mean", picture, "The mean of the input, as a grey level, for the test."),),
-                 {"mean": value})
+                 {"method": "mean-input", "mean": value})
 
 
 MEAN = MethodSpec(

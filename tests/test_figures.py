@@ -80,9 +80,9 @@ def test_convscope_render_is_reachable_lazily() -> None:
     import subprocess
     import sys
 
-    code = "import convscope; print(convscope.render.pictures.figure_of.__name__, convscope.render.figures.MIN_SIDE)"
+    code = "import convscope; print(convscope.render.views.render.__name__, convscope.render.figures.MIN_SIDE)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["figure_of", "224"]
+    assert out.stdout.split() == ["render", "224"]
 
 
 def test_small_input_activation_picture_is_enlarged(photo) -> None:

@@ -104,3 +104,90 @@ def test_zero_pad_shifts_start() -> None:
     assert calls[-1].geometry == Geometry(size=3, jump=2, start=1.5, exact=True)
     model = nn.Sequential(nn.ZeroPad2d(1), nn.Conv2d(1, 1, 3, stride=2))
     assert trace(model, torch.zeros(1, 1, 8, 8))[-1].geometry.start == 0.5
+
+
+# -- survivors of the mutmut runs (tools/mutate.py geometry): lookups by layer name, xyxy boxes,
+# output sizes and the window of a layer ------------------------------------------------------------
+
+
+class _TwoBlocks(nn.Module):
+    """block (conv 3x3 s1 -> ReLU) then block1 (conv 2x2 s2): names that share a prefix."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv2d(1, 1, 3, padding=1), nn.ReLU())
+        self.block1 = nn.Conv2d(1, 1, 2, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block1(self.block(x))
+
+
+def test_layer_geometry_by_container_and_leaf_name() -> None:
+    from convscope.probes.geometry import Geometry, layer_geometries, layer_geometry
+
+    x = torch.zeros(1, 1, 8, 8)
+    # conv 3x3 pad 1: size 3, jump 1, start 0.5 + (1 - 1) = 0.5; the ReLU keeps it.
+    first = Geometry(size=3.0, jump=1.0, start=0.5)
+    # then 2x2 stride 2: size 3 + 1 = 4, jump 2, start 0.5 + 0.5 = 1.0.
+    second = Geometry(size=4.0, jump=2.0, start=1.0)
+    model = _TwoBlocks()
+    # "block" is a container: its last leaf (block.1, the ReLU), not block1 (shared prefix).
+    assert layer_geometry(model, x, "block") == first
+    assert layer_geometry(model, x, "block.0") == first
+    assert layer_geometry(model, x, "block1") == second
+    assert layer_geometries(model, x, ["block1", "block", "block.0"]) == {
+        "block1": second, "block": first, "block.0": first}
+    with pytest.raises(KeyError, match="blo"):
+        layer_geometry(model, x, "blo")
+    with pytest.raises(KeyError, match="missing"):
+        layer_geometries(model, x, ["block", "missing"])
+
+
+def test_layer_geometry_takes_the_last_call_of_a_reused_layer() -> None:
+    from convscope.probes.geometry import layer_geometries, layer_geometry
+
+    conv = nn.Conv2d(1, 1, 3, padding=1)
+    model = nn.Sequential(conv, conv)  # the same module called twice: size 3, then 5
+    x = torch.zeros(1, 1, 8, 8)
+    assert layer_geometry(model, x, "0").size == 5.0
+    assert layer_geometries(model, x, ["0"])["0"].size == 5.0
+
+
+def test_cell_boxes_xyxy_order_and_clipping() -> None:
+    from convscope.probes.geometry import Geometry, cell_box, cell_boxes_xyxy
+
+    geo = Geometry(size=4.0, jump=2.0, start=1.0)
+    # cell (row 0, col 3): centre y 1, x 7 -> rows -1..3 clipped to 0..3, cols 5..9 clipped
+    # to the width 8: (x0, y0, x1, y1) = (5, 0, 8, 3). cell (2, 1): y 5 -> 3..7, x 3 -> 1..5.
+    assert cell_boxes_xyxy(geo, [0, 2], [3, 1], (10, 8)) == [(5, 0, 8, 3), (1, 3, 5, 7)]
+    assert cell_box(geo, 0, 3, (10, 8)) == (0, 5, 3, 8)
+    with pytest.raises(ValueError):
+        cell_boxes_xyxy(geo, [0, 1], [0], (10, 8))
+
+
+def test_conv_output_size_default_dilation_is_one() -> None:
+    from convscope.probes.geometry import conv_output_size
+
+    # (10 + 0 - 1*(3-1) - 1) // 1 + 1 = 8; dilation 2 would give 6.
+    assert conv_output_size(10, 3, 1, 0) == 8
+    assert conv_output_size(10, 3, 1, 0, 2) == 6
+    # (224 + 2*3 - 6 - 1) // 2 + 1 = 112
+    assert conv_output_size(224, 7, 2, 3) == 112
+
+
+def test_window_of_keeps_a_non_square_kernel_in_height_width_order() -> None:
+    from convscope.probes.geometry import window_of
+
+    conv = nn.Conv2d(1, 1, (3, 5), stride=(1, 2), padding=(1, 2), dilation=(2, 1))
+    assert window_of(conv) == ((3, 5), (1, 2), (1, 2), (2, 1))
+
+
+def test_window_of_same_and_valid_padding_strings() -> None:
+    from convscope.probes.geometry import window_of
+
+    # "same" with k=3, d=2: padding d*(k-1)//2 = 2 per side; k=(5, 3), d=1: (2, 1).
+    same = nn.Conv2d(1, 1, 3, padding="same", dilation=2)
+    assert window_of(same) == ((3, 3), (1, 1), (2, 2), (2, 2))
+    assert window_of(nn.Conv2d(1, 1, (5, 3), padding="same"))[2] == (2, 1)
+    assert window_of(nn.Conv2d(1, 1, 3, padding="valid"))[2] == (0, 0)
+    assert window_of(nn.ReLU()) is None

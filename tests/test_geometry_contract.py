@@ -14,7 +14,15 @@ import pytest
 import torch
 from torch import nn
 
-from convscope.probes.geometry import INPUT_GEOMETRY, Geometry, propagate, trace
+from convscope.probes.geometry import (
+    INPUT_GEOMETRY,
+    Geometry,
+    has_global_statistics,
+    is_pointwise,
+    propagate,
+    reach,
+    trace,
+)
 
 # (layer, size, jump, start, exact) after one layer on the input (size 1, jump 1, start 0.5)
 ONE_LAYER = [
@@ -92,3 +100,54 @@ def test_trace_survives_keyword_calls_and_tuple_outputs_and_breaks_ties_by_the_l
     # `after` reads a sum: off the chain, it takes the widest field at 4x4, the latest on a tie (b).
     assert calls["after"].geometry == replace(b, exact=False)
     assert calls["after"].geometry.exact is False
+
+
+@pytest.mark.parametrize("layer", [nn.GroupNorm(2, 4), nn.InstanceNorm2d(4), nn.BatchNorm2d(4, track_running_stats=False)])
+def test_global_statistics_keep_the_field_but_have_no_reach(layer: nn.Module) -> None:
+    # The decision made once in geometry: the local path's field is unchanged (and exact), but a
+    # change anywhere moves the statistics, so no output cell has a bounded reach.
+    geo = Geometry(size=7.0, jump=2.0, start=1.5)
+    assert propagate(geo, layer.eval()) == geo
+    assert reach(layer) is None and not is_pointwise(layer) and has_global_statistics(layer)
+
+
+def test_reach_per_axis_by_hand() -> None:
+    assert reach(nn.Conv2d(1, 1, (3, 5), stride=(1, 2), padding=(1, 0), dilation=(2, 1))) == ((1, -1, 3), (2, 0, 4))
+    assert reach(nn.Conv2d(1, 1, 2, padding="same")) == ((1, 0, 1), (1, 0, 1))  # the odd cell goes after
+    assert reach(nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True)) == ((2, -1, 1), (2, -1, 1))
+    assert reach(nn.ZeroPad2d((3, 0, 1, 0))) == ((1, -1, -1), (1, -3, -3))
+    assert reach(nn.BatchNorm2d(4).eval()) == ((1, 0, 0), (1, 0, 0))
+    assert reach(nn.BatchNorm2d(4).train()) is None  # batch statistics while training
+    assert reach(nn.Mish()) == ((1, 0, 0), (1, 0, 0))
+    assert reach(nn.AdaptiveAvgPool2d(1)) is None and reach(nn.Upsample(scale_factor=2)) is None
+
+
+# -- found by the hand-made mutation round (issue 14): a dilated kernel, an asymmetric pad ----------
+
+
+def _last_geometry(model: nn.Module, size: int) -> Geometry:
+    return trace(model, torch.zeros(1, 1, size, size))[-1].geometry
+
+
+def test_dilated_conv_receptive_field() -> None:
+    # k=3, d=2: effective kernel 2*(3-1)+1 = 5 -> size 1 + 4 = 5; jump 1;
+    # start 0.5 + ((5 - 1)/2 - 2) * 1 = 0.5 (padding 2 keeps the grid centred).
+    geo = _last_geometry(nn.Conv2d(1, 1, 3, dilation=2, padding=2), 12)
+    assert (geo.size, geo.jump, geo.start, geo.exact) == (5.0, 1.0, 0.5, True)
+
+
+def test_dilated_conv_after_stride_scales_by_jump() -> None:
+    # conv 2/2 -> size 2, jump 2, start 1.0; then dilated 3x3 (k'=5), pad 0:
+    # size 2 + 4*2 = 10, jump 2, start 1.0 + (2 - 0) * 2 = 5.0.
+    model = nn.Sequential(nn.Conv2d(1, 1, 2, stride=2), nn.Conv2d(1, 1, 3, dilation=2))
+    geo = _last_geometry(model, 16)
+    assert (geo.size, geo.jump, geo.start) == (10.0, 2.0, 5.0)
+
+
+def test_asymmetric_zero_pad_uses_top_entry() -> None:
+    # ZeroPad2d((left=2, right=0, top=1, bottom=0)): start 0.5 - 1 = -0.5 along the height;
+    # the 3x3 conv then adds (3 - 1)/2 = 1: start 0.5, size 3, jump 1.
+    model = nn.Sequential(nn.ZeroPad2d((2, 0, 1, 0)), nn.Conv2d(1, 1, 3))
+    calls = trace(model, torch.zeros(1, 1, 10, 10))
+    assert calls[0].geometry.start == -0.5
+    assert (calls[1].geometry.size, calls[1].geometry.jump, calls[1].geometry.start) == (3.0, 1.0, 0.5)

@@ -1,11 +1,12 @@
-"""capture(), reduce_outputs() and eval_mode(): cleanup on exit and on error, reused modules, in-place ReLU."""
+"""capture(), reduce_outputs(), trace_calls() and eval_mode(): cleanup on exit and on error, reused modules,
+in-place ReLU."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from convscope.probes.hooks import capture, eval_mode, reduce_outputs
+from convscope.probes.hooks import capture, eval_mode, reduce_outputs, trace_calls
 
 
 def test_capture_records_every_call_of_a_reused_module(tiny_cnn, assert_no_side_effects) -> None:
@@ -129,3 +130,48 @@ def test_reduce_outputs_cleans_up_and_refuses_strangers(tiny_cnn) -> None:
             reduce_outputs(tiny_cnn, {"other": stranger}, lambda n, o: o):
         pass
     assert not stranger._forward_hooks
+
+
+def test_trace_calls_records_the_call_tree_with_versions(tiny_cnn, assert_no_side_effects) -> None:
+    x = torch.randn(1, 3, 16, 16)
+    returned: list[str] = []
+
+    def run():
+        with torch.no_grad(), trace_calls(tiny_cnn, on_return=lambda call: returned.append(call.path)) as traced:
+            tiny_cnn(x)
+        return traced
+
+    traced = assert_no_side_effects(tiny_cnn, run)
+    (root,) = traced.roots
+    assert root.path == "" and root.input is x and root.output_shape == (1, 5)
+    # every call, the reused in-place ReLU twice, in call order under the root
+    assert [c.path for c in root.children] == ["conv1", "relu", "conv2", "relu", "pool", "fc"]
+    assert [c.path for c in traced.calls] == ["conv1", "relu", "conv2", "relu", "pool", "fc", ""] == returned
+    conv1, relu = root.children[:2]
+    # the in-place ReLU reads conv1's output and returns the same tensor, one version later
+    assert relu.input is conv1.output and relu.input_version == conv1.output_version
+    assert relu.output is conv1.output and relu.output_version == conv1.output_version + 1
+    assert relu.parent is root and relu.input_shape == relu.output_shape == (1, 4, 16, 16)
+
+
+def test_trace_calls_leaves_only_without_tensors_and_in_inference_mode(tiny_cnn) -> None:
+    started: list[tuple[str, bool]] = []
+    with torch.inference_mode(), trace_calls(
+        tiny_cnn, leaves_only=True, keep_tensors=False, on_call=lambda c: started.append((c.path, c.input is not None))
+    ) as traced:
+        tiny_cnn(torch.randn(1, 3, 16, 16))
+    assert [c.path for c in traced.roots] == ["conv1", "relu", "conv2", "relu", "pool", "fc"]
+    assert all(path and seen for path, seen in started)  # the input is there while the call runs
+    assert all(c.input is None and c.output is None for c in traced.calls)  # and dropped after
+    assert traced.calls[-1].output_shape == (1, 5)
+    assert {c.input_version for c in traced.calls} == {-1}  # inference tensors have no version counter
+
+
+def test_trace_calls_removes_its_hooks_when_the_model_raises(tiny_cnn, assert_no_side_effects) -> None:
+    def run():
+        with trace_calls(tiny_cnn):
+            tiny_cnn(torch.randn(1, 3, 15, 15))  # the flattened size does not fit fc
+
+    with pytest.raises(RuntimeError):
+        assert_no_side_effects(tiny_cnn, run)
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in tiny_cnn.modules()) == 0

@@ -18,7 +18,7 @@ import pytest
 import skimage.data
 from PIL import Image, ImageFile
 
-from convscope.errors import DataError, ImageError
+from convscope.errors import DataError, ImageError, OutputError
 from convscope.imageio import (
     IMAGE_SUFFIXES,
     atomic_path,
@@ -494,20 +494,38 @@ def test_atomic_write_keeps_existing_mode(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("failing", ["fsync", "replace"])
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT, errno.EIO])
 def test_atomic_write_failure_leaves_old_content(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: str, code: int
 ) -> None:
     target = tmp_path / "report.html"
     target.write_text("old")
 
     def fail(*args: object) -> None:
-        raise OSError(errno.ENOSPC, "No space left on device")
+        raise OSError(code, os.strerror(code))
 
     monkeypatch.setattr(os, failing, fail)
-    with pytest.raises(OSError, match="No space left"):
+    expected: dict[int, tuple[type[Exception], str]] = {
+        errno.ENOSPC: (OutputError, (rf"^{re.escape(str(target))}: no space left on /\S* \(11 bytes needed\) "
+                                     r"\(free some space and run again\)$")),
+        errno.EDQUOT: (OutputError, r": disk quota exceeded on /\S* \(11 bytes needed\)"),
+        errno.EIO: (OSError, "Input/output error"),  # not the user's to fix: it stays an OSError
+    }
+    kind, message = expected[code]
+    with pytest.raises(kind, match=message):
         atomic_write(target, "new content")
     assert target.read_text() == "old"
     assert os.listdir(tmp_path) == ["report.html"]
+
+
+def test_shown_path_replaces_bytes_that_are_not_utf8() -> None:
+    from convscope.imageio import shown_path, shown_text
+
+    assert shown_path(Path(os.fsdecode(b"/photos/caf\xe9.jpg"))) == "/photos/caf\ufffd.jpg"
+    assert shown_path(b"caf\xe9 \xc3\xa9.jpg") == "caf\ufffd \u00e9.jpg"
+    assert shown_path("caf\u00e9.jpg") == "caf\u00e9.jpg"  # valid names are untouched
+    assert shown_text("a\ud800b") == "a\ufffd\ufffd\ufffdb"  # a surrogate that stands for no byte
+    shown_text(os.fsdecode(b"\xff\xfe")).encode("utf-8")  # always encodable
 
 
 def test_atomic_path_success(tmp_path: Path) -> None:

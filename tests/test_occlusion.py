@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from convscope.errors import BadArgument, BadTarget, UnknownLayer
+from convscope.methods.occlusion import chain as inc
 from convscope.methods.occlusion import grid_origins, occlusion, resolve_fill
 from convscope.models.load import load_model, wrap_model
 from convscope.preprocess import IMAGENET, Preprocess
@@ -350,21 +351,21 @@ def test_cli_writes_the_three_maps(tmp_path) -> None:
 
 
 def test_bands_group_copies_with_alike_changed_regions() -> None:
-    from convscope.methods import _incremental as inc
+    from convscope.methods.occlusion import plan
 
     # Alternating large and small changed regions: bands of the same size pay for less.
-    extents = [inc.Extents(first=(0,) * 6, size=(5, 1, 5, 1, 5, 1))]
-    assert inc.bands(extents, [1.0], 6, 3, overhead=1.0) == [[0, 2, 4], [1, 3, 5]]
+    extents = [plan.Extents(first=(0,) * 6, size=(5, 1, 5, 1, 5, 1))]
+    assert plan.bands(extents, [1.0], 6, 3, overhead=1.0) == [[0, 2, 4], [1, 3, 5]]
     # Without a cost per band, single copies are as cheap as anything.
-    assert len(inc.bands(extents, [1.0], 6, 3, overhead=0.0)) == 6
+    assert len(plan.bands(extents, [1.0], 6, 3, overhead=0.0)) == 6
     # Costs count every unit, weighted: index 1 is the expensive one here.
-    two = [inc.Extents((0,) * 3, (2, 1, 1)), inc.Extents((0,) * 3, (1, 9, 1))]
-    assert inc.bands(two, [1.0, 1.0], 3, 1)[0] == [1]
-    assert inc.bands([], [], 5, 2) == [[0, 1], [2, 3], [4]]
+    two = [plan.Extents((0,) * 3, (2, 1, 1)), plan.Extents((0,) * 3, (1, 9, 1))]
+    assert plan.bands(two, [1.0, 1.0], 3, 1)[0] == [1]
+    assert plan.bands([], [], 5, 2) == [[0, 1], [2, 3], [4]]
 
 
 def test_classifier_runs_on_many_chunks_at_once(alexnet_small, monkeypatch) -> None:
-    import convscope.methods.occlusion as occlusion_module
+    from convscope.methods.occlusion import chain
 
     module, loaded = alexnet_small
     head = module[0].classifier[-1]
@@ -377,7 +378,7 @@ def test_classifier_runs_on_many_chunks_at_once(alexnet_small, monkeypatch) -> N
         copies = together.stats.copies
         assert copies == 121 and calls[-1] == copies  # one classifier pass for all 121 copies
         calls.clear()
-        monkeypatch.setattr(occlusion_module, "SUFFIX_BUDGET_BYTES", 1)  # room for one chunk
+        monkeypatch.setattr(chain, "SUFFIX_BUDGET_BYTES", 1)  # room for one chunk
         apart = occlusion(loaded, image, window=16, stride=8, batch_size=20)
         assert max(calls[2:]) <= 2 * 20 and len(calls) > 4
     finally:
@@ -387,12 +388,11 @@ def test_classifier_runs_on_many_chunks_at_once(alexnet_small, monkeypatch) -> N
 
 
 def test_approximate_mode_on_the_default_model(default_model, photo, assert_no_side_effects, monkeypatch) -> None:
-    import convscope.methods.occlusion as occlusion_module
-    from convscope.methods.occlusion import _low_precision
+    from convscope.methods.occlusion import precision
 
     # The speed probe decides by timing, which a loaded machine skews: this test is about the
     # numbers, so half precision is taken whenever the hardware has it.
-    monkeypatch.setattr(occlusion_module, "_speedup", lambda *args: 10.0)
+    monkeypatch.setattr(precision, "speedup", lambda *args: 10.0)
 
     image = default_model.preprocess.to_tensor(photo)
     exact = occlusion(default_model, image, window=32, stride=16)
@@ -401,7 +401,7 @@ def test_approximate_mode_on_the_default_model(default_model, photo, assert_no_s
     )
     assert all(p.dtype == torch.float32 for p in default_model.module.parameters())
     assert approx.stats.mode == "incremental" and approx.targets.tolist() == exact.targets.tolist()
-    if _low_precision(torch.device("cpu")) is None:  # no native bfloat16 here: computed exactly
+    if precision.low_precision(torch.device("cpu")) is None:  # no native bfloat16 here: computed exactly
         assert approx.stats.precision == "float32"
         torch.testing.assert_close(approx.probability, exact.probability, rtol=0, atol=1e-5)
         return
@@ -413,10 +413,10 @@ def test_approximate_mode_on_the_default_model(default_model, photo, assert_no_s
 
 
 def test_approximate_mode_without_fast_bfloat16_is_exact(alexnet_small, monkeypatch) -> None:
-    import convscope.methods.occlusion as occlusion_module
+    from convscope.methods.occlusion import precision
 
     _, loaded = alexnet_small
-    monkeypatch.setattr(occlusion_module, "_low_precision", lambda device: None)
+    monkeypatch.setattr(precision, "low_precision", lambda device: None)
     torch.manual_seed(11)
     image = torch.randn(1, 3, 64, 64)
     approx = occlusion(loaded, image, window=16, stride=8, mode="approximate")
@@ -458,7 +458,7 @@ def test_speedup_probe_times_both_precisions_after_a_warm_up() -> None:
     # have): the probe must give float32 time / low-precision time, warm-up excluded.
     import time
 
-    from convscope.methods.occlusion import _speedup
+    from convscope.methods.occlusion.precision import speedup
 
     class Sleeper(nn.Module):
         def __init__(self, seconds: float) -> None:
@@ -471,7 +471,7 @@ def test_speedup_probe_times_both_precisions_after_a_warm_up() -> None:
             return x
 
     full, half = Sleeper(0.08), Sleeper(0.01)
-    ratio = _speedup(full, half, torch.zeros(1, 3, 4, 4), torch.bfloat16, copies=4)
+    ratio = speedup(full, half, torch.zeros(1, 3, 4, 4), torch.bfloat16, copies=4)
     # 8x when sleeps are exact; a loaded machine's oversleep (5-10 ms) pulls it down towards 4.5x;
     # the ratio upside down would be 0.125.
     assert 3.0 < ratio < 9.0, ratio
@@ -488,11 +488,11 @@ def _small_net() -> tuple[nn.Module, object]:
 def test_approximate_mode_probe_and_its_fallbacks(monkeypatch) -> None:
     # The speed-up probe gets the model, its half-precision twin, one image and up to 4 copies;
     # a measured 1.15x (the threshold) keeps half precision, anything less runs exact and says why.
-    import convscope.methods.occlusion as occlusion_module
+    from convscope.methods.occlusion import precision
 
     net, loaded = _small_net()
     image = torch.randn(2, 3, 8, 8)
-    monkeypatch.setattr(occlusion_module, "_low_precision", lambda device: torch.bfloat16)
+    monkeypatch.setattr(precision, "low_precision", lambda device: torch.bfloat16)
     calls = []
 
     def probe(ratio: float):
@@ -501,16 +501,16 @@ def test_approximate_mode_probe_and_its_fallbacks(monkeypatch) -> None:
             return ratio
         return fake
 
-    monkeypatch.setattr(occlusion_module, "_speedup", probe(1.15))
+    monkeypatch.setattr(precision, "speedup", probe(1.15))
     kept = occlusion(loaded, image, window=4, stride=4, mode="approximate", batch_size=3, layer="2", channel=1)
     assert calls == [(True, torch.bfloat16, (1, 3, 8, 8), torch.bfloat16, 3)]
     assert kept.stats.precision == "bfloat16" and kept.stats.fallback == "" and kept.activation is not None
-    monkeypatch.setattr(occlusion_module, "_speedup", probe(1.0))
+    monkeypatch.setattr(precision, "speedup", probe(1.0))
     slow = occlusion(loaded, image, window=4, stride=4, mode="approximate")
     assert slow.stats.precision == "float32"
     assert slow.stats.fallback == ("bfloat16 measured 1.00x the float32 speed on this model and machine "
                                    "(needs 1.15x): ran exact (float32)")
-    monkeypatch.setattr(occlusion_module, "_low_precision", lambda device: None)
+    monkeypatch.setattr(precision, "low_precision", lambda device: None)
     none = occlusion(loaded, image, window=4, stride=4, mode="approximate")
     assert none.stats.fallback == "cpu has no fast bfloat16/float16 arithmetic: ran exact (float32)"
     assert occlusion(loaded, image, window=4, stride=4).stats.fallback == ""  # exact mode: nothing to explain
@@ -554,3 +554,75 @@ def test_a_chain_without_multiply_adds_costs_a_whole_pass_per_copy() -> None:
     result = occlusion(loaded, torch.randn(1, 3, 8, 8), window=2, stride=2)
     assert result.stats.mode == "incremental" and result.stats.incremental_layers == ("0", "1")
     assert result.stats.work_fraction == 1.0 and result.stats.copies == 16
+
+
+@pytest.mark.parametrize("norm", [nn.GroupNorm(2, 4), nn.InstanceNorm2d(4, affine=True)])
+def test_the_chain_stops_before_a_normalisation_over_the_map(norm: nn.Module) -> None:
+    # Its statistics depend on every cell, so a patch changes the whole map (probes/geometry.py
+    # decides it: no reach): the chain ends before it and the result still equals the naive loop.
+    torch.manual_seed(8)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), norm, nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3), Temperature(20.0)).eval()
+    loaded = wrap_model(net, preprocess=Preprocess(resize=None, crop=16))
+    image = torch.randn(1, 3, 16, 16)
+    result = occlusion(loaded, image, window=4, stride=4, fill=0.5)
+    assert result.stats.mode == "incremental" and result.stats.incremental_layers == ("0", "1")
+    assert_matches(result, naive(net, image, int(result.targets[0]), 4, 4, 0.5))
+
+
+# -- found by the hand-made mutation round (issue 14): a span the stride divides exactly, a chain
+# long enough to reach the cut-off; the values are worked out by hand in the comments -------------
+
+
+def test_cover_border_adds_no_window_when_the_stride_divides_the_span() -> None:
+    # (224 - 16) / 8 = 26 exactly: the last window ends on the border already -> 27 positions.
+    assert grid_origins(224, 16, 8, cover_border=True) == tuple(range(0, 209, 8))
+    assert len(grid_origins(224, 16, 8, cover_border=True)) == 27
+    assert grid_origins(12, 4, 4, cover_border=True) == (0, 4, 8)
+    # A remainder still adds the clipped window: (13 - 4) / 4 = 2.25 -> 4 positions.
+    assert grid_origins(13, 4, 4, cover_border=True) == (0, 4, 8, 12)
+
+
+class _ConvChain(nn.Module):
+    """14 same-size 3x3 convolutions (+ReLU) on a 1x32x32 input, then a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        layers: list[nn.Module] = []
+        for _ in range(14):
+            layers += [nn.Conv2d(2 if layers else 1, 2, 3, padding=1), nn.ReLU()]
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(2 * 32 * 32, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def test_incremental_chain_stops_at_the_recompute_fraction() -> None:
+    # Window 8, stride 8 on 32 px: four origins 0, 8, 16, 24. Each 3x3 convolution widens a
+    # square's changed rows by one on each side, clipped at the map's edges. After k of them
+    # the border squares change 8 + k rows; the inner ones 8 + 2k, or 16 + k once the edge
+    # clips them (k >= 8). For k >= 8 the mean is 12 + k, and the mean changed area
+    # (12 + k)^2 / 32^2 of the map:
+    #   k = 12: 24^2 / 1024 = 0.5625 <= 0.6   k = 13: 25^2 / 1024 = 0.610 > 0.6
+    # So the chain holds conv 1..12 and their ReLUs (features.0..23) and stops before conv 13.
+    assert inc.FULL_RECOMPUTE_FRACTION == 0.6
+    model = _ConvChain()
+    loaded = wrap_model(model, preprocess=Preprocess(None, 32, (0.0,), (1.0,), 1), categories=("a", "b", "c"))
+    result = occlusion(loaded, torch.randn(1, 1, 32, 32, generator=torch.Generator().manual_seed(1)), 0,
+                       window=8, stride=8, fill=0.0)
+    assert result.stats.mode == "incremental"
+    assert result.stats.incremental_layers == tuple(f"features.{i}" for i in range(24))
+    # Work per copy: convs 13 and 14 and the head in full; conv k <= 12 on a patch between
+    # the mean changed area (exact cells) and the inner squares' area (chunks run each band
+    # at its largest member).
+    macs = [1 * 2 * 9] + [2 * 2 * 9] * 13  # per output cell
+    head = 2 * 32 * 32 * 3
+    full = sum(m * 32 * 32 for m in macs) + head
+    tail = sum(m * 32 * 32 for m in macs[12:]) + head
+    border = [min(32, 8 + k) for k in range(1, 13)]
+    inner = [min(32, 8 + 2 * k, 16 + k) for k in range(1, 13)]
+    low = tail + sum(m * ((b + i) / 2) ** 2 for m, b, i in zip(macs, border, inner))
+    high = tail + sum(m * i * i for m, i in zip(macs, inner))
+    assert low / full - 1e-9 <= result.stats.work_fraction <= high / full + 1e-9  # 0.431 .. 0.533

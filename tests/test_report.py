@@ -138,3 +138,15 @@ def test_explore_replaces_its_own_report_and_refuses_system_paths(tmp_path: Path
     assert system.returncode == 2
     assert system.stderr.strip().splitlines() == [
         "error: /proc: is inside /proc, a system folder, not a place for output files"]
+
+
+def test_report_csp_forbids_forms_and_everything_it_forbade(tiny_report: str) -> None:
+    """Issue 21, finding 19: form-action does not fall back to default-src, so it is named."""
+    policies = re.findall(r'<meta http-equiv="Content-Security-Policy" content="([^"]*)">', tiny_report)
+    assert len(policies) == 1
+    directives = {d.split()[0]: d.split()[1:] for d in policies[0].split(";") if d.strip()}
+    assert directives["form-action"] == ["'none'"]
+    assert directives["default-src"] == ["'none'"]  # scripts, frames, fonts, connections, objects
+    assert directives["img-src"] == ["data:"] and directives["style-src"] == ["'unsafe-inline'"]
+    assert set(directives) == {"default-src", "img-src", "style-src", "form-action", "base-uri"}
+    assert directives["base-uri"] == ["'none'"]  # neither does base-uri

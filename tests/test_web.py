@@ -114,11 +114,11 @@ def test_explain_class_and_layer_are_used(base: str, coffee_bytes: bytes) -> Non
     ("fields", "status_code", "message"),
     [
         ({"method": "gradcam", "layer": "conv99"}, 400, r"^layer conv99: no such layer in efficientnet_lite0"),
-        ({"method": "gradcam", "target": "5000"}, 400, r"--class 5000: is out of range"),
-        ({"method": "gradcam", "target": "not a class"}, 400, r"--label not a class: is not a class"),
+        ({"method": "gradcam", "target": "5000"}, 400, r"^target 5000: is out of range"),
+        ({"method": "gradcam", "target": "not a class"}, 400, r"^target not a class: is not a class"),
         ({"method": "gradcamm"}, 400, r"^method gradcamm: unknown method \(did you mean: gradcam"),
-        ({"method": "occlusion", "window": "zero"}, 400, r"^--window zero: must be a whole number"),
-        ({"method": "occlusion", "mode": "fast"}, 400, r"^--mode fast: is not one of exact, approximate, full"),
+        ({"method": "occlusion", "window": "zero"}, 400, r"^window zero: must be a whole number"),
+        ({"method": "occlusion", "mode": "fast"}, 400, r"^mode fast: is not one of exact, approximate, full"),
         ({"method": "gradcam", "colour": "red"}, 400, r"^colour: is not an option of gradcam"),
         ({}, 400, r"^method: missing"),
     ],
@@ -160,7 +160,7 @@ def test_bad_uploads_are_4xx_and_the_server_carries_on(base: str, coffee_bytes: 
                   "multipart/form-data"))
     cases.append(("unknown method", post(base, "api/explain", {"method": "tickle"}, coffee_bytes), 400,
                   "method tickle: unknown method"))
-    cases.append(("bad topk", post(base, "api/classify", {"topk": "0"}, coffee_bytes), 400, "--topk 0: must be at least 1"))
+    cases.append(("bad topk", post(base, "api/classify", {"topk": "0"}, coffee_bytes), 400, "topk 0: must be at least 1"))
     for label, response, code, text in cases:
         assert response.status_code == code, (label, response.status_code, response.text)
         assert text in response.json()["error"], (label, response.json())
@@ -387,3 +387,228 @@ def test_hooked_methods_under_threads_match_sequential_in_process() -> None:
     with ThreadPoolExecutor(max_workers=8) as pool:
         for _ in range(5):
             assert list(pool.map(run, range(8))) == alone
+
+
+# ---------------------------------------------------------------- issue 21: the web app's findings
+
+
+@pytest.fixture(scope="module")
+def tiny() -> Any:
+    """The app in-process with the ``tiny`` model (an unexpected exception is a 500, as when served)."""
+    from fastapi.testclient import TestClient
+
+    from convscope.web.app import create_app
+
+    with TestClient(create_app(model="tiny", weights="random"), raise_server_exceptions=False) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def red_png() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 40), (200, 30, 30)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _send(client: Any, route: str, fields: dict[str, str], image: bytes) -> Any:
+    return client.post(route, data=fields, files={"image": ("red.png", image, "image/png")})
+
+
+def _one_error(response: Any, status_code: int, pattern: str) -> str:
+    import re
+
+    assert response.status_code == status_code, (response.status_code, response.text)
+    body = response.json()
+    assert set(body) == {"error"} and "\n" not in body["error"], body
+    assert re.fullmatch(pattern, body["error"]), body["error"]
+    return body["error"]  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("route", ["/api/explain", "/api/jobs"])
+@pytest.mark.parametrize(
+    ("text", "pattern"),
+    [
+        ("²", r"target ²: is not a class index: use the digits 0-9 only, no sign \(0 is the first class\)"),
+        ("--5", r"target --5: is not a class index: use the digits 0-9 only, no sign \(0 is the first class\)"),
+        ("-5", r"target -5: is not a class index: use the digits 0-9 only, no sign \(0 is the first class\)"),
+        ("١٢", r"target ١٢: is not a class index: use the digits 0-9 only, no sign \(0 is the first class\)"),
+        ("9" * 5000, r"target 9{39}…: is out of range: a class index has at most 18 digits"),
+    ],
+)
+def test_finding8_odd_targets_are_400_not_500(tiny: Any, red_png: bytes, route: str, text: str, pattern: str) -> None:
+    _one_error(_send(tiny, route, {"method": "gradcam", "target": text}, red_png), 400, pattern)
+
+
+def test_finding16_a_job_is_validated_like_explain_before_it_is_queued(tiny: Any, red_png: bytes) -> None:
+    before = tiny.get("/api/status").json()["jobs"]
+    cases = [
+        ({"method": "deconv"}, r"layer: is required by deconv: name a layer alias or module path"),
+        ({"method": "deconv", "layer": "conv9"}, r"layer conv9: no such layer in tiny.*"),
+        ({"method": "filters", "target": "3"}, r"target 3: filters takes no target"),
+        ({"method": "occlusion", "target": "zebra"}, r"target zebra: is not a class of tiny \(.*\)"),
+        ({"method": "occlusion", "target": "10"}, r"target 10: is out of range: tiny has 10 classes \(0\.\.9\)"),
+        ({"method": "occlusion", "stride": "0"}, r"stride 0: must be a whole number of pixels, at least 1"),
+    ]
+    for fields, pattern in cases:
+        explained = _one_error(_send(tiny, "/api/explain", fields, red_png), 400, pattern)
+        queued = _one_error(_send(tiny, "/api/jobs", fields, red_png), 400, pattern)
+        assert queued == explained
+    assert tiny.get("/api/status").json()["jobs"] == before  # nothing was queued
+
+
+def test_finding16_a_valid_job_still_runs(tiny: Any, red_png: bytes) -> None:
+    response = _send(tiny, "/api/jobs", {"method": "deconv", "layer": "conv2", "top": "2"}, red_png)
+    assert response.status_code == 202, response.text
+    job = response.json()
+    deadline = time.monotonic() + 60
+    while job["status"] in ("queued", "running"):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+        job = tiny.get(f"/api/jobs/{job['id']}").json()
+    assert job["status"] == "done" and job["progress"] == {"done": 2, "total": 2}
+
+
+@pytest.mark.parametrize(
+    ("route", "fields", "pattern"),
+    [
+        ("/api/classify", {"topk": "0"}, r"topk 0: must be at least 1"),
+        ("/api/classify", {"topk": "many"}, r"topk many: must be a whole number"),
+        ("/api/explain", {"method": "gradcam", "target": "zebra"}, r"target zebra: is not a class of tiny \(.*\)"),
+        ("/api/explain", {"method": "gradcam", "target": "99"},
+         r"target 99: is out of range: tiny has 10 classes \(0\.\.9\)"),
+        ("/api/explain", {"method": "features", "layer": "conv1", "max_channels": "0"},
+         r"max_channels 0: must be at least 1"),
+        ("/api/explain", {"method": "occlusion", "window": "zero"},
+         r"window zero: must be a whole number of pixels, at least 1"),
+        ("/api/explain", {"method": "occlusion", "mode": "fast"}, r"mode fast: is not one of exact, approximate, full"),
+        ("/api/explain", {"method": "occlusion", "window": "33"}, r"window 33: is larger than the 32x32 input"),
+        ("/api/explain", {"method": "deconv", "layer": "conv1", "channel": "99"},
+         r"channel 99: is out of range: layer conv1 has \d+ channels \(0\.\.\d+\)"),
+    ],
+)
+def test_finding19_errors_name_the_form_field_not_a_cli_flag(tiny: Any, red_png: bytes, route: str,
+                                                             fields: dict[str, str], pattern: str) -> None:
+    message = _one_error(_send(tiny, route, fields, red_png), 400, pattern)
+    assert "--" not in message
+
+
+def test_finding18_405_keeps_its_allow_header(tiny: Any) -> None:
+    response = tiny.put("/api/health")
+    assert response.status_code == 405
+    assert response.headers["allow"] == "GET"
+    assert response.json() == {"error": "Method Not Allowed"}
+    response = tiny.patch("/api/jobs/abc")
+    assert response.status_code == 405
+    assert set(response.headers["allow"].replace(" ", "").split(",")) == {"GET", "DELETE"}
+
+
+def test_finding17_schema_documents_errors_and_required_fields(tiny: Any) -> None:
+    schema = tiny.get("/openapi.json").json()
+    error = schema["components"]["schemas"]["Error"]
+    assert error["required"] == ["error"] and error["properties"]["error"]["type"] == "string"
+    ref = {"$ref": "#/components/schemas/Error"}
+    expected = {
+        ("/api/classify", "post"): {"400", "413", "415", "503"},
+        ("/api/explain", "post"): {"400", "413", "415", "503"},
+        ("/api/jobs", "post"): {"400", "413", "415", "503"},
+        ("/api/jobs/{job_id}", "get"): {"404"},
+        ("/api/jobs/{job_id}", "delete"): {"404"},
+        ("/api/jobs/{job_id}/views/{key}.png", "get"): {"400", "404", "409"},
+        ("/api/model", "get"): {"400", "503"},
+        ("/api/samples/{name}", "get"): {"404"},
+    }
+    for (path, verb), codes in expected.items():
+        responses = schema["paths"][path][verb]["responses"]
+        assert codes <= set(responses), (path, verb, set(responses))
+        for code in codes:
+            assert responses[code]["content"]["application/json"]["schema"] == ref, (path, verb, code)
+        assert "422" not in responses or responses["422"]["content"]["application/json"]["schema"] == ref
+    for path in ("/api/explain", "/api/jobs"):
+        body = schema["paths"][path]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+        assert body["properties"]["image"]["format"] == "binary"  # at the top: clients send it as a file
+        assert body["required"] == ["image", "method"] and body["additionalProperties"] is False
+        branches = {b["properties"]["method"]["const"]: b for b in body["oneOf"]}
+        assert list(branches) == [n for n in list_methods() if n != "classify"]
+        for name, branch in branches.items():
+            spec = get_method(name)
+            fields = branch["properties"]
+            assert ("layer" in branch["required"]) == (spec.layer == "required"), name
+            assert (fields.get("layer") is False) == (spec.layer == "none"), name
+            assert (fields.get("target") is False) == (not spec.takes_target), name
+            for param in spec.params:
+                assert fields[param.name] is not False, (name, param.name)
+            others = {p.name for n in list_methods() for p in get_method(n).params} - {p.name for p in spec.params}
+            assert all(fields[other] is False for other in others - {"topk"}), name
+    deconv = next(b for b in schema["paths"]["/api/explain"]["post"]["requestBody"]["content"]["multipart/form-data"]
+                  ["schema"]["oneOf"] if b["properties"]["method"]["const"] == "deconv")
+    assert deconv["required"] == ["image", "method", "layer"]
+
+
+def test_finding15_a_scorecam_job_reports_progress_and_cancels_within_a_batch(base: str, coffee_bytes: bytes) -> None:
+    job = post(base, "api/jobs", {"method": "scorecam", "target": "espresso"}, coffee_bytes).json()
+    assert job["status"] in ("queued", "running"), job
+    deadline = time.monotonic() + 60
+    seen = job
+    while seen["progress"]["done"] == 0:
+        assert seen["status"] in ("queued", "running"), f"the job never reported progress: {seen}"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+        seen = httpx.get(base + f"api/jobs/{job['id']}", timeout=30).json()
+    answer = httpx.delete(base + f"api/jobs/{job['id']}", timeout=30)
+    assert answer.status_code == 200
+    assert answer.json()["status"] in ("running", "cancelled")  # it waits a little for the job to stop
+    final = _wait(base, job["id"], 60)
+    assert final["status"] == "cancelled", final
+    # It stopped within one batch of masked copies (64), long before its 1280 channels were done.
+    assert seen["progress"]["done"] <= final["progress"]["done"] <= seen["progress"]["done"] + 64
+    assert final["progress"]["done"] < 1280
+    assert [m["hooks"] for m in status(base)["models"]] == [0]
+    assert_still_good(base, coffee_bytes)
+
+
+def _serve(*args: str, timeout: float = 120) -> Any:
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "convscope", "serve", *args], capture_output=True, text=True, check=False,
+                          timeout=timeout)
+
+
+@pytest.mark.parametrize(
+    ("args", "pattern"),
+    [
+        (["--max-upload-mb", "inf"], r"error: --max-upload-mb inf: must be a finite number"),
+        (["--max-upload-mb", "nan"], r"error: --max-upload-mb nan: must be a finite number"),
+        (["--max-upload-mb", "1e999"], r"error: --max-upload-mb 1e999: must be a finite number"),
+        (["--max-upload-mb", "0"], r"error: --max-upload-mb 0: must be between 0\.001 and 1000"),
+        (["--max-upload-mb", "1e9"], r"error: --max-upload-mb 1e9: must be between 0\.001 and 1000"),
+        (["--max-upload-mb", "²"], r"error: --max-upload-mb ²: must be a number"),
+        (["--port", "65536"], r"error: --port 65536: must be between 0 and 65535"),
+        (["--port", "-1"], r"error: --port -1: must be between 0 and 65535"),
+        (["--port", "８０８０"], r"error: --port ８０８０: must be a whole number"),
+        (["--port", "9" * 5000], r"error: --port 9{39}…: is out of range; it must be between 0 and 65535"),
+    ],
+)
+def test_finding9_serve_numbers_are_checked_in_one_line(args: list[str], pattern: str) -> None:
+    import re
+
+    result = _serve(*args, "--model", "tiny", "--weights", "random", timeout=60)
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    assert result.stdout == ""
+    assert re.fullmatch(pattern + r"\n", result.stderr), result.stderr[-2000:]
+
+
+def test_finding14_a_port_in_use_is_one_line_before_the_model_loads() -> None:
+    import re
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        # An unknown model would fail as soon as the server tried to load it: the port is checked first.
+        result = _serve("--port", str(port), "--model", "no_such_model", timeout=60)
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    assert result.stdout == ""
+    assert re.fullmatch(rf"error: 127\.0\.0\.1:{port}: address already in use \(is another server running\? "
+                        r"choose another --port\)\n", result.stderr), result.stderr[-2000:]

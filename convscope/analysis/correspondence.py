@@ -31,9 +31,11 @@ import torch
 from PIL import Image
 
 from convscope.analysis._features import CLASSIFIER_INPUT, forward_features
+from convscope.analysis.limits import MAX_RANDOM
 from convscope.errors import BadArgument, UnknownLayer
 from convscope.methods._common import ModelLike
 from convscope.models.load import as_loaded
+from convscope.parsing import shown
 from convscope.probes.layers import alias_of
 from convscope.types import LoadedModel
 
@@ -132,7 +134,7 @@ def parse_parts(parts: Mapping[str, Any], sizes: Sequence[tuple[int, int]], name
     width)``; ``names`` the image names for the mapping form.
 
     Raises:
-        BadArgument: a malformed, empty or out-of-image box, or a missing image.
+        BadArgument: a malformed, empty, non-finite or out-of-image box, or a missing image.
     """
     if not isinstance(parts, Mapping) or not parts:
         raise BadArgument("--parts", "must map part names to boxes [top, left, bottom, right]")
@@ -145,7 +147,7 @@ def parse_parts(parts: Mapping[str, Any], sizes: Sequence[tuple[int, int]], name
             if missing:
                 raise BadArgument(f"--parts {part}", f"has no box for image {missing[0]}")
             raw = [spec[n] for n in names]
-        elif isinstance(spec, Sequence) and len(spec) == 4 and all(isinstance(v, (int, float)) for v in spec):
+        elif isinstance(spec, Sequence) and len(spec) == 4 and all(_is_number(v) for v in spec):
             raw = [spec] * len(sizes)
         elif isinstance(spec, Sequence) and len(spec) == len(sizes):
             raw = list(spec)
@@ -153,14 +155,20 @@ def parse_parts(parts: Mapping[str, Any], sizes: Sequence[tuple[int, int]], name
             raise BadArgument(f"--parts {part}", f"needs one box [top, left, bottom, right] or one per image ({len(sizes)})")
         boxes = []
         for box, (height, width) in zip(raw, sizes, strict=True):
-            if not (isinstance(box, Sequence) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)):
-                raise BadArgument(f"--parts {part}", f"box {box!r} is not [top, left, bottom, right]")
+            if not (isinstance(box, Sequence) and len(box) == 4 and all(_is_number(v) for v in box)):
+                raise BadArgument(f"--parts {part}", f"box {shown(box, 80)} is not [top, left, bottom, right]")
+            if not all(math.isfinite(v) for v in box):
+                raise BadArgument(f"--parts {part}", f"box {shown(box, 80)}: coordinates must be finite numbers")
             top, left, bottom, right = (int(v) for v in box)
             if not (0 <= top < bottom <= height and 0 <= left < right <= width):
                 raise BadArgument(f"--parts {part}", f"box {[top, left, bottom, right]} is empty or outside a {height}x{width} image")
             boxes.append((top, left, bottom, right))
         out[str(part)] = tuple(boxes)
     return out
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def square(box: Box, side: int, height: int, width: int) -> Box:
@@ -227,7 +235,8 @@ def correspondence(
         ``Correspondence``.
 
     Raises:
-        BadArgument: fewer than two images, bad boxes, negative ``random`` or ``window``.
+        BadArgument: fewer than two images, bad boxes, ``random`` outside ``0..MAX_RANDOM`` (10000),
+            a negative ``window``.
         UnknownLayer: a layer name that does not resolve.
     """
     loaded = as_loaded(model)
@@ -235,8 +244,8 @@ def correspondence(
     pictures = [_as_pil(image).convert(mode) for image in images]
     if len(pictures) < 2:
         raise BadArgument("IMAGES", f"correspondence compares images pairwise: give at least 2, got {len(pictures)}")
-    if random < 0:
-        raise BadArgument("--random", f"must be 0 or more, got {random}")
+    if not 0 <= random <= MAX_RANDOM:
+        raise BadArgument("--random", f"must be between 0 and {MAX_RANDOM}, got {random}")
     if window < 0:
         raise BadArgument("--window", f"must be 0 or more, got {window}")
     sizes = [(p.height, p.width) for p in pictures]

@@ -21,7 +21,7 @@ forward pass, so its distance is exactly 0 and its probability is the untransfor
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Sequence, Sized
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from convscope.analysis._features import default_layers, forward_features
+from convscope.analysis.limits import MAX_AMOUNT, MAX_AMOUNTS
 from convscope.errors import BadArgument
 from convscope.methods._common import ModelLike
 from convscope.methods.targets import TargetLike, resolve_targets, target_labels
@@ -93,9 +94,13 @@ def _check(transform: str, amounts: Sequence[float], pad: str) -> None:
         raise BadArgument(f"--pad {pad}", "must be one of " + ", ".join(PADS))
     if not amounts:
         raise BadArgument("--amounts", "needs at least one amount")
+    if len(amounts) > MAX_AMOUNTS:
+        raise BadArgument("--amounts", f"gives {len(amounts)} amounts, over the limit of {MAX_AMOUNTS}")
     for amount in amounts:
         if not math.isfinite(amount):
             raise BadArgument("--amounts", f"{amount} is not a finite number")
+        if abs(amount) > MAX_AMOUNT:
+            raise BadArgument("--amounts", f"{amount:g} must be between {-MAX_AMOUNT:g} and {MAX_AMOUNT:g}")
         if transform == "scale" and amount <= 0:
             raise BadArgument("--amounts", f"a zoom factor must be positive, got {amount}")
 
@@ -195,7 +200,7 @@ def invariance(
     """Transform each image by each amount and measure how its features and prediction move.
 
     All copies of one image (the original and every non-identity amount) run as batches of
-    ``batch_size``.
+    ``batch_size``, each made just before its forward pass.
 
     Args:
         model: a ``LoadedModel`` or ``nn.Module``.
@@ -214,13 +219,18 @@ def invariance(
         ``InvarianceCurves`` with ``(N, A)`` tensors.
 
     Raises:
-        BadArgument: unknown transform or pad, no amounts, a non-positive zoom.
+        BadArgument: unknown transform or pad, no amounts or more than ``MAX_AMOUNTS`` (1000),
+            an amount that is not finite or beyond ``MAX_AMOUNT`` (1e6) in size, a non-positive zoom.
         UnknownLayer: a layer name that does not resolve.
         BadTarget: unknown class index or label.
     """
     loaded = as_loaded(model)
+    if isinstance(amounts, Sized) and len(amounts) > MAX_AMOUNTS:  # before copying a huge range
+        raise BadArgument("--amounts", f"gives {len(amounts)} amounts, over the limit of {MAX_AMOUNTS}")
     chosen = tuple(float(a) for a in (DEFAULT_AMOUNTS.get(transform, ()) if amounts is None else amounts))
     _check(transform, chosen, pad)
+    if batch_size < 1:
+        raise BadArgument("--batch-size", f"must be at least 1, got {batch_size}")
     pictures = [_as_pil(image) for image in (images if isinstance(images, (list, tuple)) else [images])]
     names = list(layers) if layers else default_layers(loaded)
     moving = [i for i, a in enumerate(chosen) if not is_identity(transform, a)]
@@ -232,18 +242,29 @@ def invariance(
     distances: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     relative: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     for picture in pictures:
-        copies = [picture] + [
-            transform_image(picture, transform, chosen[i], pad=pad, preprocess=loaded.preprocess) for i in moving
-        ]
-        batch = loaded.preprocess.to_tensor(copies)
-        probs, features = forward_features(loaded, batch, names, batch_size=batch_size, progress=progress)
+        # Copies are made one batch at a time, so memory holds one batch of pictures and features,
+        # however many amounts there are.
+        order: list[int | None] = [None, *moving]  # None: the original
+        chunks: list[torch.Tensor] = []
+        gaps: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+        first: dict[str, torch.Tensor] = {}
+        for start in range(0, len(order), batch_size):
+            copies = [picture if i is None else
+                      transform_image(picture, transform, chosen[i], pad=pad, preprocess=loaded.preprocess)
+                      for i in order[start:start + batch_size]]
+            probs, features = forward_features(loaded, loaded.preprocess.to_tensor(copies), names,
+                                               batch_size=batch_size, progress=progress)
+            chunks.append(probs)
+            for name in names:
+                first.setdefault(name, features[name][:1])
+                gaps[name].append((features[name] - first[name]).norm(dim=1))
+        probs = torch.cat(chunks)
         probabilities.append(probs[column])
         originals.append(probs[0])
         for name in names:
-            vectors = features[name]
-            gap = (vectors - vectors[:1]).norm(dim=1)
+            gap = torch.cat(gaps[name])
             gap[0] = 0.0
-            norm = vectors[0].norm()
+            norm = first[name][0].norm()
             distances[name].append(gap[column])
             relative[name].append(gap[column] / norm if norm > 0 else torch.full_like(gap[column], math.nan))
     probability = torch.stack(probabilities)  # (N, A, K)

@@ -445,7 +445,8 @@ def quality(
 
     Raises:
         UnknownMethod: unknown method name.
-        BadArgument: unknown metric, step < 1, even or non-positive blur kernel.
+        BadArgument: no or an unknown metric, step < 1, even or non-positive blur kernel, a
+            ``deletion_fill`` that is not a finite number.
         BadTarget, UnknownLayer: as the method raises them.
     """
     name, fn = map_function(method)
@@ -458,6 +459,10 @@ def quality(
         raise BadArgument("--blur-kernel", f"must be a positive odd number, got {blur_kernel}")
     if batch_size < 1:
         raise BadArgument("--batch-size", f"must be at least 1, got {batch_size}")
+    if isinstance(deletion_fill, bool) or not isinstance(deletion_fill, (int, float)) or not math.isfinite(deletion_fill):
+        raise BadArgument(f"--fill {deletion_fill}", "must be a finite number")
+    if not metrics:
+        raise BadArgument("metrics", "names nothing (choose from " + ", ".join(METRICS) + ")")
     loaded, batch = prepare(model, images)
     height, width = int(batch.shape[-2]), int(batch.shape[-1])
     protocol = Protocol(step=step or math.ceil(height * width / RISE_STEPS), deletion_fill=deletion_fill,

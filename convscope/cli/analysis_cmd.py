@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import math
+import stat
 from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
 import typer
 
+from convscope.analysis.limits import MAX_AMOUNT, MAX_AMOUNTS, MAX_PARTS_BYTES, MAX_RANDOM
 from convscope.cli.app import app, expand_images, load_good_images, open_model, split_layers
 from convscope.cli.errors import EXIT_USER_ERROR
 from convscope.cli.options import (
@@ -30,6 +32,7 @@ from convscope.cli.options import (
 from convscope.cli.output import OutputDir
 from convscope.cli.progress import progress_bar
 from convscope.errors import BadArgument, ImageError
+from convscope.parsing import parse_class_index, parse_float, parse_int, shown
 
 TargetOpt = Annotated[
     str | None,
@@ -38,24 +41,90 @@ TargetOpt = Annotated[
 
 
 def _target(value: str | None) -> int | str | None:
-    if value is None:
-        return None
-    text = value.strip()
-    return int(text) if text.lstrip("-").isdigit() else text
+    """``--target``: a class index (ASCII digits) or a label name, ``None`` for each image's top-1."""
+    return None if value is None else parse_class_index(value, subject="--target")
+
+
+def _amount(text: str, option: str) -> float:
+    return parse_float(text, subject=option, minimum=-MAX_AMOUNT, maximum=MAX_AMOUNT)
 
 
 def _numbers(text: str, option: str) -> list[float]:
-    """``"-60,-30,0,30"`` or ``"start:stop:step"`` (stop included when reached) -> floats."""
+    """``"-60,-30,0,30"`` or ``"start:stop:step"`` (stop included when reached) -> at most
+    ``MAX_AMOUNTS`` finite floats, counted before the list is made."""
+    too_many = f"over the limit of {MAX_AMOUNTS} (use a larger step or a shorter range)"
+    if ":" in text:
+        fields = text.split(":")
+        if len(fields) != 3:
+            raise BadArgument(f"{option} {shown(text)}", "expected numbers like -60,-30,0 or start:stop:step")
+        start, stop, step = (_amount(v, option) for v in fields)
+        if step == 0 or (step > 0) != (stop >= start):
+            raise BadArgument(f"{option} {shown(text)}", "never reaches its end")
+        steps = (stop - start) / step + 1e-9
+        if not steps < MAX_AMOUNTS:
+            count = f"{math.floor(steps) + 1}" if steps < 1e16 else f"more than {MAX_AMOUNTS}"  # exact below 2**53
+            raise BadArgument(f"{option} {shown(text)}", f"gives {count} amounts, {too_many}")
+        return [round(start + i * step, 10) for i in range(math.floor(steps) + 1)]
+    fields = [v for v in text.split(",") if v.strip()]
+    if not fields:
+        raise BadArgument(f"{option} {shown(text)}", "needs at least one amount")
+    if len(fields) > MAX_AMOUNTS:
+        raise BadArgument(f"{option} {shown(text)}", f"gives {len(fields)} amounts, {too_many}")
+    return [_amount(v, option) for v in fields]
+
+
+def _names(text: str, option: str, known: tuple[str, ...]) -> list[str]:
+    """A comma list of names from ``known``: at least one, each known."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise BadArgument(f"{option} {shown(text)}", f"names nothing (choose from {', '.join(known)})")
+    for name in names:
+        if name not in known:
+            raise BadArgument(f"{option} {shown(name)}", "must be one of " + ", ".join(known))
+    return names
+
+
+def _read_parts(path: Path) -> Any:
+    """The JSON of a ``--parts`` file: a regular file of at most ``MAX_PARTS_BYTES``, numbers finite."""
+    subject = f"--parts {path}"
+    limit = f"{MAX_PARTS_BYTES / 2**20:g} MiB"
     try:
-        if ":" in text:
-            start, stop, step = (float(v) for v in text.split(":"))
-            if step <= 0 and stop >= start or step >= 0 and stop < start or step == 0:
-                raise BadArgument(option, f"range {text!r} never reaches its end")
-            count = math.floor((stop - start) / step + 1e-9) + 1
-            return [round(start + i * step, 10) for i in range(count)]
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise BadArgument(option, f"expected numbers like -60,-30,0 or start:stop:step, got {text!r}") from None
+        info = path.stat()
+        if stat.S_ISDIR(info.st_mode):
+            raise BadArgument(subject, "is a directory, not a JSON file")
+        if not stat.S_ISREG(info.st_mode):  # a device or a FIFO could be endless or block
+            raise BadArgument(subject, "is not a regular file (a device, pipe or socket)")
+        if info.st_size > MAX_PARTS_BYTES:
+            raise BadArgument(subject, f"is {info.st_size / 2**20:.1f} MiB, over the {limit} limit of a parts file")
+        with path.open("rb") as handle:
+            data = handle.read(MAX_PARTS_BYTES + 1)  # the file may have grown since stat
+    except OSError as exc:
+        raise BadArgument(subject, (exc.strerror or "cannot be read").lower()) from None
+    except ValueError:  # a NUL byte in the path
+        raise BadArgument(subject, "is not a valid path") from None
+    if len(data) > MAX_PARTS_BYTES:
+        raise BadArgument(subject, f"is over the {limit} limit of a parts file")
+
+    def finite(text: str) -> float:
+        value = float(text)
+        if not math.isfinite(value):
+            raise BadArgument(subject, f"box coordinates must be finite numbers, not {shown(text)}")
+        return value
+
+    def whole(text: str) -> int:
+        return parse_int(text, subject=subject)
+
+    def refuse(text: str) -> None:
+        raise BadArgument(subject, f"box coordinates must be finite numbers, not {text}")
+
+    try:
+        return json.loads(data.decode("utf-8"), parse_float=finite, parse_int=whole, parse_constant=refuse)
+    except UnicodeDecodeError:
+        raise BadArgument(subject, "is not UTF-8 text") from None
+    except RecursionError:
+        raise BadArgument(subject, "is nested too deeply to be a parts file") from None
+    except json.JSONDecodeError as exc:
+        raise BadArgument(subject, f"is not valid JSON ({exc})") from None
 
 
 def _finite(value: float) -> float | None:
@@ -105,7 +174,8 @@ def invariance_command(
     amounts: Annotated[
         str | None,
         typer.Option("--amounts", help="Comma list or start:stop:step (default: the paper's -60..60 px, "
-                     "1.0..1.8, 0..360 degrees). Use --amounts=-60,... for negative values."),
+                     f"1.0..1.8, 0..360 degrees); at most {MAX_AMOUNTS} amounts, each between {-MAX_AMOUNT:g} and "
+                     f"{MAX_AMOUNT:g}. Use --amounts=-60,... for negative values."),
     ] = None,
     layers: InvarianceLayersOpt = None,
     target: TargetOpt = None,
@@ -127,17 +197,19 @@ def invariance_command(
     Examples: convscope invariance cat.jpg dog.jpg --transform rotate -o out/ |
     convscope invariance photos/ --transform translate --amounts=-60:60:10 --layers stem,classifier_input
     """
+    given = _numbers(amounts, "--amounts") if amounts else None  # checked before torch is imported
+    tracked = _target(target)
     from convscope.analysis.invariance import DEFAULT_AMOUNTS, invariance
     from convscope.render.analysis import invariance_figure, invariance_mean_figure
 
-    chosen = _numbers(amounts, "--amounts") if amounts else list(DEFAULT_AMOUNTS.get(transform, ()))
+    chosen = given if given is not None else list(DEFAULT_AMOUNTS.get(transform, ()))
     loaded = open_model(model, weights, seed, device)
     paths, pictures, failures = _good_images(images)
     if not pictures:
         raise ImageError(", ".join(str(p) for p in images), "no readable images")
     with progress_bar(len(pictures) * len(chosen), "invariance", unit="copy") as advance:
         curves = invariance(loaded, pictures, transform, chosen, layers=split_layers(layers),
-                            target=_target(target), pad=pad, batch_size=batch_size, progress=advance)
+                            target=tracked, pad=pad, batch_size=batch_size, progress=advance)
     record = {
         "transform": curves.transform,
         "amounts": list(curves.amounts),
@@ -176,9 +248,11 @@ def invariance_command(
 def correspondence_command(
     images: ImagesArg,
     parts: Annotated[Path, typer.Option("--parts", help="JSON: part name -> [top, left, bottom, right] in image "
-                                        "pixels, one box per image, or {image file name: box}.")],
+                                        "pixels, one box per image, or {image file name: box}; a regular file "
+                                        f"of at most {MAX_PARTS_BYTES // 2**20} MiB.")],
     layers: CorrespondenceLayersOpt = None,
-    random: Annotated[int, typer.Option("--random", min=0, help="Random boxes for the control.")] = 10,
+    random: Annotated[int, typer.Option("--random", min=0, max=MAX_RANDOM,
+                                        help=f"Random boxes for the control (0..{MAX_RANDOM}).")] = 10,
     window: Annotated[int, typer.Option("--window", min=0, help="0: the boxes as given; N: N x N squares "
                                         "centred on them.")] = 0,
     output: OutDirOpt = Path("convscope-out"),
@@ -197,17 +271,12 @@ def correspondence_command(
 
     Example: convscope correspondence faces/ --parts parts.json --random 10 -o out/
     """
+    spec = _read_parts(parts)  # checked before torch is imported
+    if not isinstance(spec, dict) or not spec:
+        raise BadArgument(f"--parts {parts}", "must be a JSON object: part name -> box(es)")
     from convscope.analysis.correspondence import correspondence
     from convscope.render.analysis import correspondence_table, parts_picture
 
-    try:
-        spec = json.loads(parts.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise BadArgument(f"--parts {parts}", exc.strerror or "cannot be read") from None
-    except ValueError as exc:
-        raise BadArgument(f"--parts {parts}", f"is not valid JSON ({exc})") from None
-    if not isinstance(spec, dict) or not spec:
-        raise BadArgument(f"--parts {parts}", "must be a JSON object: part name -> box(es)")
     loaded = open_model(model, weights, seed, device)
     given = expand_images(images)
     paths, pictures, failures = _good_images(images)
@@ -262,8 +331,8 @@ def quality_command(
     = "deletion,insertion,randomization",
     step: Annotated[int | None, typer.Option("--step", min=1, help="Pixels per deletion/insertion step "
                                              "(default: RISE's 224 at 224x224).")] = None,
-    fill: Annotated[float, typer.Option("--fill", help="Deleted pixels' value in the normalised input "
-                                        "(0: the mean colour, RISE's default).")] = 0.0,
+    fill: Annotated[str, typer.Option("--fill", help="Deleted pixels' value in the normalised input, a finite "
+                                      "number (0: the mean colour, RISE's default).")] = "0",
     layer: LayerOpt = None,
     target: TargetOpt = None,
     output: OutDirOpt = Path("convscope-out"),
@@ -287,21 +356,17 @@ def quality_command(
     from convscope.analysis.quality import BASELINES, METHODS, METRICS, beats_random, quality
     from convscope.render.analysis import nanmean, quality_curves_figure, quality_table, randomization_figure
 
-    chosen = [m.strip() for m in methods.split(",") if m.strip()]
-    for name in chosen:
-        if name not in METHODS:
-            raise BadArgument(f"--methods {name}", "must be one of " + ", ".join(METHODS))
-    wanted = [m.strip() for m in metrics.split(",") if m.strip()]
-    for name in wanted:
-        if name not in METRICS:
-            raise BadArgument(f"--metrics {name}", "must be one of " + ", ".join(METRICS))
+    chosen = _names(methods, "--methods", METHODS)
+    wanted = _names(metrics, "--metrics", METRICS)
+    deletion_fill = parse_float(fill, subject="--fill")
+    explained = _target(target)
     loaded = open_model(model, weights, seed, device)
     paths, pictures, failures = _good_images(images)
     if not pictures:
         raise ImageError(", ".join(str(p) for p in images), "no readable images")
     batch = loaded.preprocess.to_tensor(pictures).to(loaded.device)
     causal = [m for m in wanted if m != "randomization"]
-    settings = {"target": _target(target), "layer": layer, "step": step, "deletion_fill": fill, "seed": seed,
+    settings = {"target": explained, "layer": layer, "step": step, "deletion_fill": deletion_fill, "seed": seed,
                 "batch_size": batch_size}
     results = {}
     with progress_bar(len(chosen) + (len(BASELINES) if causal else 0), "quality", unit="method") as advance:

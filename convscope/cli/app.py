@@ -43,19 +43,32 @@ app = typer.Typer(
 
 def open_model(model: str | None, weights: str | None, seed: int, device: str, precision: str = "float32") -> LoadedModel:
     """``load_model``; a ``precision`` other than float32 stays in force until the command ends."""
-    import click
-
     from convscope.models.load import load_model
     from convscope.runtime import inference_precision, resolve_precision
 
     resolve_precision(precision)  # a bad --precision fails before the model loads
     loaded = load_model(model, weights, seed=seed, device=device)
-    context = click.get_current_context(silent=True)
+    context = _current_context()
     if precision != "float32" and context is not None:
         choice = context.with_resource(inference_precision(precision, loaded.device))
         if choice.note:
             typer.echo(f"note: {choice.note}", err=True)
     return loaded
+
+
+def _current_context() -> Any:
+    """The running command's click context, or None.
+
+    typer 0.29 carries its own copy of click (``typer._click``): ``click.get_current_context`` there
+    sees no command at all, so the precision note and its reset were silently skipped.
+    """
+    import importlib
+
+    try:
+        globals_module = importlib.import_module("typer._click.globals")
+    except ImportError:  # typer releases that run on the click package
+        globals_module = importlib.import_module("click.globals")
+    return globals_module.get_current_context(silent=True)
 
 
 @app.callback()

@@ -9,7 +9,9 @@ from typing import Any
 import typer
 from typer.core import TyperGroup
 
+from convscope.cli.output import printable_streams
 from convscope.errors import ConvscopeError
+from convscope.imageio import disk_full_error, shown_text
 
 EXIT_USER_ERROR = 2
 # click's UsageError, from whichever click typer uses (recent typer versions vendor their own copy).
@@ -22,12 +24,17 @@ def debug() -> bool:
 
 
 def report(exc: BaseException) -> str:
-    """The one line shown for a user error (also used for per-file errors in batches)."""
+    """The one line shown for a user error (also used for per-file errors in batches).
+
+    A file name that is not UTF-8 is shown with U+FFFD for its bad bytes.
+    """
     if isinstance(exc, ConvscopeError):
-        return f"error: {exc.message}"
+        return shown_text(f"error: {exc.message}")
     if isinstance(exc, MemoryError):
         return "error: out of memory (try a smaller --batch-size or image)"
-    return f"error: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+    if isinstance(exc, OSError) and (full := disk_full_error(exc)) is not None:
+        return shown_text(f"error: {full.message}")
+    return shown_text(f"error: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}")
 
 
 def usage_line(exc: Any) -> str:
@@ -50,9 +57,19 @@ def print_error(exc: BaseException) -> None:
 
 
 class GuardedGroup(TyperGroup):
-    """Runs a command and maps user errors to ``error: <subject>: <reason>`` with exit code 2."""
+    """Runs a command and maps user errors to ``error: <subject>: <reason>`` with exit code 2.
+
+    A full disk is a user error too, wherever the write that met it was made: the writers of
+    ``imageio`` raise it as ``OutputError``, and a bare ``OSError`` (ENOSPC, EDQUOT) from any other
+    write gets the same line here. While the command runs, stdout and stderr show what they
+    cannot encode (``cli.output.printable_streams``).
+    """
 
     def invoke(self, ctx: Any) -> Any:
+        with printable_streams():
+            return self._invoke(ctx)
+
+    def _invoke(self, ctx: Any) -> Any:
         try:
             return super().invoke(ctx)
         except UsageError as exc:
@@ -65,6 +82,11 @@ class GuardedGroup(TyperGroup):
         except (ConvscopeError, MemoryError) as exc:
             if debug():
                 raise
+            print_error(exc)
+            ctx.exit(EXIT_USER_ERROR)
+        except OSError as exc:
+            if debug() or disk_full_error(exc) is None:
+                raise  # any other OSError here is a bug: its traceback is wanted
             print_error(exc)
             ctx.exit(EXIT_USER_ERROR)
         except KeyboardInterrupt:

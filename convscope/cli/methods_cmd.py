@@ -22,10 +22,11 @@ over batches (or one image at a time, with a progress bar of the method's own un
 counts them), hand each result to the row's writer, then write ``<command>.json`` and the manifest,
 print the records with ``--json``, and exit with 2 when some inputs failed.
 
-A writer (``CliBinding.writer``) is a ``MethodWriter`` subclass; rows without one get
-``MethodWriter`` itself, which writes each picture of the row's renderer as
-``<image>_<method>_<view>.png`` (``<method>_<view>.png`` without images) and the renderer's JSON
-record per image, so a new method needs only its function and one row.
+The writer, ``MethodWriter``, writes what the row's renderer returns (``convscope.render.views``):
+every view as ``<image>_<suffix>.png`` (its figure, or with ``--raw`` its bare picture), the
+renderer's record per image and its stdout line, so a new method needs only its function, its
+renderer and one row. A ``CliBinding.writer`` subclass is for a command that prints something of
+its own.
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ from convscope.errors import BadArgument, ConvscopeError, ImageError
 from convscope.methods.registry import MethodSpec, Param, cli_commands
 
 if TYPE_CHECKING:
+    from convscope.render.views import ViewContext
     from convscope.types import LoadedModel
 
 # Shared options a binding may ask for by name (``CliBinding.extras``): (parameter, annotation, default).
@@ -201,83 +203,160 @@ class MethodRun:
 class MethodWriter:
     """Turns a method's results into files, JSON records, stdout lines and a manifest.
 
-    This base class is the default writer: each ``View`` of the row's renderer becomes
-    ``<image>_<method>_<view key>.png`` (``<method>_<view key>.png`` for a method without images),
-    and each image a record ``{"image", "method", <the renderer's record>, "files"}`` in
-    ``<command>.json``; stdout gets one line per image. Subclasses override what differs.
-
-    Attributes:
-        picks_layer: the writer chooses a layer itself when a ``"required"`` one is not given.
+    This base class writes every view of the row's renderer (``convscope.render.views``): the
+    figure, or the bare picture with ``--raw``, as ``<image>_<suffix>.png`` (``<suffix>.png`` for a
+    method without images; a view without a suffix: ``<method>_<view key>``). Each image's record
+    is ``{"image", <the renderer's record>, "files"}``, in ``<command>.json`` (with ``--json``: on
+    stdout), and its stdout line the renderer's. A subclass is for a command that prints
+    something of its own.
     """
-
-    picks_layer = False
 
     def __init__(self, run: MethodRun) -> None:
         self.run = run
+        self.last_record: dict[str, Any] = {}
+        self.written: list[Path] = []
 
     def choose_layer(self) -> Any:
-        """The layer to run at (called once the model is open)."""
-        return self.run.layer
+        """The layer to run at (called once the model is open): ``--layer``, else the row's default."""
+        run = self.run
+        binding = run.spec.cli
+        if not run.layer and binding is not None and binding.default_layer is not None:
+            return binding.default_layer(run.loaded)
+        return run.layer
 
     def compute(self, batch: Any, progress: Callable[[int], None] | None = None) -> Any:
         """The method's result for ``batch`` (``None`` for a method without images)."""
         run = self.run
-        return run.spec.run(run.loaded, batch, target=run.target, layer=run.layer, options=run.options,
+        options = dict(run.options)
+        keyword = run.spec.cli.batch_keyword if run.spec.cli else None
+        if keyword and run.batch_size:
+            options[keyword] = run.batch_size
+        return run.spec.run(run.loaded, batch, target=run.target, layer=run.layer, options=options,
                             progress=progress, checked=True)
 
-    def write(self, paths: list[Path], batch: Any, result: Any) -> None:
-        """Write the pictures and records of ``result`` (one per path; none for filters-like methods)."""
+    def context(self, path: Path | None, batch: Any, index: int, probability: float | None) -> ViewContext:
+        """What the renderer knows about image ``index`` of ``batch`` (``path``: its file)."""
         from convscope.render.views import ViewContext
 
+        run, out = self.run, self.run.out
+
+        def file_name(suffix: str) -> str:
+            stem = "" if path is None else out.stem(path) if out is not None else path.stem
+            return f"{stem}_{safe_name(suffix)}.png" if stem else f"{safe_name(suffix)}.png"
+
+        return ViewContext(
+            None if batch is None else photo_of(run.loaded, batch, index), model=run.loaded.name,
+            weights=run.loaded.weights, index=index, loaded=run.loaded, title=run.spec.title, method=run.spec.name,
+            probability=probability, layer=run.layer if isinstance(run.layer, str) else None, options=run.options,
+            image="" if path is None else str(path), file_names=file_name,
+        )
+
+    def write(self, paths: list[Path], batch: Any, result: Any) -> None:
+        """Write the views and records of ``result`` (one per path; one for a method without images)."""
         run = self.run
+        binding = run.spec.cli
+        probabilities: list[float | None] = [None] * max(1, len(paths))
+        if binding is not None and binding.probability and batch is not None:
+            probabilities = list(_probabilities(run.loaded, batch, result.targets))
         render = run.spec.resolve_renderer()
-        method = safe_name(run.spec.name)
         for i, path in enumerate(paths or [None]):
-            photo = None if batch is None else photo_of(run.loaded, batch, i)
-            views = render(result, ViewContext(photo, model=run.loaded.name, weights=run.loaded.weights, index=i))
-            prefix = method if path is None else f"{run.out.stem(path) if run.out else path.stem}_{method}"
+            context = self.context(path, batch, i, probabilities[i])
+            views = render(result, context)
+            run.warn(views.warnings)
             files = []
             if run.out is not None:
-                files = [run.out.png(f"{prefix}_{safe_name(view.key)}.png", view.picture, source=path)
-                         for view in views.views]
+                for view in views.written:
+                    name = context.file(view.suffix or f"{run.spec.name}_{view.key}")
+                    files.append(run.out.png(name, view.picture if run.raw else view.figure, source=path))
+            self.written += files
             record: dict[str, Any] = {} if path is None else {"image": str(path)}
-            record.update({"method": run.spec.name, **views.record, "files": [f.name for f in files]})
+            record.update(views.record)
+            if run.out is not None and views.lists_files:
+                record["files"] = [f.name for f in files]
+            elif record.get("files", ()) is None:
+                del record["files"]
+            self.last_record = record
             run.records.append(record)
             if not run.json_out:
-                shown = f" -> {', '.join(f.name for f in files)}" if files else ""
-                typer.echo(f"{path or run.spec.name}: {plural(len(views.views), 'picture')}{shown}")
+                line = views.line
+                if line is None:
+                    shown = f" -> {', '.join(f.name for f in files)}" if files else ""
+                    line = f"{path or run.spec.name}: {plural(len(views.written), 'picture')}{shown}"
+                if line:
+                    typer.echo(line)
 
     def failed(self, path: Path, exc: ImageError) -> None:
-        """An input that could not be read (already reported on stderr)."""
+        """An input that could not be read (already reported on stderr): a command without an
+        output folder, whose records are its output, records why."""
+        if self.run.out is None:
+            self.run.records.append({"image": str(path), "error": exc.reason})
 
     def manifest(self) -> dict[str, Any]:
-        """The manifest's options."""
-        from convscope.cli.app import layer_record
+        """The manifest's options: the model, the fixed options, the layer as the records name it
+        (else as given), the target and the row's options, each under its flag's name."""
+        from convscope.cli.app import layer_record, layer_records
 
-        run = self.run
-        layer: dict[str, Any] = {"layer": run.layer}
-        if isinstance(run.layer, str) and run.layer:
-            layer = layer_record(run.loaded, run.layer)
-        target = {"target": run.target} if run.spec.takes_target else {}
-        return {**run.basics, "method": run.spec.name, **layer, **target, **run.options}
+        run, spec = self.run, self.run.spec
+        entries: dict[str, Any] = {**run.basics, **{_key(flag): value for flag, value in run.selected.items()}}
+        if spec.layer == "many":
+            entries["layers"] = layer_records(run.loaded, run.layer)
+        elif spec.layer != "none":
+            named: dict[str, Any] = {k: self.last_record[k] for k in ("layer", "module") if k in self.last_record}
+            entries.update(named if len(named) == 2 else
+                           layer_record(run.loaded, run.layer) if run.layer else {"layer": None})
+        if spec.takes_target:
+            as_class = spec.cli is not None and spec.cli.target_as == "class"
+            entries.update({"class": run.class_index, "label": run.label} if as_class else {"target": run.target})
+        entries.update({_key(p.flag) if p.flag else p.name: run.options[p.name] for p in spec.params})
+        return entries
 
     def finish(self) -> None:
         """Records file, manifest, ``--json`` output, exit code."""
         run = self.run
+        order = {str(p): i for i, p in enumerate(run.paths)}
+        run.records.sort(key=lambda r: order.get(str(r.get("image")), 0))
         if run.out is None:
             if run.json_out:
                 typer.echo(json.dumps(run.records, indent=2))
-            if run.failures:
-                raise typer.Exit(EXIT_USER_ERROR)
-            return
-        finish(run.out, run.command, self.manifest(), run.records, run.json_out, run.failures)
+        elif run.spec.cli is None or run.spec.cli.json:
+            finish(run.out, run.command, self.manifest(), run.records, run.json_out, run.failures)
+        else:
+            run.out.manifest(run.command, self.manifest())
+            if run.spec.takes_images:
+                typer.echo(f"wrote {plural(len(run.out.written), 'picture')} to {run.out.root}")
+            else:
+                for path in self.written:
+                    typer.echo(f"wrote {path}")
+        if run.failures:
+            raise typer.Exit(EXIT_USER_ERROR)
+
+
+def _key(flag: str) -> str:
+    """``--cover-border`` -> ``cover_border``: an option as manifests name it."""
+    return flag.lstrip("-").replace("-", "_")
+
+
+def _probabilities(loaded: LoadedModel, batch: Any, targets: Any) -> list[float]:
+    """Softmax probability of each image's explained class, for captions and JSON (one extra
+    forward pass; the gradient methods only keep the logit)."""
+    from convscope.methods.predict import classify
+
+    predictions = classify(loaded, batch, topk=len(loaded.categories) or 1)
+    out = []
+    for prediction, target in zip(predictions, targets.tolist(), strict=True):
+        found = (prediction.indices == int(target)).nonzero()
+        out.append(float(prediction.probabilities[int(found[0, 0])]) if len(found) else float("nan"))
+    return out
 
 
 def _resolve_writer(spec: MethodSpec) -> type[MethodWriter]:
-    if spec.cli is None or spec.cli.writer is None:
+    writer = None if spec.cli is None else spec.cli.writer
+    if writer is None:
         return MethodWriter
-    module_name, attribute = spec.cli.writer.split(":")
-    return getattr(importlib.import_module(module_name), attribute)  # type: ignore[no-any-return]
+    if isinstance(writer, str):
+        module_name, attribute = writer.split(":")
+        writer = getattr(importlib.import_module(module_name), attribute)
+    return writer  # type: ignore[return-value]
 
 
 # ---------------------------------------------------------------- the generic body
@@ -306,7 +385,7 @@ def run_method_command(command: str, rows: list[MethodSpec], values: dict[str, A
     layer: Any = values.get("layer")
     if spec.layer == "many":
         layer = split_layers([*(layer or []), *(values.get("old_layers") or [])])
-    elif spec.layer == "required" and not layer and not writer_class.picks_layer:
+    elif spec.layer == "required" and not layer and (spec.cli or binding).default_layer is None:
         raise BadArgument("--layer", LAYER_REQUIRED)
     paths = expand_images(values["images"]) if spec.takes_images else []
     out = OutputDir(values["output"], inputs=paths) if binding.output else None

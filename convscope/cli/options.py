@@ -95,8 +95,23 @@ ImagesArg = Annotated[
     # readable=False: an unreadable file is reported by load_image like any bad image, and the batch goes on.
     typer.Argument(readable=False, help="Image files or folders (folders are searched for images).", show_default=False),
 ]
+def _class_index(text: str) -> int:
+    """``--class``: ASCII digits only, through the one class-index parser (typer's integer check
+    reads ``1_0`` as 10 and words its errors its own way)."""
+    from convscope.errors import BadTarget
+    from convscope.parsing import parse_class_index, shown
+
+    if isinstance(text, int):  # typer hands the default through
+        return text
+    value = parse_class_index(text, subject="--class")
+    if isinstance(value, str):
+        raise BadTarget(f"--class {shown(value)}", "is not a class index (0, 1, ...)", "give a class name with --label")
+    return value
+
+
 ClassOpt = Annotated[
-    int | None, typer.Option("--class", "-c", help="Class index to explain (default: the top-1 class).")
+    int | None,
+    typer.Option("--class", "-c", parser=_class_index, help="Class index to explain (default: the top-1 class)."),
 ]
 LabelOpt = Annotated[
     str | None, typer.Option("--label", help="Class name to explain, e.g. 'tiger cat' (instead of --class).")

@@ -18,18 +18,24 @@ Rules, in the order ``OutputDir`` applies them:
   manifest that claims to describe the files. While a run writes, each file is also appended to a
   hidden journal; the next run into the folder reads the journal of a killed run, so that run's
   files are still known as convscope's (and replaced by a rerun, not numbered around).
+- Names are shown, in JSON and on the terminal, with the bytes of a file name that are not UTF-8
+  as U+FFFD (``caf\ufffd.jpg``); the files themselves are read and written by their real names.
+- A full disk is ``error: <file>: no space left on <mount> (N bytes needed)``.
 """
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import math
 import os
+import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
+from pathlib import Path, PurePath
 from typing import IO, Any
 
 import numpy as np
@@ -38,10 +44,13 @@ import typer
 from convscope.errors import OutputError
 from convscope.imageio import (
     atomic_write,
+    disk_full_as_error,
     is_temp_name,
     png_bytes,
     process_alive,
     remove_stale_temps,
+    shown_path,
+    shown_text,
     temp_path,
 )
 
@@ -55,6 +64,53 @@ _HASH_CHARS = 10
 # Kernel pseudo-filesystems: writing "pictures" there either fails half-way or does something else.
 _SYSTEM_FOLDERS = ("/proc", "/sys", "/dev")
 _SYSTEM_EXCEPTIONS = ("/dev/shm",)  # a plain tmpfs
+
+
+# Lines on the terminal: the lone surrogates of a file name that is not UTF-8 (``caf\udce9.jpg``)
+# are shown as U+FFFD (``?`` on a terminal that is not UTF-8), where a strict UTF-8 stream raises
+# UnicodeEncodeError after the work is done and "surrogateescape" writes bytes no terminal shows.
+_PRINTABLE = "convscope-printable"
+
+
+def _printable(error: UnicodeError) -> tuple[str | bytes, int]:
+    if not isinstance(error, UnicodeEncodeError):
+        raise error
+    count = error.end - error.start
+    if codecs.lookup(error.encoding).name == "utf-8":
+        # As bytes: CPython's UTF-8 encoder takes only ASCII text from an error handler.
+        return "\ufffd".encode() * count, error.end
+    return "?" * count, error.end
+
+
+codecs.register_error(_PRINTABLE, _printable)
+
+
+@contextmanager
+def printable_streams() -> Iterator[None]:
+    """While the block runs, text that stdout or stderr cannot encode is shown, not raised.
+
+    Every command runs inside it (``cli.errors.GuardedGroup``), so a file name that is not UTF-8
+    is ``caf\ufffd.jpg`` in every line printed, whichever command prints it.
+    """
+    changed: list[tuple[Any, str | None]] = []
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is None or getattr(stream, "errors", None) == _PRINTABLE:
+            continue
+        try:
+            stream.flush()
+            previous = stream.errors
+            reconfigure(errors=_PRINTABLE)
+        except (AttributeError, OSError, ValueError):  # closed, or a stream that cannot change
+            continue
+        changed.append((stream, previous))
+    try:
+        yield
+    finally:
+        for stream, previous in changed:
+            with suppress(OSError, ValueError):
+                stream.flush()
+                stream.reconfigure(errors=previous)
 
 
 def safe_name(text: str) -> str:
@@ -145,14 +201,16 @@ def prepare_folder(path: str | os.PathLike[str]) -> Path:
         kind = "file" if folder.is_file() else "device or special file" if folder.exists() else "broken link"
         raise OutputError(subject, f"exists and is not a folder (it is a {kind})", "give -o a folder")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        with disk_full_as_error(folder):
+            folder.mkdir(parents=True, exist_ok=True)
     except FileExistsError as exc:
         raise OutputError(subject, "cannot create the folder: a parent is a file") from exc
     except OSError as exc:
         raise OutputError(subject, f"cannot create the folder: {_reason(exc)}") from exc
     try:
         # The only reliable test (read-only mounts, ACLs, root on NFS): create a file and remove it.
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".convscope-probe-", suffix=".tmp"):
+        with disk_full_as_error(folder), tempfile.NamedTemporaryFile(dir=folder, prefix=".convscope-probe-",
+                                                                     suffix=".tmp"):
             pass
     except OSError as exc:
         raise OutputError(subject, f"folder is not writable: {_reason(exc)}") from exc
@@ -233,9 +291,7 @@ class OutputDir:
         return self._write(name, png_bytes(picture), source)
 
     def json(self, name: str, payload: Any, *, source: Path | None = None) -> Path:
-        # NaN and Infinity are not JSON: strict parsers reject the file. They become null.
-        text = json.dumps(_finite(payload), indent=2, default=_plain, allow_nan=False)
-        return self._write(name, (text + "\n").encode(), source)
+        return self._write(name, (_json_text(payload) + "\n").encode(), source)
 
     def text(self, name: str, text: str, *, source: Path | None = None) -> Path:
         return self._write(name, text.encode("utf-8"), source)
@@ -246,7 +302,7 @@ class OutputDir:
         try:
             path = atomic_write(target, data)
         except OSError as exc:  # disk full, folder removed or made read-only during the run
-            raise OutputError(str(target), f"cannot write: {_reason(exc)}") from exc
+            raise OutputError(shown_path(target), f"cannot write: {_reason(exc)}") from exc
         # Relative to the folder, so files in sub-folders (patches' LAYER/channel_K.png) keep them.
         name = path.relative_to(self.root).as_posix()
         self.written.append(name)
@@ -258,13 +314,22 @@ class OutputDir:
         return path
 
     def _log(self, entry: dict[str, Any]) -> None:
-        """Append to this run's journal (no fsync: it only has to survive the process, not the machine)."""
-        if self._journal is None:
-            self._journal = open(self._journal_path, "a", encoding="utf-8")  # noqa: SIM115 - closed in manifest()
-            for earlier in self._recovered.values():  # a second kill must not forget the first one's files
-                self._journal.write(json.dumps(earlier) + "\n")
-        self._journal.write(json.dumps(entry) + "\n")
-        self._journal.flush()
+        """Append to this run's journal (no fsync: it only has to survive the process, not the machine).
+
+        The one file not written by ``atomic_write``: its lines keep names exactly (``\\udce9``
+        escapes included), as the next run compares them with the folder.
+        """
+        lines = [json.dumps(entry) + "\n"]
+        try:
+            with disk_full_as_error(self._journal_path, len(lines[0].encode())):
+                if self._journal is None:
+                    # A second kill must not forget the first one's files.
+                    lines[:0] = [json.dumps(earlier) + "\n" for earlier in self._recovered.values()]
+                    self._journal = open(self._journal_path, "a", encoding="utf-8")  # noqa: SIM115 - closed in manifest()
+                self._journal.write("".join(lines))
+                self._journal.flush()
+        except OSError as exc:  # the folder removed or made read-only during the run
+            raise OutputError(shown_path(self._journal_path), f"cannot write: {_reason(exc)}") from exc
 
     def _claim(self, name: str) -> Path:
         """The path to write ``name`` to: itself, or a numbered variant when that is taken."""
@@ -310,7 +375,7 @@ class OutputDir:
             marked = {**self._previous, "complete": False,
                       "running": {"pid": os.getpid(), "started": self._started}}
             marked.pop("legacy_files", None)
-            atomic_write(self._manifest_path, json.dumps(marked, indent=2, default=_plain) + "\n")
+            atomic_write(self._manifest_path, _json_text(marked) + "\n")
 
     def manifest(self, command: str, options: dict[str, Any]) -> Path:
         """Written last, so a folder with a complete manifest holds what it lists.
@@ -354,7 +419,7 @@ class OutputDir:
         if self._manifest_path.name != MANIFEST:
             typer.echo(f"warning: {self.root / MANIFEST}: not a convscope manifest, left as it is; "
                        f"wrote {self._manifest_path.name}", err=True)
-        written = atomic_write(self._manifest_path, json.dumps(payload, indent=2, default=_plain) + "\n")
+        written = atomic_write(self._manifest_path, _json_text(payload) + "\n")
         if self._journal is not None:
             self._journal.close()
             self._journal = None
@@ -420,22 +485,33 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _json_text(payload: Any) -> str:
+    """``payload`` as strict JSON: NaN and Infinity (which strict parsers reject) become null, and
+    the lone surrogates of a file name that is not UTF-8 (which they reject too) become U+FFFD."""
+    return json.dumps(_finite(payload), indent=2, default=_plain, allow_nan=False)
+
+
 def _finite(value: Any) -> Any:
-    """``value`` with every non-finite float replaced by None (lists, tuples and dicts walked)."""
+    """``value`` with every non-finite float replaced by None and every string (keys too) and path
+    made printable by ``shown_text`` (lists, tuples, sets and dicts walked)."""
+    if isinstance(value, str):
+        return shown_text(value)
+    if isinstance(value, PurePath):
+        return shown_path(value)
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
+        return {_finite(key) if isinstance(key, (str, PurePath)) else key: _finite(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
         return [_finite(item) for item in value]
-    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
+    if hasattr(value, "tolist") and not isinstance(value, bytes):
         return _finite(value.tolist())
     return value
 
 
 def _plain(value: Any) -> Any:
     if isinstance(value, Path):
-        return str(value)
+        return shown_path(value)
     if hasattr(value, "tolist"):
         return value.tolist()
-    return str(value)
+    return shown_text(str(value))

@@ -8,7 +8,6 @@ projects and writes.
 
 from __future__ import annotations
 
-import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -19,38 +18,57 @@ import typer
 from convscope.cli.app import app, open_model
 from convscope.cli.errors import EXIT_USER_ERROR
 from convscope.cli.options import DeviceOpt, ModelOpt, OutDirOpt, SeedOpt, WeightsOpt
-from convscope.cli.output import OutputDir, safe_name
+from convscope.cli.output import OutputDir, prepare_folder, safe_name
 from convscope.cli.progress import progress_bar
-from convscope.errors import BadArgument, DataError
+from convscope.errors import BadArgument, DataError, OutputError
+from convscope.parsing import parse_int
 
 STATE_FOLDER = ".patches-state"
 MAX_LISTED = 10
+# Channel ids above this are refused before any list is built; each layer's own count is checked
+# once the model is loaded. No feature map comes near it.
+MAX_CHANNELS = 1 << 16
+_CHANNELS_FORM = "expected ids and ranges like 0-63 or 3,7,10-12"
 
 
 def parse_channels(spec: str | None) -> list[int] | None:
-    """``"0-63"``, ``"3,7,10-12"`` -> sorted unique ids; ``None`` -> all channels."""
+    """``"0-63"``, ``"3,7,10-12"`` -> sorted unique ids; ``None`` -> all channels.
+
+    Every number is parsed (ASCII digits only) and bounded by ``MAX_CHANNELS`` before any range
+    is expanded, so ``0-99999999999`` is one error, at once.
+
+    Raises:
+        BadArgument: ``--channels SPEC: <reason>``.
+    """
     if spec is None:
         return None
-    ids: set[int] = set()
+    subject = f"--channels {spec if len(spec) <= 40 else spec[:39] + '…'}"
+
+    def channel(text: str) -> int:
+        if not text.strip():
+            raise BadArgument(subject, "a range needs a first and a last id", _CHANNELS_FORM)
+        try:
+            return parse_int(text, subject="channel", minimum=0, maximum=MAX_CHANNELS - 1)
+        except BadArgument as exc:
+            hint = _CHANNELS_FORM if "whole number" in exc.reason else None
+            raise BadArgument(subject, f"{exc.subject} {exc.reason}", hint) from None
+
+    spans: list[tuple[int, int]] = []
     for part in spec.split(","):
         item = part.strip()
         if not item:
             continue
-        try:
-            if "-" in item[1:]:
-                low_text, high_text = item.split("-", 1) if not item.startswith("-") else ("", item)
-                low, high = int(low_text), int(high_text)
-                if high < low:
-                    raise BadArgument(f"--channels {spec}", f"range {item} runs backwards")
-                ids.update(range(low, high + 1))
-            else:
-                ids.add(int(item))
-        except ValueError:
-            raise BadArgument(f"--channels {spec}", "expected ids and ranges like 0-63 or 3,7,10-12") from None
-    if not ids:
-        raise BadArgument(f"--channels {spec}", "names no channels")
-    if min(ids) < 0:
-        raise BadArgument(f"--channels {spec}", "channel ids start at 0")
+        first, dash, last = item.partition("-")
+        low = channel(first)
+        high = channel(last) if dash else low
+        if high < low:
+            raise BadArgument(subject, f"range {item} runs backwards")
+        spans.append((low, high))
+    if not spans:
+        raise BadArgument(subject, "names no channels", _CHANNELS_FORM)
+    ids: set[int] = set()
+    for low, high in spans:  # each at most MAX_CHANNELS long: checked above
+        ids.update(range(low, high + 1))
     return sorted(ids)
 
 
@@ -96,34 +114,60 @@ def patches_command(
 
     Writes patches.json (the index), LAYER/channel_K.png per channel, index.html (a gallery that
     reads offline) and manifest.json, last. The running state is checkpointed in
-    OUTPUT/.patches-state; after an interruption run the same command with --resume. Under
+    OUTPUT/.patches-state (a folder of that name that convscope did not make is refused, never
+    touched); after an interruption run the same command with --resume, which refuses other
+    settings, weights or images. Under
     torchrun --nproc-per-node N -m convscope patches ... each rank mines a shard and rank 0 writes.
 
     Examples: convscope patches photos/ --layer stage3 --channels 0-15 -o out/ |
     convscope patches fashion-mnist --model zfnet_mnist --weights runs/fm/best.pt --layer conv1 --layer conv5 -o out/
     """
-    from convscope.dataset.patches import collect_patches, top_patches
+    # Options first, before torch loads: a bad --channels or -o is one line in about a second.
+    chosen = parse_channels(channels)
+    prepare_folder(output)  # before any work, as every command does: a file or /dev/null is one line
+
+    from convscope.dataset.patches import (
+        claim_state_folder,
+        collect_patches,
+        release_state_folder,
+        top_patches,
+    )
     from convscope.dataset.sources import open_source
     from convscope.distributed import init_from_env, shard_range
     from convscope.models.load import resolve_device
     from convscope.render.patches import channel_figure, gallery_html
 
-    chosen = parse_channels(channels)
+    state_dir = output / STATE_FOLDER
     with init_from_env(resolve_device(device)) as world:
-        if world.backend == "nccl":
-            device = f"cuda:{world.local_rank}"
-        loaded = open_model(model, weights, seed, device)
-        source = open_source(data, loaded.preprocess)
-        shard = shard_range(len(source), world.rank, world.size)
-        state_dir = output / STATE_FOLDER
-        started = time.perf_counter()
-        bar = progress_bar(len(shard), "mining", unit="img") if world.is_rank0 else nullcontext(None)
-        with bar as advance:
-            index = top_patches(
-                loaded, source, layer, top=top, channels=chosen, batch_size=batch_size, workers=workers,
-                progress=advance, checkpoint=state_dir, checkpoint_every=checkpoint_every, resume=resume,
-            )
-        mining_seconds = time.perf_counter() - started
+        # Rank 0 alone claims the state folder (marks it, or refuses a user's folder of that name)
+        # and tells the others, so every rank stops with the same line before any mining.
+        refusal = None
+        if world.is_rank0:
+            try:
+                claim_state_folder(state_dir, processes=world.size, resume=resume)
+            except OutputError as exc:
+                refusal = (exc.subject, exc.reason, exc.hint)
+        refusal = world.all_gather_object(refusal)[0]
+        if refusal is not None:
+            raise OutputError(*refusal)
+        try:
+            if world.backend == "nccl":
+                device = f"cuda:{world.local_rank}"
+            loaded = open_model(model, weights, seed, device)
+            source = open_source(data, loaded.preprocess)
+            shard = shard_range(len(source), world.rank, world.size)
+            started = time.perf_counter()
+            bar = progress_bar(len(shard), "mining", unit="img") if world.is_rank0 else nullcontext(None)
+            with bar as advance:
+                index = top_patches(
+                    loaded, source, layer, top=top, channels=chosen, batch_size=batch_size, workers=workers,
+                    progress=advance, checkpoint=state_dir, checkpoint_every=checkpoint_every, resume=resume,
+                )
+            mining_seconds = time.perf_counter() - started
+        except BaseException:
+            if world.is_rank0:  # a run stopped before its first checkpoint leaves no empty folder
+                release_state_folder(state_dir, only_if_unused=True)
+            raise
     # The ranks leave the process group together once the tables are merged; rank 0 alone draws,
     # outside it, so the others do not wait on it (nor time out) while it renders.
     if not world.is_rank0:
@@ -142,13 +186,15 @@ def patches_command(
         for patches in collect_patches(
             loaded, source, index, projections=not no_projections, batch_size=batch_size, progress=advance
         ):
-            name = f"{safe_name(patches.layer)}/channel_{patches.channel}.png"
+            link = None
             if patches.entries:
                 picture = channel_figure(patches.crops, patches.projections, [e.value for e in patches.entries])
-                out.png(name, picture)
+                written = out.png(f"{safe_name(patches.layer)}/channel_{patches.channel}.png", picture)
+                # The name OutputDir chose (channel_0_2.png beside a user's channel_0.png), not the one asked for.
+                link = written.relative_to(out.root).as_posix()
             gallery[patches.layer].append({
                 "channel": patches.channel,
-                "picture": name,
+                "picture": link,
                 "best": patches.entries[0].value if patches.entries else None,
                 "count": len(patches.entries),
             })
@@ -177,7 +223,11 @@ def patches_command(
             "drawing_seconds": round(drawing_seconds, 3),
         },
     })
-    shutil.rmtree(state_dir, ignore_errors=True)  # the run is complete: nothing to resume
+    # The run is complete: nothing to resume. Only the files convscope put there go.
+    left = release_state_folder(state_dir)
+    if left:
+        shown = ", ".join(left[:MAX_LISTED]) + (f" and {len(left) - MAX_LISTED} more" if len(left) > MAX_LISTED else "")
+        typer.echo(f"warning: {state_dir}: holds files convscope did not write ({shown}); left as it is", err=True)
     rate = index.images / mining_seconds if mining_seconds > 0 else 0.0
     typer.echo(
         f"mined {index.images} images in {mining_seconds:.1f} s ({rate:.0f} img/s) on {world.size} "

@@ -13,10 +13,12 @@ from convscope.errors import BadArgument
 
 
 def _target(value: str | None) -> int | str | None:
+    """``--target``: None (top-1) when absent or blank, else an index or a label (``parse_class_index``)."""
+    from convscope.parsing import parse_class_index
+
     if value is None or value.strip() == "":
         return None
-    text = value.strip()
-    return int(text) if text.lstrip("-").isdigit() else text
+    return parse_class_index(value, subject="--target")
 
 
 @app.command("explore")
@@ -44,13 +46,14 @@ def explore_command(
     from convscope.cli.output import prepare_file
     from convscope.cli.progress import progress_bar
     from convscope.explore import explore
-    from convscope.imageio import load_image
+    from convscope.imageio import load_image, shown_path
     from convscope.render.report import is_convscope_report, write_report
 
     if output.suffix.lower() not in (".html", ".htm"):
         raise BadArgument(f"--output {output}", "must end in .html")
     if output.exists() and output.resolve() == image.resolve():
         raise BadArgument(f"--output {output}", "is the input image")
+    wanted = _target(target)
     prepare_file(output, ours=is_convscope_report)  # before the slow part: a bad -o fails at once
     started = time.perf_counter()
     picture = load_image(image)
@@ -66,17 +69,19 @@ def explore_command(
                 advance(1)
             seen.append(name)
 
-        result = explore(loaded, batch, image=str(image), target=_target(target), progress=progress)
+        # The name as shown in the page: a file name that is not UTF-8 cannot be written into it.
+        result = explore(loaded, batch, image=shown_path(image), target=wanted, progress=progress)
         advance(1)
     rendered_at = time.perf_counter()
+    prepare_file(output, ours=is_convscope_report)  # again: the user may have saved a file there meanwhile
     path = write_report(output, result)
     done = time.perf_counter()
     label, probability = result.prediction.labels[0], float(result.prediction.probabilities[0])
-    typer.echo(f"{image}: {label} ({100 * probability:.1f}%)")
+    typer.echo(f"{shown_path(image)}: {label} ({100 * probability:.1f}%)")
     parts = ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items())
     typer.echo(f"time: load {loaded_at - started:.1f}s, {parts}, html {done - rendered_at:.1f}s, "
                f"total {done - started:.1f}s")
-    typer.echo(f"wrote {path}")
+    typer.echo(f"wrote {shown_path(path)}")
 
 
 def bind_warning(host: str) -> str | None:
@@ -94,10 +99,45 @@ def bind_warning(host: str) -> str | None:
             "use the default 127.0.0.1 to keep it local")
 
 
+# A bound above what the app can hold: uploads are kept in memory, and no photo needs this much.
+MAX_UPLOAD_MB = 1000.0
+
+
+def check_address(host: str, port: int) -> None:
+    """Bind ``host:port`` for a moment, so a port in use is one line before the model loads.
+
+    Raises:
+        BadArgument: ``<host>:<port>: <reason>`` (in use, not an address of this machine, ...).
+    """
+    import errno
+    import socket
+
+    shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as uvicorn binds it
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # uvicorn sets it too
+            probe.bind((host.strip("[]"), port))
+    except socket.gaierror as exc:
+        raise BadArgument(f"--host {host}", f"is not a known host name ({exc.strerror})") from None
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise BadArgument(shown, "address already in use",
+                              "is another server running? choose another --port") from None
+        if exc.errno == errno.EACCES:
+            raise BadArgument(shown, "permission denied", "ports below 1024 need privileges: "
+                              "choose another --port") from None
+        if exc.errno == errno.EADDRNOTAVAIL:
+            raise BadArgument(shown, "is not an address of this machine", "use 127.0.0.1") from None
+        raise BadArgument(shown, f"cannot listen here ({exc.strerror or exc})") from None
+
+
 @app.command("serve")
 def serve_command(
     host: Annotated[str, typer.Option("--host", help="Address to bind (default: loopback only).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="TCP port (0: any free port).")] = 8000,
+    port: Annotated[
+        str, typer.Option("--port", metavar="PORT", help="TCP port, 0 to 65535 (0: any free port).")
+    ] = "8000",
     model: ModelOpt = None,
     weights: WeightsOpt = None,
     device: DeviceOpt = "auto",
@@ -105,8 +145,9 @@ def serve_command(
         str, typer.Option("--root-path", help="Path prefix when served behind a proxy (e.g. /proxy/8000).")
     ] = "",
     max_upload_mb: Annotated[
-        float, typer.Option("--max-upload-mb", min=0.001, help="Largest accepted upload, in MB.")
-    ] = 20.0,
+        str, typer.Option("--max-upload-mb", metavar="MB",
+                          help=f"Largest accepted upload, in MB (0.001 to {MAX_UPLOAD_MB:g}).")
+    ] = "20",
 ) -> None:
     """A local web app: drop an image, see its top-5, then pick a layer, method and class.
 
@@ -115,10 +156,14 @@ def serve_command(
     Examples: convscope serve | convscope serve --port 8080 --model alexnet --weights random |
     convscope serve --root-path /proxy/8000
     """
+    from convscope.parsing import parse_float, parse_int
     from convscope.web.app import run_server
 
+    port_number = parse_int(port, subject="--port", minimum=0, maximum=65535)
+    upload_mb = parse_float(max_upload_mb, subject="--max-upload-mb", minimum=0.001, maximum=MAX_UPLOAD_MB)
     warning = bind_warning(host)
     if warning:
         typer.echo(f"warning: {warning}", err=True)
-    run_server(host=host, port=port, model=model, weights=weights, device=device, root_path=root_path,
-               max_upload_bytes=int(max_upload_mb * 1_000_000))
+    check_address(host, port_number)
+    run_server(host=host, port=port_number, model=model, weights=weights, device=device, root_path=root_path,
+               max_upload_bytes=round(upload_mb * 1_000_000))

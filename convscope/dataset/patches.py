@@ -16,7 +16,15 @@ one batch: it does not grow with the dataset.
 
 The running tables, the position reached, the image count and the skipped files make up the
 state, a small dict of tensors checkpointed atomically every few batches and on Ctrl-C; a
-resumed run continues from the last checkpoint and ends with the same tables.
+resumed run continues from the last checkpoint and ends with the same tables. The state also
+records what it is a state *of*: the settings, a SHA-256 of the model's weights (its state dict,
+whatever file or seed they came from) and a fingerprint of the images (each file's path, size and
+modification time; the bytes of a tensor). A resume with anything else is refused, so one result
+never mixes two models or two datasets.
+
+The folder the CLI keeps the states in is marked as convscope's by a small JSON file
+(``claim_state_folder``); only a marked folder is cleaned up, and only of the files the marker
+lists (``release_state_folder``), so a user's folder of the same name is never touched.
 
 Under torchrun each rank mines a contiguous shard (``distributed.shard_range``), then the ranks'
 tables are gathered and merged with the same function.
@@ -32,7 +40,12 @@ pixels, right/bottom exclusive, clipped to the image.
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
+import os
+import re
+import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,10 +53,10 @@ from typing import Any
 
 import torch
 
-from convscope.dataset.sources import ImageSource, TensorSource, open_source
+from convscope.dataset.sources import ImageSource, TensorSource, open_source, tensor_digest
 from convscope.distributed import World, current_world, shard_range
-from convscope.errors import BadArgument
-from convscope.imageio import atomic_write
+from convscope.errors import BadArgument, OutputError
+from convscope.imageio import atomic_write, remove_stale_temps
 from convscope.methods._common import ModelLike
 from convscope.models.load import as_loaded
 from convscope.probes.geometry import Geometry, cell_boxes_xyxy, layer_geometries
@@ -52,7 +65,10 @@ from convscope.probes.layers import resolve_layer
 from convscope.types import LoadedModel
 
 EMPTY = torch.iinfo(torch.int64).max  # image position of an unfilled slot: sorts after every real one
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: the weights' and the images' digests are recorded and checked
+STATE_MARKER = "convscope-patches-state.json"
+_MARKER_KIND = "convscope patches state"
+_STATE_NAME = re.compile(r"state-rank[0-9]+-of-[0-9]+\.pt", re.ASCII)
 
 Progress = Callable[[int], None]
 ChannelsArg = Sequence[int] | Mapping[str, Sequence[int]] | None
@@ -271,6 +287,123 @@ def state_path(folder: str | Path, world: World) -> Path:
     return Path(folder) / f"state-rank{world.rank}-of-{world.size}.pt"
 
 
+def state_files(processes: int) -> list[str]:
+    """The checkpoint file names of a run on ``processes`` ranks."""
+    return [state_path(".", World(rank=rank, size=processes)).name for rank in range(processes)]
+
+
+def _read_marker(folder: Path) -> dict[str, Any] | None:
+    """The marker of a folder ``claim_state_folder`` made, or ``None`` (missing, not ours, damaged)."""
+    marker = folder / STATE_MARKER
+    if marker.is_symlink() or not marker.is_file():
+        return None
+    try:
+        payload = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if (not isinstance(payload, dict) or payload.get("kind") != _MARKER_KIND or not isinstance(payload.get("run"), str)
+            or not isinstance(payload.get("files"), list) or not all(isinstance(f, str) for f in payload["files"])):
+        return None
+    return payload
+
+
+def claim_state_folder(folder: str | Path, *, processes: int = 1, resume: bool = False) -> str:
+    """Make ``folder`` a checkpoint folder of this run, marked as convscope's; check before any work.
+
+    A missing folder is created with a marker (``STATE_MARKER``) holding a new run id and the
+    names of the state files the run's ``processes`` ranks will write. A folder an earlier run
+    marked is taken over (its run id kept on ``resume``); its marker then lists the files of both.
+    Anything else of that name (a user's folder, a file, a link) is refused and left as it is.
+
+    Returns:
+        the run id recorded in the marker.
+
+    Raises:
+        OutputError: ``<folder>: exists and was not made by convscope ...``.
+    """
+    folder = Path(folder)
+    subject = str(folder)
+    hint = "move it away, or write to another -o folder"
+    names = state_files(processes)
+    if folder.is_symlink() or (os.path.lexists(folder) and not folder.is_dir()):
+        raise OutputError(subject, "exists and was not made by convscope (it is not a folder); it is left as it is",
+                          hint)
+    if folder.is_dir():
+        marker = _read_marker(folder)
+        if marker is None:
+            raise OutputError(subject, f"exists and was not made by convscope (no {STATE_MARKER} in it); "
+                              "it is left as it is", hint)
+        run = marker["run"] if resume else uuid.uuid4().hex
+        names = sorted({*marker["files"], *names})
+    else:
+        try:
+            folder.mkdir(parents=True)
+        except OSError as exc:
+            raise OutputError(subject, f"cannot create the folder: {(exc.strerror or type(exc).__name__).lower()}") from exc
+        run = uuid.uuid4().hex
+    payload = {"kind": _MARKER_KIND, "version": STATE_VERSION, "run": run, "files": names}
+    atomic_write(folder / STATE_MARKER, json.dumps(payload, indent=2) + "\n")
+    return run
+
+
+def release_state_folder(folder: str | Path, *, only_if_unused: bool = False) -> list[str]:
+    """Remove what ``claim_state_folder`` runs put in ``folder``, then the folder when it is empty.
+
+    Only a marked folder is touched, and in it only the state files its marker lists (regular
+    files, not links), the temporary files of writers that are gone, and the marker. Anything
+    else stays, and so do the folder and its marker (it is still convscope's to reuse).
+
+    Args:
+        only_if_unused: do nothing when any listed state file exists (a run that failed before
+            its first checkpoint leaves no empty folder; one that saved a state keeps it).
+
+    Returns:
+        the names of the entries left in the folder that are not convscope's (``[]`` when the
+        folder is gone, or is not convscope's and so was not looked into).
+    """
+    folder = Path(folder)
+    marker = _read_marker(folder) if folder.is_dir() and not folder.is_symlink() else None
+    if marker is None:
+        return []
+    # Only names of the miner's own pattern, whatever a damaged marker says.
+    states = [folder / name for name in marker["files"] if _STATE_NAME.fullmatch(name)]
+    if only_if_unused and any(os.path.lexists(path) for path in states):
+        return []
+    for path in states:
+        if path.is_file() and not path.is_symlink():
+            path.unlink()
+    remove_stale_temps(folder)
+    others = sorted(entry.name for entry in os.scandir(folder) if entry.name != STATE_MARKER)
+    if others:
+        return others
+    (folder / STATE_MARKER).unlink(missing_ok=True)
+    try:
+        folder.rmdir()
+    except OSError:  # something arrived meanwhile: it stays
+        return sorted(entry.name for entry in os.scandir(folder))
+    return []
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """SHA-256 hex digest of a module's state dict: every name, dtype, shape and value, in order."""
+    digest = hashlib.sha256()
+    for name, value in module.state_dict().items():
+        digest.update(name.encode() + b"\0")
+        digest.update((tensor_digest(value) if isinstance(value, torch.Tensor) else repr(value)).encode())
+    return digest.hexdigest()
+
+
+def _mismatch(path: Path, key: str, old: Any, new: Any) -> str:
+    """Why a checkpoint made with ``old`` cannot continue a run with ``new`` (one clause)."""
+    if key == "weights_sha256":
+        shown_old = old[:12] if isinstance(old, str) else repr(old)
+        return f"the checkpoint {path} was made with other weights (sha256 {shown_old}, now {new[:12]})"
+    if key == "images_sha256":
+        return (f"the images changed since the checkpoint {path} was made "
+                "(a file was added, removed, renamed or rewritten)")
+    return f"the checkpoint {path} was made with other settings ({key}: {old!r}, now {new!r})"
+
+
 def _save_state(path: Path, config: dict[str, Any], state: _State) -> None:
     buffer = io.BytesIO()
     torch.save(
@@ -297,11 +430,8 @@ def _load_state(path: Path, config: dict[str, Any], device: torch.device) -> _St
     old = raw.get("config", {})
     for key, value in config.items():
         if old.get(key) != value:
-            raise BadArgument(
-                "--resume",
-                f"the checkpoint {path} was made with other settings ({key}: {old.get(key)!r}, now {value!r})",
-                "run again without --resume to start over",
-            )
+            raise BadArgument("--resume", _mismatch(path, key, old.get(key), value),
+                              "run again without --resume to start over")
     tables = {
         name: _Table(t["values"].to(device), t["images"].to(device), t["cells"].to(device))
         for name, t in raw["tables"].items()
@@ -326,14 +456,18 @@ def _channel_lists(channels: ChannelsArg, counts: dict[str, int]) -> dict[str, l
         if wanted is None:
             chosen[name] = None
             continue
-        ids = list(dict.fromkeys(int(c) for c in wanted))
+        # Checked one by one while collecting: the set never holds more than the layer's ids,
+        # so ``range(10**15)`` fails at its first bad id instead of filling the memory.
+        ids: set[int] = set()
+        for item in wanted:
+            channel = int(item)
+            if not 0 <= channel < count:
+                raise BadArgument(
+                    f"--channels {channel}", f"is out of range: layer {name} has {count} channels (0..{count - 1})"
+                )
+            ids.add(channel)
         if not ids:
             raise BadArgument("--channels", f"no channels chosen for layer {name}")
-        bad = [c for c in ids if not 0 <= c < count]
-        if bad:
-            raise BadArgument(
-                f"--channels {bad[0]}", f"is out of range: layer {name} has {count} channels (0..{count - 1})"
-            )
         chosen[name] = sorted(ids)
     return chosen
 
@@ -420,8 +554,10 @@ def top_patches(
         workers: DataLoader processes decoding image files (0: in this process).
         progress: called with the number of source images covered by each batch.
         checkpoint: folder for this rank's running state (``state-rank{r}-of-{n}.pt``), written
-            atomically every ``checkpoint_every`` batches, at the end and on Ctrl-C.
-        resume: continue from the state in ``checkpoint`` when there is one.
+            atomically every ``checkpoint_every`` batches, at the end and on Ctrl-C. Nothing in it
+            is ever deleted here (see ``release_state_folder``).
+        resume: continue from the state in ``checkpoint`` when there is one; it must have been
+            made with the same settings, weights and images.
 
     Returns:
         the ``PatchIndex``.
@@ -429,7 +565,7 @@ def top_patches(
     Raises:
         UnknownLayer: a bad layer, or one whose output is not a ``(N, C, h, w)`` feature map.
         BadArgument: bad ``top``, ``batch_size``, ``workers`` or channels; a checkpoint made
-            with other settings.
+            with other settings, other weights or over other images.
         DataError: nothing to read.
     """
     if top < 1:
@@ -449,11 +585,17 @@ def top_patches(
         name: None if ids is None else torch.tensor(ids, dtype=torch.int64, device=device)
         for name, ids in plan.chosen.items()
     }
+    # A table holds at most one entry per image: a ``top`` beyond the dataset allocates nothing more.
+    width = min(top, len(source))
+    path = state_path(checkpoint, world) if checkpoint is not None else None
     config = {
         "model": loaded.name,
         "weights": loaded.weights,
+        # Only for checkpoints: hashing the weights and stating every file costs a little.
+        "weights_sha256": weights_digest(loaded.module) if path is not None else None,
         "source": source.description,
         "count": len(source),
+        "images_sha256": source.fingerprint() if path is not None else None,
         "layers": [plan.paths[name] for name in plan.names],
         "channels": [plan.chosen[name] for name in plan.names],
         "top": top,
@@ -461,13 +603,12 @@ def top_patches(
         "rank": world.rank,
         "world": world.size,
     }
-    path = state_path(checkpoint, world) if checkpoint is not None else None
     state: _State | None = None
     if resume and path is not None and path.is_file():
         state = _load_state(path, config, device)
     if state is None:
         tables = {
-            name: _Table.empty(len(ids) if ids is not None else plan.counts[name], top, device)
+            name: _Table.empty(len(ids) if ids is not None else plan.counts[name], width, device)
             for name, ids in plan.chosen.items()
         }
         state = _State(shard.start, 0, (), tables)
@@ -517,6 +658,7 @@ def top_patches(
 
 
 def _finish(plan: _Plan, state: _State, world: World, top: int) -> PatchIndex:
+    width = min(top, len(plan.source))
     tables = state.tables
     images = state.images
     skipped = list(state.skipped)
@@ -528,7 +670,7 @@ def _finish(plan: _Plan, state: _State, world: World, top: int) -> PatchIndex:
                 torch.cat(world.all_gather(table.values), 1),
                 torch.cat(world.all_gather(table.images), 1),
                 torch.cat(world.all_gather(table.cells), 1),
-                top,
+                width,
             )
             merged[name] = _Table(values, positions, cells)
         tables = merged

@@ -12,6 +12,7 @@ not grow with the number of images (the whole training split would be 47 MB of p
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import struct
 from collections.abc import Iterator, Sequence
@@ -59,6 +60,12 @@ class ImageSource:
         """What results call image ``index``: its path, or the index itself."""
         return index
 
+    def fingerprint(self) -> str | None:
+        """A SHA-256 hex digest that changes when the images change, so a resumed pass can tell
+        it is reading the same data; ``None`` when the source cannot tell (then nothing is checked).
+        """
+        return None
+
     def batches(self, positions: range, batch_size: int, workers: int = 0) -> Iterator[Batch]:
         """Consecutive batches covering ``positions`` in order."""
         raise NotImplementedError
@@ -70,6 +77,32 @@ class ImageSource:
             ImageError: an image that cannot be read (it was readable while mining).
         """
         raise NotImplementedError
+
+
+def files_digest(paths: Sequence[Path]) -> str:
+    """SHA-256 hex digest of each file's path, size and modification time, in order.
+
+    Stat, not the bytes: a folder of a million images is checked in seconds, and a file rewritten
+    in place gets a new modification time. A missing or unreadable file counts as such.
+    """
+    digest = hashlib.sha256()
+    for path in paths:
+        try:
+            info = os.stat(path)
+            facts = f"{info.st_size}:{info.st_mtime_ns}"
+        except OSError as exc:
+            facts = f"unreadable:{exc.errno}"
+        digest.update(os.fsencode(path) + b"\0" + facts.encode() + b"\n")
+    return digest.hexdigest()
+
+
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """SHA-256 hex digest of a tensor's dtype, shape and bytes (any dtype, any device)."""
+    digest = hashlib.sha256(f"{tensor.dtype}:{tuple(tensor.shape)}".encode())
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    if flat.numel():
+        digest.update(flat.view(torch.uint8).numpy().data)
+    return digest.hexdigest()
 
 
 def _stack(items: list[tuple[int, torch.Tensor | None, str]], fallback_shape: tuple[int, ...]) -> Batch:
@@ -120,6 +153,10 @@ class FileSource(ImageSource):
     def key(self, index: int) -> str | int:
         return str(self.paths[index])
 
+    def fingerprint(self) -> str | None:
+        """Over every file's path, size and modification time, in order (see ``files_digest``)."""
+        return files_digest(self.paths)
+
     def batches(self, positions: range, batch_size: int, workers: int = 0) -> Iterator[Batch]:
         if len(positions) == 0:
             return
@@ -151,6 +188,10 @@ class TensorSource(ImageSource):
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
+
+    def fingerprint(self) -> str | None:
+        """Over the tensor's shape, dtype and bytes."""
+        return tensor_digest(self.images)
 
     def batches(self, positions: range, batch_size: int, workers: int = 0) -> Iterator[Batch]:
         for start in range(positions.start, positions.stop, batch_size):
@@ -188,6 +229,10 @@ class IdxSource(ImageSource):
 
     def __len__(self) -> int:
         return self.count
+
+    def fingerprint(self) -> str | None:
+        """Over the IDX file's path, size and modification time."""
+        return files_digest([self.path])
 
     def _read(self, handle: IO[bytes], rows: int) -> torch.Tensor:
         try:

@@ -8,22 +8,40 @@ whether it is fast (one or two passes) or slow (hundreds of passes: run as a can
 The CLI's option choices, the HTML report's sections and the web app's method menu and form are
 read from this table, so a method is added by writing its function and one row here.
 
-The module is deliberately light: functions and renderers are *dotted names*
-(``"convscope.methods.gradcam:gradcam"``) resolved on first use. That keeps ``methods/`` free of
-PIL and matplotlib (renderers live in ``render/``), and lets the web app build its form, or a
-command its ``--help``, without importing torch.
+A row holds its function and renderer as the callables themselves, or, in the rows below, as
+*dotted names* (``"convscope.methods.gradcam:gradcam"``) resolved on first use: this module stays
+light, so ``methods/`` is free of PIL and matplotlib (renderers live in ``render/``), and the web
+app builds its form, or a command its ``--help``, without importing torch.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from convscope.errors import BadArgument, UnknownMethod, close_matches
+from convscope.methods.binding import (
+    ACTIVATIONS_HELP,
+    CLASSIFY_HELP,
+    DECONV_HELP,
+    FEATURES_HELP,
+    FILTERS_HELP,
+    GRADCAM_HELP,
+    GUIDED_HELP,
+    OCCLUSION_HELP,
+    SALIENCY_HELP,
+    CliBinding,
+    cam_layer,
+    deconv_units,
+    first_stage,
+    occlusion_units,
+)
+from convscope.parsing import MAX_DIGITS, parse_float, parse_int, shown
 
 PARAM_TYPES = ("int", "float", "str", "bool", "fill")
 COSTS = ("fast", "slow")
@@ -81,7 +99,12 @@ class Param:
             BadArgument: naming the option and what it accepts.
         """
         if self.multiple:
-            items = raw.split(",") if isinstance(raw, str) else list(raw or ())
+            if isinstance(raw, str):
+                items = raw.split(",")
+            elif isinstance(raw, Iterable):
+                items = list(raw)
+            else:  # one JSON number for a list option
+                items = [] if raw is None else [raw]
             values = [self._parse_one(item) for item in items if not (isinstance(item, str) and not item.strip())]
             return values or (None if self.optional else self.default)
         return self._parse_one(raw)
@@ -92,6 +115,7 @@ class Param:
                 return None
             return self.default
         text = raw.strip() if isinstance(raw, str) else raw
+        subject = f"{self.subject} {shown(raw)}"
         if self.type == "bool":
             if isinstance(text, bool):
                 return text
@@ -100,56 +124,72 @@ class Param:
                 return True
             if folded in ("0", "false", "no", "off"):
                 return False
-            raise BadArgument(f"{self.subject} {raw}", "must be true or false")
+            raise BadArgument(subject, "must be true or false")
         if self.type == "int":
-            try:
-                if isinstance(text, bool) or (isinstance(text, float) and not text.is_integer()):
-                    raise ValueError
-                value: Any = int(text)
-            except (TypeError, ValueError):
-                raise BadArgument(f"{self.subject} {raw}", self._whole_number()) from None
-            return self._bounded(value, raw)
+            return self._bounded(self._whole(text, subject), subject)
         if self.type == "float":
-            try:
-                value = float(text)
-            except (TypeError, ValueError):
-                raise BadArgument(f"{self.subject} {raw}", "must be a number") from None
-            if not math.isfinite(value):
-                raise BadArgument(f"{self.subject} {raw}", "must be a finite number")
-            return self._bounded(value, raw)
+            return self._bounded(self._number(text, subject, "must be a number", "must be a finite number"), subject)
         if self.type == "fill":
-            folded = str(text).lower()
+            folded = text.lower() if isinstance(text, str) else text
             if folded == "gray":
                 folded = "grey"
             if self.choices and folded in self.choices:
                 return folded
-            try:
-                number = float(folded)
-            except ValueError:
-                raise BadArgument(
-                    f"{self.subject} {raw}", f"is not {', '.join(self.choices or ())} or a number"
-                ) from None
-            if not math.isfinite(number):
-                names = ", ".join(self.choices or ())
-                raise BadArgument(f"{self.subject} {raw}", f"must be {names + ' or ' if names else ''}a finite number")
-            return number
+            names = ", ".join(self.choices or ())
+            return self._number(folded, subject, f"is not {names} or a number",
+                                f"must be {names + ' or ' if names else ''}a finite number")
         value = str(text)
         if self.choices is not None and value not in self.choices:
-            raise BadArgument(f"{self.subject} {raw}", "is not one of " + ", ".join(self.choices))
+            raise BadArgument(subject, "is not one of " + ", ".join(self.choices))
         return value
+
+    def _whole(self, value: Any, subject: str) -> int:
+        """A whole number from text (ASCII digits, through ``convscope.parsing``) or a JSON number."""
+        if isinstance(value, str):
+            try:
+                return parse_int(value, subject=self.subject)
+            except BadArgument as exc:
+                if exc.reason == "must be a whole number":
+                    raise BadArgument(subject, self._whole_number()) from None
+            # ASCII digits, but more than any bound could allow: name the bound on that side.
+            self._bounded(-math.inf if value.startswith("-") else math.inf, subject)
+            raise BadArgument(subject, f"is out of range: at most {MAX_DIGITS} digits")
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise BadArgument(subject, self._whole_number())
+
+    @staticmethod
+    def _number(value: Any, subject: str, not_a_number: str, not_finite: str) -> float:
+        """A finite float from text (ASCII decimal notation) or a JSON number."""
+        if isinstance(value, str):
+            try:
+                return parse_float(value, subject="")
+            except BadArgument as exc:
+                raise BadArgument(subject, not_finite if "finite" in exc.reason else not_a_number) from None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            try:
+                number = float(value)
+            except OverflowError:  # an int beyond float's range
+                raise BadArgument(subject, not_finite) from None
+            if not math.isfinite(number):
+                raise BadArgument(subject, not_finite)
+            return number
+        raise BadArgument(subject, not_a_number)
 
     def _whole_number(self) -> str:
         if self.unit is None:
             return "must be a whole number"
         return f"must be a whole number of {self.unit}" + (f", at least {self.minimum:g}" if self.minimum is not None else "")
 
-    def _bounded(self, value: float, raw: Any) -> Any:
+    def _bounded(self, value: float, subject: str) -> Any:
         if self.minimum is not None and value < self.minimum:
             if self.unit is not None and self.type == "int":
-                raise BadArgument(f"{self.subject} {raw}", self._whole_number())
-            raise BadArgument(f"{self.subject} {raw}", f"must be at least {self.minimum:g}")
+                raise BadArgument(subject, self._whole_number())
+            raise BadArgument(subject, f"must be at least {self.minimum:g}")
         if self.maximum is not None and value > self.maximum:
-            raise BadArgument(f"{self.subject} {raw}", f"must be at most {self.maximum:g}")
+            raise BadArgument(subject, f"must be at most {self.maximum:g}")
         return value
 
     def schema(self) -> dict[str, Any]:
@@ -163,43 +203,6 @@ class Param:
 
 
 @dataclass(frozen=True)
-class CliBinding:
-    """Where a method lives on the command line.
-
-    The command is generated by ``convscope.cli.methods_cmd`` from the rows that name it. Its
-    command-wide settings (help, batch size, shared options) are read from the first such row;
-    ``writer`` is per row.
-
-    Attributes:
-        command: the ``convscope`` sub-command.
-        fixed: options the command needs to run exactly this method (``{"--variant": "guided"}``);
-            the first row's value is the option's default.
-        help: the command's ``--help`` text (a docstring: paragraphs, "Writes ..." and an
-            "Examples:" line with ``|`` between examples).
-        batch_size: default of ``--batch-size/-b`` (images per forward pass); ``None``: no such
-            option, the images go through one at a time.
-        writer: ``"module:attribute"`` of a ``convscope.cli.methods_cmd.MethodWriter`` class that
-            writes this method's files, JSON records, stdout lines and manifest; ``None``: the
-            default writer (each of the renderer's pictures as ``<image>_<method>_<view>.png``,
-            their records in ``<command>.json``).
-        output, json, raw: the command has ``--output/-o``, ``--json``, ``--raw``.
-        extras: further shared CLI options by name (``"precision"``: ``--precision``).
-        aliases: short spellings of parameter flags (``{"--topk": "-k"}``).
-    """
-
-    command: str
-    fixed: Mapping[str, str] = field(default_factory=dict)
-    help: str = ""
-    batch_size: int | None = None
-    writer: str | None = None
-    output: bool = True
-    json: bool = True
-    raw: bool = True
-    extras: tuple[str, ...] = ()
-    aliases: Mapping[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
 class MethodSpec:
     """Everything convscope knows about one method.
 
@@ -207,10 +210,12 @@ class MethodSpec:
         name: registry key, as typed in ``/api/explain``'s ``method`` field.
         title: human name for menus and report headings.
         summary: one sentence: what the pictures show.
-        function: ``"module:attribute"`` of the library function. It is called as
+        function: the library function (or its ``"module:attribute"``). It is called as
             ``function(model, [batch,] [target=...,] [layer=.../layers=...,] **options
             [, progress=...])`` according to the flags below.
-        renderer: ``"module:attribute"`` of a ``render`` function ``(result, context) -> Views``.
+        renderer: the method's one presentation (or its ``"module:attribute"``): a function
+            ``(result, convscope.render.views.ViewContext) -> Views`` that every surface (CLI,
+            ``to_image``, report, web) shows.
         cost: ``"fast"`` (a few passes) or ``"slow"`` (many: a job with progress in the web app).
         params: the method's own options.
         takes_images: the function takes the image batch (filters does not).
@@ -219,27 +224,32 @@ class MethodSpec:
             ``"many"`` (a list of layers, passed as ``layers=``).
         layer_kind: what the layer picker should offer: ``"conv"`` (any 4-D layer).
         progress: the function takes ``progress=`` (called with units done).
-        hooks: the method attaches hooks, rules or swaps modules while it runs, so it needs the
-            model to itself (the web app's per-model lock).
+        exclusive: the method attaches hooks, rules or swaps modules while it runs, so it needs
+            the model to itself (the web app's per-model lock). ``hooks=`` is its old name.
         cli: where the method is on the command line.
-        units: ``"module:attribute"`` of ``(options, height, width) -> int``: how many progress
-            units a run reports in all (for a progress bar), or ``None``.
+        units: ``(options, height, width) -> int``: how many progress units a run reports in all
+            (for a progress bar), or ``None``.
+        in_report: ``convscope explore`` shows it (a section of its own unless a part of
+            ``convscope.explore.PARTS`` runs it).
     """
 
     name: str
     title: str
     summary: str
-    function: str
-    renderer: str
+    function: Callable[..., Any] | str
+    renderer: Callable[..., Any] | str
     cost: str = "fast"
     params: tuple[Param, ...] = ()
     takes_images: bool = True
     takes_target: bool = False
     layer: str = "none"
     progress: bool = False
-    hooks: bool = True
+    exclusive: bool = True
     cli: CliBinding | None = None
-    units: str | None = None
+    units: Callable[[Mapping[str, Any], int, int], int] | str | None = None
+    in_report: bool = True
+    if TYPE_CHECKING:  # the old name of ``exclusive``: read as a property, still accepted as a keyword
+        hooks: bool = True
 
     def __post_init__(self) -> None:
         if self.cost not in COSTS:
@@ -331,7 +341,28 @@ class MethodSpec:
         }
 
 
-def _resolve(dotted: str) -> Callable[..., Any]:
+def _exclusive(spec: MethodSpec) -> bool:
+    """``spec.hooks``: the old name of ``exclusive``."""
+    return spec.exclusive
+
+
+def _accept_hooks(init: Callable[..., None]) -> Callable[..., None]:
+    @functools.wraps(init)
+    def __init__(self: MethodSpec, *args: Any, hooks: bool | None = None, **kwargs: Any) -> None:
+        if hooks is not None:
+            kwargs.setdefault("exclusive", hooks)
+        init(self, *args, **kwargs)
+
+    return __init__
+
+
+MethodSpec.__init__ = _accept_hooks(MethodSpec.__init__)  # type: ignore[method-assign]
+MethodSpec.hooks = property(_exclusive)  # type: ignore[assignment]
+
+
+def _resolve(dotted: Callable[..., Any] | str) -> Callable[..., Any]:
+    if not isinstance(dotted, str):
+        return dotted
     module_name, attribute = dotted.split(":")
     return getattr(importlib.import_module(module_name), attribute)  # type: ignore[no-any-return]
 
@@ -402,96 +433,8 @@ def cli_choices(command: str, flag: str) -> tuple[str, ...]:
     raise KeyError(f"{command} {flag}")
 
 
-def occlusion_units(options: Mapping[str, Any], height: int, width: int) -> int:
-    """Occluded copies of one image: window positions along each axis, multiplied."""
-    from convscope.methods.occlusion import grid_origins
-
-    window, stride, border = int(options["window"]), int(options["stride"]), bool(options["cover_border"])
-    if window > min(height, width):
-        return 0
-    return len(grid_origins(height, window, stride, border)) * len(grid_origins(width, window, stride, border))
-
-
-def deconv_units(options: Mapping[str, Any], height: int, width: int) -> int:
-    """Projections of one image: the chosen channel, or the ``top`` strongest."""
-    channel = options.get("channel")
-    if channel is None:
-        return int(options["top"])
-    return len(channel) if isinstance(channel, (list, tuple)) else 1
-
-
 TOPK = Param("topk", "int", 5, "Classes per image.", minimum=1, maximum=1000, flag="--topk")
 
-# The CLI commands' help: what the command writes and examples (reflowed for --help by the CLI).
-_CLASSIFY_HELP = """Top-k ImageNet (or checkpoint) classes with probabilities, for files and folders.
-
-Examples: convscope classify cat.jpg | convscope classify photos/ --topk 3 --json
-| convscope classify photos/ --precision bf16
-"""
-_ACTIVATIONS_HELP = """Activation maps: the mean of each conv stage's rectified output, in jet over the photo.
-
-Writes <image>_<layer>.png per layer and <image>_activations.png (all layers in one strip),
-all captured in one forward pass per image. Each picture is captioned (model, weights,
-layer) with a colour bar of the real values; --raw writes the bare overlays.
-
-Example: convscope activations cat.jpg --model alexnet --weights random -o out/
-"""
-_FEATURES_HELP = """Feature-map grid: the channels of one layer as grayscale tiles, captioned with the channel index.
-
-Example: convscope features cat.jpg --layer stage2 --max 32 --order activation -o out/
-"""
-_FILTERS_HELP = """Convolution kernels as tiles (first layer: RGB; deeper: each filter's strongest input).
-
-A stage alias (conv2, stage3) means the convolution that makes that stage's output.
-
-Examples:
-convscope filters -o out/
-convscope filters -m alexnet -w random --layer conv2
-"""
-_GRADCAM_HELP = """Grad-CAM: where in the photo the evidence for a class is, at a conv layer (default: the last).
-
-Writes <image>_gradcam.png (the map in jet over the photo, 0.6/0.4) and
-<image>_gradcam_map.png (the map alone; gradcampp for --variant gradcam++); --variant guided
-also writes the guided Grad-CAM picture <image>_guided_gradcam.png.
-
-Examples: convscope gradcam cat.jpg -o out/ | convscope gradcam cat.jpg --label "tiger cat" --layer stage6 |
-convscope gradcam photos/ -m vgg16 -w random --variant gradcam++
-"""
-_GUIDED_HELP = """Guided backprop: the input gradient with only positive signals passed back through each ReLU.
-
-Writes <image>_guided.png (signed, grey = 0) and <image>_guided_magnitude.png (largest
-|gradient| over colours, in jet over the photo). Activations without a rule (SiLU, GELU...)
-are named in a warning.
-
-Examples: convscope guided cat.jpg -o out/ | convscope guided cat.jpg --class 281 --model vgg16 --weights random
-"""
-_SALIENCY_HELP = """Saliency (Simonyan et al.): the largest |gradient of the class score| over colours, per pixel.
-
-Writes <image>_saliency.png (grey) and <image>_saliency_magnitude.png (in jet over the photo).
-
-Examples: convscope saliency cat.jpg -o out/ | convscope saliency photos/ --label espresso
-"""
-_DECONV_HELP = """Deconvnet (Zeiler & Fergus): project a layer's strongest activations back to pixels.
-
-For each projection writes <image>_<layer>_ch<C>.png (full size, grey = 0) and
-<image>_<layer>_ch<C>_crop.png (the projection cropped to the receptive field, next to the
-image patch under it); <image>_<layer>_deconv.png shows all of them in one grid.
-
-Examples: convscope deconv cat.jpg --layer conv5 -m alexnet -w random -o out/ |
-convscope deconv cat.jpg --layer stage4 --channel 7 --channel 12 --location all
-"""
-_OCCLUSION_HELP = """Occlusion sensitivity (Zeiler & Fergus 2014, Fig. 7): slide a grey square over the photo.
-
-Writes <image>_occlusion_probability.png (target probability with the square at each
-position, over the photo: blue = hiding that spot hurts), <image>_occlusion_drop.png
-(per-pixel probability drop, captum's Occlusion map), <image>_occlusion_classes.png (the most
-probable class at each position, with a legend), and with --layer
-<image>_occlusion_activation.png (total activation of one feature map at each position).
-
-Examples: convscope occlusion cat.jpg -o out/ | convscope occlusion cat.jpg --label tabby --window 32 --stride 16 |
-convscope occlusion cat.jpg -m alexnet -w random --layer conv5 --fill black
-"""
-_GRADCAM_WRITER = "convscope.cli.explain:GradcamWriter"
 
 register_method(MethodSpec(
     name="classify",
@@ -500,9 +443,8 @@ register_method(MethodSpec(
     function="convscope.methods.predict:classify",
     renderer="convscope.render.views:prediction_views",
     params=(TOPK,),
-    hooks=False,
-    cli=CliBinding("classify", help=_CLASSIFY_HELP, batch_size=32, writer="convscope.cli.writers:ClassifyWriter",
-                   output=False, raw=False, extras=("precision",), aliases={"--topk": "-k"}),
+    exclusive=False,
+    cli=CliBinding("classify", help=CLASSIFY_HELP, batch_size=32, batch_keyword="batch_size", output=False, raw=False, extras=("precision",), aliases={"--topk": "-k"}),
 ))
 register_method(MethodSpec(
     name="activations",
@@ -511,8 +453,7 @@ register_method(MethodSpec(
     function="convscope.methods.activations:activation_maps",
     renderer="convscope.render.views:activation_views",
     layer="many",
-    cli=CliBinding("activations", help=_ACTIVATIONS_HELP, writer="convscope.cli.writers:ActivationsWriter",
-                   json=False),
+    cli=CliBinding("activations", help=ACTIVATIONS_HELP, json=False),
 ))
 register_method(MethodSpec(
     name="features",
@@ -526,7 +467,7 @@ register_method(MethodSpec(
         Param("order", "str", "index", "index: the first channels; activation: the most active.",
               choices=("index", "activation"), flag="--order"),
     ),
-    cli=CliBinding("features", help=_FEATURES_HELP, writer="convscope.cli.writers:FeaturesWriter", json=False),
+    cli=CliBinding("features", help=FEATURES_HELP, json=False, default_layer=first_stage),
 ))
 register_method(MethodSpec(
     name="filters",
@@ -536,8 +477,8 @@ register_method(MethodSpec(
     renderer="convscope.render.views:filter_views",
     takes_images=False,
     layer="optional",
-    hooks=False,
-    cli=CliBinding("filters", help=_FILTERS_HELP, writer="convscope.cli.writers:FiltersWriter", json=False),
+    exclusive=False,
+    cli=CliBinding("filters", help=FILTERS_HELP, json=False),
 ))
 register_method(MethodSpec(
     name="gradcam",
@@ -547,7 +488,8 @@ register_method(MethodSpec(
     renderer="convscope.render.views:cam_views",
     takes_target=True,
     layer="optional",
-    cli=CliBinding("gradcam", {"--variant": "gradcam"}, help=_GRADCAM_HELP, batch_size=16, writer=_GRADCAM_WRITER),
+    cli=CliBinding("gradcam", {"--variant": "gradcam"}, help=GRADCAM_HELP, batch_size=16, probability=True,
+                   default_layer=cam_layer),
 ))
 register_method(MethodSpec(
     name="gradcam++",
@@ -557,7 +499,8 @@ register_method(MethodSpec(
     renderer="convscope.render.views:cam_views",
     takes_target=True,
     layer="optional",
-    cli=CliBinding("gradcam", {"--variant": "gradcam++"}, writer=_GRADCAM_WRITER),
+    in_report=False,
+    cli=CliBinding("gradcam", {"--variant": "gradcam++"}, probability=True, default_layer=cam_layer),
 ))
 register_method(MethodSpec(
     name="guided-gradcam",
@@ -567,7 +510,7 @@ register_method(MethodSpec(
     renderer="convscope.render.views:guided_gradcam_views",
     takes_target=True,
     layer="optional",
-    cli=CliBinding("gradcam", {"--variant": "guided"}, writer=_GRADCAM_WRITER),
+    cli=CliBinding("gradcam", {"--variant": "guided"}, probability=True, default_layer=cam_layer),
 ))
 register_method(MethodSpec(
     name="guided",
@@ -576,7 +519,7 @@ register_method(MethodSpec(
     function="convscope.methods.guided:guided_backprop",
     renderer="convscope.render.views:guided_views",
     takes_target=True,
-    cli=CliBinding("guided", help=_GUIDED_HELP, batch_size=16, writer="convscope.cli.explain:InputGradientWriter"),
+    cli=CliBinding("guided", help=GUIDED_HELP, batch_size=16, probability=True),
 ))
 register_method(MethodSpec(
     name="saliency",
@@ -585,7 +528,7 @@ register_method(MethodSpec(
     function="convscope.methods.guided:saliency",
     renderer="convscope.render.views:saliency_views",
     takes_target=True,
-    cli=CliBinding("saliency", help=_SALIENCY_HELP, batch_size=16, writer="convscope.cli.explain:InputGradientWriter"),
+    cli=CliBinding("saliency", help=SALIENCY_HELP, batch_size=16, probability=True),
 ))
 register_method(MethodSpec(
     name="deconv",
@@ -603,8 +546,8 @@ register_method(MethodSpec(
         Param("location", "str", "max", "max: only the channel's strongest activation (as in the paper); "
               "all: its whole feature map.", choices=("max", "all"), flag="--location"),
     ),
-    cli=CliBinding("deconv", help=_DECONV_HELP, batch_size=8, writer="convscope.cli.explain:DeconvWriter"),
-    units="convscope.methods.registry:deconv_units",
+    cli=CliBinding("deconv", help=DECONV_HELP, batch_size=8, ),
+    units=deconv_units,
 ))
 register_method(MethodSpec(
     name="occlusion",
@@ -634,9 +577,8 @@ register_method(MethodSpec(
         Param("batch_size", "int", 64, "Occluded copies per forward pass.", minimum=1, maximum=1024,
               flag="--batch-size"),
     ),
-    cli=CliBinding("occlusion", help=_OCCLUSION_HELP, writer="convscope.cli.occlusion_cmd:OcclusionWriter",
-                   aliases={"--batch-size": "-b"}),
-    units="convscope.methods.registry:occlusion_units",
+    cli=CliBinding("occlusion", help=OCCLUSION_HELP, aliases={"--batch-size": "-b"}, target_as="class"),
+    units=occlusion_units,
 ))
 register_method(MethodSpec(
     name="scorecam",
@@ -647,5 +589,7 @@ register_method(MethodSpec(
     cost="slow",
     takes_target=True,
     layer="optional",
-    cli=CliBinding("gradcam", {"--variant": "scorecam"}, writer=_GRADCAM_WRITER),
+    progress=True,
+    in_report=False,
+    cli=CliBinding("gradcam", {"--variant": "scorecam"}, probability=True, default_layer=cam_layer),
 ))

@@ -6,6 +6,7 @@ All tensors live on the CPU as float32 (indices int64), whatever device the mode
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 
@@ -66,6 +67,12 @@ class GradientMaps(Renderable):
     cam: CamMaps | None = None
     warnings: tuple[str, ...] = ()
 
+    # ``method`` -> the registry row that presents it (the others share their row's name)
+    ROWS: ClassVar[dict[str, str]] = {"guided_backprop": "guided", "guided_gradcam": "guided-gradcam"}
+
+    def _presented(self) -> tuple[str, Any]:
+        return self.ROWS.get(self.method, self.method), self
+
 
 @dataclass(frozen=True)
 class DeconvProjections(Renderable):
@@ -99,3 +106,6 @@ class DeconvProjections(Renderable):
     boxes_exact: bool
     grid: tuple[int, int]
     warnings: tuple[str, ...] = ()
+
+    def _presented(self) -> tuple[str, Any]:
+        return "deconv", self

@@ -39,10 +39,14 @@ import torch
 from torch import nn
 
 from convscope.errors import BadArgument, close_matches
+from convscope.parsing import parse_int
 
 _ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.LeakyReLU, nn.ELU, nn.Hardswish, nn.PReLU)
 _NORMS = (nn.BatchNorm2d, nn.BatchNorm1d)
 BASE = "base"
+# Widest layer a variant may ask for, checked before anything is allocated (a 3x3 conv this wide
+# on 512 input channels is 300 M parameters).
+MAX_WIDTH = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -96,9 +100,16 @@ def parse_variant(text: str) -> Variant:
                 operations.append(Operation("drop", item))
                 continue
             layer, eq, number = item.partition("=")
-            if not eq or not number.strip().isdigit() or int(number) < 1:
-                raise BadArgument(f"--variant {text}", f"{item!r} is not LAYER=N with N >= 1", "e.g. width:conv2=512")
-            operations.append(Operation("width", layer.strip(), int(number)))
+            try:
+                width = parse_int(number, subject="width", minimum=1, maximum=MAX_WIDTH) if eq else None
+            except BadArgument as exc:
+                raise BadArgument(
+                    f"--variant {text}", f"{item!r} is not LAYER=N with N a whole number from 1 to {MAX_WIDTH}",
+                    "e.g. width:conv2=512",
+                ) from exc
+            if width is None:
+                raise BadArgument(f"--variant {text}", f"{item!r} is not LAYER=N", "e.g. width:conv2=512")
+            operations.append(Operation("width", layer.strip(), width))
     if not operations:
         raise BadArgument(f"--variant {text}", "names no layer")
     return Variant(stripped, tuple(operations))

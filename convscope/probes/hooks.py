@@ -1,4 +1,4 @@
-"""Forward-hook capture and mode switching, always undone in ``finally``."""
+"""Forward-hook capture, call tracing and mode switching, always undone in ``finally``."""
 
 from __future__ import annotations
 
@@ -127,6 +127,110 @@ def reduce_outputs(
 
     with _hooked(model, layers, make_hook, "reduce_outputs"):
         yield store
+
+
+@dataclass(eq=False)
+class ModuleCall:
+    """One call of a module seen by ``trace_calls``.
+
+    Attributes:
+        module, path: the module and its dotted ``named_modules`` path (``""`` for the model
+            itself, ``"?"`` for a module that is not one of the model's).
+        input: the first positional argument when it is a tensor (the tensor itself, not a copy),
+            else ``None``; ``input_version`` its version counter at the call (-1 without one,
+            as for inference tensors), ``input_shape`` its shape.
+        parent, children: the traced calls around and inside this one, in call order.
+        output: what the module returned (not a copy); ``output_version`` and ``output_shape``
+            the version counter and shape of a tensor output when the call returned.
+    """
+
+    module: nn.Module
+    path: str
+    input: torch.Tensor | None
+    input_version: int
+    input_shape: tuple[int, ...] | None
+    parent: ModuleCall | None
+    children: list[ModuleCall] = field(default_factory=list)
+    output: object = None
+    output_version: int = -1
+    output_shape: tuple[int, ...] | None = None
+
+
+@dataclass
+class CallTrace:
+    """The calls recorded by ``trace_calls``: ``roots`` (the outermost calls, each with its tree
+    of ``children``) and ``calls`` (every call, in the order it returned)."""
+
+    roots: list[ModuleCall] = field(default_factory=list)
+    calls: list[ModuleCall] = field(default_factory=list)
+
+
+def _version(tensor: torch.Tensor | None) -> int:
+    return -1 if tensor is None or tensor.is_inference() else tensor._version
+
+
+@contextmanager
+def trace_calls(
+    model: nn.Module,
+    *,
+    leaves_only: bool = False,
+    keep_tensors: bool = True,
+    on_call: Callable[[ModuleCall], None] | None = None,
+    on_return: Callable[[ModuleCall], None] | None = None,
+) -> Iterator[CallTrace]:
+    """Record every call of every module of ``model`` (or of its leaves) inside the block.
+
+    The tensors are the modules' own, not copies, with their version counters: a consumer can
+    follow a tensor from the call that returned it to the calls that read it, and an in-place
+    change in between (``out += identity``) shows as a new version. Every call is recorded,
+    so a reused module (ResNet's block ReLU) appears once per call.
+
+    Args:
+        leaves_only: trace only modules without children (the tree is then flat).
+        keep_tensors: ``False`` drops each call's input and output once ``on_return`` has
+            seen them (shapes stay): the trace then holds no activations.
+        on_call, on_return: called with the ``ModuleCall`` as the module starts (its input
+            known) and as it returns (its output known).
+
+    Yields:
+        a ``CallTrace`` that fills as the model runs.
+    """
+    paths = {module: path for path, module in model.named_modules()}
+    traced = CallTrace()
+    stack: list[ModuleCall] = []
+
+    def pre_hook(module: nn.Module, inputs: tuple[object, ...]) -> None:
+        first = inputs[0] if inputs and isinstance(inputs[0], torch.Tensor) else None
+        parent = stack[-1] if stack else None
+        call = ModuleCall(module, paths.get(module, "?"), first, _version(first),
+                          tuple(first.shape) if first is not None else None, parent)
+        (parent.children if parent is not None else traced.roots).append(call)
+        stack.append(call)
+        if on_call is not None:
+            on_call(call)
+
+    def hook(module: nn.Module, inputs: tuple[object, ...], output: object) -> None:
+        call = stack.pop()
+        call.output = output
+        if isinstance(output, torch.Tensor):
+            call.output_version, call.output_shape = _version(output), tuple(output.shape)
+        if on_return is not None:
+            on_return(call)
+        if not keep_tensors:
+            call.input = call.output = None
+        traced.calls.append(call)
+
+    handles = []
+    try:
+        for module in model.modules():
+            if leaves_only and next(module.children(), None) is not None:
+                continue
+            handles.append(module.register_forward_pre_hook(pre_hook))
+            handles.append(module.register_forward_hook(hook))
+        yield traced
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 @contextmanager

@@ -80,35 +80,20 @@ def list_layers(model: LoadedModel | nn.Module, *, input_size: Sequence[int] | N
     import torch
 
     from convscope.models.load import as_loaded
-    from convscope.probes.hooks import eval_mode
+    from convscope.probes.hooks import eval_mode, trace_calls
 
     loaded = as_loaded(model)
     size = tuple(input_size or loaded.preprocess.input_size)
-    order: list[tuple[str, nn.Module]] = []
+    with trace_calls(loaded.module, keep_tensors=False) as traced, eval_mode(loaded.module), torch.inference_mode():
+        loaded.module(torch.zeros((1, *size), device=loaded.device, dtype=loaded.dtype))
+    types: dict[str, nn.Module] = {}
     shapes: dict[str, tuple[int, ...] | None] = {}
-    handles = []
-
-    def make_hook(name: str):  # type: ignore[no-untyped-def]
-        def hook(module: nn.Module, inputs: object, output: object) -> None:
-            if name not in shapes:
-                order.append((name, module))
-                shapes[name] = tuple(output.shape) if isinstance(output, torch.Tensor) else None
-
-        return hook
-
-    try:
-        for name, module in loaded.module.named_modules():
-            if name:
-                handles.append(module.register_forward_hook(make_hook(name)))
-        with eval_mode(loaded.module), torch.inference_mode():
-            loaded.module(torch.zeros((1, *size), device=loaded.device, dtype=loaded.dtype))
-    finally:
-        for handle in handles:
-            handle.remove()
+    for call in traced.calls:  # a module's first call counts
+        if call.path and call.path not in shapes:
+            types[call.path], shapes[call.path] = call.module, call.output_shape
     # Forward hooks fire when a module finishes, so containers come after their children;
     # list in registration order instead, which reads top-down.
     registered = [name for name, _ in loaded.module.named_modules() if name in shapes]
-    types = dict(order)
     return [
         {
             "name": name,

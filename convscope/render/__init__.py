@@ -1,13 +1,14 @@
-"""Pictures and text from results: ``figures`` (captions, colour bars, panels), ``pictures``
-(one function per result type; ``figure_of`` picks one), ``grids``, ``overlay``, ``colormaps``,
-``classmap``, ``text``, ``training``. Submodules load on first use."""
+"""Pictures and text from results: ``views`` (each method's renderer: its one presentation),
+``figures`` (captions, colour bars, panels), ``pictures`` (the drawing helpers the renderers
+use), ``grids``, ``overlay``, ``colormaps``, ``classmap``, ``text``, ``training``. Submodules
+load on first use."""
 
 from __future__ import annotations
 
 import importlib
 from typing import Any
 
-_SUBMODULES = ("classmap", "colormaps", "figures", "grids", "overlay", "pictures", "text", "training")
+_SUBMODULES = ("classmap", "colormaps", "figures", "grids", "overlay", "pictures", "text", "training", "views")
 
 
 def __getattr__(name: str) -> Any:

@@ -77,8 +77,9 @@ def gallery_html(
 
     Args:
         title: page heading.
-        layers: layer -> one dict per channel with ``channel``, ``picture`` (relative path),
-            ``best`` (top value or ``None``) and ``count`` (entries).
+        layers: layer -> one dict per channel with ``channel``, ``picture`` (the relative path
+            the file was written to, or ``None`` when there is none: no link is made), ``best``
+            (top value or ``None``) and ``count`` (entries).
         notes: lines shown under the heading (data, skipped files...).
 
     Returns:
@@ -106,6 +107,9 @@ def gallery_html(
         for item in channels:
             best = item.get("best")
             caption = f"channel {item['channel']}" + (f" &middot; top {best:.3g}" if best is not None else " &middot; no patches")
+            if item.get("picture") is None:
+                parts.append(f"<figure><figcaption>{caption}</figcaption></figure>")
+                continue
             src = esc(str(item["picture"]), quote=True)
             parts.append(
                 f'<figure><a href="{src}"><img loading="lazy" src="{src}" alt="{esc(name)} channel '

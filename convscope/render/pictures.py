@@ -1,10 +1,11 @@
 """Method results -> finished pictures (uint8 RGB arrays). Pure; no files, no models.
 
-Two kinds of function live here: the bare pictures (``activation_pictures``, ``feature_grid``,
-``signed_picture``...; what ``--raw`` writes) and the self-describing figures built on them
-with ``convscope.render.figures`` (``*_figure``: caption, enlarged picture, colour bar), which
-the CLI writes by default and ``result.to_image()`` returns. ``figure_of`` picks the figure for
-any result object.
+The words: a *picture* is a bare ``(H, W, 3)`` uint8 array (``activation_pictures``,
+``feature_grid``, ``signed_picture``...; what ``--raw`` writes and the web app shows); a *figure*
+is a picture with its caption and colour bar drawn around it by ``convscope.render.figures``
+(``*_figure``; what the CLI writes by default and ``result.to_image()`` returns). These are the
+drawing helpers of the method renderers in ``convscope.render.views``, which pick and caption
+them; nothing else calls them for a method's result.
 
 Display conventions (stated in each figure's caption):
 
@@ -43,12 +44,14 @@ from convscope.render.figures import (
 )
 from convscope.render.grids import feature_tiles, filter_tiles, strip, tile
 from convscope.render.overlay import overlay
-from convscope.types import ActivationMaps, FeatureMaps, Filters, ModelSummary, Prediction
 
 CLIP_PERCENTILE = 99.5
 SIGNED_NOTE = (f"signed: grey = 0, scaled per image to the {CLIP_PERCENTILE:g}th percentile of |value| "
                "(clipped beyond)")
 GREY_RAMP = ((0, 0, 0), (255, 255, 255))
+# How input-space maps are displayed, recorded in the CLI's JSON next to the files.
+SIGNED_DISPLAY = "signed: zero is mid-grey; scaled per image by the 99.5th percentile of |value|, clipped beyond"
+MAGNITUDE_DISPLAY = "magnitude: 0 .. the 99.5th percentile of the map, clipped beyond"
 
 
 def display_image(preprocess: Any, batch: Any, index: int = 0) -> np.ndarray:
@@ -84,18 +87,18 @@ def photo_for(image: Any, model: Any = None, index: int = 0, size: tuple[int, in
 # ---------------------------------------------------------------- bare pictures (--raw)
 
 
-def activation_pictures(photo: np.ndarray, result: ActivationMaps, index: int = 0) -> dict[str, np.ndarray]:
+def activation_pictures(photo: np.ndarray, result: Any, index: int = 0) -> dict[str, np.ndarray]:
     """One overlay (0.6 photo + 0.4 jet map) per layer for image ``index``."""
     return {name: overlay(photo, result.maps[name][index]) for name in result.layers}
 
 
-def feature_grid(result: FeatureMaps, index: int = 0, columns: int | None = None) -> np.ndarray:
+def feature_grid(result: Any, index: int = 0, columns: int | None = None) -> np.ndarray:
     """The selected channels of image ``index`` as grayscale tiles captioned with the channel index."""
     tiles, labels = feature_tiles(result.maps[index], result.channels.tolist())
     return tile(tiles, labels=labels, columns=columns)
 
 
-def filter_grid(result: Filters, columns: int | None = None) -> np.ndarray:
+def filter_grid(result: Any, columns: int | None = None) -> np.ndarray:
     """Each filter as a tile (RGB for first layers), captioned with its index."""
     tiles = filter_tiles(result.normalized, result.strongest_input.tolist())
     return tile(tiles, labels=[str(i) for i in range(len(tiles))], columns=columns, min_side=32)
@@ -126,6 +129,18 @@ def magnitude_picture(values: Any, cmap: str | None = None) -> np.ndarray:
     return colorize(scaled, cmap) if cmap else to_rgb_uint8(scaled)
 
 
+def unit_scaled(values: Any) -> np.ndarray:
+    """Min-max scale to ``[0, 1]`` (all zeros for a constant map)."""
+    array = as_array(values)
+    low, high = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
+    return np.zeros_like(array) if high <= low else (array - low) / (high - low)
+
+
+def heat_picture(photo: np.ndarray, values: Any) -> np.ndarray:
+    """A magnitude map, 0 .. its 99.5th percentile, in jet over the photo."""
+    return overlay(photo, percentile_scale(values, 0.0, CLIP_PERCENTILE))
+
+
 # ---------------------------------------------------------------- figures
 
 
@@ -134,7 +149,7 @@ def _range(values: Any) -> tuple[float, float]:
     return (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
 
 
-def activation_figure(photo: np.ndarray, result: ActivationMaps, layer: str, index: int = 0, model: Any = None) -> np.ndarray:
+def activation_figure(photo: np.ndarray, result: Any, layer: str, index: int = 0, model: Any = None) -> np.ndarray:
     """One layer's activation overlay with its caption and the channel-mean's real range."""
     low, high = _range(result.raw[layer][index])
     lines = caption_lines(model=model, layer=layer, details=(
@@ -144,7 +159,7 @@ def activation_figure(photo: np.ndarray, result: ActivationMaps, layer: str, ind
     return figure(overlay(photo, result.maps[layer][index]), "Activation map", lines, bar)
 
 
-def activation_strip(photo: np.ndarray, result: ActivationMaps, index: int = 0, model: Any = None,
+def activation_strip(photo: np.ndarray, result: Any, index: int = 0, model: Any = None,
                      *, captioned: bool | None = None) -> np.ndarray:
     """The photo then every layer's overlay in one row; captioned (the default when ``model`` is
     given): each tile says its layer and value range, under a title naming the model."""
@@ -164,12 +179,12 @@ def _fmt_range(values: Any) -> str:
     return f"{low:.3g}..{high:.3g}"
 
 
-def _ordered_by_activation(result: FeatureMaps) -> bool:
+def _ordered_by_activation(result: Any) -> bool:
     channels = result.channels.tolist()
     return channels != sorted(channels)
 
 
-def feature_figure(result: FeatureMaps, index: int = 0, model: Any = None, order: str | None = None,
+def feature_figure(result: Any, index: int = 0, model: Any = None, order: str | None = None,
                    columns: int | None = None) -> np.ndarray:
     """The channels of one layer as grayscale tiles, labels (index, and the mean activation when
     ordered by activation) under the tiles, titled with the layer and model."""
@@ -188,7 +203,7 @@ def feature_figure(result: FeatureMaps, index: int = 0, model: Any = None, order
     return titled(grid, f"Feature maps of {result.layer}", lines)
 
 
-def filter_figure(result: Filters, model: Any = None, columns: int | None = None) -> np.ndarray:
+def filter_figure(result: Any, model: Any = None, columns: int | None = None) -> np.ndarray:
     """Kernels as tiles enlarged nearest (a 3x3 kernel to 48 px), indices under the tiles."""
     tiles = filter_tiles(result.normalized, result.strongest_input.tolist())
     grid = labelled_grid(tiles, [str(i) for i in range(len(tiles))], columns=columns, min_side=48)
@@ -200,25 +215,24 @@ def filter_figure(result: Filters, model: Any = None, columns: int | None = None
 
 
 def cam_figure(photo: np.ndarray | None, cam: Any, index: int = 0, model: Any = None,
-               probability: float | None = None) -> np.ndarray:
-    """Grad-CAM(++) over the photo (or alone), captioned with class, layer and the raw range."""
-    name = "Grad-CAM++" if cam.method == "gradcam++" else "Grad-CAM"
+               probability: float | None = None, *, title: str = "Grad-CAM") -> np.ndarray:
+    """A class activation map over the photo (or alone), captioned with class, layer and the raw
+    range; ``title`` names the method (its registry row's title)."""
     picture = overlay(photo, cam.maps[index]) if photo is not None else colorize(cam.maps[index])
     low, high = _range(cam.raw[index])
+    weighting = ("class score of the photo masked by each channel" if cam.method == "scorecam"
+                 else "gradient")
     lines = caption_lines(model=model, layer=cam.layer, label=cam.labels[index], class_index=int(cam.targets[index]),
                           probability=probability, score=float(cam.scores[index]), details=(
-        "ReLU of the gradient-weighted channel sum, bilinear-upsampled, min-max scaled per image"
+        f"ReLU of the {weighting}-weighted channel sum, bilinear-upsampled, min-max scaled per image"
         + ("; jet over the photo (0.6 / 0.4)" if photo is not None else ""),))
-    return figure(picture, name, lines, Bar(low, high, f"{name} value at the layer (before scaling)"))
+    return figure(picture, title, lines, Bar(low, high, f"{title} value at the layer (before scaling)"))
 
 
-_GRADIENT_TITLES = {"saliency": "Saliency", "guided_backprop": "Guided backprop", "guided_gradcam": "Guided Grad-CAM"}
-
-
-def gradient_figure(result: Any, index: int = 0, model: Any = None, probability: float | None = None) -> np.ndarray:
+def gradient_figure(result: Any, index: int = 0, model: Any = None, probability: float | None = None,
+                    *, title: str) -> np.ndarray:
     """Input-space attribution as the literature shows it: signed maps grey-centred (guided
     backprop, guided Grad-CAM), saliency as a magnitude map; per-image 99.5th-percentile clip."""
-    title = _GRADIENT_TITLES.get(result.method, result.method)
     common: dict[str, Any] = {"model": model, "label": result.labels[index], "class_index": int(result.targets[index]),
                               "probability": probability, "score": float(result.scores[index])}
     layer = result.cam.layer if result.cam is not None else None
@@ -235,15 +249,14 @@ def gradient_figure(result: Any, index: int = 0, model: Any = None, probability:
 
 
 def gradient_magnitude_figure(photo: np.ndarray, result: Any, index: int = 0, model: Any = None,
-                              probability: float | None = None) -> np.ndarray:
+                              probability: float | None = None, *, title: str) -> np.ndarray:
     """The largest |attribution| over colours in jet over the photo, with its real range."""
-    title = _GRADIENT_TITLES.get(result.method, result.method) + " magnitude"
+    title += " magnitude"
     high = float(np.percentile(as_array(result.maps[index]), CLIP_PERCENTILE))
     lines = caption_lines(model=model, label=result.labels[index], class_index=int(result.targets[index]),
                           probability=probability, score=float(result.scores[index]), details=(
         f"largest |value| over colours, 0 .. {CLIP_PERCENTILE:g}th percentile; jet over the photo",))
-    picture = overlay(photo, percentile_scale(result.maps[index], 0.0, CLIP_PERCENTILE))
-    return figure(picture, title, lines, Bar(0.0, high, "|gradient|"))
+    return figure(heat_picture(photo, result.maps[index]), title, lines, Bar(0.0, high, "|gradient|"))
 
 
 def _square_crop(array: np.ndarray, box: Sequence[int] | np.ndarray, side: int) -> np.ndarray:
@@ -352,7 +365,7 @@ def _unit(values: np.ndarray, low: float, high: float) -> np.ndarray:
     return np.zeros_like(values) if high <= low else (values - low) / (high - low)
 
 
-def prediction_picture(prediction: Prediction, *, width: int = 300, height: int | None = None) -> np.ndarray:
+def prediction_picture(prediction: Any, *, width: int = 300, height: int | None = None) -> np.ndarray:
     """Top-k classes as horizontal bars with their probabilities."""
     from PIL import Image, ImageDraw
 
@@ -378,13 +391,13 @@ def prediction_picture(prediction: Prediction, *, width: int = 300, height: int 
     return np.asarray(canvas)
 
 
-def prediction_figure(prediction: Prediction, model: Any = None) -> np.ndarray:
+def prediction_figure(prediction: Any, model: Any = None) -> np.ndarray:
     """The top-k classes with probability bars, captioned with the model."""
     return titled(prediction_picture(prediction), f"Top-{len(prediction.labels)} classes",
                   caption_lines(model=model))
 
 
-def summary_figure(result: ModelSummary) -> np.ndarray:
+def summary_figure(result: Any) -> np.ndarray:
     """The summary table drawn in a monospace font."""
     from PIL import Image, ImageDraw
 
@@ -403,7 +416,7 @@ def summary_figure(result: ModelSummary) -> np.ndarray:
 
 def explain_panel(
     photo: np.ndarray,
-    prediction: Prediction,
+    prediction: Any,
     cam: Any,
     guided: Any,
     occlusion_result: Any,
@@ -459,53 +472,3 @@ def explain_panel(
         f"(f) Zeiler & Fergus projection of the most active feature map of {projections.layer}"),))
     title = f"What {info.name if info else 'the network'} sees" + (f" in {image_name}" if image_name else "")
     return titled(row, title, lines)
-
-
-def figure_of(result: Any, image: Any = None, *, model: Any = None, index: int = 0,
-              probability: float | None = None) -> np.ndarray:
-    """The figure the CLI writes for ``result`` (the first picture where it writes several).
-
-    Args:
-        result: any convscope result dataclass.
-        image: the photo to draw maps on (PIL image, uint8 array or the normalised input batch);
-            without it, maps are drawn alone where they can be.
-        model: the ``LoadedModel`` (names the network and its weights in the caption).
-        index: which image of a batch.
-        probability: the explained class's probability, for gradient methods' captions.
-    """
-    from convscope.methods.results import CamMaps, DeconvProjections, GradientMaps
-
-    kind = type(result).__name__
-    if isinstance(result, Prediction):
-        return prediction_figure(result, model)
-    if isinstance(result, ModelSummary):
-        return summary_figure(result)
-    if isinstance(result, Filters):
-        return filter_figure(result, model)
-    if isinstance(result, FeatureMaps):
-        return feature_figure(result, index, model)
-    if isinstance(result, CamMaps):
-        size = tuple(result.maps.shape[-2:])
-        return cam_figure(photo_for(image, model, index, size), result, index, model, probability)  # type: ignore[arg-type]
-    if isinstance(result, GradientMaps):
-        return gradient_figure(result, index, model, probability)
-    size = _input_size(result)
-    photo = photo_for(image, model, index, size)
-    if photo is None:
-        photo = np.full((*size, 3), 128, np.uint8)  # maps stay readable on a neutral ground
-    if isinstance(result, ActivationMaps):
-        return activation_strip(photo, result, index, model=model, captioned=True)
-    if isinstance(result, DeconvProjections):
-        return deconv_figure(photo, result, index, model)
-    if kind == "OcclusionResult":
-        return occlusion_figures(photo, result, index, model)["probability"]
-    raise TypeError(f"no figure for a {kind}")
-
-
-def _input_size(result: Any) -> tuple[int, int]:
-    if isinstance(result, ActivationMaps):
-        first = result.maps[result.layers[0]]
-        return int(first.shape[-2]), int(first.shape[-1])
-    if hasattr(result, "projections"):
-        return int(result.projections.shape[-2]), int(result.projections.shape[-1])
-    return int(result.pixel_drop.shape[-2]), int(result.pixel_drop.shape[-1])

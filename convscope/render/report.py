@@ -2,7 +2,7 @@
 
 Pictures are embedded as ``data:image/png;base64`` URIs and the stylesheet is inlined, so the
 file opens anywhere, offline, and makes no network request (its Content-Security-Policy forbids
-any). Pure: it renders an ``Exploration`` the caller computed.
+any, and any form submission or ``<base>`` URL, which ``default-src`` does not cover). Pure: it renders an ``Exploration`` the caller computed.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from convscope.imageio import shown_text
 from convscope.render.views import png_bytes
 
 TEMPLATE_PACKAGE = "convscope.render"
@@ -96,7 +97,7 @@ def report_html(exploration: Any) -> str:
             ],
         })
     c, h, w = exploration.summary.input_size
-    return environment().get_template("report.html.j2").render(  # type: ignore[no-any-return]
+    page: str = environment().get_template("report.html.j2").render(
         exploration=exploration,
         image_name=Path(exploration.image).name,
         sections=sections,
@@ -109,6 +110,8 @@ def report_html(exploration: Any) -> str:
         version=__version__,
         created=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     )
+    # A file name that is not UTF-8 (Python's "caf\\udce9.jpg") cannot go into a UTF-8 page: U+FFFD.
+    return shown_text(page)
 
 
 # Written into every report's <head>; an existing file is replaced only when it carries it.

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-
-from convscope.types import ModelSummary, Prediction
+from typing import Any
 
 
 def _human(n: float, unit: str = "") -> str:
@@ -25,8 +24,8 @@ def _pair(pair: tuple[int, int] | None) -> str:
     return str(pair[0]) if pair[0] == pair[1] else f"{pair[0]}x{pair[1]}"
 
 
-def summary_table(result: ModelSummary) -> str:
-    """A fixed-width table: one row per layer call, then totals and notes."""
+def summary_table(result: Any) -> str:
+    """A ``ModelSummary`` as a fixed-width table: one row per layer call, then totals and notes."""
     header = ("layer", "type", "output", "params", "k/s/p", "RF", "jump", "start", "mult-adds")
     rows = []
     for layer in result.layers:
@@ -61,8 +60,8 @@ def summary_table(result: ModelSummary) -> str:
     return "\n".join(lines)
 
 
-def predictions_table(image: str, prediction: Prediction) -> str:
-    """``image`` then one indented line per class: probability, index, label."""
+def predictions_table(image: str, prediction: Any) -> str:
+    """``image`` then, for a ``Prediction``, one indented line per class: probability, index, label."""
     lines = [image]
     for entry in prediction.as_dicts():
         lines.append(f"  {entry['probability']:7.2%}  {entry['index']:>5}  {entry['label']}")

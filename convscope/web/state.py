@@ -135,7 +135,8 @@ class Job:
     """A slow method running on the worker thread.
 
     ``status``: ``queued``, ``running``, ``done``, ``error`` or ``cancelled``; ``done``/``total``:
-    work units (occluded copies, projections); ``result``: the rendered ``Views`` when done.
+    work units (occluded or masked copies, projections), ``total`` ``None`` when the method cannot
+    tell in advance (Score-CAM: the layer's channels); ``result``: the rendered ``Views`` when done.
     """
 
     id: str
@@ -148,6 +149,7 @@ class Job:
     created: float = field(default_factory=time.monotonic)
     finished: float | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
+    stopped: threading.Event = field(default_factory=threading.Event)
 
     def progress(self, units: int) -> None:
         if self.cancel.is_set():
@@ -184,11 +186,11 @@ class JobStore:
             self._trim()
 
         def run() -> None:
-            if job.cancel.is_set():
-                job.status, job.finished = "cancelled", time.monotonic()
-                return
-            job.status = "running"
             try:
+                if job.cancel.is_set():
+                    job.status = "cancelled"
+                    return
+                job.status = "running"
                 job.result = work(job)
                 job.status = "done"
             except JobCancelled:
@@ -198,6 +200,7 @@ class JobStore:
                 job.status = "error"
             finally:
                 job.finished = time.monotonic()
+                job.stopped.set()
 
         self._pool.submit(run)
         return job
@@ -206,12 +209,16 @@ class JobStore:
         with self._guard:
             return self._jobs.get(job_id)
 
-    def cancel(self, job_id: str) -> Job | None:
+    def cancel(self, job_id: str, *, wait: float = 0.0) -> Job | None:
+        """Ask a job to stop; it does at its next progress step (every method reports one per
+        forward batch). ``wait``: seconds to wait for it to stop, so the answer says ``cancelled``."""
         job = self.get(job_id)
         if job is not None:
             job.cancel.set()
             if job.status == "queued":
                 job.status = "cancelled"
+            elif wait > 0:
+                job.stopped.wait(wait)
         return job
 
     def counts(self) -> dict[str, int]:

@@ -250,7 +250,7 @@ async function runJob(method, fields) {
     const { done, total } = job.progress;
     $("progress").max = total || 1;
     $("progress").value = total ? done : 0;
-    setStatus(`${method.title}: ${job.status}` + (total ? ` ${done} of ${total}` : ""));
+    setStatus(`${method.title}: ${job.status}` + (total ? ` ${done} of ${total}` : done ? ` (${done} passes)` : ""));
     await new Promise((r) => setTimeout(r, 400));
     const poll = await fetch(`api/jobs/${job.id}`);
     if (!poll.ok) { setStatus(await errorText(poll), true); break; }

@@ -353,7 +353,7 @@ def test_non_finite_loss_stops_training_and_keeps_the_last_good_epoch(tmp_path: 
     monkeypatch.setattr(F, "cross_entropy", poisoned)
     with pytest.raises(TrainingDiverged, match=r"run: training diverged in epoch 2: the loss became nan at step 1 of 2; "
                                                r"stopped, last.pt keeps epoch 1, the last good one "
-                                               r"\(try an --lr below 0.003\)"):
+                                               r"\(try an lr below 0.003\)"):
         train(config)
     monkeypatch.setattr(F, "cross_entropy", real)
     assert read_checkpoint(folder / "last.pt", role="last")["epoch"] == 1

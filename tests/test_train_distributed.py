@@ -25,13 +25,14 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from convscope.distributed import GlobalBatchNorm, GlobalDropout, World
-from convscope.training.data import epoch_batches, fashion_mnist_available, rank_share
+from convscope.training.batches import epoch_batches, rank_share
+from convscope.training.data import fashion_mnist_available
 
 needs_data = pytest.mark.skipif(not fashion_mnist_available(), reason="Fashion-MNIST files not installed")
 needs_dist = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built in")
 
 DATA = ["--data", "fashion-mnist", "--arch", "zfnet_mnist", "--limit", "600", "-b", "33", "--seed", "3"]
-EXPECTED_FILES = {".convscope.lock", "config.json", "data.json", "last.pt", "best.pt", "metrics.jsonl", "result.json"}
+EXPECTED_FILES = {".convscope.lock", "run.json", "config.json", "data.json", "last.pt", "best.pt", "metrics.jsonl", "result.json"}
 
 _AUDIT = textwrap.dedent(
     """

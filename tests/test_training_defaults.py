@@ -16,9 +16,10 @@ from typer.testing import CliRunner
 
 from convscope.models.load import load_model
 from convscope.training import TrainConfig, train
-from convscope.training.data import BatchTransform, load_training_data
+from convscope.training.batches import BatchTransform
+from convscope.training.data import load_training_data
 from convscope.training.evaluate import evaluate
-from convscope.training.loop import learning_rate
+from convscope.training.schedule import learning_rate
 
 
 @pytest.fixture(scope="module")

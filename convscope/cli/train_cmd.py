@@ -18,6 +18,7 @@ from convscope.cli.options import SEED_MAX, DeviceOpt, JsonOpt, ModelOpt
 from convscope.cli.output import OutputDir, prepare_folder
 from convscope.cli.progress import show_progress
 from convscope.errors import BadArgument
+from convscope.parsing import parse_int
 
 DataOpt = Annotated[
     str | None,
@@ -65,9 +66,40 @@ def _epoch_list(text: str | None) -> tuple[int, ...] | None:
     if text is None:
         return None
     try:
-        return tuple(int(p) for p in text.split(",") if p.strip())
-    except ValueError:
-        raise BadArgument(f"--snapshot-epochs {text}", "expected comma-separated epoch numbers, e.g. 1,2,5") from None
+        return tuple(parse_int(p, subject="epoch", minimum=0) for p in text.split(",") if p.strip())
+    except BadArgument as exc:
+        raise BadArgument(
+            f"--snapshot-epochs {_shown(text)}", f"{exc.reason}: expected comma-separated epoch numbers, e.g. 1,2,5"
+        ) from None
+
+
+def _shown(text: str, limit: int = 40) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+# The library's errors name options as its parameters (``epochs 0``); this CLI says its flags. A
+# parameter's flag is its name in kebab case (``batch_size`` -> ``--batch-size``) but for these.
+_FLAGS = {"init_from": "--from", "out_dir": "--output"}
+
+
+def _flag(parameter: str) -> str:
+    return _FLAGS.get(parameter, "--" + parameter.replace("_", "-"))
+
+
+@contextmanager
+def _cli_wording() -> Iterator[None]:
+    """Re-word the training library's errors with this CLI's flags (``convscope.training.wording``)."""
+    from convscope.errors import ConvscopeError
+    from convscope.training.wording import worded
+
+    try:
+        yield
+    except ConvscopeError as exc:
+        again = worded(exc, _flag)
+        if again is exc:
+            raise
+        raise again from exc
 
 
 @contextmanager
@@ -174,6 +206,15 @@ def train_command(
             "not) to N epochs; the learning-rate schedule is then re-planned over N.",
         ),
     ] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="Start a new run in a folder that holds an earlier run (its files, as run.json records them, are "
+            "replaced; nothing else) or files convscope did not write (left alone). A file named like a run's "
+            "(best.pt, config.json...) that no run here wrote is never replaced.",
+        ),
+    ] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Train a model on Fashion-MNIST, digits or an image folder; checkpoints each epoch, resumable.
@@ -183,6 +224,11 @@ def train_command(
     test accuracy of best.pt, measured once), and with --snapshot-epochs the feature-evolution
     pictures (evolution.png). Checkpoints carry a checksum and are verified when read.
     Use the result anywhere with --weights RUN/best.pt.
+
+    run.json records the run: its id, a fingerprint of the data (file names, sizes, modification
+    times) and the sha256 of every file it wrote. A folder that holds an earlier run is refused
+    unless --resume (continue it) or --overwrite (replace its recorded files); files convscope did
+    not write are never replaced, and --resume refuses data that changed since the run started.
 
     Extending a run: --resume --epochs N trains on to N epochs (N below the epochs done is refused).
     The learning-rate schedule is defined over all epochs and is re-planned over N: the new epochs
@@ -199,7 +245,8 @@ def train_command(
       convscope train --data flowers/ --from runs/fm/best.pt --freeze features -o runs/transfer
     """
     from convscope.distributed import env_world
-    from convscope.training.loop import TrainConfig, load_run_config, train
+    from convscope.training.config import TrainConfig, load_run_config
+    from convscope.training.loop import train
 
     given: dict[str, Any] = {
         "data": data, "arch": arch, "epochs": epochs, "batch_size": batch_size, "lr": lr, "optimizer": optimizer,
@@ -210,13 +257,15 @@ def train_command(
         "channels_last": channels_last,
     }
     given = {k: v for k, v in given.items() if v is not None}
+    if resume and overwrite:
+        raise BadArgument("--overwrite", "cannot be combined with --resume", "--resume continues the run in --output")
     if not resume and "data" not in given:
         raise BadArgument("--data", "is required", "fashion-mnist, digits or a folder of class sub-folders")
     # Under torchrun rank 0 alone prepares, locks and reports; the other ranks only train.
     rank0 = env_world().is_rank0
     if rank0:
         prepare_folder(output)
-    with _run_folder(output, "train") if rank0 else nullcontext(), _train_display() as show:
+    with _cli_wording(), _run_folder(output, "train") if rank0 else nullcontext(), _train_display() as show:
         if resume:
             # Options not repeated come from the run; repeated ones must agree (the library checks),
             # except --epochs, which extends the run.
@@ -225,7 +274,7 @@ def train_command(
         else:
             recorded = None
             config = TrainConfig(out_dir=str(output), device=device, **given)
-        result = train(config, show if rank0 else None)
+        result = train(config, show if rank0 else None, overwrite=overwrite)
     if not rank0:
         return
     if recorded is not None and config.epochs != recorded.epochs:
@@ -294,7 +343,8 @@ def evaluate_command(
     out = OutputDir(output) if output is not None else None
     loaded = load_model(model, weights, device=device)
     trained = trained_on(weights) if Path(weights).is_file() else None
-    result = evaluate(loaded, data, split=split, batch_size=batch_size, limit=limit, trained=trained)
+    with _cli_wording():
+        result = evaluate(loaded, data, split=split, batch_size=batch_size, limit=limit, trained=trained)
     if result.note:
         typer.echo(f"note: {result.note}", err=True)
     if result.includes_training and split != "train":
@@ -345,14 +395,16 @@ def ablate_command(
     """Ablation study (Zeiler & Fergus Table 3): train variants with one seed and budget, tabulate errors.
 
     Writes one run folder per variant, ablation.md and ablation.json. Rerunning the same command
-    reuses finished variants and resumes an interrupted one.
+    reuses finished variants and resumes an interrupted one; a variant folder holding a run of other
+    options, or files convscope did not write, is refused, and so are an ablation.md or ablation.json
+    convscope did not write (their checksums are kept in ablation.run.json).
 
     Example:
       convscope ablate --data fashion-mnist --arch zfnet_mnist --variant drop:conv3,conv4 \\
           --variant width:conv2=128 --epochs 5 -o runs/ablation
     """
     from convscope.training.ablation import ablate
-    from convscope.training.loop import TrainConfig
+    from convscope.training.config import TrainConfig
 
     given: dict[str, Any] = {
         "epochs": epochs, "batch_size": batch_size, "lr": lr, "optimizer": optimizer, "seed": seed,
@@ -363,7 +415,7 @@ def ablate_command(
         data=data, arch=arch, out_dir=str(output), device=device, **{k: v for k, v in given.items() if v is not None}
     )
     prepare_folder(output)
-    with _run_folder(output, "ablate"), _ablation_display() as show:
+    with _cli_wording(), _run_folder(output, "ablate"), _ablation_display() as show:
         result = ablate(config, variant, include_base=not no_base, progress=show)
     if json_out:
         typer.echo(json.dumps(result.as_dict(), indent=2))

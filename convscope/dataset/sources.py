@@ -210,7 +210,7 @@ class IdxSource(ImageSource):
     """
 
     def __init__(self, path: Path, preprocess: Preprocess, description: str = "") -> None:
-        from convscope.training.data import BatchTransform
+        from convscope.training.batches import BatchTransform
 
         self.path = path
         self.transform = BatchTransform(preprocess)

@@ -6,8 +6,10 @@ data and budget are used for every variant, so the base run is the control.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from convscope.errors import BadArgument
 from convscope.models.variants import (
@@ -19,6 +21,14 @@ from convscope.models.variants import (
     parse_variant,
     variant_builder,
 )
+from convscope.training.config import TrainConfig, compare_configs, resolve_config
+from convscope.training.loop import train
+from convscope.training.runrecord import RunFolderError, RunRecord, inspect_run_folder
+from convscope.training.wording import literal, option_error
+
+TABLES = ("ablation.md", "ablation.json")
+# The tables' own record: the ablation folder is not a run, and train --overwrite never touches it.
+TABLE_RECORD = "ablation.run.json"
 
 __all__ = [
     "BASE",
@@ -76,7 +86,7 @@ class AblationResult:
 
 
 def ablate(
-    base: object,
+    base: TrainConfig,
     variants: Sequence[str],
     *,
     include_base: bool = True,
@@ -86,7 +96,8 @@ def ablate(
 
     Each run goes to ``<out_dir>/<variant slug>/``; a finished run (``result.json``) is reused and
     an interrupted one resumed, so a killed ablation continues where it stopped. The table is
-    written to ``<out_dir>/ablation.md`` and ``ablation.json``.
+    written to ``<out_dir>/ablation.md`` and ``ablation.json`` (their checksums in
+    ``ablation.run.json``); tables convscope did not write are never replaced.
 
     Args:
         base: a ``TrainConfig``; its ``out_dir`` is the ablation folder.
@@ -96,16 +107,14 @@ def ablate(
     Raises:
         BadArgument: a variant that does not parse or does not fit the architecture (checked for
             all variants before anything trains), or duplicate variants.
+        RunFolderError: tables convscope did not write, a variant folder holding files no run
+            wrote or a run with other options (all checked before anything trains).
     """
     import dataclasses
     import json
-    from pathlib import Path
 
-    from convscope.imageio import atomic_write
     from convscope.models.registry import get_spec
-    from convscope.training.loop import TrainConfig, resolve_config, train
 
-    assert isinstance(base, TrainConfig)
     root = Path(base.out_dir)
     parsed = [parse_variant(v) for v in variants]
     if include_base and not any(v.is_base for v in parsed):
@@ -113,7 +122,7 @@ def ablate(
     slugs = [v.slug for v in parsed]
     if len(set(slugs)) != len(slugs):
         duplicate = next(s for s in slugs if slugs.count(s) > 1)
-        raise BadArgument("--variant", f"given twice: {duplicate}")
+        raise option_error(BadArgument, "{variant}", f"given twice: {literal(duplicate)}")
     resolved = resolve_config(dataclasses.replace(base, variant=None))
     spec = get_spec(resolved.arch)  # type: ignore[arg-type]
     sizes: dict[str, int] = {}
@@ -123,24 +132,29 @@ def ablate(
         if not variant.is_base:
             apply_variant(module, variant, stages=dict(spec.stages), input_size=spec.preprocess.input_size)
         sizes[variant.text] = count_parameters(module)
+    # ...and every folder must be usable: the tables ours, each variant folder empty or this run's.
+    tables = _table_record(root)
+    configs = [
+        dataclasses.replace(base, out_dir=str(root / v.slug), variant=None if v.is_base else v.text, resume=False,
+                            snapshot_epochs=())
+        for v in parsed
+    ]
+    states = [_variant_state(config) for config in configs]
 
     rows = []
     selection = "val"
-    for variant in parsed:
-        run_dir = root / variant.slug
-        config = dataclasses.replace(
-            base, out_dir=str(run_dir), variant=None if variant.is_base else variant.text, resume=False,
-            snapshot_epochs=(),
-        )
-        done = run_dir / "result.json"
-        if done.exists():
-            summary = json.loads(done.read_text("utf-8"))
+    for variant, config, state in zip(parsed, configs, states, strict=True):
+        run_dir = Path(config.out_dir)
+        if state == "finished":
+            summary = json.loads((run_dir / "result.json").read_text("utf-8"))
             best, parameters, selection = summary["best"], summary["parameters"], summary["selection"]
             test = (summary.get("test") or {}).get("accuracy")
         else:
-            config = dataclasses.replace(config, resume=(run_dir / "last.pt").exists())
             report = None if progress is None else (lambda event, name=variant.text: progress(name, event))
-            result = train(config, report)
+            # An interrupted variant resumes; one killed before its first checkpoint starts again
+            # (its recorded files, and only those, are replaced).
+            result = train(dataclasses.replace(config, resume=state == "interrupted"), report,
+                           overwrite=state == "started")
             best, parameters, selection = result.best, result.parameters, result.selection
             test = result.test_accuracy
         held = best.get("val_accuracy") if selection == "val" else None
@@ -157,9 +171,79 @@ def ablate(
         )
     markdown = ablation_table(rows, selection)
     result_table = AblationResult(tuple(rows), selection, markdown)
-    atomic_write(root / "ablation.md", markdown)
-    atomic_write(root / "ablation.json", json.dumps(result_table.as_dict(), indent=2) + "\n")
+    if tables is None:
+        tables = RunRecord.start(root, command="ablate", name=TABLE_RECORD)
+    tables.write(TABLES[0], markdown)
+    tables.write(TABLES[1], json.dumps(result_table.as_dict(), indent=2) + "\n")
     return result_table
+
+
+def _table_record(root: Path) -> RunRecord | None:
+    """The record of the tables an earlier ablation wrote into ``root``; refuses tables it did not write.
+
+    Raises:
+        RunFolderError: ``ablation.md`` or ``ablation.json`` exists and no convscope ablation wrote
+            it (or it changed since).
+    """
+    record = RunRecord.read(root, TABLE_RECORD)
+    legacy = record is None and _legacy_tables(root)
+    for name in TABLES:
+        path = root / name
+        if os.path.lexists(path) and not legacy and not (record is not None and record.owns(name)):
+            raise RunFolderError(
+                str(path), "was not written by convscope ablate (or changed since); it is left as it is",
+                "move it away, or write the ablation into another folder",
+            )
+    return record
+
+
+def _legacy_tables(root: Path) -> bool:
+    """Tables from before their record: ours when ``ablation.md`` is exactly the table of ``ablation.json``."""
+    import json
+
+    try:
+        text = (root / TABLES[1]).read_text("utf-8")
+        raw = json.loads(text)
+        rows = tuple(AblationRow(**row) for row in raw["rows"])
+        table = AblationResult(rows, raw["selection"], ablation_table(rows, raw["selection"]))
+        return (
+            json.dumps(table.as_dict(), indent=2) + "\n" == text
+            and (root / TABLES[0]).read_text("utf-8") == table.markdown
+        )
+    except (OSError, ValueError, TypeError, KeyError):
+        return False
+
+
+def _variant_state(config: TrainConfig) -> str:
+    """``new``, ``started`` (no checkpoint yet), ``interrupted`` or ``finished``, for a variant's folder.
+
+    Raises:
+        RunFolderError: the folder holds files no convscope run wrote, or a run with other options.
+    """
+    import json
+
+    contents = inspect_run_folder(config.out_dir)
+    contents.refuse_foreign_run_names()
+    if contents.foreign_other:
+        raise RunFolderError(
+            config.out_dir, f"holds files no convscope run wrote ({literal(', '.join(contents.foreign_other[:4]))})",
+            "move them away, or write the ablation into another folder",
+        )
+    if not contents.has_earlier_run:
+        return "new"
+    if "config.json" in contents.earlier:
+        saved = TrainConfig.from_json(json.loads((Path(config.out_dir) / "config.json").read_text("utf-8")))
+        differences = compare_configs(resolve_config(config), saved, free=("resume", "out_dir", "device"))
+        if differences:
+            raise RunFolderError(
+                config.out_dir,
+                literal(f"holds an earlier run ({contents.describe()}) with other options: "
+                        + "; ".join(differences[:4]) + " (given vs saved)"),
+                "rerun the ablation with the same options, or write it into another folder",
+            )
+    if contents.finished:
+        return "finished"
+    return "interrupted" if "last.pt" in contents.earlier else "started"
 
 
 def ablation_table(rows: Sequence[AblationRow], selection: str) -> str:

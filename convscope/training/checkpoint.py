@@ -22,10 +22,11 @@ from typing import IO, Any
 import numpy as np
 import torch
 
-from convscope.errors import BadWeightsFile, CheckpointWriteError
+from convscope.errors import BadWeightsFile, CheckpointWriteError, OutputError
 from convscope.models.checkpoints import CHECKPOINT_VERSION, ROLES, seal
 from convscope.models.weights import is_checkpoint, read_weights_file
 from convscope.preprocess import Preprocess
+from convscope.training.wording import literal, option_error
 
 __all__ = [
     "CHECKPOINT_VERSION",
@@ -143,7 +144,8 @@ def write_checkpoint(path: str | os.PathLike[str], data: bytes | dict[str, Any])
 
     Raises:
         CheckpointWriteError: the write failed (``ENOSPC``, ``EACCES``...); the previous file at
-            ``path`` is untouched and no temporary file is left.
+            ``path`` is untouched and no temporary file is left. A full disk says
+            ``no space left on <mount> (N bytes needed)``.
     """
     from convscope.imageio import atomic_path
 
@@ -153,14 +155,23 @@ def write_checkpoint(path: str | os.PathLike[str], data: bytes | dict[str, Any])
         with atomic_path(target) as temp, open(temp, "wb") as handle:
             _write(handle, payload)
             handle.flush()
+    except OutputError as exc:
+        # atomic_path says "no space left on <mount>"; add what was needed and what was kept.
+        if not (isinstance(exc.__cause__, OSError) and exc.__cause__.errno in (errno.ENOSPC, errno.EDQUOT)):
+            raise
+        kept = "the previous checkpoint is intact" if target.exists() else "nothing was written"
+        raise option_error(
+            CheckpointWriteError, literal(target), literal(f"{exc.reason} ({len(payload)} bytes needed); {kept}"),
+            "free some space and rerun with {resume}",
+        ) from exc.__cause__
     except OSError as exc:
         why = os.strerror(exc.errno) if exc.errno else str(exc)
         if exc.errno == errno.ENOSPC:
             why = "no space left on device"
         kept = "the previous checkpoint is intact" if target.exists() else "nothing was written"
-        raise CheckpointWriteError(
-            str(target), f"cannot write checkpoint: {why.lower()}; {kept}",
-            "free space and rerun with --resume",
+        raise option_error(
+            CheckpointWriteError, literal(target), literal(f"cannot write checkpoint: {why.lower()}; {kept}"),
+            "free space and rerun with {resume}",
         ) from exc
     return target
 

@@ -3,8 +3,8 @@ and image folders with one sub-folder per class. Nothing is ever downloaded.
 
 Every split is held in memory as ``uint8`` pixels, ``(N, C, H, W)``: Fashion-MNIST and digits at
 their native size, folders already resized and centre-cropped to the model's input. Conversion to
-the model's channels and size, augmentation and normalisation happen per batch (``BatchTransform``),
-so one copy of the data serves any architecture.
+the model's channels and size, augmentation and normalisation happen per batch
+(``convscope.training.batches.BatchTransform``), so one copy of the data serves any architecture.
 """
 
 from __future__ import annotations
@@ -20,16 +20,14 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from convscope.distributed import shard_range
 from convscope.errors import BadArgument, DataError, ImageError
 from convscope.preprocess import Preprocess
+from convscope.training.wording import option_error
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_ENV = "CONVSCOPE_FASHION_MNIST"
 BUILTIN_DATASETS = ("fashion-mnist", "digits")
-AUGMENTATIONS = ("crop", "flip", "color", "erase")
 # Without a validation split of its own, a dataset lends one from its training images: best.pt is
 # chosen on it, and the test split is touched once, on the chosen checkpoint (honest model selection).
 DEFAULT_VAL_SPLIT = 0.1
@@ -133,9 +131,9 @@ def load_training_data(
         BadArgument: ``val_split`` outside ``[0, 1)`` or ``limit`` below 1.
     """
     if val_split is not None and not 0.0 <= val_split < 1.0:
-        raise BadArgument(f"--val-split {val_split}", "must be at least 0 and below 1")
+        raise option_error(BadArgument, f"{{val_split}} {val_split}", "must be at least 0 and below 1")
     if limit is not None and limit < 1:
-        raise BadArgument(f"--limit {limit}", "must be at least 1")
+        raise option_error(BadArgument, f"{{limit}} {limit}", "must be at least 1")
     name = os.fspath(source)
     skipped: tuple[tuple[str, str], ...] = ()
     categories: tuple[str, ...]
@@ -295,6 +293,58 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     return np.frombuffer(payload, dtype=dtype).reshape(dims).astype(dtype.newbyteorder("="))
 
 
+
+# -- fingerprints -------------------------------------------------------------------------------
+
+
+def data_fingerprint(source: str | os.PathLike[str]) -> dict[str, Any]:
+    """What identifies the files a dataset is read from, without reading them.
+
+    A folder: every image file's path relative to the folder, size and modification time;
+    Fashion-MNIST: its four IDX files the same way; digits: scikit-learn's data file. A resumed
+    run compares this with the fingerprint taken when it started, so it never continues on other
+    images (one removed and another added keeps the count, not the fingerprint).
+
+    Returns:
+        ``{"kind", "unit", "count", "sha256"}`` (JSON-ready).
+
+    Raises:
+        DataError: as ``load_training_data`` for a missing dataset or an unusable folder.
+    """
+    name = os.fspath(source)
+    if name == "fashion-mnist":
+        folder = fashion_mnist_dir()
+        paths = [_idx_file(folder, stem) for stem in _FASHION_FILES]
+        if any(p is None for p in paths):
+            _fashion_mnist()  # raises the missing-files error
+        return _fingerprint("fashion-mnist", "IDX files", folder, [p for p in paths if p is not None])
+    if name == "digits":
+        try:
+            import sklearn.datasets
+        except ImportError as exc:
+            raise DataError("digits", "needs scikit-learn", "pip install scikit-learn") from exc
+        folder = Path(sklearn.datasets.__file__).parent / "data"
+        found = [p for p in (folder / "digits.csv.gz",) if p.is_file()]
+        return _fingerprint("digits", "data files", folder, found)
+    folder = Path(name)
+    _, _, files = _folder_files(folder)
+    return _fingerprint("folder", "image files", folder, [path for _, path, _ in files])
+
+
+def _fingerprint(kind: str, unit: str, root: Path, paths: Sequence[Path]) -> dict[str, Any]:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in paths:
+        try:
+            info = path.stat()
+        except OSError as exc:
+            raise DataError(str(path), f"cannot read: {(exc.strerror or type(exc).__name__).lower()}") from exc
+        relative = path.relative_to(root).as_posix() if path.is_relative_to(root) else path.name
+        digest.update(f"{relative}\0{info.st_size}\0{info.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+    return {"kind": kind, "unit": unit, "count": len(paths), "sha256": digest.hexdigest()}
+
+
 # -- digits -------------------------------------------------------------------------------------
 
 
@@ -326,32 +376,7 @@ def _class_folders(folder: Path) -> list[Path]:
 def _folder(
     folder: Path, preprocess: Preprocess, split_seed: int, progress: LoadProgress | None
 ) -> tuple[tuple[str, ...], Split, Split | None, Split | None, tuple[tuple[str, str], ...]]:
-    if not folder.exists():
-        raise DataError(str(folder), "no such dataset or folder", _DATA_HINT)
-    if not folder.is_dir():
-        raise DataError(str(folder), "is a file, not a folder of class sub-folders", _DATA_HINT)
-    subfolders = {p.name.lower(): p for p in _class_folders(folder)}
-    held_names = [n for n in subfolders if n in _HELD_OUT_FOLDERS]
-    if "train" in subfolders and held_names:
-        categories = _categories(subfolders["train"])
-        roots: dict[str, Path] = {"train": subfolders["train"]}
-        for name in held_names:
-            roots.setdefault(_HELD_OUT_FOLDERS[name], subfolders[name])
-        for which, root in roots.items():
-            extra = sorted({p.name for p in _class_folders(root)} - set(categories))
-            if extra:
-                raise DataError(str(root), f"has classes not in train/: {', '.join(extra)}")
-    else:
-        categories = _categories(folder)
-        roots = {"train": folder}
-    files: list[tuple[str, Path, int]] = []
-    for which, root in roots.items():
-        for label, name in enumerate(categories):
-            class_dir = root / name
-            if class_dir.is_dir():
-                from convscope.imageio import iter_images
-
-                files.extend((which, path, label) for path in iter_images([class_dir]))
+    categories, roots, files = _folder_files(folder)
     images, skipped = _decode_all([path for _, path, _ in files], preprocess, progress)
     splits: dict[str, Split] = {}
     for which in roots:
@@ -381,6 +406,37 @@ def _folder(
         )
     assert train is not None
     return tuple(categories), train, splits.get("val"), splits.get("test"), tuple(skipped)
+
+
+def _folder_files(folder: Path) -> tuple[list[str], dict[str, Path], list[tuple[str, Path, int]]]:
+    """A folder dataset's classes, split roots and ``(split, image path, label)`` files, undecoded."""
+    if not folder.exists():
+        raise DataError(str(folder), "no such dataset or folder", _DATA_HINT)
+    if not folder.is_dir():
+        raise DataError(str(folder), "is a file, not a folder of class sub-folders", _DATA_HINT)
+    subfolders = {p.name.lower(): p for p in _class_folders(folder)}
+    held_names = [n for n in subfolders if n in _HELD_OUT_FOLDERS]
+    if "train" in subfolders and held_names:
+        categories = _categories(subfolders["train"])
+        roots: dict[str, Path] = {"train": subfolders["train"]}
+        for name in held_names:
+            roots.setdefault(_HELD_OUT_FOLDERS[name], subfolders[name])
+        for which, root in roots.items():
+            extra = sorted({p.name for p in _class_folders(root)} - set(categories))
+            if extra:
+                raise DataError(str(root), f"has classes not in train/: {', '.join(extra)}")
+    else:
+        categories = _categories(folder)
+        roots = {"train": folder}
+    files: list[tuple[str, Path, int]] = []
+    for which, root in roots.items():
+        for label, name in enumerate(categories):
+            class_dir = root / name
+            if class_dir.is_dir():
+                from convscope.imageio import iter_images
+
+                files.extend((which, path, label) for path in iter_images([class_dir]))
+    return categories, roots, files
 
 
 def _categories(folder: Path) -> list[str]:
@@ -427,145 +483,3 @@ def _decode_all(
             if progress is not None:
                 progress(done, len(paths))
     return results, skipped
-
-
-# -- batches ------------------------------------------------------------------------------------
-
-
-def epoch_batches(count: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
-    """One epoch's global batches: a seeded permutation of ``range(count)`` cut into full batches.
-
-    The permutation is one ``randperm`` draw from ``generator`` whatever the number of processes,
-    so every rank of a distributed run (all seeded alike) gets the batches of a one-process run;
-    the last partial batch is dropped, so every step has ``batch_size`` images (``count`` when the
-    split is smaller than one batch).
-    """
-    batch = min(batch_size, count)
-    order = torch.randperm(count, generator=generator)
-    return [order[start : start + batch] for start in range(0, count - batch + 1, batch)]
-
-
-def rank_share(batch: torch.Tensor, rank: int, size: int) -> torch.Tensor:
-    """The part of a global ``batch`` of indices that ``rank`` of ``size`` trains on.
-
-    Contiguous slices in rank order, differing in length by at most one; together the ranks
-    cover the batch exactly once (``convscope.distributed.shard_range``).
-    """
-    share = shard_range(len(batch), rank, size)
-    return batch[share.start : share.stop]
-
-
-def parse_augment(spec: str | Sequence[str] | None) -> tuple[str, ...]:
-    """``"crop,flip"`` or ``["crop", "flip"]`` -> validated, de-duplicated names in canonical order."""
-    if spec is None:
-        return ()
-    items = spec.split(",") if isinstance(spec, str) else [p for s in spec for p in s.split(",")]
-    names = [s.strip().lower() for s in items if s.strip() and s.strip().lower() != "none"]
-    for name in names:
-        if name not in AUGMENTATIONS:
-            from convscope.errors import close_matches
-
-            raise BadArgument(f"--augment {name}", "unknown augmentation", close_matches(name, AUGMENTATIONS))
-    return tuple(a for a in AUGMENTATIONS if a in names)
-
-
-class BatchTransform:
-    """uint8 pixels -> normalised network input, with optional seeded augmentation.
-
-    Converts the channel count (grey <-> RGB), resizes to the model's input when the stored size
-    differs, applies the augmentations, then normalises with the model's mean/std.
-
-    Augmentations (each drawn per image from the ``generator``):
-        crop: pad by 1/12 of the side (2 pixels for 28x28, 3 for 32x32) with black and take a
-            random crop of the input size (random translation).
-        flip: horizontal flip with probability 1/2.
-        color: brightness and contrast x U(0.8, 1.2) (and saturation for RGB).
-        erase: with probability 1/2, set a random rectangle (2-25 % of the area) to the mean
-            (random erasing / cutout).
-    """
-
-    def __init__(self, preprocess: Preprocess, augment: Sequence[str] = ()) -> None:
-        self.preprocess = preprocess
-        self.augment = tuple(augment)
-        self.size = preprocess.crop
-        self.pad = max(1, round(self.size / 12))
-        mean = torch.tensor(preprocess.mean, dtype=torch.float32).view(1, -1, 1, 1)
-        std = torch.tensor(preprocess.std, dtype=torch.float32).view(1, -1, 1, 1)
-        self._scale = (1.0 / 255.0) / std
-        self._shift = mean / std
-
-    def __call__(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """``(B, C, H, W)`` uint8 -> ``(B, channels, crop, crop)`` float32; no augmentation without a generator."""
-        x = pixels
-        channels = self.preprocess.channels
-        augmenting = generator is not None and bool(self.augment)
-        fits = x.shape[1] == channels and x.shape[-2] == self.size and x.shape[-1] == self.size
-        if fits and not augmenting:
-            # The fast path: one fused scale-and-shift (x / 255 - mean) / std.
-            return torch.addcmul(-self._shift, x.float(), self._scale)
-        x = x.float() / 255.0
-        if x.shape[1] != channels:
-            if channels == 3 and x.shape[1] == 1:
-                x = x.expand(-1, 3, -1, -1)
-            elif channels == 1 and x.shape[1] == 3:
-                luma = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
-                x = (x * luma).sum(dim=1, keepdim=True)
-            else:
-                raise DataError("data", f"images have {x.shape[1]} channels, the model takes {channels}")
-        if x.shape[-2] != self.size or x.shape[-1] != self.size:
-            shrinking = x.shape[-2] > self.size or x.shape[-1] > self.size
-            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=shrinking)
-        if augmenting:
-            assert generator is not None
-            x = self._augment(x.contiguous(), generator)
-        mean = torch.tensor(self.preprocess.mean).view(1, -1, 1, 1)
-        std = torch.tensor(self.preprocess.std).view(1, -1, 1, 1)
-        x = (x - mean) / std
-        if augmenting and "erase" in self.augment:
-            assert generator is not None
-            x = self._erase(x, generator)
-        return x
-
-    def _augment(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        count, channels, height, width = x.shape
-        if "crop" in self.augment:
-            pad = self.pad
-            padded = F.pad(x, (pad, pad, pad, pad))
-            wide = width + 2 * pad
-            dy = torch.randint(0, 2 * pad + 1, (count,), generator=generator)
-            dx = torch.randint(0, 2 * pad + 1, (count,), generator=generator)
-            # One flat gather per image (3x faster than 4-D advanced indexing).
-            rows = dy[:, None, None] + torch.arange(height)[None, :, None]
-            cols = dx[:, None, None] + torch.arange(width)[None, None, :]
-            index = (rows * wide + cols).view(count, 1, height * width).expand(count, channels, height * width)
-            x = padded.view(count, channels, -1).gather(2, index).view(count, channels, height, width)
-        if "flip" in self.augment:
-            flip = torch.rand(count, generator=generator) < 0.5
-            x = torch.where(flip[:, None, None, None], x.flip(3), x)
-        if "color" in self.augment:
-            brightness = torch.empty(count, 1, 1, 1).uniform_(0.8, 1.2, generator=generator)
-            contrast = torch.empty(count, 1, 1, 1).uniform_(0.8, 1.2, generator=generator)
-            if channels == 3:
-                saturation = torch.empty(count, 1, 1, 1).uniform_(0.8, 1.2, generator=generator)
-                grey = (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
-                x = grey + (x - grey) * saturation
-            mean = x.mean(dim=(1, 2, 3), keepdim=True)
-            x = ((x - mean) * contrast + mean) * brightness
-            x = x.clamp(0.0, 1.0)
-        return x
-
-    def _erase(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        count, _, height, width = x.shape
-        area = torch.empty(count).uniform_(0.02, 0.25, generator=generator) * height * width
-        aspect = torch.exp(torch.empty(count).uniform_(-1.2, 1.2, generator=generator))
-        h = (area * aspect).sqrt().round().clamp(1, height).long()
-        w = (area / aspect).sqrt().round().clamp(1, width).long()
-        top = (torch.rand(count, generator=generator) * (height - h + 1)).long()
-        left = (torch.rand(count, generator=generator) * (width - w + 1)).long()
-        apply = torch.rand(count, generator=generator) < 0.5
-        ys = torch.arange(height)[None, :]
-        xs = torch.arange(width)[None, :]
-        inside_y = (ys >= top[:, None]) & (ys < (top + h)[:, None])
-        inside_x = (xs >= left[:, None]) & (xs < (left + w)[:, None])
-        mask = (inside_y[:, :, None] & inside_x[:, None, :] & apply[:, None, None])[:, None]
-        return x.masked_fill(mask, 0.0)

@@ -15,7 +15,8 @@ from torch import nn
 
 from convscope.errors import DataError
 from convscope.probes.hooks import eval_mode
-from convscope.training.data import BatchTransform, Split
+from convscope.training.batches import BatchTransform
+from convscope.training.data import Split
 
 
 @dataclass(frozen=True)
@@ -232,9 +233,10 @@ def evaluate(
     from convscope.errors import BadArgument
     from convscope.models.load import load_model
     from convscope.training.data import load_training_data
+    from convscope.training.wording import literal, option_error
 
     if split not in SPLITS:
-        raise BadArgument(f"--split {split}", "unknown split", "choose from: " + ", ".join(SPLITS))
+        raise option_error(BadArgument, f"{{split}} {literal(split)}", "unknown split", "choose from: " + ", ".join(SPLITS))
     if isinstance(model, (str, os.PathLike)):
         trained = trained or trained_on(model)
         loaded = load_model(weights=model)
@@ -267,7 +269,7 @@ def evaluate(
         found = parts[split]
         if found is None:
             have = ", ".join(name for name, s in parts.items() if s is not None)
-            raise BadArgument(f"--split {split}", f"{data} has no {split} split", f"it has: {have}")
+            raise option_error(BadArgument, f"{{split}} {split}", literal(f"{data} has no {split} split"), f"it has: {have}")
         chosen = found
     includes_training = own and (split in ("train", "all") or chosen.name == "all")
     mapping = label_mapping(dataset.categories, loaded.categories, data)

@@ -49,14 +49,17 @@ def run_lock(folder: str | os.PathLike[str], command: str = "train") -> Iterator
     """Hold the run lock of ``folder`` (created if missing) for the ``with`` block.
 
     Raises:
-        OutputError: another live process holds it (the message names its pid and command), or
-            the lock file cannot be created.
+        OutputError: another live process holds it (the message names its pid and command), the
+            lock file cannot be created, or the disk is full (``no space left on <mount>``).
     """
+    from convscope.imageio import disk_full_as_error
+
     root = Path(folder)
     path = root / LOCK_NAME
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        with disk_full_as_error(path):
+            root.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as exc:
         raise OutputError(str(path), f"cannot create the run lock: {(exc.strerror or type(exc).__name__).lower()}") from exc
     try:
@@ -64,8 +67,11 @@ def run_lock(folder: str | os.PathLike[str], command: str = "train") -> Iterator
         if not _try_lock(fd):
             raise OutputError(str(root), f"is in use by {_describe(previous)}", "wait for it to finish, or choose another --output")
         try:
-            _write_holder(fd, {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
-                               "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+            holder = (json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": command,
+                                  "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n").encode("utf-8")
+            # Only the holder's write: an OSError of the with-block is the caller's, not the lock's.
+            with disk_full_as_error(path, len(holder)):
+                _write_holder(fd, holder)
             yield RunLock(path, previous)
         finally:
             with suppress(OSError):
@@ -92,8 +98,7 @@ def _read_holder(fd: int) -> dict[str, Any]:
     return holder if isinstance(holder, dict) else {}
 
 
-def _write_holder(fd: int, holder: dict[str, Any]) -> None:
-    data = (json.dumps(holder) + "\n").encode("utf-8")
+def _write_holder(fd: int, data: bytes) -> None:
     os.ftruncate(fd, 0)
     os.lseek(fd, 0, os.SEEK_SET)
     os.write(fd, data)

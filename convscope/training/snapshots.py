@@ -8,11 +8,13 @@ the end ``evolution.png`` puts the epochs side by side, one row per channel, and
 
 The probes and channels are chosen once, from a seed, so rows are comparable across epochs and
 across a resumed run.
+
+This module records and reads snapshots; a run writes them and their pictures into its folder
+(``convscope.training.rundir``), and ``convscope.render.training`` draws them.
 """
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -168,18 +170,6 @@ def snapshot_path(run_dir: str | Path, epoch: int, suffix: str = ".pt") -> Path:
     return Path(run_dir) / SNAPSHOT_FOLDER / f"epoch_{epoch:03d}{suffix}"
 
 
-def save_snapshot(run_dir: str | Path, snapshot: Snapshot) -> Path:
-    """Write ``epoch_NNN.pt`` and its picture ``epoch_NNN.png`` (atomically)."""
-    from convscope.imageio import atomic_write, save_png
-    from convscope.render.training import snapshot_picture
-
-    buffer = io.BytesIO()
-    torch.save(snapshot.to_dict(), buffer)
-    path = atomic_write(snapshot_path(run_dir, snapshot.epoch), buffer.getvalue())
-    save_png(snapshot_path(run_dir, snapshot.epoch, ".png"), snapshot_picture(snapshot))
-    return path
-
-
 def load_snapshots(run_dir: str | Path) -> list[Snapshot]:
     """Every stored snapshot of a run, by epoch."""
     folder = Path(run_dir) / SNAPSHOT_FOLDER
@@ -187,22 +177,3 @@ def load_snapshots(run_dir: str | Path) -> list[Snapshot]:
     for path in sorted(folder.glob("epoch_*.pt")):
         found.append(Snapshot.from_dict(torch.load(path, map_location="cpu", weights_only=True)))
     return sorted(found, key=lambda s: s.epoch)
-
-
-def write_evolution(run_dir: str | Path) -> tuple[Path, Path] | None:
-    """Render ``evolution.png`` and ``filters_evolution.png`` from the stored snapshots.
-
-    Returns:
-        the two paths, or ``None`` when the run has no snapshots.
-    """
-    from convscope.imageio import save_png
-    from convscope.render.training import evolution_picture, filters_evolution_picture
-
-    snapshots = load_snapshots(run_dir)
-    if not snapshots:
-        return None
-    root = Path(run_dir)
-    return (
-        save_png(root / "evolution.png", evolution_picture(snapshots)),
-        save_png(root / "filters_evolution.png", filters_evolution_picture(snapshots)),
-    )

@@ -22,6 +22,7 @@ from torch import nn
 
 from convscope.errors import BadArgument
 from convscope.preprocess import Preprocess
+from convscope.training.wording import literal, option_error
 
 FREEZE_MODES = ("none", "features", "all-but-last")
 
@@ -42,7 +43,7 @@ def replace_head(module: nn.Module, num_classes: int) -> str:
     """
     heads = linear_layers(module)
     if not heads:
-        raise BadArgument("--from", "the network has no Linear classifier layer to replace")
+        raise option_error(BadArgument, "{init_from}", "the network has no Linear classifier layer to replace")
     path = heads[-1]
     old = module.get_submodule(path)
     assert isinstance(old, nn.Linear)
@@ -83,12 +84,13 @@ def freeze_prefix(module: nn.Module, mode: str) -> Frozen:
     if mode not in FREEZE_MODES:
         from convscope.errors import close_matches
 
-        raise BadArgument(f"--freeze {mode}", "unknown freeze mode", close_matches(mode, FREEZE_MODES))
+        raise option_error(BadArgument, f"{{freeze}} {literal(mode)}", "unknown freeze mode",
+                           literal(close_matches(mode, FREEZE_MODES)))
     if mode == "none":
         return Frozen(mode, (), ())
     heads = linear_layers(module)
     if not heads:
-        raise BadArgument(f"--freeze {mode}", "the network has no Linear layer to keep training")
+        raise option_error(BadArgument, f"{{freeze}} {mode}", "the network has no Linear layer to keep training")
     boundary = heads[0] if mode == "features" else heads[-1]
     frozen_modules: list[str] = []
     for name, sub in module.named_modules():

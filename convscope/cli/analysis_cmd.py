@@ -16,7 +16,7 @@ import numpy as np
 import typer
 
 from convscope.analysis.limits import MAX_AMOUNT, MAX_AMOUNTS, MAX_PARTS_BYTES, MAX_RANDOM
-from convscope.cli.app import app, expand_images, load_good_images, open_model, split_layers
+from convscope.cli.common import expand_images, load_good_images, open_model, split_layers
 from convscope.cli.errors import EXIT_USER_ERROR
 from convscope.cli.options import (
     BatchSizeOpt,
@@ -167,7 +167,6 @@ CorrespondenceLayersOpt = Annotated[
 ]
 
 
-@app.command("invariance")
 def invariance_command(
     images: ImagesArg,
     transform: Annotated[str, typer.Option("--transform", help="translate (vertical), scale or rotate.")] = "translate",
@@ -244,7 +243,6 @@ def invariance_command(
 # ---------------------------------------------------------------- correspondence
 
 
-@app.command("correspondence")
 def correspondence_command(
     images: ImagesArg,
     parts: Annotated[Path, typer.Option("--parts", help="JSON: part name -> [top, left, bottom, right] in image "
@@ -322,7 +320,6 @@ def correspondence_command(
 # ---------------------------------------------------------------- quality
 
 
-@app.command("quality")
 def quality_command(
     images: ImagesArg,
     methods: Annotated[str, typer.Option("--methods", help="Comma list of gradcam, gradcam++, guided, saliency, "

@@ -15,7 +15,7 @@ from typing import Annotated
 
 import typer
 
-from convscope.cli.app import app, open_model
+from convscope.cli.common import open_model
 from convscope.cli.errors import EXIT_USER_ERROR
 from convscope.cli.options import DeviceOpt, ModelOpt, OutDirOpt, SeedOpt, WeightsOpt
 from convscope.cli.output import OutputDir, prepare_folder, safe_name
@@ -72,7 +72,6 @@ def parse_channels(spec: str | None) -> list[int] | None:
     return sorted(ids)
 
 
-@app.command("patches")
 def patches_command(
     data: Annotated[
         str,

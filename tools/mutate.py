@@ -21,35 +21,35 @@ import shutil
 import subprocess
 import sys
 
+# One fast occlusion test that also reaches preprocess (a one-channel model) and geometry (the
+# chain's reach): the rest of tests/test_occlusion.py would cost minutes per stats pass.
+_CHAIN_TEST = "tests/test_occlusion.py::test_incremental_chain_stops_at_the_recompute_fraction"
+
 MODULES: dict[str, tuple[str, list[str]]] = {
     "predict": (
         "convscope/methods/predict.py",
-        ["tests/test_mutation_survivors.py", "tests/test_mutation_gaps.py::test_classify_top50_is_sorted",
-         "tests/test_models_load.py::test_classify_equals_a_plain_torchvision_loop"],
+        ["tests/test_predict.py", "tests/test_models_load.py::test_classify_equals_a_plain_torchvision_loop"],
     ),
     "preprocess": (
         "convscope/preprocess.py",
-        ["tests/test_mutation_survivors.py", "tests/test_mutation_gaps.py", "tests/test_models_load.py",
+        ["tests/test_preprocess.py", "tests/test_predict.py", _CHAIN_TEST, "tests/test_models_load.py",
          "tests/test_validation.py", "tests/test_memory.py"],
     ),
     "geometry": (
         "convscope/probes/geometry.py",
-        ["tests/test_geometry_contract.py", "tests/test_mutation_survivors.py", "tests/test_mutation_gaps.py",
-         "tests/test_geometry.py"],
+        ["tests/test_geometry_contract.py", "tests/test_geometry.py", _CHAIN_TEST],
     ),
     "relu_rules": (
         "convscope/probes/relu_rules.py",
-        ["tests/test_relu_rules_calls.py", "tests/test_mutation_gaps.py", "tests/test_gradients.py",
-         "tests/test_peers_gradients.py"],
+        ["tests/test_relu_rules_calls.py", "tests/test_gradients.py", "tests/test_peers_gradients.py"],
     ),
     "gradcam": (
         "convscope/methods/gradcam.py",
-        ["tests/test_gradcam_contract.py", "tests/test_mutation_gaps.py", "tests/test_gradients.py",
-         "tests/test_peers_gradients.py"],
+        ["tests/test_gradcam_contract.py", "tests/test_gradients.py", "tests/test_peers_gradients.py"],
     ),
-    "occlusion": (
-        "convscope/methods/occlusion.py",
-        ["tests/test_mutation_gaps.py", "tests/test_occlusion.py"],
+    "occlusion": (  # the package: method, engine, precision, chain, units, plan, replay
+        "convscope/methods/occlusion/*",
+        ["tests/test_occlusion.py"],
     ),
     # The dataset microscope's running top-k (merge, table update, per-image peaks); the rest of
     # patches.py (checkpoints, planning, rendering glue) is not numeric core.

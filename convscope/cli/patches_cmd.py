@@ -125,13 +125,9 @@ def patches_command(
     chosen = parse_channels(channels)
     prepare_folder(output)  # before any work, as every command does: a file or /dev/null is one line
 
-    from convscope.dataset.patches import (
-        claim_state_folder,
-        collect_patches,
-        release_state_folder,
-        top_patches,
-    )
+    from convscope.dataset.patches import collect_patches, top_patches
     from convscope.dataset.sources import open_source
+    from convscope.dataset.state import claim_state_folder, release_state_folder
     from convscope.distributed import init_from_env, shard_range
     from convscope.models.load import resolve_device
     from convscope.render.patches import channel_figure, gallery_html

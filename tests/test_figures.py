@@ -185,7 +185,7 @@ def test_training_pictures_are_wide_and_uncut() -> None:
 def test_explain_writes_one_panel_per_image(tmp_path, photo) -> None:
     from typer.testing import CliRunner
 
-    from convscope.cli.app import app
+    from convscope.cli.main import app
 
     for name in ("a.png", "b.png"):
         photo.save(tmp_path / name)

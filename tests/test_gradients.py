@@ -532,7 +532,7 @@ def cli() -> Any:
     from typer.testing import CliRunner
 
     import convscope.cli.explain  # noqa: F401  (registers the commands on the app)
-    from convscope.cli.app import app
+    from convscope.cli.main import app
 
     runner = CliRunner()
     return lambda *args: runner.invoke(app, [str(a) for a in args])

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from convscope.cli.app import app
+from convscope.cli.main import app
 
 runner = CliRunner()
 TINY = ["-m", "tiny", "-w", "random", "--layer", "features.1", "--device", "cpu"]

@@ -18,7 +18,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import convscope
-from convscope.cli.app import app
+from convscope.cli.main import app
 from convscope.cli.methods_cmd import register_method_commands
 from convscope.methods.registry import CliBinding, MethodSpec, Param, registered
 from convscope.render.figures import MARGIN, TITLE_SIZE, Line, figure, font, line_height, text_block

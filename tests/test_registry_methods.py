@@ -35,7 +35,7 @@ def tiny_batch(tiny: Any) -> Any:
 
 @pytest.fixture(scope="module")
 def cli() -> Any:
-    from convscope.cli.app import app
+    from convscope.cli.main import app
 
     group = typer.main.get_command(app)
     assert hasattr(group, "commands")

@@ -38,7 +38,7 @@ def _results(tiny, batch):
         "features": convscope.feature_maps(tiny, batch, layer=stage, max_channels=8, order="activation"),
         "filters": convscope.conv_filters(tiny),
         "gradcam": convscope.gradcam(tiny, batch),
-        "gradcam++": convscope.gradcam_plus_plus(tiny, batch),
+        "gradcampp": convscope.gradcampp(tiny, batch),
         "guided_gradcam": convscope.guided_gradcam(tiny, batch),
         "guided": convscope.guided_backprop(tiny, batch),
         "saliency": convscope.saliency(tiny, batch),

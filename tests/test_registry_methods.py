@@ -13,7 +13,7 @@ import typer.main
 from convscope.errors import BadArgument, UnknownMethod
 from convscope.methods.registry import Param, cli_choices, get_method, list_methods
 
-EXPECTED = ["classify", "activations", "features", "filters", "gradcam", "gradcam++", "guided-gradcam",
+EXPECTED = ["classify", "activations", "features", "filters", "gradcam", "gradcampp", "guided-gradcam",
             "guided", "saliency", "deconv", "occlusion"]
 
 

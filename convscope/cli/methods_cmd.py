@@ -416,7 +416,12 @@ def _selector_option(flag: str, rows: list[MethodSpec]) -> tuple[Any, Any]:
     described = [f"{value} ({title})" for value, title in choices]
     text = ", ".join(described[:-1]) + " or " + described[-1] if len(described) > 1 else described[0]
 
+    # Old spellings of a choice (``gradcam++``) still work; they are listed nowhere.
+    hidden = {alias: spec.cli.fixed[flag] for spec in rows if spec.cli and flag in spec.cli.fixed
+              for alias in spec.aliases}
+
     def check(value: str) -> str:
+        value = hidden.get(value, value)
         if value not in names:
             raise BadArgument(f"{flag} {value}", "must be one of " + ", ".join(names))
         return value

@@ -16,7 +16,7 @@ _EXPORTS = {
     "guided_backprop": "convscope.methods.guided:guided_backprop",
     "saliency": "convscope.methods.guided:saliency",
     "gradcam": "convscope.methods.gradcam:gradcam",
-    "gradcam_plus_plus": "convscope.methods.gradcam:gradcam_plus_plus",
+    "gradcampp": "convscope.methods.gradcam:gradcampp",
     "guided_gradcam": "convscope.methods.gradcam:guided_gradcam",
     "occlusion": "convscope.methods.occlusion:occlusion",
     "relu_rule": "convscope.probes.relu_rules:relu_rule",
@@ -48,6 +48,9 @@ _EXPORTS = {
     "tune_cpu": "convscope.runtime:tune_cpu",
 }
 
+# Old spellings: still importable, listed nowhere (one name per method: ``gradcampp``).
+_OLD_NAMES = {"gradcam_plus_plus": "convscope.methods.gradcam:gradcampp"}
+
 __all__ = sorted([*_EXPORTS, "__version__"])  # noqa: PLE0605 - built from _EXPORTS, one list of names
 
 
@@ -58,7 +61,7 @@ _SUBPACKAGES = ("render",)
 def __getattr__(name: str) -> Any:
     if name in _SUBPACKAGES:
         return importlib.import_module(f"convscope.{name}")
-    target = _EXPORTS.get(name)
+    target = _EXPORTS.get(name) or _OLD_NAMES.get(name)
     if target is None:
         raise AttributeError(f"module 'convscope' has no attribute {name!r}")
     module_name, attribute = target.split(":")

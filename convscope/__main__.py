@@ -1,3 +1,3 @@
-from convscope.cli.app import main
+from convscope.cli.main import main
 
 main()

@@ -16,7 +16,7 @@ from conftest import skimage_photo
 from PIL import Image
 from typer.testing import CliRunner
 
-from convscope.cli.app import app
+from convscope.cli.main import app
 from convscope.models.load import load_model
 
 runner = CliRunner()

@@ -80,7 +80,7 @@ def test_check_device_refuses_others(value: str) -> None:
 # ru_maxrss: Linux carries ru_maxrss over execve, so a child of a big pytest process would inherit its peak.
 PEAK = textwrap.dedent("""
     import os, sys
-    from convscope.cli.app import main
+    from convscope.cli.main import main
     sys.argv = ["convscope", *sys.argv[2:]]
     try:
         main()
@@ -137,7 +137,7 @@ BUNDLED = Path(__file__).resolve().parents[1] / "convscope" / "data" / "chelsea.
 BOUNDED = textwrap.dedent("""
     import os, resource, sys, time
     import torch  # noqa: F401
-    from convscope.cli.app import main
+    from convscope.cli.main import main
     resource.setrlimit(resource.RLIMIT_DATA, (2 * 2**30, 2 * 2**30))
     sys.argv = ["convscope", *sys.argv[2:]]
     start = time.perf_counter()
@@ -197,7 +197,7 @@ def test_correspondence_refuses_a_device_as_parts_file(tmp_path: Path) -> None:
 def run_cli(*args: object) -> Any:
     from typer.testing import CliRunner
 
-    from convscope.cli.app import app
+    from convscope.cli.main import app
 
     return CliRunner().invoke(app, [str(a) for a in args])
 
@@ -269,8 +269,8 @@ def test_quality_fill_must_be_finite(fill: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("option", "value", "known"), [
-    ("--methods", ",", "gradcam, gradcam++, guided, saliency, occlusion, scorecam"),
-    ("--methods", " , ,", "gradcam, gradcam++, guided, saliency, occlusion, scorecam"),
+    ("--methods", ",", "gradcam, gradcampp, guided, saliency, occlusion, scorecam"),
+    ("--methods", " , ,", "gradcam, gradcampp, guided, saliency, occlusion, scorecam"),
     ("--metrics", ",", "deletion, insertion, randomization"),
 ])
 def test_quality_refuses_an_empty_list(option: str, value: str, known: str, tmp_path: Path) -> None:

@@ -17,7 +17,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import convscope
-from convscope.cli.app import app, reflow_help
+from convscope.cli.common import reflow_help
+from convscope.cli.main import app
 from convscope.cli.options import plural
 
 runner = CliRunner()

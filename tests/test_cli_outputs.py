@@ -21,7 +21,7 @@ from conftest import skimage_photo
 from PIL import Image
 from typer.testing import CliRunner
 
-from convscope.cli.app import app
+from convscope.cli.main import app
 from convscope.cli.output import OutputDir, shorten, unique_stems
 
 TINY = ["--model", "tiny", "--weights", "random"]

@@ -16,7 +16,7 @@ from conftest import skimage_photo
 from PIL import Image
 from typer.testing import CliRunner
 
-from convscope.cli.app import app
+from convscope.cli.main import app
 from convscope.cli.methods_cmd import register_method_commands
 from convscope.methods.registry import CliBinding, MethodSpec, Param, cli_commands, list_methods, registered
 

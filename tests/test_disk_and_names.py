@@ -25,7 +25,7 @@ from conftest import skimage_photo
 from PIL import Image
 from typer.testing import CliRunner
 
-from convscope.cli.app import app
+from convscope.cli.main import app
 
 TINY = ["--model", "tiny", "--weights", "random"]
 ENV = {"CONVSCOPE_DEBUG": "0"}

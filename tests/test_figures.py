@@ -38,7 +38,7 @@ def _results(tiny, batch):
         "features": convscope.feature_maps(tiny, batch, layer=stage, max_channels=8, order="activation"),
         "filters": convscope.conv_filters(tiny),
         "gradcam": convscope.gradcam(tiny, batch),
-        "gradcam++": convscope.gradcam_plus_plus(tiny, batch),
+        "gradcampp": convscope.gradcampp(tiny, batch),
         "guided_gradcam": convscope.guided_gradcam(tiny, batch),
         "guided": convscope.guided_backprop(tiny, batch),
         "saliency": convscope.saliency(tiny, batch),
@@ -185,7 +185,7 @@ def test_training_pictures_are_wide_and_uncut() -> None:
 def test_explain_writes_one_panel_per_image(tmp_path, photo) -> None:
     from typer.testing import CliRunner
 
-    from convscope.cli.app import app
+    from convscope.cli.main import app
 
     for name in ("a.png", "b.png"):
         photo.save(tmp_path / name)

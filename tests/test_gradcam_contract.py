@@ -46,7 +46,7 @@ def test_gradcam_plus_plus_channel_weights_by_hand() -> None:
     plus = gradcam_plus_plus(model, x, target=0, layer="0")
     torch.testing.assert_close(plus.weights, torch.tensor([[1 / 4.000001, 0.01 * 1e-4 / 2.05e-4]]),
                                rtol=1e-6, atol=0)
-    assert plus.method == "gradcam++" and plus.layer == "0"
+    assert plus.method == "gradcampp" and plus.layer == "0"
     plain = gradcam(model, x, target=0, layer="0")
     torch.testing.assert_close(plain.weights, torch.tensor([[1.0, 0.01]]), rtol=1e-6, atol=0)
     assert plain.method == "gradcam" and plain.layer == "0"

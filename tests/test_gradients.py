@@ -532,7 +532,7 @@ def cli() -> Any:
     from typer.testing import CliRunner
 
     import convscope.cli.explain  # noqa: F401  (registers the commands on the app)
-    from convscope.cli.app import app
+    from convscope.cli.main import app
 
     runner = CliRunner()
     return lambda *args: runner.invoke(app, [str(a) for a in args])
@@ -569,7 +569,7 @@ def test_cli_gradcam_batch_continues_past_bad_files(cli, tmp_path) -> None:  # t
         (["gradcam", "--class", "1", "--label", "cat"], "error: --class/--label: give one of them, not both"),
         (["gradcam", "--class", "10"], "error: --class 10: is out of range: tiny has 10 classes (0..9)"),
         (["gradcam", "--layer", "classifier"], "error: classifier: has output shape (1, 10), not a (N, C, H, W)"),
-        (["gradcam", "--variant", "score"], "error: --variant score: must be one of gradcam, gradcam++, guided"),
+        (["gradcam", "--variant", "score"], "error: --variant score: must be one of gradcam, gradcampp, guided"),
         (["saliency", "--label", "kitten"], "error: --label kitten: is not a class of tiny"),
         (["deconv"], "error: --layer: is required"),
         (["deconv", "--layer", "conv2", "--channel", "16"], "error: --channel 16: is out of range"),

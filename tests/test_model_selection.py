@@ -133,7 +133,7 @@ def test_val_split_zero_keeps_the_last_epoch(tmp_path: Path) -> None:
 
 def test_cli_says_how_best_pt_was_chosen(tmp_path: Path) -> None:
     import convscope.cli.train_cmd  # noqa: F401  (registers train)
-    from convscope.cli.app import app
+    from convscope.cli.main import app
 
     run = tmp_path / "run"
     done = CliRunner().invoke(app, ["train", "--data", "digits", "--arch", "zfnet_mnist", "--epochs", "1",

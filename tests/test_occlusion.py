@@ -324,8 +324,7 @@ def test_cli_writes_the_three_maps(tmp_path) -> None:
     from PIL import Image
     from typer.testing import CliRunner
 
-    import convscope.cli.occlusion_cmd  # noqa: F401  (registers the command)
-    from convscope.cli.app import app
+    from convscope.cli.main import app
 
     photo = tmp_path / "cat.png"
     Image.fromarray((torch.rand(40, 40, 3) * 255).byte().numpy()).save(photo)

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 import convscope
-from convscope.dataset.patches import EMPTY, collect_patches, merge_topk, top_patches
+from convscope.dataset.patches import collect_patches, top_patches
+from convscope.dataset.topk import EMPTY, merge_topk
 from convscope.distributed import shard_range
 from convscope.errors import BadArgument, DataError, UnknownLayer
 from convscope.models.load import load_model, wrap_model
@@ -119,12 +120,12 @@ def test_merge_topk_orders_by_value_then_image() -> None:
 
 def test_running_table_stays_on_its_device_with_integer_positions() -> None:
     # meta tensors stand in for a GPU: nothing may fall back to the CPU default device or to float.
-    from convscope.dataset.patches import _Table
+    from convscope.dataset.topk import TopkTable
 
-    table = _Table.empty(3, 4, torch.device("meta"))
+    table = TopkTable.empty(3, 4, torch.device("meta"))
     assert [t.device.type for t in (table.values, table.images, table.cells)] == ["meta"] * 3
     assert (table.values.dtype, table.images.dtype, table.cells.dtype) == (torch.float32, torch.int64, torch.int64)
-    cpu = _Table.empty(2, 3, torch.device("cpu"))
+    cpu = TopkTable.empty(2, 3, torch.device("cpu"))
     assert cpu.values.tolist() == [[float("-inf")] * 3] * 2 and cpu.images.tolist() == [[EMPTY] * 3] * 2
     assert cpu.cells.tolist() == [[0] * 3] * 2
     updated = table.update(torch.zeros(2, 3, device="meta"), torch.zeros(2, 3, dtype=torch.int64, device="meta"),
@@ -292,14 +293,14 @@ def test_ctrl_c_checkpoints_and_resume_finishes_the_same(zfnet, images_with_ties
 @pytest.mark.parametrize("chosen", [None, [4, 0, 2]])
 def test_table_update_from_maps_equals_the_full_merge(chosen) -> None:
     """The lazy merge (amax, merge only channels some image can enter, argmax only for entrants)
-    keeps exactly the table of the full merge of ``_peaks``: ties between images, ties inside a
+    keeps exactly the table of the full merge of ``peaks``: ties between images, ties inside a
     map, NaN maps, empty maps and batches whose images all lose, over many batches."""
-    from convscope.dataset.patches import _peaks, _Table
+    from convscope.dataset.topk import TopkTable, peaks
 
     generator = torch.Generator().manual_seed(1)
     index = None if chosen is None else torch.tensor(chosen)
     channels = 6 if chosen is None else len(chosen)
-    full = lazy = _Table.empty(channels, 4, torch.device("cpu"))
+    full = lazy = TopkTable.empty(channels, 4, torch.device("cpu"))
     # Image positions in shuffled order: ties between images must go to the lower position even
     # when it arrives later.
     order = torch.randperm(60, generator=generator)
@@ -317,7 +318,7 @@ def test_table_update_from_maps_equals_the_full_merge(chosen) -> None:
             maps[:, 0] += step - 6  # but they push earlier ones out of channel 0
         positions = order[position : position + batch]
         position += batch
-        full = full.update(*_peaks(maps, index), positions)
+        full = full.update(*peaks(maps, index), positions)
         before = lazy.images.clone()
         lazy = lazy.update_from_maps(maps, index, positions)
         entered_late += int((lazy.images != before).sum()) if step >= 8 else 0

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from convscope.cli.app import app
+from convscope.cli.main import app
 
 runner = CliRunner()
 TINY = ["-m", "tiny", "-w", "random", "--layer", "features.1", "--device", "cpu"]
@@ -121,7 +121,7 @@ def test_a_failed_run_leaves_no_empty_state_folder(photos, tmp_path) -> None:
 
 
 def test_release_removes_only_listed_state_files_of_a_marked_folder(tmp_path) -> None:
-    from convscope.dataset.patches import STATE_MARKER, claim_state_folder, release_state_folder
+    from convscope.dataset.state import STATE_MARKER, claim_state_folder, release_state_folder
     from convscope.errors import OutputError
 
     folder = tmp_path / "state"

@@ -18,7 +18,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import convscope
-from convscope.cli.app import app
+from convscope.cli.main import app
 from convscope.cli.methods_cmd import register_method_commands
 from convscope.methods.registry import CliBinding, MethodSpec, Param, registered
 from convscope.render.figures import MARGIN, TITLE_SIZE, Line, figure, font, line_height, text_block
@@ -166,3 +166,29 @@ def test_a_method_is_its_function_row_and_renderer_on_every_surface(
     html = report_html(exploration)
     assert 'id="brightness"' in html and data_uri(section.views[0].picture) in html
     assert "The mean of the input, as a grey level." in html
+
+
+def test_one_name_per_method_and_the_old_spellings_still_work(tmp_path) -> None:
+    """Grad-CAM++ is ``gradcampp`` in the registry, the CLI, JSON and Python (issue 23); the old
+    spellings are accepted everywhere they were, and listed nowhere."""
+    import json
+
+    import convscope
+    from convscope.methods.registry import get_method, list_methods
+
+    assert "gradcampp" in list_methods() and "gradcam++" not in list_methods()
+    assert get_method("gradcam++") is get_method("gradcampp") is get_method("gradcam_plus_plus")
+    assert "gradcampp" in convscope.__all__ and "gradcam_plus_plus" not in convscope.__all__
+    assert convscope.gradcam_plus_plus is convscope.gradcampp
+    runner = CliRunner()
+    help_text = runner.invoke(app, ["gradcam", "--help"], env={"COLUMNS": "200"}).output
+    assert "gradcampp" in help_text and "gradcam++" not in help_text
+    photo = Path(convscope.__file__).parent / "data" / "chelsea.jpg"
+    for spelling, folder in (("gradcampp", "new"), ("gradcam++", "old")):
+        done = runner.invoke(app, ["gradcam", str(photo), "-m", "tiny", "-w", "random", "--variant", spelling,
+                                   "-o", str(tmp_path / folder), "--json"])
+        assert done.exit_code == 0, done.output
+        assert (tmp_path / folder / "chelsea_gradcampp.png").is_file()
+    new = json.loads((tmp_path / "new" / "gradcam.json").read_text())
+    old = json.loads((tmp_path / "old" / "gradcam.json").read_text())
+    assert new == old

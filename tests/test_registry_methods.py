@@ -13,7 +13,7 @@ import typer.main
 from convscope.errors import BadArgument, UnknownMethod
 from convscope.methods.registry import Param, cli_choices, get_method, list_methods
 
-EXPECTED = ["classify", "activations", "features", "filters", "gradcam", "gradcam++", "guided-gradcam",
+EXPECTED = ["classify", "activations", "features", "filters", "gradcam", "gradcampp", "guided-gradcam",
             "guided", "saliency", "deconv", "occlusion"]
 
 
@@ -35,7 +35,7 @@ def tiny_batch(tiny: Any) -> Any:
 
 @pytest.fixture(scope="module")
 def cli() -> Any:
-    from convscope.cli.app import app
+    from convscope.cli.main import app
 
     group = typer.main.get_command(app)
     assert hasattr(group, "commands")

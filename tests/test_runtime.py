@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 import convscope
 from convscope import runtime
-from convscope.cli.app import app
+from convscope.cli.main import app
 from convscope.errors import BadArgument
 from convscope.models.load import load_model
 from convscope.models.registry import get_spec, list_models

@@ -25,7 +25,7 @@ from convscope.training.schedule import learning_rate
 @pytest.fixture(scope="module")
 def cli():
     import convscope.cli.train_cmd  # noqa: F401  (registers train/evaluate)
-    from convscope.cli.app import app
+    from convscope.cli.main import app
 
     runner = CliRunner()
     return lambda *args: runner.invoke(app, [str(a) for a in args])

@@ -314,7 +314,7 @@ def test_fashion_mnist_short_run(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def cli():
     import convscope.cli.train_cmd  # noqa: F401  (registers train/evaluate/ablate)
-    from convscope.cli.app import app
+    from convscope.cli.main import app
 
     runner = CliRunner()
     return lambda *args: runner.invoke(app, [str(a) for a in args])

@@ -51,20 +51,19 @@ MODULES: dict[str, tuple[str, list[str]]] = {
         "convscope/methods/occlusion/*",
         ["tests/test_occlusion.py"],
     ),
-    # The dataset microscope's running top-k (merge, table update, per-image peaks); the rest of
-    # patches.py (checkpoints, planning, rendering glue) is not numeric core.
+    # The dataset microscope's running top-k (merge, table update, per-image peaks): dataset/topk.py;
+    # the rest of dataset/ (state, planning, rendering glue) is not numeric core.
     "patches_merge": (
-        "convscope/dataset/patches.py",
+        "convscope/dataset/topk.py",
         ["tests/test_patches.py"],
     ),
 }
 
 # Mutant globs a module's run is limited to when none are given on the command line, with
-# ``--full``: every mutant of the module, but only the top-k merge of patches.py, and for
+# ``--full``: every mutant of the module, and for
 # occlusion (1,572 mutants, hours for all) every fifth one (numbers ending in 0 or 5). Name
 # 'convscope.methods.occlusion.*' on the command line for all of occlusion.
-_MERGE = ["convscope.dataset.patches.x_merge_topk__mutmut_*", "convscope.dataset.patches.x_peaks__mutmut_*",
-          "convscope.dataset.patches.xǁ_Tableǁ*"]
+_MERGE = ["convscope.dataset.topk.*"]
 FULL_GLOBS: dict[str, list[str]] = {
     "occlusion": ["convscope.methods.occlusion.*__mutmut_*0", "convscope.methods.occlusion.*__mutmut_*5"],
     "patches_merge": _MERGE,

@@ -49,7 +49,8 @@ from convscope.probes.hooks import eval_mode
 from convscope.probes.layers import resolve_layer
 from convscope.types import LoadedModel
 
-METHODS = ("gradcam", "gradcam++", "guided", "saliency", "occlusion", "scorecam")
+METHODS = ("gradcam", "gradcampp", "guided", "saliency", "occlusion", "scorecam")
+OLD_NAMES = {"gradcam++": "gradcampp"}  # still accepted, listed nowhere
 BASELINES = ("random", "edges")
 METRICS = ("deletion", "insertion", "randomization")
 RISE_STEPS = 224  # RISE: 224 pixels per step at 224 x 224
@@ -185,11 +186,11 @@ def edge_map(loaded: LoadedModel, batch: torch.Tensor, targets: torch.Tensor, la
 
 def _method_map(name: str) -> MapFunction:
     def run(loaded: LoadedModel, batch: torch.Tensor, targets: torch.Tensor, layer: str | None, seed: int) -> torch.Tensor:
-        if name in ("gradcam", "gradcam++", "scorecam"):
-            from convscope.methods.gradcam import gradcam, gradcam_plus_plus
+        if name in ("gradcam", "gradcampp", "scorecam"):
+            from convscope.methods.gradcam import gradcam, gradcampp
             from convscope.methods.scorecam import scorecam
 
-            cam = {"gradcam": gradcam, "gradcam++": gradcam_plus_plus, "scorecam": scorecam}[name]
+            cam = {"gradcam": gradcam, "gradcampp": gradcampp, "scorecam": scorecam}[name]
             return cam(loaded, batch, target=targets, layer=layer).maps
         if name in ("guided", "saliency"):
             from convscope.methods.guided import guided_backprop, saliency
@@ -206,6 +207,7 @@ def map_function(method: str | MapFunction) -> tuple[str, MapFunction]:
     """``(name, fn)``; ``fn(loaded, batch, targets, layer, seed)`` returns ``(N, H, W)`` maps."""
     if callable(method):
         return getattr(method, "__name__", "custom"), method
+    method = OLD_NAMES.get(method, method)
     if method == "random":
         return method, random_map
     if method == "edges":

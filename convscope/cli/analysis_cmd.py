@@ -16,7 +16,7 @@ import numpy as np
 import typer
 
 from convscope.analysis.limits import MAX_AMOUNT, MAX_AMOUNTS, MAX_PARTS_BYTES, MAX_RANDOM
-from convscope.cli.app import app, expand_images, load_good_images, open_model, split_layers
+from convscope.cli.common import expand_images, load_good_images, open_model, split_layers
 from convscope.cli.errors import EXIT_USER_ERROR
 from convscope.cli.options import (
     BatchSizeOpt,
@@ -73,9 +73,9 @@ def _numbers(text: str, option: str) -> list[float]:
     return [_amount(v, option) for v in fields]
 
 
-def _names(text: str, option: str, known: tuple[str, ...]) -> list[str]:
-    """A comma list of names from ``known``: at least one, each known."""
-    names = [n.strip() for n in text.split(",") if n.strip()]
+def _names(text: str, option: str, known: tuple[str, ...], old: dict[str, str] | None = None) -> list[str]:
+    """A comma list of names from ``known`` (or ``old`` spellings of them): at least one, each known."""
+    names = [(old or {}).get(n.strip(), n.strip()) for n in text.split(",") if n.strip()]
     if not names:
         raise BadArgument(f"{option} {shown(text)}", f"names nothing (choose from {', '.join(known)})")
     for name in names:
@@ -167,7 +167,6 @@ CorrespondenceLayersOpt = Annotated[
 ]
 
 
-@app.command("invariance")
 def invariance_command(
     images: ImagesArg,
     transform: Annotated[str, typer.Option("--transform", help="translate (vertical), scale or rotate.")] = "translate",
@@ -244,7 +243,6 @@ def invariance_command(
 # ---------------------------------------------------------------- correspondence
 
 
-@app.command("correspondence")
 def correspondence_command(
     images: ImagesArg,
     parts: Annotated[Path, typer.Option("--parts", help="JSON: part name -> [top, left, bottom, right] in image "
@@ -322,11 +320,10 @@ def correspondence_command(
 # ---------------------------------------------------------------- quality
 
 
-@app.command("quality")
 def quality_command(
     images: ImagesArg,
-    methods: Annotated[str, typer.Option("--methods", help="Comma list of gradcam, gradcam++, guided, saliency, "
-                                         "occlusion, scorecam.")] = "gradcam,gradcam++,guided,saliency,occlusion,scorecam",
+    methods: Annotated[str, typer.Option("--methods", help="Comma list of gradcam, gradcampp, guided, saliency, "
+                                         "occlusion, scorecam.")] = "gradcam,gradcampp,guided,saliency,occlusion,scorecam",
     metrics: Annotated[str, typer.Option("--metrics", help="Comma list of deletion, insertion, randomization.")]
     = "deletion,insertion,randomization",
     step: Annotated[int | None, typer.Option("--step", min=1, help="Pixels per deletion/insertion step "
@@ -353,10 +350,10 @@ def quality_command(
     Examples: convscope quality cat.jpg coffee.jpg -o out/ |
     convscope quality photos/ --methods gradcam,scorecam --metrics deletion,insertion --step 1792
     """
-    from convscope.analysis.quality import BASELINES, METHODS, METRICS, beats_random, quality
+    from convscope.analysis.quality import BASELINES, METHODS, METRICS, OLD_NAMES, beats_random, quality
     from convscope.render.analysis import nanmean, quality_curves_figure, quality_table, randomization_figure
 
-    chosen = _names(methods, "--methods", METHODS)
+    chosen = _names(methods, "--methods", METHODS, OLD_NAMES)
     wanted = _names(metrics, "--metrics", METRICS)
     deletion_fill = parse_float(fill, subject="--fill")
     explained = _target(target)

@@ -12,8 +12,8 @@ from typing import Annotated, Any
 
 import typer
 
-from convscope.cli.app import app, expand_images, layer_record, open_model
-from convscope.cli.methods_cmd import finish, photo_of, run_batched, warn_once
+from convscope.cli.batch import finish, photo_of, run_batched, warn_once
+from convscope.cli.common import expand_images, layer_record, open_model
 from convscope.cli.options import (
     ClassOpt,
     DeviceOpt,
@@ -36,7 +36,6 @@ VARIANTS = cli_choices("gradcam", "--variant")
 # ---------------------------------------------------------------- explain
 
 
-@app.command("explain")
 def explain_command(
     images: ImagesArg,
     output: OutDirOpt = Path("convscope-out"),

@@ -36,13 +36,22 @@ import dataclasses
 import importlib
 import inspect
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from convscope.cli.batch import finish, photo_of, run_batched, warn_once
+from convscope.cli.common import (
+    expand_images,
+    layer_record,
+    layer_records,
+    open_model,
+    reflow_help,
+    split_layers,
+)
 from convscope.cli.errors import EXIT_USER_ERROR, print_error
 from convscope.cli.options import (
     BatchSizeOpt,
@@ -75,85 +84,6 @@ if TYPE_CHECKING:
 # Shared options a binding may ask for by name (``CliBinding.extras``): (parameter, annotation, default).
 EXTRAS: dict[str, tuple[str, Any, Any]] = {"precision": ("precision", PrecisionOpt, "float32")}
 LAYER_REQUIRED = "is required: name a layer alias or module path (see 'convscope layers')"
-
-
-# ---------------------------------------------------------------- plumbing shared with hand-written commands
-
-
-def warn_once(lines: tuple[str, ...] | list[str], seen: set[str]) -> None:
-    """``warning: <line>`` on stderr, once per run (not once per batch)."""
-    for line in lines:
-        if line not in seen:
-            seen.add(line)
-            typer.echo(f"warning: {line}", err=True)
-
-
-def _batches(
-    paths: list[Path], size: int, on_failure: Callable[[Path, ImageError], None], preprocess: Any
-) -> Iterator[tuple[list[Path], list[Any]]]:
-    """Yield ``(paths, tensors)`` of up to ``size`` readable images, each decoded at reduced size
-    and made a ``(1, C, H, W)`` input for ``preprocess`` at once (a batch costs its input tensors,
-    whatever the photos' pixel counts); unreadable ones are reported and passed to ``on_failure``.
-    The next batch is decoded in a background thread while the caller works on this one."""
-    from convscope.imageio import read_ahead
-
-    pending: tuple[list[Path], list[Any]] = ([], [])
-    for path, image in read_ahead(paths, lambda p: preprocess.to_tensor(preprocess.load_image(p)), depth=size):
-        if isinstance(image, ImageError):
-            print_error(image)
-            on_failure(path, image)
-            continue
-        pending[0].append(path)
-        pending[1].append(image)
-        if len(pending[0]) >= size:
-            yield pending
-            pending = ([], [])
-    if pending[0]:
-        yield pending
-
-
-def run_batched(
-    paths: list[Path], loaded: LoadedModel, batch_size: int, description: str,
-    job: Callable[[list[Path], Any], None], on_failure: Callable[[Path, ImageError], None] | None = None,
-) -> int:
-    """``job(paths, batch)`` over batches of the readable images of ``expand_images``; return how many
-    files failed."""
-    import torch
-
-    failed: list[Path] = []
-
-    def fail(path: Path, exc: ImageError) -> None:
-        failed.append(path)
-        if on_failure is not None:
-            on_failure(path, exc)
-
-    with progress_bar(len(paths), description, unit="img") as advance:
-        for chunk, pictures in _batches(paths, batch_size, fail, loaded.preprocess):
-            batch = torch.cat(pictures).to(loaded.device)
-            job(chunk, batch)
-            advance(len(chunk))
-    return len(failed)
-
-
-def finish(out: OutputDir, command: str, options: dict[str, Any], records: list[dict[str, Any]],
-           json_out: bool, failures: int) -> None:
-    """``<command>.json``, the manifest, the records on stdout with ``--json`` (else a count of the
-    files), and exit code 2 when some inputs failed."""
-    out.json(f"{command}.json", records)
-    out.manifest(command, options)
-    if json_out:
-        typer.echo(json.dumps(records, indent=2))
-    else:
-        typer.echo(f"wrote {plural(len(out.written), 'file')} to {out.root}")
-    if failures:
-        raise typer.Exit(EXIT_USER_ERROR)
-
-
-def photo_of(loaded: LoadedModel, batch: Any, index: int) -> Any:
-    """Image ``index`` of ``batch`` as the network saw it, ``(H, W, 3)`` uint8."""
-    from convscope.render.pictures import display_image
-
-    return display_image(loaded.preprocess, batch, index)
 
 
 # ---------------------------------------------------------------- one run and its writer
@@ -294,7 +224,6 @@ class MethodWriter:
     def manifest(self) -> dict[str, Any]:
         """The manifest's options: the model, the fixed options, the layer as the records name it
         (else as given), the target and the row's options, each under its flag's name."""
-        from convscope.cli.app import layer_record, layer_records
 
         run, spec = self.run, self.run.spec
         entries: dict[str, Any] = {**run.basics, **{_key(flag): value for flag, value in run.selected.items()}}
@@ -372,7 +301,6 @@ def _select(command: str, rows: list[MethodSpec], values: dict[str, Any]) -> Met
 
 def run_method_command(command: str, rows: list[MethodSpec], values: dict[str, Any]) -> None:
     """The body of every generated command: ``values`` are its parsed options by parameter name."""
-    from convscope.cli.app import expand_images, open_model, split_layers
 
     spec = _select(command, rows, values)
     binding = rows[0].cli
@@ -488,7 +416,12 @@ def _selector_option(flag: str, rows: list[MethodSpec]) -> tuple[Any, Any]:
     described = [f"{value} ({title})" for value, title in choices]
     text = ", ".join(described[:-1]) + " or " + described[-1] if len(described) > 1 else described[0]
 
+    # Old spellings of a choice (``gradcam++``) still work; they are listed nowhere.
+    hidden = {alias: spec.cli.fixed[flag] for spec in rows if spec.cli and flag in spec.cli.fixed
+              for alias in spec.aliases}
+
     def check(value: str) -> str:
+        value = hidden.get(value, value)
         if value not in names:
             raise BadArgument(f"{flag} {value}", "must be one of " + ", ".join(names))
         return value
@@ -546,18 +479,23 @@ def _command_function(command: str, rows: list[MethodSpec]) -> Callable[..., Non
     return method_command
 
 
+# The apps the method commands were built on (the last one is rebuilt when no target is given).
+_BUILT_ON: list[typer.Typer] = []
+
+
 def register_method_commands(target: typer.Typer | None = None) -> list[str]:
     """(Re)build one command per ``cli.command`` of the registry on ``target``; return their names.
 
     Commands built earlier are replaced, so a test can register a row and call this again. The new
     commands go where the first generated one was (after ``layers`` at start-up). ``target``:
-    ``convscope.cli.app.app`` unless given (``app`` calls this once it is built)."""
-    from convscope.cli.app import reflow_help
-
+    the app this was last called with (``convscope.cli.main`` calls it once the app is built), so a
+    test can rebuild the real app's commands without importing ``main`` back."""
     if target is None:
-        from convscope.cli.app import app
-
-        target = app
+        if not _BUILT_ON:
+            raise RuntimeError("register_method_commands(): no app yet; convscope.cli.main builds it")
+        target = _BUILT_ON[-1]
+    elif target not in _BUILT_ON:
+        _BUILT_ON.append(target)
     old = [i for i, info in enumerate(target.registered_commands)
            if getattr(info.callback, "generated", False)]
     position = old[0] if old else next(

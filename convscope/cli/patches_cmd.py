@@ -15,7 +15,7 @@ from typing import Annotated
 
 import typer
 
-from convscope.cli.app import app, open_model
+from convscope.cli.common import open_model
 from convscope.cli.errors import EXIT_USER_ERROR
 from convscope.cli.options import DeviceOpt, ModelOpt, OutDirOpt, SeedOpt, WeightsOpt
 from convscope.cli.output import OutputDir, prepare_folder, safe_name
@@ -72,7 +72,6 @@ def parse_channels(spec: str | None) -> list[int] | None:
     return sorted(ids)
 
 
-@app.command("patches")
 def patches_command(
     data: Annotated[
         str,
@@ -126,13 +125,9 @@ def patches_command(
     chosen = parse_channels(channels)
     prepare_folder(output)  # before any work, as every command does: a file or /dev/null is one line
 
-    from convscope.dataset.patches import (
-        claim_state_folder,
-        collect_patches,
-        release_state_folder,
-        top_patches,
-    )
+    from convscope.dataset.patches import collect_patches, top_patches
     from convscope.dataset.sources import open_source
+    from convscope.dataset.state import claim_state_folder, release_state_folder
     from convscope.distributed import init_from_env, shard_range
     from convscope.models.load import resolve_device
     from convscope.render.patches import channel_figure, gallery_html

@@ -13,7 +13,6 @@ from typing import Annotated, Any
 
 import typer
 
-from convscope.cli.app import app
 from convscope.cli.options import SEED_MAX, DeviceOpt, JsonOpt, ModelOpt
 from convscope.cli.output import OutputDir, prepare_folder
 from convscope.cli.progress import show_progress
@@ -158,7 +157,6 @@ def _epoch_line(metrics: dict[str, Any], epochs: int) -> str:
     return "  ".join(parts)
 
 
-@app.command("train")
 def train_command(
     output: RunDirOpt,
     data: DataOpt = None,
@@ -313,7 +311,6 @@ def train_command(
         typer.echo(f"feature evolution: {result.evolution}")
 
 
-@app.command("evaluate")
 def evaluate_command(
     weights: Annotated[str, typer.Option("--weights", "-w", help="A convscope checkpoint (or weights file with --model).")],
     data: Annotated[str, typer.Option("--data", "-d", help="fashion-mnist, digits, or a folder of class sub-folders.")],
@@ -370,7 +367,6 @@ def evaluate_command(
         typer.echo(f"wrote {written[1]} and {written[0]}")
 
 
-@app.command("ablate")
 def ablate_command(
     output: RunDirOpt,
     data: Annotated[str, typer.Option("--data", "-d", help="fashion-mnist, digits, or a folder of class sub-folders.")],

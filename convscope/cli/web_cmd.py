@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from convscope.cli.app import app, open_model
+from convscope.cli.common import open_model
 from convscope.cli.options import DeviceOpt, ImageArg, ModelOpt, SeedOpt, WeightsOpt
 from convscope.errors import BadArgument
 
@@ -21,7 +21,6 @@ def _target(value: str | None) -> int | str | None:
     return parse_class_index(value, subject="--target")
 
 
-@app.command("explore")
 def explore_command(
     image: ImageArg,
     output: Annotated[Path, typer.Option("--output", "-o", help="The HTML file to write.")] = Path("report.html"),
@@ -132,7 +131,6 @@ def check_address(host: str, port: int) -> None:
         raise BadArgument(shown, f"cannot listen here ({exc.strerror or exc})") from None
 
 
-@app.command("serve")
 def serve_command(
     host: Annotated[str, typer.Option("--host", help="Address to bind (default: loopback only).")] = "127.0.0.1",
     port: Annotated[

@@ -40,12 +40,6 @@ pixels, right/bottom exclusive, clipped to the image.
 
 from __future__ import annotations
 
-import hashlib
-import io
-import json
-import os
-import re
-import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,22 +47,23 @@ from typing import Any
 
 import torch
 
-from convscope.dataset.sources import ImageSource, TensorSource, open_source, tensor_digest
+from convscope.dataset.sources import ImageSource, TensorSource, open_source
+from convscope.dataset.state import (
+    MinerState,
+    load_state,
+    save_state,
+    state_path,
+    weights_digest,
+)
+from convscope.dataset.topk import EMPTY, TopkTable, merge_topk
 from convscope.distributed import World, current_world, shard_range
-from convscope.errors import BadArgument, OutputError
-from convscope.imageio import atomic_write, remove_stale_temps
+from convscope.errors import BadArgument
 from convscope.methods._common import ModelLike
 from convscope.models.load import as_loaded
 from convscope.probes.geometry import Geometry, cell_boxes_xyxy, layer_geometries
 from convscope.probes.hooks import capture, eval_mode, reduce_outputs
 from convscope.probes.layers import resolve_layer
 from convscope.types import LoadedModel
-
-EMPTY = torch.iinfo(torch.int64).max  # image position of an unfilled slot: sorts after every real one
-STATE_VERSION = 2  # 2: the weights' and the images' digests are recorded and checked
-STATE_MARKER = "convscope-patches-state.json"
-_MARKER_KIND = "convscope patches state"
-_STATE_NAME = re.compile(r"state-rank[0-9]+-of-[0-9]+\.pt", re.ASCII)
 
 Progress = Callable[[int], None]
 ChannelsArg = Sequence[int] | Mapping[str, Sequence[int]] | None
@@ -159,285 +154,6 @@ class ChannelPatches:
     entries: tuple[PatchEntry, ...]
     crops: tuple[torch.Tensor, ...]
     projections: tuple[torch.Tensor, ...] | None
-
-
-# -- the running top-k ------------------------------------------------------------------------
-
-
-def merge_topk(
-    values: torch.Tensor, images: torch.Tensor, cells: torch.Tensor, top: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Keep each row's ``top`` best candidates: higher value first, then lower image position.
-
-    Args:
-        values: ``(C, M)`` float candidates (``-inf`` for empty slots).
-        images: ``(C, M)`` int64 image positions (``EMPTY`` for empty slots).
-        cells: ``(C, M)`` int64 flat cell of each candidate.
-
-    Returns:
-        ``(C, top)`` values, images and cells, padded with empty slots when ``M < top``.
-    """
-    if values.shape[1] < top:
-        pad = top - values.shape[1]
-        values = torch.cat([values, values.new_full((values.shape[0], pad), float("-inf"))], 1)
-        images = torch.cat([images, images.new_full((images.shape[0], pad), EMPTY)], 1)
-        cells = torch.cat([cells, cells.new_zeros((cells.shape[0], pad))], 1)
-    # Two stable sorts make a lexicographic one: by position, then by value (descending).
-    order = images.argsort(dim=1, stable=True)
-    values, images, cells = values.gather(1, order), images.gather(1, order), cells.gather(1, order)
-    order = values.argsort(dim=1, descending=True, stable=True)[:, :top]
-    return values.gather(1, order), images.gather(1, order), cells.gather(1, order)
-
-
-@dataclass(frozen=True)
-class _Table:
-    """One layer's running top-k: ``(C, top)`` values, image positions and flat cells."""
-
-    values: torch.Tensor
-    images: torch.Tensor
-    cells: torch.Tensor
-
-    @staticmethod
-    def empty(channels: int, top: int, device: torch.device) -> _Table:
-        return _Table(
-            torch.full((channels, top), float("-inf"), device=device),
-            torch.full((channels, top), EMPTY, dtype=torch.int64, device=device),
-            torch.zeros((channels, top), dtype=torch.int64, device=device),
-        )
-
-    def update(self, peaks: torch.Tensor, where: torch.Tensor, positions: torch.Tensor) -> _Table:
-        """Merge a batch: ``peaks``/``where`` ``(B, C)``, ``positions`` ``(B,)``.
-
-        The plain merge, and the definition the miner's ``update_from_maps`` is tested against;
-        the miner itself uses ``update_from_maps``, which gives the same table with less work.
-        """
-        count = self.values.shape[0]
-        batch_images = positions.to(self.images.device).unsqueeze(0).expand(count, -1)
-        values, images, cells = merge_topk(
-            torch.cat([self.values, peaks.t().float()], 1),
-            torch.cat([self.images, batch_images], 1),
-            torch.cat([self.cells, where.t()], 1),
-            self.values.shape[1],
-        )
-        return _Table(values, images, cells)
-
-    def update_from_maps(self, output: torch.Tensor, chosen: torch.Tensor | None, positions: torch.Tensor) -> _Table:
-        """Merge a batch of maps ``(B, C_all, h, w)``; the same table as ``update(*_peaks(output, chosen), positions)``.
-
-        Cheaper: the maxima come from ``amax`` (no indices); only channels where some image
-        reaches the current ``top``-th value (``>=``, so ties are merged and ordered by
-        ``merge_topk``) are merged; and the cell of a maximum is found only for the images that
-        entered the table. Once the table holds strong maps, few channels merge per batch.
-        """
-        values = output.amax(dim=(2, 3))  # (B, C_all); NaN propagates like max
-        if chosen is not None:
-            values = values.index_select(1, chosen)
-        values = torch.nan_to_num(values.float(), nan=float("-inf")).t()  # (C, B)
-        rows = (values >= self.values[:, -1:]).any(dim=1).nonzero().squeeze(1)
-        if rows.numel() == 0:
-            return self
-        batch = values.shape[1]
-        # Batch candidates carry -1 - (their row in the batch) as the cell until they win a place.
-        slots = -1 - torch.arange(batch, device=values.device, dtype=torch.int64)
-        merged_values, merged_images, merged_cells = merge_topk(
-            torch.cat([self.values[rows], values[rows]], 1),
-            torch.cat([self.images[rows], positions.to(self.images.device).unsqueeze(0).expand(len(rows), -1)], 1),
-            torch.cat([self.cells[rows], slots.unsqueeze(0).expand(len(rows), -1)], 1),
-            self.values.shape[1],
-        )
-        new = (merged_cells < 0).nonzero()  # (K, 2): row in ``rows``, slot in the table
-        if len(new):
-            which = rows[new[:, 0]]
-            channel = which if chosen is None else chosen[which]
-            image = -1 - merged_cells[new[:, 0], new[:, 1]]
-            # argmax returns the first of equal maxima (row-major), as ``_peaks``' max does.
-            merged_cells[new[:, 0], new[:, 1]] = output.flatten(2)[image, channel].argmax(dim=1)
-        table_values, table_images, table_cells = self.values.clone(), self.images.clone(), self.cells.clone()
-        table_values[rows], table_images[rows], table_cells[rows] = merged_values, merged_images, merged_cells
-        return _Table(table_values, table_images, table_cells)
-
-    def cpu(self) -> dict[str, torch.Tensor]:
-        return {"values": self.values.cpu(), "images": self.images.cpu(), "cells": self.cells.cpu()}
-
-
-@dataclass(frozen=True)
-class _State:
-    """What a checkpoint holds: where the pass is and what it found so far."""
-
-    position: int
-    images: int
-    skipped: tuple[tuple[int, str], ...]
-    tables: dict[str, _Table]
-
-
-def _peaks(output: torch.Tensor, chosen: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(B, C, h, w)`` -> per image and channel the maximum and its flat cell, ``(B, C)`` each."""
-    if chosen is not None:
-        output = output.index_select(1, chosen)
-    # max over a dim returns the first index among equal maxima (documented), i.e. row-major.
-    values, where = output.flatten(2).max(dim=2)
-    return torch.nan_to_num(values.float(), nan=float("-inf")), where
-
-
-# -- checkpoints --------------------------------------------------------------------------------
-
-
-def state_path(folder: str | Path, world: World) -> Path:
-    """The checkpoint file of this rank (one per rank: each checkpoints its own shard)."""
-    return Path(folder) / f"state-rank{world.rank}-of-{world.size}.pt"
-
-
-def state_files(processes: int) -> list[str]:
-    """The checkpoint file names of a run on ``processes`` ranks."""
-    return [state_path(".", World(rank=rank, size=processes)).name for rank in range(processes)]
-
-
-def _read_marker(folder: Path) -> dict[str, Any] | None:
-    """The marker of a folder ``claim_state_folder`` made, or ``None`` (missing, not ours, damaged)."""
-    marker = folder / STATE_MARKER
-    if marker.is_symlink() or not marker.is_file():
-        return None
-    try:
-        payload = json.loads(marker.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if (not isinstance(payload, dict) or payload.get("kind") != _MARKER_KIND or not isinstance(payload.get("run"), str)
-            or not isinstance(payload.get("files"), list) or not all(isinstance(f, str) for f in payload["files"])):
-        return None
-    return payload
-
-
-def claim_state_folder(folder: str | Path, *, processes: int = 1, resume: bool = False) -> str:
-    """Make ``folder`` a checkpoint folder of this run, marked as convscope's; check before any work.
-
-    A missing folder is created with a marker (``STATE_MARKER``) holding a new run id and the
-    names of the state files the run's ``processes`` ranks will write. A folder an earlier run
-    marked is taken over (its run id kept on ``resume``); its marker then lists the files of both.
-    Anything else of that name (a user's folder, a file, a link) is refused and left as it is.
-
-    Returns:
-        the run id recorded in the marker.
-
-    Raises:
-        OutputError: ``<folder>: exists and was not made by convscope ...``.
-    """
-    folder = Path(folder)
-    subject = str(folder)
-    hint = "move it away, or write to another -o folder"
-    names = state_files(processes)
-    if folder.is_symlink() or (os.path.lexists(folder) and not folder.is_dir()):
-        raise OutputError(subject, "exists and was not made by convscope (it is not a folder); it is left as it is",
-                          hint)
-    if folder.is_dir():
-        marker = _read_marker(folder)
-        if marker is None:
-            raise OutputError(subject, f"exists and was not made by convscope (no {STATE_MARKER} in it); "
-                              "it is left as it is", hint)
-        run = marker["run"] if resume else uuid.uuid4().hex
-        names = sorted({*marker["files"], *names})
-    else:
-        try:
-            folder.mkdir(parents=True)
-        except OSError as exc:
-            raise OutputError(subject, f"cannot create the folder: {(exc.strerror or type(exc).__name__).lower()}") from exc
-        run = uuid.uuid4().hex
-    payload = {"kind": _MARKER_KIND, "version": STATE_VERSION, "run": run, "files": names}
-    atomic_write(folder / STATE_MARKER, json.dumps(payload, indent=2) + "\n")
-    return run
-
-
-def release_state_folder(folder: str | Path, *, only_if_unused: bool = False) -> list[str]:
-    """Remove what ``claim_state_folder`` runs put in ``folder``, then the folder when it is empty.
-
-    Only a marked folder is touched, and in it only the state files its marker lists (regular
-    files, not links), the temporary files of writers that are gone, and the marker. Anything
-    else stays, and so do the folder and its marker (it is still convscope's to reuse).
-
-    Args:
-        only_if_unused: do nothing when any listed state file exists (a run that failed before
-            its first checkpoint leaves no empty folder; one that saved a state keeps it).
-
-    Returns:
-        the names of the entries left in the folder that are not convscope's (``[]`` when the
-        folder is gone, or is not convscope's and so was not looked into).
-    """
-    folder = Path(folder)
-    marker = _read_marker(folder) if folder.is_dir() and not folder.is_symlink() else None
-    if marker is None:
-        return []
-    # Only names of the miner's own pattern, whatever a damaged marker says.
-    states = [folder / name for name in marker["files"] if _STATE_NAME.fullmatch(name)]
-    if only_if_unused and any(os.path.lexists(path) for path in states):
-        return []
-    for path in states:
-        if path.is_file() and not path.is_symlink():
-            path.unlink()
-    remove_stale_temps(folder)
-    others = sorted(entry.name for entry in os.scandir(folder) if entry.name != STATE_MARKER)
-    if others:
-        return others
-    (folder / STATE_MARKER).unlink(missing_ok=True)
-    try:
-        folder.rmdir()
-    except OSError:  # something arrived meanwhile: it stays
-        return sorted(entry.name for entry in os.scandir(folder))
-    return []
-
-
-def weights_digest(module: torch.nn.Module) -> str:
-    """SHA-256 hex digest of a module's state dict: every name, dtype, shape and value, in order."""
-    digest = hashlib.sha256()
-    for name, value in module.state_dict().items():
-        digest.update(name.encode() + b"\0")
-        digest.update((tensor_digest(value) if isinstance(value, torch.Tensor) else repr(value)).encode())
-    return digest.hexdigest()
-
-
-def _mismatch(path: Path, key: str, old: Any, new: Any) -> str:
-    """Why a checkpoint made with ``old`` cannot continue a run with ``new`` (one clause)."""
-    if key == "weights_sha256":
-        shown_old = old[:12] if isinstance(old, str) else repr(old)
-        return f"the checkpoint {path} was made with other weights (sha256 {shown_old}, now {new[:12]})"
-    if key == "images_sha256":
-        return (f"the images changed since the checkpoint {path} was made "
-                "(a file was added, removed, renamed or rewritten)")
-    return f"the checkpoint {path} was made with other settings ({key}: {old!r}, now {new!r})"
-
-
-def _save_state(path: Path, config: dict[str, Any], state: _State) -> None:
-    buffer = io.BytesIO()
-    torch.save(
-        {
-            "version": STATE_VERSION,
-            "config": config,
-            "position": state.position,
-            "images": state.images,
-            "skipped": [list(item) for item in state.skipped],
-            "tables": {name: table.cpu() for name, table in state.tables.items()},
-        },
-        buffer,
-    )
-    atomic_write(path, buffer.getvalue())
-
-
-def _load_state(path: Path, config: dict[str, Any], device: torch.device) -> _State:
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # any unpickling failure means the file is not ours or is damaged
-        raise BadArgument("--resume", f"cannot read the checkpoint {path}: {type(exc).__name__}") from exc
-    if not isinstance(raw, dict) or raw.get("version") != STATE_VERSION:
-        raise BadArgument("--resume", f"{path} is not a convscope patches checkpoint of this version")
-    old = raw.get("config", {})
-    for key, value in config.items():
-        if old.get(key) != value:
-            raise BadArgument("--resume", _mismatch(path, key, old.get(key), value),
-                              "run again without --resume to start over")
-    tables = {
-        name: _Table(t["values"].to(device), t["images"].to(device), t["cells"].to(device))
-        for name, t in raw["tables"].items()
-    }
-    skipped = tuple((int(i), str(r)) for i, r in raw["skipped"])
-    return _State(int(raw["position"]), int(raw["images"]), skipped, tables)
 
 
 # -- mining -------------------------------------------------------------------------------------
@@ -603,15 +319,15 @@ def top_patches(
         "rank": world.rank,
         "world": world.size,
     }
-    state: _State | None = None
+    state: MinerState | None = None
     if resume and path is not None and path.is_file():
-        state = _load_state(path, config, device)
+        state = load_state(path, config, device)
     if state is None:
         tables = {
-            name: _Table.empty(len(ids) if ids is not None else plan.counts[name], width, device)
+            name: TopkTable.empty(len(ids) if ids is not None else plan.counts[name], width, device)
             for name, ids in plan.chosen.items()
         }
-        state = _State(shard.start, 0, (), tables)
+        state = MinerState(shard.start, 0, (), tables)
     elif progress is not None and state.position > shard.start:
         progress(state.position - shard.start)
 
@@ -619,7 +335,7 @@ def top_patches(
     since_save = 0
     current: dict[str, Any] = {}  # the batch in flight: its image positions and the tables it starts from
 
-    def merge_batch(name: str, output: torch.Tensor) -> _Table:
+    def merge_batch(name: str, output: torch.Tensor) -> TopkTable:
         # In the hook, on the module's own output: nothing downstream has run, so no copy is kept.
         positions = current["positions"]
         return current["tables"][name].update_from_maps(output[: len(positions)], chosen_index[name], positions)
@@ -636,7 +352,7 @@ def top_patches(
                     for name in plan.names:
                         tables[name] = found.last(name)  # a module called twice: its last call
                 # One assignment, so an interrupt never leaves a half-updated state to save.
-                committed = _State(
+                committed = MinerState(
                     committed.position + batch.consumed,
                     committed.images + len(batch.indices),
                     committed.skipped + batch.failed,
@@ -646,18 +362,18 @@ def top_patches(
                     progress(batch.consumed)
                 since_save += 1
                 if path is not None and since_save >= checkpoint_every:
-                    _save_state(path, config, committed)
+                    save_state(path, config, committed)
                     since_save = 0
         except KeyboardInterrupt:
             if path is not None:
-                _save_state(path, config, committed)
+                save_state(path, config, committed)
             raise
     if path is not None and since_save:
-        _save_state(path, config, committed)
+        save_state(path, config, committed)
     return _finish(plan, committed, world, top)
 
 
-def _finish(plan: _Plan, state: _State, world: World, top: int) -> PatchIndex:
+def _finish(plan: _Plan, state: MinerState, world: World, top: int) -> PatchIndex:
     width = min(top, len(plan.source))
     tables = state.tables
     images = state.images
@@ -672,7 +388,7 @@ def _finish(plan: _Plan, state: _State, world: World, top: int) -> PatchIndex:
                 torch.cat(world.all_gather(table.cells), 1),
                 width,
             )
-            merged[name] = _Table(values, positions, cells)
+            merged[name] = TopkTable(values, positions, cells)
         tables = merged
         gathered = world.all_gather_object((state.images, list(state.skipped)))
         images = sum(count for count, _ in gathered)

@@ -120,11 +120,11 @@ convscope filters -m alexnet -w random --layer conv2
 GRADCAM_HELP = """Grad-CAM: where in the photo the evidence for a class is, at a conv layer (default: the last).
 
 Writes <image>_gradcam.png (the map in jet over the photo, 0.6/0.4) and
-<image>_gradcam_map.png (the map alone; gradcampp for --variant gradcam++); --variant guided
+<image>_gradcam_map.png (the map alone; gradcampp for --variant gradcampp); --variant guided
 also writes the guided Grad-CAM picture <image>_guided_gradcam.png.
 
 Examples: convscope gradcam cat.jpg -o out/ | convscope gradcam cat.jpg --label "tiger cat" --layer stage6 |
-convscope gradcam photos/ -m vgg16 -w random --variant gradcam++
+convscope gradcam photos/ -m vgg16 -w random --variant gradcampp
 """
 GUIDED_HELP = """Guided backprop: the input gradient with only positive signals passed back through each ReLU.
 

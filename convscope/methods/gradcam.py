@@ -27,7 +27,7 @@ from convscope.probes.hooks import Capture, capture
 from convscope.probes.layers import alias_of, resolve_layer
 from convscope.types import LoadedModel
 
-CAM_METHODS = ("gradcam", "gradcam++")
+CAM_METHODS = ("gradcam", "gradcampp")
 
 
 def feature_map_of(store: Capture[torch.Tensor], key: str, name: str) -> torch.Tensor:
@@ -145,7 +145,7 @@ def gradcam(
     return _cam(model, images, target, layer, "gradcam")
 
 
-def gradcam_plus_plus(
+def gradcampp(
     model: ModelLike, images: Any, target: TargetLike = None, layer: str | None = None
 ) -> CamMaps:
     """Grad-CAM++: like :func:`gradcam`, with channel weights from positive gradients weighted
@@ -154,7 +154,11 @@ def gradcam_plus_plus(
     Returns:
         ``CamMaps`` with ``maps`` ``(N, H, W)`` float32 in ``[0, 1]``.
     """
-    return _cam(model, images, target, layer, "gradcam++")
+    return _cam(model, images, target, layer, "gradcampp")
+
+
+# The name this function had before the one-name rule (issue 23); kept for code that calls it.
+gradcam_plus_plus = gradcampp
 
 
 def guided_gradcam(

@@ -231,6 +231,8 @@ class MethodSpec:
             (for a progress bar), or ``None``.
         in_report: ``convscope explore`` shows it (a section of its own unless a part of
             ``convscope.explore.PARTS`` runs it).
+        aliases: old spellings of ``name`` that are still accepted (``/api/explain``'s ``method``,
+            the CLI's selector, ``quality --methods``) but shown nowhere.
     """
 
     name: str
@@ -248,6 +250,7 @@ class MethodSpec:
     cli: CliBinding | None = None
     units: Callable[[Mapping[str, Any], int, int], int] | str | None = None
     in_report: bool = True
+    aliases: tuple[str, ...] = ()
     if TYPE_CHECKING:  # the old name of ``exclusive``: read as a property, still accepted as a keyword
         hooks: bool = True
 
@@ -382,10 +385,18 @@ def register_method(spec: MethodSpec) -> MethodSpec:
     return spec
 
 
+def canonical_method_name(name: str) -> str:
+    """The registry name for ``name`` or one of its old spellings (``gradcam++`` -> ``gradcampp``);
+    an unknown name comes back as given."""
+    if name in _REGISTRY:
+        return name
+    return next((spec.name for spec in _REGISTRY.values() if name in spec.aliases), name)
+
+
 def get_method(name: str) -> MethodSpec:
-    """Look a method up; unknown names raise ``UnknownMethod`` with close matches."""
+    """Look a method up (old spellings too); unknown names raise ``UnknownMethod`` with close matches."""
     try:
-        return _REGISTRY[name]
+        return _REGISTRY[canonical_method_name(name)]
     except KeyError:
         raise UnknownMethod(f"method {name}", "unknown method", close_matches(name, list_methods())) from None
 
@@ -492,15 +503,16 @@ register_method(MethodSpec(
                    default_layer=cam_layer),
 ))
 register_method(MethodSpec(
-    name="gradcam++",
+    name="gradcampp",
+    aliases=("gradcam++", "gradcam_plus_plus"),
     title="Grad-CAM++",
     summary="Grad-CAM with positive gradients weighted per location: spreads over several instances.",
-    function="convscope.methods.gradcam:gradcam_plus_plus",
+    function="convscope.methods.gradcam:gradcampp",
     renderer="convscope.render.views:cam_views",
     takes_target=True,
     layer="optional",
     in_report=False,
-    cli=CliBinding("gradcam", {"--variant": "gradcam++"}, probability=True, default_layer=cam_layer),
+    cli=CliBinding("gradcam", {"--variant": "gradcampp"}, probability=True, default_layer=cam_layer),
 ))
 register_method(MethodSpec(
     name="guided-gradcam",

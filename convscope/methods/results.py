@@ -18,7 +18,7 @@ class CamMaps(Renderable):
     """Grad-CAM or Grad-CAM++ maps of a batch.
 
     Attributes:
-        method: ``"gradcam"`` or ``"gradcam++"``.
+        method: ``"gradcam"``, ``"gradcampp"`` (Grad-CAM++) or ``"scorecam"``.
         layer: the layer name as given (or the model's default CAM layer).
         maps: ``(N, H, W)`` float32 in ``[0, 1]`` at input resolution (bilinear upsampling of
             ``raw``, then min-max per image; an all-zero map stays zero).

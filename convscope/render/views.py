@@ -326,7 +326,7 @@ def _cam_pair(cam: Any, context: ViewContext, title: str, word: str) -> tuple[Vi
 def cam_views(result: Any, context: ViewContext) -> Views:
     i = context.index
     title = context.title or result.method
-    over, alone = _cam_pair(result, context, title, {"gradcam++": "gradcampp"}.get(result.method, result.method))
+    over, alone = _cam_pair(result, context, title, result.method)
     return Views(tuple(v for v in (over, alone) if v is not None), _cam_record(result, context, result.warnings),
                  line=_explaining(context, result.labels[i], int(result.targets[i]), float(result.scores[i])),
                  warnings=result.warnings)

@@ -28,7 +28,6 @@ import asyncio
 import json
 import logging
 import math
-import re
 from collections.abc import Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -40,14 +39,23 @@ from urllib.parse import quote
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from pydantic import BaseModel, Field
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
-from convscope.errors import BadArgument, BadTarget, ConvscopeError, ImageError
-from convscope.methods.registry import MethodSpec, Param, get_method, list_methods
+from convscope.errors import BadArgument, ConvscopeError, ImageError
+from convscope.methods.registry import MethodSpec, get_method, list_methods
 from convscope.parsing import parse_class_index
+from convscope.web.forms import class_index, clean_name, in_form_terms, text_field
+from convscope.web.limits import BodyLimit, error_response, status_for
+from convscope.web.openapi import (
+    CLASSIFY_FIELDS,
+    UPLOAD_ERRORS,
+    classify_form,
+    error_replies,
+    explain_form,
+    multipart,
+)
 from convscope.web.state import JobStore, ModelCache, TempArea
 
 log = logging.getLogger("convscope.web")
@@ -62,64 +70,6 @@ Scope = MutableMapping[str, Any]
 ASGIApp = Callable[[Scope, Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Awaitable[None]]
 
 
-class UploadTooLarge(Exception):
-    """The request body is over the limit."""
-
-
-class BodyLimit:
-    """ASGI middleware: refuse bodies over ``limit`` bytes, by ``Content-Length`` before reading
-    and by counting while reading (chunked uploads declare no length)."""
-
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app = app
-        self.limit = limit
-
-    async def __call__(self, scope: Scope, receive: Callable[[], Awaitable[Any]],
-                       send: Callable[[Any], Awaitable[None]]) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        for name, value in scope.get("headers", []):
-            if name == b"content-length":
-                try:
-                    declared = int(value)
-                except ValueError:
-                    declared = 0
-                if declared > self.limit:
-                    await _error_response(413, self._message())(scope, receive, send)
-                    return
-        seen = 0
-
-        async def limited() -> Any:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise UploadTooLarge(self._message())
-            return message
-
-        try:
-            await self.app(scope, limited, send)
-        except UploadTooLarge as exc:
-            await _error_response(413, str(exc))(scope, receive, send)
-
-    def _message(self) -> str:
-        return f"upload: request body is over the {self.limit / 1e6:g} MB limit"
-
-
-def _error_response(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": " ".join(str(message).split())}, status_code=status)
-
-
-def _status_for(exc: ConvscopeError) -> int:
-    if isinstance(exc, ImageError) and "limit" in exc.reason:
-        return 413
-    if isinstance(exc, ImageError):
-        return 415 if "not an image" in exc.reason else 400
-    return 400
-
-
 def static_dir() -> Path:
     return Path(str(resources.files("convscope.web").joinpath("static")))
 
@@ -128,121 +78,6 @@ def _data_file(name: str) -> Path:
     return Path(str(resources.files("convscope").joinpath(f"data/{name}")))
 
 
-class Error(BaseModel):
-    """Every 4xx and 5xx reply of the API."""
-
-    error: str = Field(description="One line: the field, file or thing at fault, then what is wrong.")
-
-
-_ERROR_TEXT = {
-    400: "A field is missing, unknown or has a value that cannot work (the message names it).",
-    404: "No such job, sample or picture.",
-    409: "The job has not finished.",
-    413: "The upload or the image is over the server's limit.",
-    415: "The upload is not an image.",
-    422: "A path or query parameter is malformed.",
-    503: "Out of memory for this request.",
-}
-
-
-def _errors(*codes: int, ok: dict[str, Any] | None = None) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI ``responses`` for the error replies a route can give (all ``{"error": ...}``), and
-    ``ok``, the 200 reply, when it is not JSON."""
-    responses: dict[int | str, dict[str, Any]] = {200: ok} if ok is not None else {}
-    return responses | {code: {"model": Error, "description": _ERROR_TEXT[code]} for code in codes}
-
-
-_UPLOAD_ERRORS = (400, 413, 415, 503)
-_NONBLANK = r"\S"  # a text field of only spaces counts as not given
-
-
-def _multipart(description: str, schema: dict[str, Any]) -> dict[str, Any]:
-    """OpenAPI ``requestBody`` for routes that parse their own multipart form."""
-    return {"requestBody": {"required": True, "description": description,
-                            "content": {"multipart/form-data": {"schema": schema}}}}
-
-
-_IMAGE_FIELD = {"type": "string", "format": "binary", "description": "JPEG, PNG, BMP, GIF, TIFF, WebP or PPM"}
-_MODEL_FIELD = {"type": "string", "description": "Model name of GET /api/models (default: the server's)."}
-
-
-def _param_schema(param: Param) -> dict[str, Any]:
-    """The form field of a method option, as its ``Param`` parses it."""
-    field: dict[str, Any] = {"description": param.help}
-    if param.multiple:
-        return field | {"type": "string", "pattern": r"^[0-9,\s]*$",
-                        "description": param.help + " Comma-separated whole numbers."}
-    if param.type == "int":
-        field["type"] = "integer"
-    elif param.type == "float":
-        field["type"] = "number"
-    elif param.type == "bool":
-        field["type"] = "boolean"
-    elif param.type == "fill":
-        field["anyOf"] = [{"type": "string", "enum": list(param.choices or ())}, {"type": "number"}]
-    else:
-        field["type"] = "string"
-        if param.choices is not None:
-            field["enum"] = list(param.choices)
-    for key, bound in (("minimum", param.minimum), ("maximum", param.maximum)):
-        if bound is not None and param.type in ("int", "float"):
-            field[key] = int(bound) if param.type == "int" and float(bound).is_integer() else bound
-    if param.default is not None:
-        field["default"] = param.default
-    return field
-
-
-def _explain_form() -> dict[str, Any]:
-    """The form of ``/api/explain`` and ``/api/jobs``: every field any method takes at the top (so
-    clients see the image is a file part), then one ``oneOf`` branch per method saying which of
-    them that method takes and requires. Another method's option, a layer for a method without
-    one, or a target for a method that explains no class, is a 400."""
-    specs = [get_method(n) for n in list_methods() if n != "classify"]
-    layer = {"type": "string", "description": "Layer alias or module path of GET /api/model."}
-    common: dict[str, Any] = {
-        "image": _IMAGE_FIELD,
-        "method": {"type": "string", "enum": [s.name for s in specs], "description": "A method of GET /api/methods."},
-        "layer": layer,
-        "target": {"type": "string", "description": "Class index (0, 1, ...) or class name (default: the top-1 "
-                   "class)."},
-        "model": _MODEL_FIELD,
-        "view": {"type": "string", "description": "Which picture of the method (default: its main one)."},
-    }
-    options: dict[str, list[dict[str, Any]]] = {}
-    for spec in specs:
-        for param in spec.params:
-            field = _param_schema(param)
-            if field not in options.setdefault(param.name, []):
-                options[param.name].append(field)
-    fields = common | {name: kinds[0] if len(kinds) == 1 else {"anyOf": kinds} for name, kinds in options.items()}
-    branches = []
-    for spec in specs:
-        own = {p.name: _param_schema(p) for p in spec.params}
-        taken = {"image", "method", "model", "view", *own}
-        if spec.layer != "none":
-            taken.add("layer")
-        if spec.takes_target:
-            taken.add("target")
-        branch: dict[str, Any] = {
-            "title": spec.title,
-            "properties": {"method": {"const": spec.name}} | own | {name: False for name in fields if name not in taken},
-            "required": ["image", "method"],
-        }
-        if spec.layer == "required":
-            branch["properties"]["layer"] = layer | {"pattern": _NONBLANK}
-            branch["required"].append("layer")
-        branches.append(branch)
-    return {"type": "object", "properties": fields, "required": ["image", "method"], "additionalProperties": False,
-            "oneOf": branches}
-
-
-def _classify_form() -> dict[str, Any]:
-    topk = _param_schema(get_method("classify").param("topk"))
-    return {"type": "object", "properties": {"image": _IMAGE_FIELD, "topk": topk, "model": _MODEL_FIELD},
-            "required": ["image"], "additionalProperties": False}
-
-
-CLASSIFY_FIELDS = ("image", "topk", "model")
 
 
 @dataclass
@@ -315,11 +150,11 @@ def create_app(
 
     @app.exception_handler(ConvscopeError)
     async def _user_error(request: Request, exc: ConvscopeError) -> JSONResponse:
-        return _error_response(_status_for(exc), in_form_terms(exc).message)
+        return error_response(status_for(exc), in_form_terms(exc).message)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        response = _error_response(exc.status_code, str(exc.detail))
+        response = error_response(exc.status_code, str(exc.detail))
         response.headers.update(exc.headers or {})
         if exc.status_code == 405:  # Starlette's Allow names the first route of the path only
             response.headers["Allow"] = ", ".join(_allowed_methods(app, request))
@@ -329,20 +164,20 @@ def create_app(
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {"loc": ("request",), "msg": "invalid"}
         where = ".".join(str(p) for p in first.get("loc", ()) if p not in ("body", "query"))
-        return _error_response(422, f"{where or 'request'}: {first.get('msg', 'invalid')}")
+        return error_response(422, f"{where or 'request'}: {first.get('msg', 'invalid')}")
 
     @app.exception_handler(MultiPartException)
     async def _multipart_error(request: Request, exc: MultiPartException) -> JSONResponse:
-        return _error_response(400, f"request: malformed multipart form: {exc.message}")
+        return error_response(400, f"request: malformed multipart form: {exc.message}")
 
     @app.exception_handler(MemoryError)
     async def _memory_error(request: Request, exc: MemoryError) -> JSONResponse:
-        return _error_response(503, "server: out of memory for this request (try a smaller image)")
+        return error_response(503, "server: out of memory for this request (try a smaller image)")
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error on %s", request.url.path)
-        return _error_response(500, f"internal error: {type(exc).__name__}: {str(exc)[:200]}")
+        return error_response(500, f"internal error: {type(exc).__name__}: {str(exc)[:200]}")
 
     # ------------------------------------------------------------ helpers
 
@@ -368,7 +203,7 @@ def create_app(
         if not isinstance(upload, UploadFile):
             raise BadArgument("image", "must be a file upload, not a text field")
         data = await upload.read()
-        name = _clean_name(upload.filename)
+        name = clean_name(upload.filename)
         if not data:
             raise ImageError(f"image {name}", "empty file (0 bytes)")
         return name, data
@@ -386,7 +221,7 @@ def create_app(
         """Check everything in an ``/api/explain`` or ``/api/jobs`` form that can be checked before
         running (the method, its options, the model, the image, the layer, the class), so both
         routes answer a bad form with the same 400 and a job is queued only when it can start."""
-        method_name = _text(form, "method") or ""
+        method_name = text_field(form, "method") or ""
         if not method_name:
             raise BadArgument("method", "missing: choose one of " + ", ".join(list_methods()))
         spec = get_method(method_name)
@@ -395,15 +230,15 @@ def create_app(
             if not isinstance(value, str) and key in {p.name for p in spec.params}:
                 raise BadArgument(key, "must be a text field, not a file")
         typed = spec.parse_options(options, strict=True)
-        layer, target_text = _text(form, "layer"), _text(form, "target")
+        layer, target_text = text_field(form, "layer"), text_field(form, "target")
         if spec.layer == "required" and not layer:
             raise BadArgument("layer", f"is required by {spec.name}: name a layer alias or module path")
         if target_text is not None and not spec.takes_target:
             raise BadArgument(f"target {target_text}", f"{spec.name} takes no target")
         target = parse_class_index(target_text, subject="target") if target_text is not None else None
-        entry = entry_for(_text(form, "model"))
+        entry = entry_for(text_field(form, "model"))
         _check_layer(entry, spec, layer)
-        target_index = _class_index(entry.loaded, target)
+        target_index = class_index(entry.loaded, target)
         picture = decode(name, data)
         batch = entry.loaded.preprocess.to_tensor(picture).to(entry.loaded.device)
         return Explanation(entry, batch, spec, typed, layer, target_index)
@@ -476,7 +311,7 @@ def create_app(
 
         return {"default": default_name, "models": list_models()}
 
-    @app.get("/api/model", tags=["api"], responses=_errors(400, 422, 503))
+    @app.get("/api/model", tags=["api"], responses=error_replies(400, 422, 503))
     async def model_info(model: str | None = None) -> dict[str, Any]:
         """Name, weights, input size, conv stages, layers with 4-D output and class names of a model."""
         entry = await asyncio.to_thread(entry_for, model)
@@ -491,15 +326,15 @@ def create_app(
                             if _data_file(n).is_file()]}
 
     @app.get("/api/samples/{name}", tags=["api"], response_class=Response,
-             responses=_errors(404, 422, ok={"content": {"image/jpeg": {}}, "description": "The photo."}))
+             responses=error_replies(404, 422, ok={"content": {"image/jpeg": {}}, "description": "The photo."}))
     async def sample(name: str) -> Response:
         """One bundled photo."""
         if name not in SAMPLES or not _data_file(name).is_file():
             raise StarletteHTTPException(404, f"sample {name}: not found")
         return Response(_data_file(name).read_bytes(), media_type="image/jpeg")
 
-    @app.post("/api/classify", tags=["api"], responses=_errors(*_UPLOAD_ERRORS), openapi_extra=_multipart(
-        "The image and, optionally, how many classes.", _classify_form()))
+    @app.post("/api/classify", tags=["api"], responses=error_replies(*UPLOAD_ERRORS), openapi_extra=multipart(
+        "The image and, optionally, how many classes.", classify_form()))
     async def classify(request: Request) -> dict[str, Any]:
         """Top-k classes: ``{"predictions": [{"index", "label", "probability"}, ...]}``, the same items
         as ``convscope classify --json``."""
@@ -509,10 +344,10 @@ def create_app(
         unknown = sorted(k for k in form if k not in CLASSIFY_FIELDS)
         if unknown:
             raise BadArgument(unknown[0], "is not a field of classify", "fields: " + ", ".join(CLASSIFY_FIELDS))
-        typed = spec.parse_options({"topk": _text(form, "topk")})
+        typed = spec.parse_options({"topk": text_field(form, "topk")})
 
         def work() -> dict[str, Any]:
-            entry = entry_for(_text(form, "model"))
+            entry = entry_for(text_field(form, "model"))
             picture = decode(name, data)
             batch = entry.loaded.preprocess.to_tensor(picture).to(entry.loaded.device)
             with entry.lock.hold(spec.hooks):
@@ -523,10 +358,10 @@ def create_app(
         return await asyncio.to_thread(work)
 
     @app.post("/api/explain", tags=["api"], response_class=Response,
-              responses=_errors(*_UPLOAD_ERRORS, ok={"content": {"image/png": {}}, "description": "The picture; "
+              responses=error_replies(*UPLOAD_ERRORS, ok={"content": {"image/png": {}}, "description": "The picture; "
                                 "its caption is in the X-Convscope-Caption header (percent-encoded)."}),
-              openapi_extra=_multipart("The image, a method, and the method's options (see GET /api/methods).",
-                                       _explain_form()))
+              openapi_extra=multipart("The image, a method, and the method's options (see GET /api/methods).",
+                                       explain_form()))
     async def explain_route(request: Request) -> Response:
         """Run one method and return its picture as PNG (slow methods too; use ``/api/jobs`` for progress)."""
         from convscope.render.views import png_bytes
@@ -536,13 +371,13 @@ def create_app(
 
         def work() -> Response:
             views = run_explain(validate(form, name, data))
-            view = _pick_view(views, _text(form, "view"))
+            view = _pick_view(views, text_field(form, "view"))
             return Response(png_bytes(view.picture), media_type="image/png", headers=_view_headers(views, view))
 
         return await asyncio.to_thread(work)
 
-    @app.post("/api/jobs", tags=["api"], status_code=202, responses=_errors(*_UPLOAD_ERRORS),
-              openapi_extra=_multipart("As for /api/explain.", _explain_form()))
+    @app.post("/api/jobs", tags=["api"], status_code=202, responses=error_replies(*UPLOAD_ERRORS),
+              openapi_extra=multipart("As for /api/explain.", explain_form()))
     async def start_job(request: Request) -> JSONResponse:
         """Start a method as a cancellable job: ``{"id", "status", "progress": {"done", "total"}}``
         (``total`` is ``null`` when the method cannot tell in advance). The form is checked as
@@ -554,12 +389,12 @@ def create_app(
         job = jobs.submit(checked.spec.name, total, lambda job: run_explain(checked, job.progress), _describe_error)
         return JSONResponse(job.as_json(), status_code=202)
 
-    @app.get("/api/jobs/{job_id}", tags=["api"], responses=_errors(404, 422))
+    @app.get("/api/jobs/{job_id}", tags=["api"], responses=error_replies(404, 422))
     async def job_status(job_id: str) -> dict[str, Any]:
         """Status, progress, and when done the pictures' keys, titles and captions."""
         return _job_or_404(jobs, job_id).as_json()
 
-    @app.delete("/api/jobs/{job_id}", tags=["api"], responses=_errors(404, 422))
+    @app.delete("/api/jobs/{job_id}", tags=["api"], responses=error_replies(404, 422))
     async def cancel_job(job_id: str) -> dict[str, Any]:
         """Cancel a job. It stops at its next progress step, after the forward batch under way;
         the answer waits a few seconds for that, so it usually says ``cancelled``."""
@@ -569,7 +404,7 @@ def create_app(
         return job.as_json()  # type: ignore[no-any-return]
 
     @app.get("/api/jobs/{job_id}/views/{key}.png", tags=["api"], response_class=Response,
-             responses=_errors(400, 404, 409, 422, ok={"content": {"image/png": {}}, "description": "The picture."}))
+             responses=error_replies(400, 404, 409, 422, ok={"content": {"image/png": {}}, "description": "The picture."}))
     async def job_view(job_id: str, key: str) -> Response:
         """A picture of a finished job."""
         from convscope.render.views import png_bytes
@@ -591,71 +426,6 @@ def _version() -> str:
     from convscope import __version__
 
     return __version__
-
-
-def _text(form: FormData, name: str) -> str | None:
-    value = form.get(name)
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise BadArgument(name, "must be a text field, not a file")
-    return value.strip() or None
-
-
-def _class_index(loaded: Any, target: int | str | None) -> int | None:
-    """The class a form names, checked against the model before any work (``None``: top-1).
-
-    Raises:
-        BadTarget: an index out of range or an unknown label (named as the CLI names them;
-            ``in_form_terms`` turns that into the form's ``target``).
-    """
-    import torch
-
-    from convscope.methods.targets import resolve_targets
-
-    if target is None:
-        return None
-    if not loaded.categories:
-        if isinstance(target, str):
-            raise BadTarget(f"target {target}", f"is not a class index, and {loaded.name} has no class names",
-                            "give a class index (0, 1, ...)")
-        return target  # the method checks the range against the model's scores
-    scores = torch.zeros(1, len(loaded.categories))
-    return int(resolve_targets(target, scores, loaded.categories, loaded.name)[0])
-
-
-# The library and the CLI name options by their flags; the web form names them by field.
-_FORM_FIELDS = {"--label": "target", "--class": "target", "--target": "target", "--layer": "layer",
-                "--model": "model"}
-
-
-def _form_fields() -> dict[str, str]:
-    fields = dict(_FORM_FIELDS)
-    for name in list_methods():
-        for param in get_method(name).params:
-            if param.flag:
-                fields.setdefault(param.flag, param.name)
-    return fields
-
-
-def in_form_terms(exc: ConvscopeError) -> ConvscopeError:
-    """``exc`` with the CLI flags in its message replaced by the form fields a web user sent
-    (``--label tiger: is not a class`` -> ``target tiger: ...``)."""
-    fields = _form_fields()
-
-    def swap(text: str) -> str:
-        return re.sub(r"(?<![\w-])--[a-z][a-z0-9-]*", lambda m: fields.get(m.group(0), m.group(0)), text)
-
-    subject, reason, hint = swap(exc.subject), swap(exc.reason), swap(exc.hint) if exc.hint else exc.hint
-    if (subject, reason, hint) == (exc.subject, exc.reason, exc.hint):
-        return exc
-    return type(exc)(subject, reason, hint)
-
-
-def _clean_name(filename: str | None) -> str:
-    name = Path(filename or "upload").name
-    cleaned = "".join(ch if ch.isprintable() else "?" for ch in name)[:80]
-    return cleaned or "upload"
 
 
 def _offline_weights(spec: Any) -> str:

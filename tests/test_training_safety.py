@@ -28,7 +28,7 @@ RUN_FILES = ("config.json", "data.json", "metrics.jsonl", "last.pt", "best.pt", 
 @pytest.fixture(scope="module")
 def cli():
     import convscope.cli.train_cmd  # noqa: F401  (registers train/evaluate/ablate)
-    from convscope.cli.app import app
+    from convscope.cli.main import app
 
     runner = CliRunner()
     return lambda *args: runner.invoke(app, [str(a) for a in args])

@@ -20,7 +20,7 @@ TINY: dict[str, Any] = {"data": "digits", "arch": "tiny", "limit": 64, "batch_si
 @pytest.fixture(scope="module")
 def cli():  # type: ignore[no-untyped-def]
     import convscope.cli.train_cmd  # noqa: F401  (registers train/evaluate)
-    from convscope.cli.app import app
+    from convscope.cli.main import app
 
     runner = CliRunner()
     return lambda *args: runner.invoke(app, [str(a) for a in args])

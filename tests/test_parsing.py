@@ -228,3 +228,56 @@ def test_a_list_param_takes_one_json_number_as_a_list_of_one() -> None:
     channel = next(p for spec in _REGISTRY.values() for p in spec.params if p.multiple and p.type == "int")
     assert channel.parse(5) == [5] and channel.parse(0) == [0] and channel.parse([1, "2"]) == [1, 2]
     assert channel.parse(None) is None and channel.parse("") is None
+
+
+# ---------------------------------------------------------------- patches, train, ablate, serve
+
+RANGES = st.one_of(
+    TEXT,
+    st.lists(st.one_of(NUMBERISH, st.tuples(NUMBERISH, NUMBERISH).map("-".join)), min_size=1, max_size=4)
+    .map(",".join),
+)
+
+
+@PROPERTY
+@given(st.one_of(st.none(), RANGES))
+def test_channel_ranges_give_bounded_channel_ids_or_one_line(text: str | None) -> None:
+    from convscope.cli.patches_cmd import MAX_CHANNELS, parse_channels
+
+    channels = one_line_error(lambda: parse_channels(text))
+    if channels is not None:
+        assert all(type(c) is int and 0 <= c < MAX_CHANNELS for c in channels)
+
+
+@PROPERTY
+@given(st.one_of(st.none(), RANGES))
+def test_snapshot_epochs_give_whole_numbers_or_one_line(text: str | None) -> None:
+    from convscope.cli.train_cmd import _epoch_list
+
+    epochs = one_line_error(lambda: _epoch_list(text))
+    if epochs is not None:
+        assert all(type(e) is int and e >= 0 for e in epochs)
+
+
+@PROPERTY
+@given(st.one_of(TEXT, st.tuples(st.sampled_from(["drop:", "width:", "width:conv2=", "drop:conv", "x:"]),
+                                 NUMBERISH).map("".join)))
+def test_ablation_variants_parse_or_give_one_line(text: str) -> None:
+    from convscope.models.variants import MAX_WIDTH, parse_variant
+
+    variant = one_line_error(lambda: parse_variant(text))
+    if variant is not None:
+        for operation in variant.operations:
+            assert operation.kind in ("drop", "width")
+            assert operation.width is None or (type(operation.width) is int and 1 <= operation.width <= MAX_WIDTH)
+
+
+@PROPERTY
+@given(NUMBERISH, NUMBERISH)
+def test_serve_numbers_give_a_port_and_a_limit_in_range_or_one_line(port: str, megabytes: str) -> None:
+    from convscope.cli.web_cmd import MAX_UPLOAD_MB, serve_numbers
+
+    numbers = one_line_error(lambda: serve_numbers(port, megabytes))
+    if numbers is not None:
+        assert type(numbers[0]) is int and 0 <= numbers[0] <= 65535
+        assert math.isfinite(numbers[1]) and 0.001 <= numbers[1] <= MAX_UPLOAD_MB

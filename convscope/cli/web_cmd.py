@@ -131,6 +131,14 @@ def check_address(host: str, port: int) -> None:
         raise BadArgument(shown, f"cannot listen here ({exc.strerror or exc})") from None
 
 
+def serve_numbers(port: str, max_upload_mb: str) -> tuple[int, float]:
+    """``serve``'s ``--port`` and ``--max-upload-mb`` as numbers in range (one ``error:`` line otherwise)."""
+    from convscope.parsing import parse_float, parse_int
+
+    return (parse_int(port, subject="--port", minimum=0, maximum=65535),
+            parse_float(max_upload_mb, subject="--max-upload-mb", minimum=0.001, maximum=MAX_UPLOAD_MB))
+
+
 def serve_command(
     host: Annotated[str, typer.Option("--host", help="Address to bind (default: loopback only).")] = "127.0.0.1",
     port: Annotated[
@@ -154,11 +162,9 @@ def serve_command(
     Examples: convscope serve | convscope serve --port 8080 --model alexnet --weights random |
     convscope serve --root-path /proxy/8000
     """
-    from convscope.parsing import parse_float, parse_int
     from convscope.web.app import run_server
 
-    port_number = parse_int(port, subject="--port", minimum=0, maximum=65535)
-    upload_mb = parse_float(max_upload_mb, subject="--max-upload-mb", minimum=0.001, maximum=MAX_UPLOAD_MB)
+    port_number, upload_mb = serve_numbers(port, max_upload_mb)
     warning = bind_warning(host)
     if warning:
         typer.echo(f"warning: {warning}", err=True)

@@ -75,7 +75,7 @@ def cam_layer(loaded: Any) -> str:
 
 def occlusion_units(options: Mapping[str, Any], height: int, width: int) -> int:
     """Occluded copies of one image: window positions along each axis, multiplied."""
-    from convscope.methods.occlusion import grid_origins
+    from convscope.probes.geometry import grid_origins
 
     window, stride, border = int(options["window"]), int(options["stride"]), bool(options["cover_border"])
     if window > min(height, width):

@@ -207,7 +207,7 @@ def wrap_model(
     Layers are then named by their module path. Without ``categories`` the labels are the
     ImageNet names when the model has 1000 outputs, else ``class 0``, ``class 1``...
     """
-    from convscope.probes.layers import default_stages
+    from convscope.models.stages import default_stages
     from convscope.validate import describe
 
     if not isinstance(module, nn.Module):

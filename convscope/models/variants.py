@@ -39,9 +39,9 @@ import torch
 from torch import nn
 
 from convscope.errors import BadArgument, close_matches
-from convscope.parsing import parse_int
+from convscope.models.stages import ACTIVATIONS
+from convscope.parsing import parse_int, shown
 
-_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.LeakyReLU, nn.ELU, nn.Hardswish, nn.PReLU)
 _NORMS = (nn.BatchNorm2d, nn.BatchNorm1d)
 BASE = "base"
 # Widest layer a variant may ask for, checked before anything is allocated (a 3x3 conv this wide
@@ -92,9 +92,9 @@ def parse_variant(text: str) -> Variant:
         kind, sep, rest = part.partition(":")
         kind = kind.strip().lower()
         if not sep or not rest.strip():
-            raise BadArgument(f"--variant {text}", f"{part!r} is not KIND:LAYERS", "e.g. drop:conv3,conv4 or width:conv2=512")
+            raise BadArgument(f"--variant {shown(text)}", f"{shown(repr(part))} is not KIND:LAYERS", "e.g. drop:conv3,conv4 or width:conv2=512")
         if kind not in ("drop", "width"):
-            raise BadArgument(f"--variant {text}", f"unknown operation {kind!r}", "use drop:LAYERS or width:LAYER=N")
+            raise BadArgument(f"--variant {shown(text)}", f"unknown operation {shown(repr(kind))}", "use drop:LAYERS or width:LAYER=N")
         for item in filter(None, (i.strip() for i in rest.split(","))):
             if kind == "drop":
                 operations.append(Operation("drop", item))
@@ -104,14 +104,14 @@ def parse_variant(text: str) -> Variant:
                 width = parse_int(number, subject="width", minimum=1, maximum=MAX_WIDTH) if eq else None
             except BadArgument as exc:
                 raise BadArgument(
-                    f"--variant {text}", f"{item!r} is not LAYER=N with N a whole number from 1 to {MAX_WIDTH}",
+                    f"--variant {shown(text)}", f"{shown(repr(item))} is not LAYER=N with N a whole number from 1 to {MAX_WIDTH}",
                     "e.g. width:conv2=512",
                 ) from exc
             if width is None:
-                raise BadArgument(f"--variant {text}", f"{item!r} is not LAYER=N", "e.g. width:conv2=512")
+                raise BadArgument(f"--variant {shown(text)}", f"{shown(repr(item))} is not LAYER=N", "e.g. width:conv2=512")
             operations.append(Operation("width", layer.strip(), width))
     if not operations:
-        raise BadArgument(f"--variant {text}", "names no layer")
+        raise BadArgument(f"--variant {shown(text)}", "names no layer")
     return Variant(stripped, tuple(operations))
 
 
@@ -221,14 +221,14 @@ def _norm_after(order: list[tuple[str, nn.Module]], index: int, stop: int) -> in
         sub = order[i][1]
         if isinstance(sub, _NORMS):
             return i
-        if isinstance(sub, (_ACTIVATIONS, nn.MaxPool2d, nn.AvgPool2d)):
+        if isinstance(sub, (ACTIVATIONS, nn.MaxPool2d, nn.AvgPool2d)):
             return None
     return None
 
 
 def _activation_after(order: list[tuple[str, nn.Module]], index: int, stop: int) -> int | None:
     for i in range(index + 1, stop):
-        if isinstance(order[i][1], _ACTIVATIONS):
+        if isinstance(order[i][1], ACTIVATIONS):
             return i
     return None
 

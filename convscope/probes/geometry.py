@@ -261,3 +261,12 @@ def cell_boxes_xyxy(
         top, left, bottom, right = cell_box(geo, row, col, image_size)
         boxes.append((left, top, right, bottom))
     return boxes
+
+
+def grid_origins(size: int, window: int, stride: int, cover_border: bool = False) -> tuple[int, ...]:
+    """Top (or left) pixels of the positions of a sliding window along an axis of ``size`` pixels
+    (occlusion's grid; ``cover_border``: one more position when the stride leaves a strip uncovered)."""
+    count = (size - window) // stride + 1
+    if cover_border:
+        count = math.ceil((size - window) / stride) + 1
+    return tuple(i * stride for i in range(count))

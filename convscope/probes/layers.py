@@ -10,8 +10,6 @@ from convscope.errors import UnknownLayer, close_matches
 from convscope.types import LoadedModel
 from convscope.validate import check_layer_name
 
-ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.LeakyReLU, nn.ELU, nn.Hardswish, nn.PReLU)
-
 
 def resolve_layer(model: LoadedModel, name: str) -> tuple[str, nn.Module]:
     """Alias or module path -> ``(module path, module)``.
@@ -46,28 +44,6 @@ def alias_of(model: LoadedModel, path: str) -> str:
         if target == path:
             return alias
     return path
-
-
-def default_stages(module: nn.Module) -> dict[str, str]:
-    """Guess conv stages of a user module: for each ``Conv2d``, the first activation registered
-    after it (before the next conv), else the conv itself. Names are ``conv1``, ``conv2``...
-
-    Registration order follows forward order for Sequential-style networks; wrap other
-    networks with explicit stages.
-    """
-    stages: dict[str, str] = {}
-    current: str | None = None  # the stage output found so far for the latest conv
-    activated = False
-    for path, sub in module.named_modules():
-        if isinstance(sub, nn.Conv2d):
-            if current is not None:
-                stages[f"conv{len(stages) + 1}"] = current
-            current, activated = path, False
-        elif current is not None and not activated and isinstance(sub, ACTIVATIONS):
-            current, activated = path, True
-    if current is not None:
-        stages[f"conv{len(stages) + 1}"] = current
-    return stages
 
 
 def list_layers(model: LoadedModel | nn.Module, *, input_size: Sequence[int] | None = None) -> list[dict[str, object]]:

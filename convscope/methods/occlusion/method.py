@@ -53,6 +53,7 @@ from convscope.methods.occlusion import precision
 from convscope.methods.occlusion.engine import ImageOcclusion, occlude_image
 from convscope.methods.occlusion.units import record
 from convscope.methods.targets import TargetLike, resolve_targets, target_labels
+from convscope.probes.geometry import grid_origins
 from convscope.probes.hooks import eval_mode
 from convscope.probes.layers import resolve_layer
 from convscope.types import Renderable
@@ -131,14 +132,6 @@ class OcclusionResult(Renderable):
     fill: tuple[float, ...]
     class_names: dict[int, str]
     stats: OcclusionStats
-
-
-def grid_origins(size: int, window: int, stride: int, cover_border: bool = False) -> tuple[int, ...]:
-    """Top (or left) pixels of the window positions along an axis of ``size`` pixels."""
-    count = (size - window) // stride + 1
-    if cover_border:
-        count = math.ceil((size - window) / stride) + 1
-    return tuple(i * stride for i in range(count))
 
 
 def resolve_fill(fill: float | Sequence[float] | str, mean: Sequence[float], std: Sequence[float], channels: int) -> tuple[float, ...]:

@@ -220,11 +220,15 @@ def cam_figure(photo: np.ndarray | None, cam: Any, index: int = 0, model: Any = 
     range; ``title`` names the method (its registry row's title)."""
     picture = overlay(photo, cam.maps[index]) if photo is not None else colorize(cam.maps[index])
     low, high = _range(cam.raw[index])
-    weighting = ("class score of the photo masked by each channel" if cam.method == "scorecam"
-                 else "gradient")
+    if cam.method == "scorecam":
+        # Score-CAM takes no gradient: say what its weights are (the caption once spoke of gradients).
+        weighted = ("ReLU of the channel sum, each channel weighted by the class logit of the photo masked by "
+                    "that channel's map (softmax over channels)")
+    else:
+        weighted = "ReLU of the gradient-weighted channel sum"
     lines = caption_lines(model=model, layer=cam.layer, label=cam.labels[index], class_index=int(cam.targets[index]),
                           probability=probability, score=float(cam.scores[index]), details=(
-        f"ReLU of the {weighting}-weighted channel sum, bilinear-upsampled, min-max scaled per image"
+        f"{weighted}, bilinear-upsampled, min-max scaled per image"
         + ("; jet over the photo (0.6 / 0.4)" if photo is not None else ""),))
     return figure(picture, title, lines, Bar(low, high, f"{title} value at the layer (before scaling)"))
 

@@ -388,7 +388,7 @@ def test_layer_that_does_not_reach_the_score() -> None:
 
 
 def test_public_exports() -> None:
-    for name in ("deconv", "guided_backprop", "saliency", "gradcam", "gradcam_plus_plus", "guided_gradcam"):
+    for name in ("deconv", "guided_backprop", "saliency", "gradcam", "gradcampp", "guided_gradcam"):
         assert callable(getattr(convscope, name)) and name in convscope.__all__
 
 

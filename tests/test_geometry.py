@@ -191,3 +191,23 @@ def test_window_of_same_and_valid_padding_strings() -> None:
     assert window_of(nn.Conv2d(1, 1, (5, 3), padding="same"))[2] == (2, 1)
     assert window_of(nn.Conv2d(1, 1, 3, padding="valid"))[2] == (0, 0)
     assert window_of(nn.ReLU()) is None
+
+
+def test_grid_origins_with_and_without_the_border_strip() -> None:
+    # Occlusion's window grid is spatial arithmetic and lives in geometry (issue 23).
+    from convscope.probes.geometry import grid_origins
+
+    assert grid_origins(20, 8, 5) == (0, 5, 10)  # 20 - 8 = 12 leaves a 2-pixel strip uncovered
+    assert grid_origins(20, 8, 5, cover_border=True) == (0, 5, 10, 15)  # one more window covers it
+    assert grid_origins(18, 8, 5, cover_border=True) == (0, 5, 10) == grid_origins(18, 8, 5)
+    assert grid_origins(8, 8, 3, cover_border=True) == (0,)
+
+
+def test_batchnorm_has_global_statistics_only_without_running_statistics() -> None:
+    from convscope.probes.geometry import has_global_statistics
+
+    assert not has_global_statistics(nn.BatchNorm2d(3).eval())
+    assert has_global_statistics(nn.BatchNorm2d(3).train())
+    assert has_global_statistics(nn.BatchNorm2d(3, track_running_stats=False).eval())
+    assert has_global_statistics(nn.GroupNorm(1, 3)) and has_global_statistics(nn.InstanceNorm2d(3))
+    assert not has_global_statistics(nn.ReLU())

@@ -9,6 +9,7 @@ processes (``remove_stale_temps``), and nobody else's ``.tmp`` files.
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import os
 import re
@@ -282,3 +283,13 @@ def png_bytes(image: Image.Image | np.ndarray) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """SHA-256 hex digest of a file's bytes, read in 1 MiB blocks (how manifests and run records
+    vouch that a file is still the one convscope wrote)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -41,6 +41,7 @@ from typing import IO, Any
 import numpy as np
 import typer
 
+from convscope.atomic import sha256_file
 from convscope.errors import OutputError
 from convscope.imageio import (
     atomic_write,
@@ -360,7 +361,7 @@ class OutputDir:
         if _identity(path) in self._protected:
             return "is an input of this run"
         recorded = self._recovered.get(name, {}).get("sha256") or self._previous.get("sha256", {}).get(name)
-        if recorded and path.is_file() and not path.is_symlink() and _sha256(path) == recorded:
+        if recorded and path.is_file() and not path.is_symlink() and sha256_file(path) == recorded:
             return None  # written by an earlier convscope command and unchanged since
         if not recorded and name in self._previous.get("legacy_files", ()) and path.is_file() and not path.is_symlink():
             return None  # listed by a manifest from before checksums were recorded
@@ -398,7 +399,7 @@ class OutputDir:
         for name in {*previous.get("legacy_files", ()), *self._previous.get("legacy_files", ())} - set(recorded) - mine:
             path = self.root / name
             if path.is_file() and not path.is_symlink():
-                recorded[name] = _sha256(path)  # once: from now on the manifest carries it
+                recorded[name] = sha256_file(path)  # once: from now on the manifest carries it
         checksums = {name: digest for name, digest in recorded.items()
                      if name not in mine and (self.root / name).is_file()}
         runs = []
@@ -446,7 +447,7 @@ def _recover_journals(folder: Path) -> dict[str, dict[str, Any]]:
             except (ValueError, KeyError, TypeError):
                 continue  # the line being written when the process died
             path = folder / name
-            if isinstance(name, str) and path.is_file() and not path.is_symlink() and _sha256(path) == digest:
+            if isinstance(name, str) and path.is_file() and not path.is_symlink() and sha256_file(path) == digest:
                 recovered[name] = entry
     return recovered
 
@@ -475,14 +476,6 @@ def _identity(path: Path) -> tuple[int, int] | None:
     except OSError:
         return None
     return (info.st_dev, info.st_ino)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _json_text(payload: Any) -> str:

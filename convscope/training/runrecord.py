@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from convscope.atomic import sha256_file
 from convscope.errors import ConvscopeError, OutputError
 from convscope.training.snapshots import SNAPSHOT_FOLDER
 from convscope.training.wording import Naming, fill, literal, worded
@@ -65,14 +66,6 @@ class RunFolderError(OutputError):
     def worded(self, naming: Naming | Mapping[str, str]) -> RunFolderError:
         """The same error naming the options as ``naming`` says (``{"resume": "--resume", ...}``)."""
         return worded(self, naming)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class RunRecord:

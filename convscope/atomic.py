@@ -293,3 +293,8 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def os_reason(exc: OSError) -> str:
+    """An OSError as a lower-case clause for an error line (``permission denied``)."""
+    return (exc.strerror or type(exc).__name__).lower()

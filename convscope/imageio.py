@@ -33,6 +33,7 @@ from convscope.atomic import (
     disk_full_as_error,
     disk_full_error,
     is_temp_name,
+    os_reason,
     png_bytes,
     process_alive,
     remove_stale_temps,
@@ -274,7 +275,7 @@ def _open_file(file: Path, subject: str) -> IO[bytes]:
     except PermissionError as exc:
         raise ImageError(subject, "permission denied, cannot read the file") from exc
     except OSError as exc:
-        raise ImageError(subject, f"cannot open: {_os_reason(exc)}") from exc
+        raise ImageError(subject, f"cannot open: {os_reason(exc)}") from exc
     except ValueError as exc:  # e.g. an embedded NUL byte
         raise ImageError(subject, "invalid file path") from exc
 
@@ -337,12 +338,8 @@ def _pixel_count(pixels: int) -> str:
 def _corrupt_reason(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.errno is not None:
         # A real I/O failure (EIO, a vanished network share), not bad bytes.
-        return f"read error: {_os_reason(exc)}"
+        return f"read error: {os_reason(exc)}"
     return "truncated or corrupt image data"
-
-
-def _os_reason(exc: OSError) -> str:
-    return (exc.strerror or type(exc).__name__).lower()
 
 
 def _to_rgb(image: Image.Image, subject: str) -> Image.Image:
@@ -400,7 +397,7 @@ def iter_images(paths: Iterable[str | os.PathLike[str]], *, recursive: bool = Tr
 
 def _images_in_folder(folder: Path, *, recursive: bool) -> list[Path]:
     def unreadable(exc: OSError) -> None:
-        raise DataError(exc.filename or str(folder), f"cannot list folder: {_os_reason(exc)}") from exc
+        raise DataError(exc.filename or str(folder), f"cannot list folder: {os_reason(exc)}") from exc
 
     images: list[Path] = []
     for root, dirs, files in os.walk(folder, onerror=unreadable):

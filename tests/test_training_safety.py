@@ -356,3 +356,28 @@ def test_full_disk_on_a_real_tmpfs(cli, tmp_path: Path) -> None:
         assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
     finally:
         subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_a_legacy_runs_snapshots_folder_keeps_a_users_file(cli, earlier: Path, tmp_path: Path) -> None:
+    """A run from before run.json owns only its epoch_NNN snapshots: a user's note there is foreign,
+    so even --overwrite leaves it (and the folder) as they are."""
+    run = _copy(earlier, tmp_path / "run")
+    (run / "run.json").unlink()
+    (run / "snapshots").mkdir(exist_ok=True)
+    (run / "snapshots" / "notes.txt").write_text("mine\n")
+    before = _snapshot(run)
+    result = cli("train", *QUICK, "-o", run, "--overwrite")
+    _one_error(result, rf"error: {re.escape(str(run / 'snapshots' / 'notes.txt'))}: was not written by a "
+                       r"convscope run .*")
+    assert _snapshot(run) == before
+
+
+def test_resume_keeps_a_users_hidden_tmp_file(cli, earlier: Path, tmp_path: Path) -> None:
+    """After a kill, resume removes only convscope's own temporary files of dead processes."""
+    run = _copy(earlier, tmp_path / "run")
+    (run / ".draft.tmp").write_text("mine\n")
+    (run / ".last.pt.convscope-999999999-abc.tmp").write_bytes(b"half")  # a dead writer's leftover
+    resumed = cli("train", "-o", run, "--resume", "--epochs", "2")
+    assert resumed.exit_code == 0, resumed.output
+    assert (run / ".draft.tmp").read_text() == "mine\n"
+    assert not (run / ".last.pt.convscope-999999999-abc.tmp").exists()

@@ -41,7 +41,7 @@ from typing import IO, Any
 import numpy as np
 import typer
 
-from convscope.atomic import sha256_file
+from convscope.atomic import os_reason, sha256_file
 from convscope.errors import OutputError
 from convscope.imageio import (
     atomic_write,
@@ -207,14 +207,14 @@ def prepare_folder(path: str | os.PathLike[str]) -> Path:
     except FileExistsError as exc:
         raise OutputError(subject, "cannot create the folder: a parent is a file") from exc
     except OSError as exc:
-        raise OutputError(subject, f"cannot create the folder: {_reason(exc)}") from exc
+        raise OutputError(subject, f"cannot create the folder: {os_reason(exc)}") from exc
     try:
         # The only reliable test (read-only mounts, ACLs, root on NFS): create a file and remove it.
         with disk_full_as_error(folder), tempfile.NamedTemporaryFile(dir=folder, prefix=".convscope-probe-",
                                                                      suffix=".tmp"):
             pass
     except OSError as exc:
-        raise OutputError(subject, f"folder is not writable: {_reason(exc)}") from exc
+        raise OutputError(subject, f"folder is not writable: {os_reason(exc)}") from exc
     return folder
 
 
@@ -238,15 +238,11 @@ def prepare_file(path: str | os.PathLike[str], *, ours: Callable[[bytes], bool])
             with open(target, "rb") as handle:
                 head = handle.read(4096)
         except OSError as exc:
-            raise OutputError(subject, f"cannot read the existing file: {_reason(exc)}") from exc
+            raise OutputError(subject, f"cannot read the existing file: {os_reason(exc)}") from exc
         if not ours(head):
             raise OutputError(subject, "exists and was not written by convscope; it is left as it is",
                               "remove it or choose another file name")
     return target
-
-
-def _reason(exc: OSError) -> str:
-    return (exc.strerror or type(exc).__name__).lower()
 
 
 class OutputDir:
@@ -303,7 +299,7 @@ class OutputDir:
         try:
             path = atomic_write(target, data)
         except OSError as exc:  # disk full, folder removed or made read-only during the run
-            raise OutputError(shown_path(target), f"cannot write: {_reason(exc)}") from exc
+            raise OutputError(shown_path(target), f"cannot write: {os_reason(exc)}") from exc
         # Relative to the folder, so files in sub-folders (patches' LAYER/channel_K.png) keep them.
         name = path.relative_to(self.root).as_posix()
         self.written.append(name)
@@ -330,7 +326,7 @@ class OutputDir:
                 self._journal.write("".join(lines))
                 self._journal.flush()
         except OSError as exc:  # the folder removed or made read-only during the run
-            raise OutputError(shown_path(self._journal_path), f"cannot write: {_reason(exc)}") from exc
+            raise OutputError(shown_path(self._journal_path), f"cannot write: {os_reason(exc)}") from exc
 
     def _claim(self, name: str) -> Path:
         """The path to write ``name`` to: itself, or a numbered variant when that is taken."""

@@ -21,7 +21,7 @@ from convscope.cli.options import DeviceOpt, ModelOpt, OutDirOpt, SeedOpt, Weigh
 from convscope.cli.output import OutputDir, prepare_folder, safe_name
 from convscope.cli.progress import progress_bar
 from convscope.errors import BadArgument, DataError, OutputError
-from convscope.parsing import parse_int
+from convscope.parsing import parse_int, shown
 
 STATE_FOLDER = ".patches-state"
 MAX_LISTED = 10
@@ -42,7 +42,7 @@ def parse_channels(spec: str | None) -> list[int] | None:
     """
     if spec is None:
         return None
-    subject = f"--channels {spec if len(spec) <= 40 else spec[:39] + '…'}"
+    subject = f"--channels {shown(spec)}"
 
     def channel(text: str) -> int:
         if not text.strip():

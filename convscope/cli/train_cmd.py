@@ -17,7 +17,7 @@ from convscope.cli.options import SEED_MAX, DeviceOpt, JsonOpt, ModelOpt
 from convscope.cli.output import OutputDir, prepare_folder
 from convscope.cli.progress import show_progress
 from convscope.errors import BadArgument
-from convscope.parsing import parse_int
+from convscope.parsing import parse_int, shown
 
 DataOpt = Annotated[
     str | None,
@@ -68,13 +68,8 @@ def _epoch_list(text: str | None) -> tuple[int, ...] | None:
         return tuple(parse_int(p, subject="epoch", minimum=0) for p in text.split(",") if p.strip())
     except BadArgument as exc:
         raise BadArgument(
-            f"--snapshot-epochs {_shown(text)}", f"{exc.reason}: expected comma-separated epoch numbers, e.g. 1,2,5"
+            f"--snapshot-epochs {shown(text)}", f"{exc.reason}: expected comma-separated epoch numbers, e.g. 1,2,5"
         ) from None
-
-
-def _shown(text: str, limit: int = 40) -> str:
-    flat = " ".join(text.split())
-    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
 # The library's errors name options as its parameters (``epochs 0``); this CLI says its flags. A

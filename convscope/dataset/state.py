@@ -16,11 +16,11 @@ from typing import Any
 
 import torch
 
+from convscope.atomic import atomic_write, os_reason, remove_stale_temps
 from convscope.dataset.sources import tensor_digest
 from convscope.dataset.topk import TopkTable
 from convscope.distributed import World
 from convscope.errors import BadArgument, OutputError
-from convscope.imageio import atomic_write, remove_stale_temps
 
 STATE_VERSION = 2  # 2: the weights' and the images' digests are recorded and checked
 STATE_MARKER = "convscope-patches-state.json"
@@ -95,7 +95,7 @@ def claim_state_folder(folder: str | Path, *, processes: int = 1, resume: bool =
         try:
             folder.mkdir(parents=True)
         except OSError as exc:
-            raise OutputError(subject, f"cannot create the folder: {(exc.strerror or type(exc).__name__).lower()}") from exc
+            raise OutputError(subject, f"cannot create the folder: {os_reason(exc)}") from exc
         run = uuid.uuid4().hex
     payload = {"kind": _MARKER_KIND, "version": STATE_VERSION, "run": run, "files": names}
     atomic_write(folder / STATE_MARKER, json.dumps(payload, indent=2) + "\n")

@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from convscope.atomic import remove_stale_temps
 from convscope.distributed import shard_range
 from convscope.errors import ConvscopeError
 from convscope.models.checkpoints import seal
@@ -48,7 +49,7 @@ from convscope.training.checkpoint import (
     write_checkpoint,
 )
 from convscope.training.runrecord import FolderContents, RunFolderError, RunRecord
-from convscope.training.snapshots import load_snapshots, snapshot_path
+from convscope.training.snapshots import SNAPSHOT_FOLDER, load_snapshots, snapshot_path
 from convscope.training.state import RunState, TrainResult
 from convscope.training.wording import literal
 
@@ -148,10 +149,10 @@ def _resumed_record(run_dir: Path, folder: RunFolder, epochs: int) -> RunRecord:
 def repair_after_kill(record: RunRecord, saved: dict[str, Any]) -> None:
     """A kill between writing last.pt and best.pt/metrics.jsonl leaves those one epoch behind."""
     run_dir = record.folder
-    # SIGKILL can leave the hidden temporary file of an atomic write behind (never a final name).
-    for folder in (run_dir, run_dir / "snapshots"):
-        for leftover in folder.glob(".*.tmp"):
-            leftover.unlink(missing_ok=True)
+    # SIGKILL can leave the hidden temporary file of an atomic write behind (never a final name);
+    # only convscope's own, of dead processes, are removed.
+    for folder in (run_dir, run_dir / SNAPSHOT_FOLDER):
+        remove_stale_temps(folder)
     epoch = int(saved["epoch"])
     best_path = run_dir / "best.pt"
     if saved["best"].get("epoch") == epoch:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -286,6 +287,9 @@ def _legacy_owns(root: Path, name: str) -> bool:
     """In a run from before ``run.json``: the run's names, checkpoints verified by their checksum."""
     path = root / name
     if path.is_symlink() or not path.is_file() or name == RECORD_NAME:
+        return False
+    # Under snapshots/ a run writes only epoch_NNN.pt/.png; anything else there is somebody else's.
+    if "/" in name and not re.fullmatch(rf"{re.escape(SNAPSHOT_FOLDER)}/epoch_[0-9]{{3,}}\.(pt|png)", name):
         return False
     if name.endswith(".pt") and "/" not in name:
         from convscope.training.checkpoint import read_checkpoint

@@ -28,7 +28,7 @@ import asyncio
 import json
 import logging
 import math
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
@@ -65,9 +65,6 @@ DEFAULT_MAX_PIXELS = 40_000_000
 CANCEL_WAIT_SECONDS = 10.0
 STANDARD_FIELDS = ("image", "method", "layer", "target", "model", "view")
 SAMPLES = {"chelsea.jpg": "Chelsea the cat", "coffee.jpg": "A cup of coffee"}
-
-Scope = MutableMapping[str, Any]
-ASGIApp = Callable[[Scope, Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Awaitable[None]]
 
 
 def static_dir() -> Path:

@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 OUT ?= demo-out
 
-.PHONY: demo test test-fast bench lint clean mutate mutate-full
+.PHONY: demo test test-fast sweep bench lint clean mutate mutate-full
 
 # pip -qq: a newcomer sees convscope's own output, not pip's and setuptools' notices (errors still show).
 PIP := $(BIN)/pip install -qq
@@ -37,10 +37,15 @@ demo: $(VENV)/.installed
 # apt-get; otherwise the run ends with the one command that would install them.
 test: $(VENV)/.dev-installed
 	@tools/system_deps.sh install
-	@$(BIN)/python -m pytest -q $(PYTEST_ARGS); status=$$?; tools/system_deps.sh check; exit $$status
+	@$(BIN)/python -m pytest -q -m "not sweep" $(PYTEST_ARGS); status=$$?; tools/system_deps.sh check; exit $$status
+
+# The any-model sweep (tests/test_any_model_sweep.py): every torchvision classifier under 100 M
+# parameters and 20 timm families, each method run or refused in one line. CI runs it after `test`.
+sweep: $(VENV)/.dev-installed
+	$(BIN)/python -m pytest -q -m sweep -p no:cacheprovider $(PYTEST_ARGS)
 
 test-fast: $(VENV)/.dev-installed
-	$(BIN)/python -m pytest -q -m "not slow and not peer and not browser" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m "not slow and not peer and not browser and not sweep" $(PYTEST_ARGS)
 
 bench: $(VENV)/.dev-installed
 	$(BIN)/python bench/classify.py

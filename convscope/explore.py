@@ -5,6 +5,11 @@
 feature grids, filters, Grad-CAM and guided Grad-CAM for the top classes, occlusion, deconvnet,
 saliency), and returns them as sections of views with the time each part took. Nothing here draws or
 writes a file: pictures come from ``render.views`` and HTML from ``render.report``.
+
+A method that cannot run on the model (a ``ConvscopeError``: a layer that is not a feature map, a
+refused option...) drops out of the report with a note, in its section (``Section.notes``) and in
+the page's notes (``Exploration.warnings``); the other parts still run. Classification cannot
+drop out: the report is about its answer.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from typing import Any
 
 import torch
 
+from convscope.errors import ConvscopeError
 from convscope.methods.registry import MethodSpec, get_method, list_methods
 from convscope.render.pictures import display_image
 from convscope.render.views import View, ViewContext, Views
@@ -60,13 +66,15 @@ def explain(
 
 @dataclass
 class Section:
-    """A part of the report: ``key`` (the HTML anchor), ``title``, an intro sentence, pictures."""
+    """A part of the report: ``key`` (the HTML anchor), ``title``, an intro sentence, pictures,
+    and ``notes``: one line per run that could not be made (the method's error)."""
 
     key: str
     title: str
     intro: str
     views: list[View] = field(default_factory=list)
     seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -176,6 +184,12 @@ def _classes(prediction: Prediction, target: int | str | None) -> list[int | str
     return classes
 
 
+def _left_out(name: str, layer: str | None, cls: int | str | None, per_class: bool, error: ConvscopeError) -> str:
+    """The note for a run that could not be made: which run, and the error's own line."""
+    where = "".join([f" at {layer}" if layer else "", f" for class {cls}" if per_class and cls is not None else ""])
+    return f"{get_method(name).title}{where} left out of the report: {error}"
+
+
 def explore(
     loaded: LoadedModel,
     batch: torch.Tensor,
@@ -184,7 +198,14 @@ def explore(
     target: int | str | None = None,
     progress: Progress | None = None,
 ) -> Exploration:
-    """The report's ``PARTS`` on one image (``(1, C, H, W)`` normalised batch)."""
+    """The report's ``PARTS`` on one image (``(1, C, H, W)`` normalised batch).
+
+    A run that raises a ``ConvscopeError`` is left out with a note (``Section.notes`` and the
+    returned ``warnings``); classification's error is raised.
+
+    Raises:
+        ConvscopeError: from classification (bad target...).
+    """
     from convscope.methods.summary import summary
 
     timings: dict[str, float] = {}
@@ -206,8 +227,16 @@ def explore(
             for layer in part.layers(loaded):
                 for name in part.methods:
                     spec = get_method(name)
-                    result = spec.run(loaded, batch, target=cls, layer=layer, options=part.options)
-                    views = spec.resolve_renderer()(result, context_for(loaded, batch, spec=spec))
+                    try:
+                        result = spec.run(loaded, batch, target=cls, layer=layer, options=part.options)
+                        views = spec.resolve_renderer()(result, context_for(loaded, batch, spec=spec))
+                    except ConvscopeError as error:
+                        if name == "classify":
+                            raise
+                        note = _left_out(name, layer, cls, part.per_class, error)
+                        section.notes.append(note)
+                        warnings.append(note)
+                        continue
                     warnings.extend(w for w in views.record.get("warnings", []) if w not in warnings)
                     section.views += list(views.views)[: 1 if part.main_only else None]
                     if name == "classify":

@@ -23,6 +23,13 @@ if TYPE_CHECKING:
 REDUCING_GAP = 3
 
 
+_FILTERS = {
+    "bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC, "nearest": Image.Resampling.NEAREST,
+    "lanczos": Image.Resampling.LANCZOS, "box": Image.Resampling.BOX, "hamming": Image.Resampling.HAMMING,
+}
+INTERPOLATIONS = tuple(_FILTERS)
+
+
 @dataclass(frozen=True)
 class Preprocess:
     """How a model wants its pixels.
@@ -32,6 +39,9 @@ class Preprocess:
         crop: side of the square centre crop, the network input size.
         mean, std: per-channel normalisation applied to ``[0, 1]`` pixels.
         channels: 3 for RGB models, 1 for grayscale ones (MNIST-like).
+        interpolation: the resize filter the weights were evaluated with: ``"bilinear"``
+            (torchvision's default), ``"bicubic"`` (EfficientNet, Swin, most timm models),
+            ``"nearest"``, ``"lanczos"``, ``"box"`` or ``"hamming"``.
     """
 
     resize: int | None
@@ -39,6 +49,15 @@ class Preprocess:
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
     channels: int = 3
+    interpolation: str = "bilinear"
+
+    def __post_init__(self) -> None:
+        if self.interpolation not in _FILTERS:
+            raise ValueError(f"interpolation must be one of {', '.join(_FILTERS)}, not {self.interpolation!r}")
+
+    @property
+    def _filter(self) -> Image.Resampling:
+        return _FILTERS[self.interpolation]
 
     @property
     def input_size(self) -> tuple[int, int, int]:
@@ -88,7 +107,7 @@ class Preprocess:
         if image.mode != mode:
             image = image.convert(mode)
         if self.resize is None:
-            return _without_source(image.resize((self.crop, self.crop), Image.Resampling.BILINEAR, box=box))
+            return _without_source(image.resize((self.crop, self.crop), self._filter, box=box))
         scale = self.resize / min(w, h)
         # Match torchvision's Resize(int): shorter side exactly `resize`, the other truncated.
         if w <= h:
@@ -96,7 +115,7 @@ class Preprocess:
         else:
             size = (int(self.resize * w / h), self.resize)
         if scale != 1.0 or box is not None:
-            image = image.resize(size, Image.Resampling.BILINEAR, box=box)
+            image = image.resize(size, self._filter, box=box)
         w, h = image.size
         left = round((w - self.crop) / 2.0)
         top = round((h - self.crop) / 2.0)

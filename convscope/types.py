@@ -38,6 +38,11 @@ class Renderable:
                  probability: float | None = None) -> Image.Image:
         """The figure as an RGB PIL image.
 
+        A map lies on the image the model saw: a PIL photo or a batch goes through the model's
+        preprocessing (the resize and centre crop), from ``model`` or, without it, from the
+        ``preprocess`` the result recorded when it was computed. A uint8 array is taken as
+        already being that view.
+
         Args:
             image: the photo to draw maps on (a PIL image, an ``(H, W, 3)`` uint8 array, or the
                 normalised input batch); without it, maps are drawn on grey or alone.
@@ -146,11 +151,14 @@ class ActivationMaps(Renderable):
         maps: per layer, ``(N, H, W)`` float32 in ``[0, 1]`` at input resolution
             (channel-mean of the layer output, bilinear upsampled, min-max normalised per image).
         raw: per layer, ``(N, h, w)`` float32 channel-means at the layer's own resolution.
+        preprocess: the preprocessing of the input the maps were computed on (``to_image(photo)``
+            draws them on the crop the model saw).
     """
 
     layers: tuple[str, ...]
     maps: dict[str, torch.Tensor]
     raw: dict[str, torch.Tensor]
+    preprocess: Preprocess | None = None
 
     def _presented(self) -> tuple[str, Any]:
         return "activations", self
@@ -218,6 +226,7 @@ class LayerInfo:
     mult_adds: int
     activation_bytes: int
     alias: str | None = None
+    receptive_field_kind: str | None = None  # "exact", "approximate", "global"; None: no tensor out
 
 
 @dataclass(frozen=True)

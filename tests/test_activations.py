@@ -19,7 +19,7 @@ def _handset(model):
 
 def test_handset_activation_map_by_hand(tiny_handset, assert_no_side_effects) -> None:
     loaded = _handset(tiny_handset)
-    assert loaded.stages == {"conv1": "relu"}
+    assert loaded.stages == {"stage1": "relu", "stage2": "pool"}  # measured: the map the pool reads, then the pool
     x = torch.zeros(1, 1, 6, 6)
     x[0, 0, 0, 0] = 1.0
     x[0, 0, 5, 5] = 3.0
@@ -27,12 +27,13 @@ def test_handset_activation_map_by_hand(tiny_handset, assert_no_side_effects) ->
     # conv with all-ones 3x3 kernel = 3x3 box sums; channel 0 bias 0, channel 1 bias -1; ReLU; mean.
     box = F.conv2d(x, torch.ones(1, 1, 3, 3))[0, 0]
     expected_raw = (box.clamp_min(0) + (box - 1).clamp_min(0)) / 2
-    torch.testing.assert_close(result.raw["conv1"][0], expected_raw)
+    assert result.layers == ("stage1", "stage2")
+    torch.testing.assert_close(result.raw["stage1"][0], expected_raw)
     assert expected_raw[0, 0] == 0.5 and expected_raw[3, 3] == 2.5  # 1/2 and (3 + 2)/2
     up = F.interpolate(expected_raw[None, None], size=(6, 6), mode="bilinear", align_corners=False)[0, 0]
     expected_map = (up - up.min()) / (up.max() - up.min())
-    torch.testing.assert_close(result.maps["conv1"][0], expected_map)
-    assert result.maps["conv1"].shape == (1, 6, 6) and result.maps["conv1"].dtype == torch.float32
+    torch.testing.assert_close(result.maps["stage1"][0], expected_map)
+    assert result.maps["stage1"].shape == (1, 6, 6) and result.maps["stage1"].dtype == torch.float32
 
 
 def test_one_forward_pass_captures_every_layer(monkeypatch) -> None:
@@ -68,8 +69,6 @@ def test_feature_maps_orders(tiny_cnn) -> None:
         reference = tiny_cnn.conv1(x)
     first = convscope.feature_maps(loaded, x, layer="conv1", max_channels=3)
     assert first.channels.tolist() == [0, 1, 2]
-    # tiny_cnn registers no ReLU between conv1 and conv2, so the stage is the conv itself (raw).
-    assert loaded.stages["conv1"] == "conv1"
     torch.testing.assert_close(first.maps, reference[:, :3])
     strongest = convscope.feature_maps(loaded, x, layer="conv1", max_channels=2, order="activation")
     means = reference.mean(dim=(0, 2, 3))

@@ -167,7 +167,7 @@ def test_cli_writes_the_specified_record(tmp_path: Path) -> None:
         for metric in ("deletion", "insertion"):
             assert {"mean", "std", "per_image"} <= set(row[metric]) and len(row[metric]["per_image"]) == 2
             assert row[metric]["mean"] == pytest.approx(np.mean(row[metric]["per_image"]))
-        assert list(row["randomization"])[:3] == ["layers", "spearman", "ssim"]
+        assert list(row["randomization"])[:5] == ["layers", "modules", "kept", "spearman", "ssim"]
         assert len(row["randomization"]["spearman"]) == len(row["randomization"]["layers"]) == 3  # fc, conv2, conv1
         random = record["baselines"]["random"]
         expected = [m for m, worse in (("deletion", row["deletion"]["mean"] >= random["deletion"]["mean"]),

@@ -97,7 +97,8 @@ def test_an_explicit_layer_is_the_one_used_and_non_square_inputs_keep_their_shap
         assert result.attributions.shape == (2, 3, 6, 10) and result.maps.shape == (2, 6, 10)
     default = method(branchy, x)
     default_cam = default.cam if method is guided_gradcam else default
-    assert branchy.cam_layer == "act2" and default_cam.layer == "conv4"  # act2's alias (4th stage)
+    # Wrapped without a crop size, it is measured on the batch: the last map before pooling.
+    assert branchy.cam_layer == "" and default_cam.layer == "act2"
     assert default_cam.weights.shape == (2, 6)
 
 
@@ -117,15 +118,17 @@ def test_guided_gradcam_reports_activations_without_a_rule() -> None:
                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
     result = guided_gradcam(_wrap(net), torch.randn(1, 3, 8, 8), layer="2")
     assert result.warnings == (
-        "guided rule not applied to 1 SiLU activation (no such rule for them; plain gradients pass through)",
+        ("guided backprop (1 SiLU without a rule): 1 activation without a rule kept the plain gradient: "
+        "a mix of the guided rule and plain gradients"),
     )
+    assert result.rules is not None and result.rules.without_rule
 
 
 LAYER_ERRORS = [
     ("never", ("never: did not run during the forward pass, or returned something other than a tensor "
                "(pick a layer the model calls (see 'convscope layers'))")),
-    ("head", ("head: has output shape (1, 2), not a (N, C, H, W) feature map "
-              "(pick a convolutional layer (see 'convscope layers'))")),
+    ("head", ("head: has output shape (1, 2), not a (N, C, H, W) feature map (layout vector 2) "
+              "(pick a layer whose layout is NCHW, NHWC or tokens on a grid (see 'convscope layers'))")),
     ("frozen", "frozen: is not differentiable (its output is detached from the graph)"),
     ("side", "side: does not influence the class score (pick a layer before the classifier)"),
 ]

@@ -189,13 +189,14 @@ def test_guided_backprop_warns_on_silu_network() -> None:
     )
     x = torch.randn(2, 3, 8, 8)
     result = guided_backprop(model, x)
-    assert result.warnings == (
-        "guided rule not applied to 2 SiLU activations (no such rule for them; plain gradients pass through)",
-    )
+    assert result.warnings == ("guided backprop (2 SiLU without a rule): no rectifier: this map equals the saliency map",)
+    assert result.rules is not None and not result.rules.applied
     # Nothing to apply a rule to: the numbers are the plain gradient, and the warning says so.
     torch.testing.assert_close(result.attributions, saliency(model, x, target=result.targets).attributions)
-    with pytest.raises(BadArgument, match="has no ReLU activations"):
-        deconv(model, x, "1", channel=0)
+    # Deconv says the same instead of refusing (the report keeps its page on such networks).
+    projected = deconv(model, x, "1", channel=0)
+    assert projected.rules is not None and not projected.rules.applied
+    assert len(projected.warnings) == 1 and "no rectifier" in projected.warnings[0]
 
 
 # ---------------------------------------------------------------- saliency / guided shapes
@@ -350,7 +351,7 @@ def test_resolve_targets() -> None:
     ("call", "error", "message"),
     [
         (lambda m, x: gradcam(m, x, layer="fc"), UnknownLayer,
-         r"^fc: has output shape \(2, 5\), not a \(N, C, H, W\) feature map"),
+         r"^fc: has output shape \(1, 5\), not a \(N, C, H, W\) feature map"),
         (lambda m, x: gradcam(m, x, layer="conv9"), UnknownLayer, "no such layer"),
         (lambda m, x: gradcam(m, x, target=5), BadTarget, r"out of range: custom has 5 classes \(0..4\)"),
         (lambda m, x: guided_gradcam(m, x, target="class 7"), BadTarget, "is not a class of custom"),
@@ -648,5 +649,5 @@ def test_target_accepts_numpy_integers_and_rejects_tuple_outputs(tiny_cnn) -> No
             out = self.net(x)
             return out, out
 
-    with pytest.raises(BadTarget, match=r"^custom: outputs tuple, not \(N, classes\) scores"):
+    with pytest.raises(BadTarget, match=r"^custom: returns a tuple of 2 tensors \(pick the logits with --output-index N"):
         saliency(Pair(), x)

@@ -14,6 +14,7 @@ from convscope.errors import BadArgument
 from convscope.methods.predict import classify
 from convscope.models.load import wrap_model
 from convscope.preprocess import Preprocess
+from convscope.types import LoadedModel
 
 CATEGORIES = [f"name {i}" for i in range(10)]
 
@@ -28,8 +29,15 @@ def _biased_classifier(outputs: int = 12) -> nn.Module:
 
 
 def _model(outputs: int = 12):
-    return wrap_model(_biased_classifier(outputs), preprocess=Preprocess(resize=None, crop=8),
-                      categories=CATEGORIES)
+    # Built directly: wrap_model refuses a category list shorter than the outputs (issue 18), but
+    # classify must still name the classes past the list of a model that was made that way.
+    return LoadedModel(module=_biased_classifier(outputs).eval(), name="custom",
+                       preprocess=Preprocess(resize=None, crop=8), categories=tuple(CATEGORIES))
+
+
+def test_wrap_model_refuses_fewer_names_than_outputs() -> None:
+    with pytest.raises(BadArgument, match="categories: has 10 names but custom has 12 outputs"):
+        wrap_model(_biased_classifier(12), preprocess=Preprocess(resize=None, crop=8), categories=CATEGORIES)
 
 
 def test_classify_refuses_topk_zero_naming_the_option() -> None:

@@ -66,8 +66,8 @@ def test_scorecam_batch_size_and_dead_channels_do_not_change_the_map(tiny_cnn, a
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         tiny_cnn.conv2.bias[1] = -100.0  # a dead channel after the ReLU
-    one = assert_no_side_effects(tiny_cnn, lambda: scorecam(tiny_cnn, x, layer="conv2", batch_size=1))
-    big = scorecam(tiny_cnn, x, layer="conv2", batch_size=64)
+    one = assert_no_side_effects(tiny_cnn, lambda: scorecam(tiny_cnn, x, layer="relu", batch_size=1))
+    big = scorecam(tiny_cnn, x, layer="relu", batch_size=64)
     torch.testing.assert_close(one.maps, big.maps)
     assert one.maps.shape == (2, 16, 16) and one.maps.dtype == torch.float32
     assert float(one.maps.amax()) == pytest.approx(1.0)

@@ -238,7 +238,16 @@ def test_other_sizes_get_one_single_image_test_run(tiny_cnn: nn.Module) -> None:
         convscope.classify(tiny_cnn, x)
     finally:
         handle.remove()
-    assert shapes == [(1, 3, 16, 16), (3, 3, 16, 16)]
+    # Wrapping measures the layers once at the preset (224, cached per module; it fails here and
+    # the module wraps unmeasured), then one single-image test run at its own size, then the batch.
+    assert shapes == [(1, 3, 224, 224), (1, 3, 16, 16), (3, 3, 16, 16)]
+    shapes.clear()
+    handle = tiny_cnn.register_forward_pre_hook(lambda m, i: shapes.append(tuple(i[0].shape)))
+    try:
+        convscope.classify(tiny_cnn, x)
+    finally:
+        handle.remove()
+    assert shapes == [(1, 3, 16, 16), (3, 3, 16, 16)]  # the measurement is not repeated
     # Its preset (224) does not fit it either: the message says so and what to do.
     with pytest.raises(BadInput, match=r"^images: custom fails on a 20x20 input: mat1 and mat2 shapes .* \(and on its preset 224x224 input too; wrap_model it"):
         convscope.gradcam(tiny_cnn, torch.zeros(1, 3, 20, 20))

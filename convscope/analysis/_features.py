@@ -15,7 +15,7 @@ from torch import nn
 
 from convscope.errors import UnknownLayer
 from convscope.probes.hooks import capture, eval_mode
-from convscope.probes.layers import resolve_layer
+from convscope.probes.layers import layout_of, resolve_layer
 from convscope.types import LoadedModel
 
 CLASSIFIER_INPUT = "classifier_input"
@@ -60,10 +60,14 @@ def forward_features(
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     named = {name: resolve_layer(loaded, name)[1] for name in layers if name != CLASSIFIER_INPUT}
+    # Maps are read channels-first whatever their layout (NHWC, tokens), so a feature row has
+    # the same order as on a CNN; vectors and other outputs are flattened as they are.
+    measured = {name: layout_of(loaded, resolve_layer(loaded, name)[0], batch.shape[1:]) for name in named}
+    layouts = {name: layout for name, layout in measured.items() if layout.spatial}
     probabilities: list[torch.Tensor] = []
     features: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
     net = loaded.module
-    with eval_mode(net), torch.inference_mode(), capture(net, named) as store:
+    with eval_mode(net), torch.inference_mode(), capture(net, named, layouts=layouts) as store:
         pre = _classifier_input(net, loaded.name) if CLASSIFIER_INPUT in layers else None
         with pre if pre is not None else _nothing() as inputs:
             for part in torch.split(batch.to(device=loaded.device, dtype=loaded.dtype), batch_size):

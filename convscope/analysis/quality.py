@@ -19,10 +19,17 @@ blurred one): they run once per image, and every other step is one copy, all run
 On a copy of the model, layers are re-initialised from the top down, one more at a time, and the
 map is recomputed for the same class after each. A map that explains the model must change: its
 Spearman rank correlation and SSIM with the original map fall. A map that ignores the weights
-(the edge detector) stays at 1. "Layers" are the classifier (the last ``nn.Linear``) then the
-model's conv stages from the last to the first; re-initialising one calls ``reset_parameters``
-on every submodule that has it (BatchNorm statistics included), under a fixed seed. The
-caller's model is never touched.
+(the edge detector) stays at 1. The cascade's steps are the classifier (the parameterised
+layers after the last stage, ending with the last ``nn.Linear``) then the model's conv stages
+from the last to the first. A step re-initialises the *parameterised* layers (convolutions,
+linear layers, norm affines: modules with parameters of their own) of its stage: all of them
+inside a stage that is a block (``layer3``), and, for a stage that is a parameter-free module
+(a ReLU, as in AlexNet or a wrapped network), those registered since the previous stage up to
+it (the stage's convolution and norm). Parameter-free modules are skipped; a step with nothing
+to re-initialise is dropped. Each re-initialisation calls ``reset_parameters`` (and
+``reset_running_stats`` for norms) under a fixed seed; ``Randomization.modules`` lists what each
+step re-initialised, and ``kept`` the modules with parameters but no ``reset_parameters`` (left as
+they are: ConvNeXt's layer scale). The caller's model is never touched.
 
 Baselines: a uniform random map (seeded) and an edge detector (Sobel gradient magnitude of the
 grey image); a method that does not beat the random map is flagged by :func:`beats_random`.
@@ -115,19 +122,24 @@ class Randomization:
     """Cascading randomisation of ``N`` maps over ``L`` layers.
 
     Attributes:
-        layers: the layers re-initialised, in order (top down); point ``k`` has
-            ``layers[:k + 1]`` random.
+        layers: the cascade's steps, in order (top down): stage aliases, or the classifier's
+            module path; point ``k`` has ``layers[:k + 1]`` random.
         spearman: ``(N, L)`` float32 rank correlation with the original map (``nan`` when a
             map is constant).
         ssim: ``(N, L)`` float32 structural similarity with the original map (both min-max
             scaled to ``[0, 1]``; 7x7 window, as scikit-image's default).
         maps: ``(N, L, H, W)`` float32 the recomputed maps.
+        modules: per step, the module paths of the parameterised layers it re-initialised.
+        kept: modules with parameters but no ``reset_parameters`` in the randomised steps,
+            left as they were.
     """
 
     layers: tuple[str, ...]
     spearman: torch.Tensor
     ssim: torch.Tensor
     maps: torch.Tensor
+    modules: tuple[tuple[str, ...], ...] = ()
+    kept: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -317,22 +329,88 @@ def causal_curves(
 
 
 def cascade_layers(loaded: LoadedModel) -> list[str]:
-    """Top-down order for cascading randomisation: the classifier, then the stages, last first."""
-    modules = {id(m): n for n, m in loaded.module.named_modules()}
-    order = [modules[id(last_linear(loaded.module, loaded.name))]] if any(
-        isinstance(m, nn.Linear) for m in loaded.module.modules()) else []
-    order += [name for name in reversed(loaded.stages) if loaded.stages[name] not in order]
-    return order
+    """Top-down order for cascading randomisation: the classifier, then the stages, last first
+    (the steps :func:`cascade_steps` keeps when each has parameters to re-initialise)."""
+    return list(cascade_steps(loaded))
 
 
-def _reinitialise(module: nn.Module) -> None:
-    for sub in module.modules():
-        reset = getattr(sub, "reset_parameters", None)
-        if callable(reset):
-            reset()
-        running = getattr(sub, "reset_running_stats", None)
-        if callable(running):
-            running()
+def _parameterised(module: nn.Module) -> bool:
+    """A layer with parameters of its own (a conv, a linear layer, a norm's affine), or a norm's
+    running statistics."""
+    return next(module.parameters(recurse=False), None) is not None or getattr(module, "running_mean", None) is not None
+
+
+def cascade_steps(loaded: LoadedModel, layers: Sequence[str] | None = None) -> dict[str, list[str]]:
+    """The cascade, top down: step name -> module paths of the parameterised layers it re-initialises.
+
+    Default steps: the classifier (every parameterised layer registered after the last stage,
+    named by the last ``nn.Linear``), then each stage from the last: the parameterised layers
+    registered after the previous stage's subtree up to the end of this stage's subtree (for a
+    block stage, its own layers; for an activation stage, its convolution and norm). Steps with
+    nothing to re-initialise are dropped. Named ``layers`` re-initialise the parameterised layers
+    of their own subtree, in the order given.
+
+    Raises:
+        UnknownLayer: a named layer does not exist.
+        BadArgument: a named layer has no parameterised layer (a parameter-free activation).
+    """
+    named = list(loaded.module.named_modules())
+    position = {path: k for k, (path, _) in enumerate(named)}
+
+    def subtree_end(path: str) -> int:
+        """Index of the last module registered inside ``path`` (``path`` itself when a leaf)."""
+        prefix = f"{path}." if path else ""
+        end = position[path]
+        while end + 1 < len(named) and named[end + 1][0].startswith(prefix):
+            end += 1
+        return end
+
+    def params_in(start: int, stop: int) -> list[str]:
+        return [path for path, sub in named[start:stop + 1] if _parameterised(sub)]
+
+    if layers:
+        steps: dict[str, list[str]] = {}
+        for name in layers:
+            path, _ = resolve_layer(loaded, name)
+            found = params_in(position[path], subtree_end(path))
+            if not found:
+                raise BadArgument(f"randomization layer {name}", f"({path}) has no parameters to re-initialise",
+                                  "name its convolution or the block holding it")
+            steps[name] = found
+        return steps
+    stages: list[tuple[str, int]] = []  # (alias, end of its subtree) in registration order
+    for alias, path in loaded.stages.items():
+        if path in position:
+            stages.append((alias, subtree_end(path)))
+    stages.sort(key=lambda item: item[1])
+    bottom: dict[str, list[str]] = {}
+    previous = -1
+    for alias, end in stages:
+        if end > previous:
+            bottom[alias] = params_in(previous + 1, end)
+            previous = end
+    steps = {}
+    if any(isinstance(m, nn.Linear) for _, m in named):
+        classifier = {id(m): n for n, m in named}[id(last_linear(loaded.module, loaded.name))]
+        head = params_in(previous + 1, len(named) - 1) or [classifier]
+        steps[classifier] = head
+    for alias in reversed(list(bottom)):
+        if bottom[alias]:
+            steps[alias] = bottom[alias]
+    return steps
+
+
+def _reinitialise(module: nn.Module) -> bool:
+    """Re-initialise one layer's own parameters (and a norm's running statistics); ``False``
+    when the module has parameters but no ``reset_parameters``."""
+    reset = getattr(module, "reset_parameters", None)
+    running = getattr(module, "reset_running_stats", None)
+    if callable(running):
+        running()
+    if callable(reset):
+        reset()
+        return True
+    return False
 
 
 def ranks(values: torch.Tensor) -> torch.Tensor:
@@ -382,18 +460,21 @@ def randomization(
     *, layer: str | None = None, layers: Sequence[str] | None = None, seed: int = 0,
     progress: Callable[[int], None] | None = None,
 ) -> Randomization:
-    """Re-initialise ``layers`` (default :func:`cascade_layers`) one by one on a copy of the
-    model and compare each recomputed map with ``maps``."""
-    order = list(layers) if layers else cascade_layers(loaded)
-    for name in order:
-        resolve_layer(loaded, name)
+    """Re-initialise the steps of :func:`cascade_steps` (``layers``: named ones) one by one on a
+    copy of the model and compare each recomputed map with ``maps``."""
+    steps = cascade_steps(loaded, layers)
+    order = list(steps)
     twin_module = copy.deepcopy(loaded.module)
     twin = dataclasses.replace(loaded, module=twin_module)
+    twin_modules = dict(twin_module.named_modules())
     recomputed: list[torch.Tensor] = []
+    kept: list[str] = []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for name in order:
-            _reinitialise(resolve_layer(twin, name)[1])
+            for path in steps[name]:
+                if not _reinitialise(twin_modules[path]):
+                    kept.append(path)
             recomputed.append(fn(twin, batch, targets, layer, seed).detach().float().cpu())
             if progress is not None:
                 progress(1)
@@ -401,7 +482,9 @@ def randomization(
     count = maps.shape[0]
     rho = torch.tensor([[spearman(maps[i], stacked[i, k]) for k in range(len(order))] for i in range(count)])
     sim = torch.tensor([[ssim(_unit(maps[i]), _unit(stacked[i, k])) for k in range(len(order))] for i in range(count)])
-    return Randomization(layers=tuple(order), spearman=rho.float(), ssim=sim.float(), maps=stacked)
+    return Randomization(layers=tuple(order), spearman=rho.float(), ssim=sim.float(), maps=stacked,
+                         modules=tuple(tuple(p for p in steps[name] if p not in kept) for name in order),
+                         kept=tuple(kept))
 
 
 # ---------------------------------------------------------------- entry point
@@ -437,7 +520,8 @@ def quality(
         step: pixels per deletion/insertion step (default ``ceil(H * W / 224)``: RISE's 224 at 224²).
         deletion_fill: deleted pixels' value in the normalised input space.
         blur_kernel, blur_sigma: insertion's starting blur.
-        randomization_layers: layers to re-initialise, top down (default :func:`cascade_layers`).
+        randomization_layers: layers to re-initialise, top down, each its subtree's parameterised
+            layers (default :func:`cascade_steps`).
         seed: for the random map and the re-initialisation.
         batch_size: image copies per forward pass.
         progress: called with a count of finished units (copies, or re-initialised layers).
@@ -449,7 +533,8 @@ def quality(
         UnknownMethod: unknown method name.
         BadArgument: no or an unknown metric, step < 1, even or non-positive blur kernel, a
             ``deletion_fill`` that is not a finite number.
-        BadTarget, UnknownLayer: as the method raises them.
+        BadTarget, UnknownLayer: as the method raises them; ``UnknownLayer`` or ``BadArgument``
+            for a randomisation layer that does not exist or has no parameters.
     """
     name, fn = map_function(method)
     for metric in metrics:

@@ -26,6 +26,7 @@ from convscope.cli.options import (
     LayerOpt,
     ModelOpt,
     OutDirOpt,
+    OutputIndexOpt,
     SeedOpt,
     WeightsOpt,
 )
@@ -184,6 +185,7 @@ def invariance_command(
     weights: WeightsOpt = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
+    output_index: OutputIndexOpt = None,
     batch_size: BatchSizeOpt = 32,
     json_out: JsonOpt = False,
 ) -> None:
@@ -202,7 +204,7 @@ def invariance_command(
     from convscope.render.analysis import invariance_figure, invariance_mean_figure
 
     chosen = given if given is not None else list(DEFAULT_AMOUNTS.get(transform, ()))
-    loaded = open_model(model, weights, seed, device)
+    loaded = open_model(model, weights, seed, device, output_index=output_index)
     paths, pictures, failures = _good_images(images)
     if not pictures:
         raise ImageError(", ".join(str(p) for p in images), "no readable images")
@@ -258,6 +260,7 @@ def correspondence_command(
     weights: WeightsOpt = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
+    output_index: OutputIndexOpt = None,
     batch_size: BatchSizeOpt = 32,
     json_out: JsonOpt = False,
 ) -> None:
@@ -275,7 +278,7 @@ def correspondence_command(
     from convscope.analysis.correspondence import correspondence
     from convscope.render.analysis import correspondence_table, parts_picture
 
-    loaded = open_model(model, weights, seed, device)
+    loaded = open_model(model, weights, seed, device, output_index=output_index)
     given = expand_images(images)
     paths, pictures, failures = _good_images(images)
     kept = [given.index(p) for p in paths]
@@ -337,6 +340,7 @@ def quality_command(
     weights: WeightsOpt = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
+    output_index: OutputIndexOpt = None,
     batch_size: BatchSizeOpt = 64,
     json_out: JsonOpt = False,
 ) -> None:
@@ -357,7 +361,7 @@ def quality_command(
     wanted = _names(metrics, "--metrics", METRICS)
     deletion_fill = parse_float(fill, subject="--fill")
     explained = _target(target)
-    loaded = open_model(model, weights, seed, device)
+    loaded = open_model(model, weights, seed, device, output_index=output_index)
     paths, pictures, failures = _good_images(images)
     if not pictures:
         raise ImageError(", ".join(str(p) for p in images), "no readable images")
@@ -394,6 +398,8 @@ def quality_command(
         if cascade is not None:
             row["randomization"] = {
                 "layers": list(cascade.layers),
+                "modules": [list(m) for m in cascade.modules],  # what each step re-initialised
+                "kept": list(cascade.kept),  # parameterised layers without reset_parameters
                 "spearman": _floats(nanmean(cascade.spearman, axis=0)),
                 "ssim": _floats(cascade.ssim.double().mean(dim=0)),
                 "per_image": {"spearman": [_floats(r) for r in cascade.spearman],

@@ -24,11 +24,12 @@ if TYPE_CHECKING:
 
 
 def warn_once(lines: tuple[str, ...] | list[str], seen: set[str]) -> None:
-    """``warning: <line>`` on stderr, once per run (not once per batch)."""
+    """``warning: <line>`` on stderr, once per run (not once per batch); a line that starts with
+    ``note: `` (information, not a problem: occlusion's exact fallback) is printed as it is."""
     for line in lines:
         if line not in seen:
             seen.add(line)
-            typer.echo(f"warning: {line}", err=True)
+            typer.echo(line if line.startswith("note: ") else f"warning: {line}", err=True)
 
 
 def _batches(

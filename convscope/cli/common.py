@@ -20,13 +20,21 @@ if TYPE_CHECKING:
     from convscope.types import LoadedModel
 
 
-def open_model(model: str | None, weights: str | None, seed: int, device: str, precision: str = "float32") -> LoadedModel:
-    """``load_model``; a ``precision`` other than float32 stays in force until the command ends."""
-    from convscope.models.load import load_model
+def open_model(
+    model: str | None,
+    weights: str | None,
+    seed: int,
+    device: str,
+    precision: str = "float32",
+    output_index: int | str | None = None,
+) -> LoadedModel:
+    """``load_model`` (any model spec, see ``convscope.models.external``); a ``precision`` other
+    than float32 stays in force until the command ends. ``output_index``: ``--output-index``."""
+    from convscope.models.load import load_model, parse_output_index
     from convscope.runtime import inference_precision, resolve_precision
 
     resolve_precision(precision)  # a bad --precision fails before the model loads
-    loaded = load_model(model, weights, seed=seed, device=device)
+    loaded = load_model(model, weights, seed=seed, device=device, output_index=parse_output_index(output_index))
     context = _current_context()
     if precision != "float32" and context is not None:
         choice = context.with_resource(inference_precision(precision, loaded.device))

@@ -23,6 +23,7 @@ from convscope.cli.options import (
     LayerOpt,
     ModelOpt,
     OutDirOpt,
+    OutputIndexOpt,
     SeedOpt,
     WeightsOpt,
     class_target,
@@ -43,6 +44,7 @@ def explain_command(
     weights: WeightsOpt = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
+    output_index: OutputIndexOpt = None,
     class_index: ClassOpt = None,
     label: LabelOpt = None,
     layer: LayerOpt = None,
@@ -75,7 +77,7 @@ def explain_command(
     target = class_target(class_index, label)
     paths = expand_images(images)
     out = OutputDir(output, inputs=paths)
-    loaded = open_model(model, weights, seed, device)
+    loaded = open_model(model, weights, seed, device, output_index=output_index)
     stages = list(loaded.stages)
     projected = deconv_layer or (stages[len(stages) // 2] if stages else loaded.cam_layer)
     records: list[dict[str, Any]] = []

@@ -9,34 +9,81 @@ from typing import Annotated, Any
 import typer
 
 from convscope.cli.common import bundled_photo, open_model
-from convscope.cli.options import DeviceOpt, JsonOpt, ModelOpt, OutDirOpt, SeedOpt, WeightsOpt
+from convscope.cli.options import DeviceOpt, JsonOpt, ModelOpt, OutDirOpt, OutputIndexOpt, SeedOpt, WeightsOpt
 from convscope.cli.output import OutputDir, safe_name
 from convscope.errors import BadArgument
 
 
-def models_command(json_out: JsonOpt = False) -> None:
-    """List the built-in architectures.
+def models_command(
+    pattern: Annotated[
+        str | None,
+        typer.Argument(help="Show only names matching this glob (resnet*) or substring (resnet).", show_default=False),
+    ] = None,
+    all_models: Annotated[
+        bool, typer.Option("--all", help="Also list every torchvision:NAME and timm:NAME (timm's when installed).")
+    ] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """List the built-in architectures; with --all, also the torchvision and timm models --model takes.
 
-    Example: convscope models
+    --model also takes FILE.py:FUNCTION or package.module:FUNCTION (a factory returning an
+    nn.Module; this runs that code) and a torch.export archive FILE.pt2.
+
+    Examples: convscope models | convscope models --all resnet | convscope models --all 'timm:vit_*'
     """
+    from convscope.models.external import matches, timm_names, torchvision_names
     from convscope.models.registry import get_spec, list_models
 
     rows: list[dict[str, Any]] = []
     for name in list_models():
+        if not matches(name, pattern):
+            continue
         spec = get_spec(name)
         rows.append({
             "name": name,
+            "source": "built-in",
             "pretrained": spec.pretrained is not None,
             "input_size": list(spec.preprocess.input_size),
             "description": spec.description,
         })
+    missing_timm = False
+    if all_models:
+        external = [("torchvision", torchvision_names())]
+        found_timm = timm_names()
+        if found_timm is None:
+            missing_timm = True
+        else:
+            external.append(("timm", found_timm))
+        for source, names in external:
+            for short in names:
+                name = f"{source}:{short}"
+                if matches(name, pattern):
+                    rows.append({"name": name, "source": source})
+    if missing_timm:
+        typer.echo("note: timm is not installed: pip install convscope[timm] to list and use timm:NAME", err=True)
     if json_out:
         typer.echo(json.dumps(rows, indent=2))
         return
+    if not rows:
+        raise BadArgument(f"models {pattern}", "no model name matches",
+                          None if all_models else "add --all to search torchvision and timm too")
     width = max(len(r["name"]) for r in rows)
     for r in rows:
-        flag = "pretrained" if r["pretrained"] else "          "
-        typer.echo(f"{r['name'].ljust(width)}  {flag}  {r['description']}")
+        if r["source"] == "built-in":
+            flag = "pretrained" if r["pretrained"] else "          "
+            typer.echo(f"{r['name'].ljust(width)}  {flag}  {r['description']}")
+        else:
+            typer.echo(r["name"])
+
+
+def _listing_weights(model: str | None, weights: str | None) -> str | None:
+    """``layers`` and ``summary`` need no trained weights: random unless the model holds its own
+    (a factory, a .pt2 archive) or a file was given."""
+    if weights is not None:
+        return weights
+    from convscope.models.external import parse_model_spec
+
+    return None if model is not None and parse_model_spec(model).runs_code else "random"
 
 
 def layers_command(
@@ -44,6 +91,7 @@ def layers_command(
     weights: WeightsOpt = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
+    output_index: OutputIndexOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """List the layer names you can pass to --layer, with aliases and output shapes.
@@ -53,7 +101,7 @@ def layers_command(
     from convscope.probes.layers import list_layers
     from convscope.render.text import layers_table
 
-    loaded = open_model(model, weights or "random", seed, device)
+    loaded = open_model(model, _listing_weights(model, weights), seed, device, output_index=output_index)
     rows = list_layers(loaded)
     if json_out:
         typer.echo(json.dumps(rows, indent=2))
@@ -73,6 +121,7 @@ def summary_command(
         float | None,
         typer.Option("--max-memory", min=0.001, help="GiB of activations the traced image may take (default: 4)."),
     ] = None,
+    output_index: OutputIndexOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Per-layer output shapes, parameters, kernel/stride/padding, receptive fields and cost.
@@ -90,7 +139,7 @@ def summary_command(
             raise BadArgument("--input-size", f"expected C,H,W integers, got {input_size!r}") from None
         if len(size) != 3:
             raise BadArgument("--input-size", f"expected three values C,H,W, got {input_size!r}")
-    loaded = open_model(model, weights or "random", seed, device)
+    loaded = open_model(model, _listing_weights(model, weights), seed, device, output_index=output_index)
     limit = DEFAULT_MAX_ACTIVATION_BYTES if max_memory is None else int(max_memory * 2**30)
     result = summary(loaded, input_size=size, max_activation_bytes=limit)
     if json_out:
@@ -105,11 +154,13 @@ def summary_json(result: Any) -> dict[str, Any]:
     layers = []
     for layer in result.layers:
         row = asdict(layer)
+        kind = layer.receptive_field_kind
         row["receptive_field"] = (
-            None if layer.receptive_field is None
-            else {"size": layer.receptive_field, "jump": layer.jump, "start": layer.start, "exact": layer.rf_exact}
+            ({"kind": kind} if kind == "global" else None) if layer.receptive_field is None
+            else {"size": layer.receptive_field, "jump": layer.jump, "start": layer.start, "exact": layer.rf_exact,
+                  "kind": kind}
         )
-        for key in ("jump", "start", "rf_exact"):
+        for key in ("jump", "start", "rf_exact", "receptive_field_kind"):
             row.pop(key)
         layers.append(row)
     return {
@@ -131,6 +182,7 @@ def demo_command(
     model: ModelOpt = None,
     weights: WeightsOpt = None,
     device: DeviceOpt = "auto",
+    output_index: OutputIndexOpt = None,
 ) -> None:
     """The main job on the default model and a bundled photo: classification, summary,
     activation maps, a feature grid and the first-layer filters, in one folder.
@@ -152,7 +204,7 @@ def demo_command(
 
     photo_path = image or bundled_photo()
     out = OutputDir(output, inputs=[photo_path])
-    loaded = open_model(model, weights, 0, device)
+    loaded = open_model(model, weights, 0, device, output_index=output_index)
     batch = loaded.preprocess.to_tensor(loaded.preprocess.load_image(photo_path)).to(loaded.device)
 
     prediction = classify(loaded, batch, topk=5)[0]

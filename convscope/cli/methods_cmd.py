@@ -65,6 +65,7 @@ from convscope.cli.options import (
     ModelOpt,
     OldLayersOpt,
     OutDirOpt,
+    OutputIndexOpt,
     PrecisionOpt,
     RawOpt,
     SeedOpt,
@@ -318,7 +319,7 @@ def run_method_command(command: str, rows: list[MethodSpec], values: dict[str, A
     paths = expand_images(values["images"]) if spec.takes_images else []
     out = OutputDir(values["output"], inputs=paths) if binding.output else None
     loaded = open_model(values["model"], values["weights"], values["seed"], values["device"],
-                        values.get("precision", "float32"))
+                        values.get("precision", "float32"), values.get("output_index"))
     run = MethodRun(
         command=command, spec=spec, loaded=loaded, out=out, paths=paths,
         selected={flag: values[_fixed_name(flag)] for flag in spec.cli.fixed} if spec.cli else {},
@@ -442,7 +443,7 @@ def command_parameters(rows: list[MethodSpec]) -> list[inspect.Parameter]:
     if binding.output:
         entries.append(("output", OutDirOpt, Path("convscope-out")))
     entries += [("model", ModelOpt, None), ("weights", WeightsOpt, None), ("seed", SeedOpt, 0),
-                ("device", DeviceOpt, "auto")]
+                ("device", DeviceOpt, "auto"), ("output_index", OutputIndexOpt, None)]
     if any(spec.takes_target for spec in rows):
         entries += [("class_index", ClassOpt, None), ("label", LabelOpt, None)]
     if first.layer == "many":

@@ -10,18 +10,27 @@ import typer
 from convscope.models.registry import DEFAULT_MODEL
 
 
-def _model_names() -> list[str]:
+def _model_names(incomplete: str = "") -> list[str]:
+    """Completion: built-in names and the ``torchvision:``/``timm:`` prefixes, then their names."""
     from convscope.models.registry import list_models
 
-    return list_models()
+    for source in ("torchvision", "timm"):
+        if incomplete.startswith(source + ":"):
+            from convscope.models import external
+
+            names = external.torchvision_names() if source == "torchvision" else external.timm_names() or []
+            return [f"{source}:{n}" for n in names if f"{source}:{n}".startswith(incomplete)]
+    return [n for n in [*list_models(), "torchvision:", "timm:"] if n.startswith(incomplete)]
 
 
 ModelOpt = Annotated[
     str | None,
     typer.Option(
         "--model", "-m",
-        help=f"Architecture (default: {DEFAULT_MODEL}, or the one recorded in a --weights checkpoint). "
-        "See 'convscope models'.",
+        help=f"Model (default: {DEFAULT_MODEL}, or the one recorded in a --weights checkpoint): a built-in "
+        "name, torchvision:NAME, timm:NAME, FILE.py:FUNCTION or package.module:FUNCTION (a factory "
+        "returning an nn.Module; runs that code), or a torch.export FILE.pt2. "
+        "See 'convscope models --all'.",
         autocompletion=_model_names,
     ),
 ]
@@ -29,8 +38,24 @@ WeightsOpt = Annotated[
     str | None,
     typer.Option(
         "--weights", "-w",
-        help="'pretrained', 'random', or a weights file (.pth, .safetensors, a convscope checkpoint) "
-        "(default: pretrained when the model has published weights, else random).",
+        help="'pretrained', 'random', or a weights file (a .pth/.pt state dict, .safetensors, a convscope "
+        "checkpoint) for any --model (default: pretrained when the model has published weights, "
+        "torchvision:/timm: included, else random; a factory or .pt2 keeps its own).",
+    ),
+]
+
+
+def _output_index(value: str | None) -> int | str | None:
+    from convscope.models.load import parse_output_index
+
+    return parse_output_index(value)
+
+
+OutputIndexOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--output-index", metavar="N|KEY", callback=_output_index,
+        help="For a model returning a tuple/list or a dict: the position or key of its logits.",
     ),
 ]
 # torch.manual_seed takes 64 bits and a larger seed ended in an overflow traceback; 63 bits leave

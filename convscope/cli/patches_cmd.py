@@ -17,7 +17,7 @@ import typer
 
 from convscope.cli.common import open_model
 from convscope.cli.errors import EXIT_USER_ERROR
-from convscope.cli.options import DeviceOpt, ModelOpt, OutDirOpt, SeedOpt, WeightsOpt
+from convscope.cli.options import DeviceOpt, ModelOpt, OutDirOpt, OutputIndexOpt, SeedOpt, WeightsOpt
 from convscope.cli.output import OutputDir, prepare_folder, safe_name
 from convscope.cli.progress import progress_bar
 from convscope.errors import BadArgument, DataError, OutputError
@@ -90,6 +90,7 @@ def patches_command(
     weights: WeightsOpt = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
+    output_index: OutputIndexOpt = None,
     top: Annotated[int, typer.Option("--top", min=1, help="Patches per channel.")] = 9,
     channels: Annotated[
         str | None, typer.Option("--channels", help="Channels to mine, e.g. 0-63 or 3,7,10-12 (default: all).")
@@ -148,7 +149,7 @@ def patches_command(
         try:
             if world.backend == "nccl":
                 device = f"cuda:{world.local_rank}"
-            loaded = open_model(model, weights, seed, device)
+            loaded = open_model(model, weights, seed, device, output_index=output_index)
             source = open_source(data, loaded.preprocess)
             shard = shard_range(len(source), world.rank, world.size)
             started = time.perf_counter()

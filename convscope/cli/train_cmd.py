@@ -82,15 +82,21 @@ def _flag(parameter: str) -> str:
 
 
 @contextmanager
-def _cli_wording() -> Iterator[None]:
-    """Re-word the training library's errors with this CLI's flags (``convscope.training.wording``)."""
+def _cli_wording(flags: dict[str, str] | None = None) -> Iterator[None]:
+    """Re-word the training library's errors with this CLI's flags (``convscope.training.wording``).
+
+    Args:
+        flags: parameter -> flag where this command line differs from ``_FLAGS`` (``init_from``
+            given as ``--weights``).
+    """
     from convscope.errors import ConvscopeError
     from convscope.training.wording import worded
 
+    chosen = _FLAGS if flags is None else flags
     try:
         yield
     except ConvscopeError as exc:
-        again = worded(exc, _flag)
+        again = worded(exc, lambda name: chosen.get(name) or _flag(name))
         if again is exc:
             raise
         raise again from exc
@@ -180,11 +186,21 @@ def train_command(
     ] = None,
     init_from: Annotated[
         str | None,
-        typer.Option("--from", help="Start from 'pretrained' or a checkpoint/weights file; its last Linear is replaced."),
+        typer.Option("--from", help="Start from 'pretrained' or a checkpoint/weights file; its classifier head is replaced."),
+    ] = None,
+    weights: Annotated[
+        str | None,
+        typer.Option(
+            "--weights", "-w",
+            help="pretrained, random (seeded init) or a weights/checkpoint file of --arch to start from; the classifier "
+            "head (found from the graph) is replaced for the data's classes. Same as --from, plus random "
+            "(default: random).",
+        ),
     ] = None,
     freeze: Annotated[
         str | None,
-        typer.Option("--freeze", help="none, features (conv layers fixed) or all-but-last (only the new head trains)."),
+        typer.Option("--freeze", help="none, features (conv layers fixed) or all-but-last (only the new head trains); "
+                     "found from the graph and listed in result.json."),
     ] = None,
     precision: PrecisionOpt = None,
     channels_last: Annotated[
@@ -236,6 +252,9 @@ def train_command(
       torchrun --nproc-per-node 2 -m convscope train --data fashion-mnist --arch zfnet_mnist -b 128 -o runs/ddp
           (DistributedDataParallel: -b is the global batch; rank 0 writes the run folder)
       convscope train --data flowers/ --from runs/fm/best.pt --freeze features -o runs/transfer
+      convscope train --data photos/ --arch torchvision:resnet18 --weights pretrained --freeze features -o runs/r18
+          (torchvision:NAME or timm:NAME: the head is found from the graph and replaced for the folder's classes;
+          best.pt records the spec, so 'convscope classify --weights runs/r18/best.pt' rebuilds it)
     """
     from convscope.distributed import env_world
     from convscope.training.config import TrainConfig, load_run_config
@@ -250,6 +269,13 @@ def train_command(
         "channels_last": channels_last,
     }
     given = {k: v for k, v in given.items() if v is not None}
+    flags = dict(_FLAGS)
+    if weights is not None:
+        if init_from is not None and init_from != weights:
+            raise BadArgument("--weights", f"and --from {shown(init_from)} both say what to start from",
+                              "give one of them")
+        given["init_from"] = weights
+        flags["init_from"] = "--weights"
     if resume and overwrite:
         raise BadArgument("--overwrite", "cannot be combined with --resume", "--resume continues the run in --output")
     if not resume and "data" not in given:
@@ -258,7 +284,7 @@ def train_command(
     rank0 = env_world().is_rank0
     if rank0:
         prepare_folder(output)
-    with _cli_wording(), _run_folder(output, "train") if rank0 else nullcontext(), _train_display() as show:
+    with _cli_wording(flags), _run_folder(output, "train") if rank0 else nullcontext(), _train_display() as show:
         if resume:
             # Options not repeated come from the run; repeated ones must agree (the library checks),
             # except --epochs, which extends the run.
@@ -287,6 +313,7 @@ def train_command(
         typer.echo(f"note: {note}", err=True)
     if json_out:
         typer.echo(json.dumps({
+            "arch": result.config.arch, "head": result.head, "frozen": result.frozen,
             "notes": list(result.notes), "run_dir": str(result.run_dir), "best_epoch": result.best_epoch, "selection": result.selection,
             "validation": result.data.get("validation"), "best": result.best, "test": result.test, "parameters": result.parameters, "trainable_parameters": result.trainable,
             "skipped": len(result.skipped), "evolution": str(result.evolution) if result.evolution else None,
@@ -298,6 +325,8 @@ def train_command(
         chosen = f"chosen on val accuracy {best['val_accuracy']:.4f}; validation: {result.data.get('validation')}"
     else:
         chosen = f"the last epoch (no validation split); train accuracy {best['train_accuracy']:.4f}"
+    if result.frozen is not None and result.frozen.get("description"):
+        typer.echo(f"{result.config.arch}: {result.frozen['description']}")
     typer.echo(f"best epoch {result.best_epoch}/{result.config.epochs}: {chosen}")
     if result.test is not None:
         typer.echo(f"test accuracy of best.pt: {result.test['accuracy']:.4f} ({result.test['count']} images, measured once)")

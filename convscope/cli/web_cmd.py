@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from convscope.cli.common import open_model
-from convscope.cli.options import DeviceOpt, ImageArg, ModelOpt, SeedOpt, WeightsOpt
+from convscope.cli.options import DeviceOpt, ImageArg, ModelOpt, OutputIndexOpt, SeedOpt, WeightsOpt
 from convscope.errors import BadArgument
 
 
@@ -31,6 +31,7 @@ def explore_command(
     target: Annotated[
         str | None, typer.Option("--target", "-t", help="Class to explain: an index or a label (default: top-1).")
     ] = None,
+    output_index: OutputIndexOpt = None,
 ) -> None:
     """One self-contained HTML page with everything convscope shows about one image.
 
@@ -56,7 +57,7 @@ def explore_command(
     prepare_file(output, ours=is_convscope_report)  # before the slow part: a bad -o fails at once
     started = time.perf_counter()
     picture = load_image(image)
-    loaded = open_model(model, weights, seed, device)
+    loaded = open_model(model, weights, seed, device, output_index=output_index)
     batch = loaded.preprocess.to_tensor(picture).to(loaded.device)
     loaded_at = time.perf_counter()
     steps = ("classify", "summary", "activations", "features", "filters", "gradcam", "occlusion", "deconv", "saliency")
@@ -154,6 +155,7 @@ def serve_command(
         str, typer.Option("--max-upload-mb", metavar="MB",
                           help=f"Largest accepted upload, in MB (0.001 to {MAX_UPLOAD_MB:g}).")
     ] = "20",
+    output_index: OutputIndexOpt = None,
 ) -> None:
     """A local web app: drop an image, see its top-5, then pick a layer, method and class.
 
@@ -162,6 +164,8 @@ def serve_command(
     Examples: convscope serve | convscope serve --port 8080 --model alexnet --weights random |
     convscope serve --root-path /proxy/8000
     """
+
+    from convscope.models.load import check_model, resolve_device
     from convscope.web.app import run_server
 
     port_number, upload_mb = serve_numbers(port, max_upload_mb)
@@ -169,5 +173,7 @@ def serve_command(
     if warning:
         typer.echo(f"warning: {warning}", err=True)
     check_address(host, port_number)
+    resolve_device(device)
+    check_model(model, weights)  # an unknown model or missing weights: one line, before the server starts
     run_server(host=host, port=port_number, model=model, weights=weights, device=device, root_path=root_path,
-               max_upload_bytes=round(upload_mb * 1_000_000))
+               max_upload_bytes=round(upload_mb * 1_000_000), output_index=output_index)

@@ -62,7 +62,8 @@ from convscope.methods._common import ModelLike
 from convscope.models.load import as_loaded
 from convscope.probes.geometry import Geometry, cell_boxes_xyxy, layer_geometries
 from convscope.probes.hooks import capture, eval_mode, reduce_outputs
-from convscope.probes.layers import resolve_layer
+from convscope.probes.layers import map_layer
+from convscope.probes.layout import Layout
 from convscope.types import LoadedModel
 
 Progress = Callable[[int], None]
@@ -202,6 +203,7 @@ class _Plan:
     names: list[str]
     paths: dict[str, str]
     modules: dict[str, torch.nn.Module]
+    layouts: dict[str, Layout]
     counts: dict[str, int]
     grids: dict[str, tuple[int, int]]
     geometry: dict[str, Geometry]
@@ -215,12 +217,14 @@ def _plan(model: ModelLike, data: Any, layers: str | Sequence[str], channels: Ch
     names = [layers] if isinstance(layers, str) else list(dict.fromkeys(layers))
     if not names:
         raise BadArgument("--layer", "give at least one layer")
-    resolved = {name: resolve_layer(loaded, name) for name in names}
     shape = tuple(source.images.shape[1:]) if isinstance(source, TensorSource) else loaded.preprocess.input_size
+    found = {name: map_layer(loaded, name, shape) for name in names}
+    resolved = {name: (layer.path, layer.module) for name, layer in found.items()}
+    layouts = {name: layer.layout for name, layer in found.items()}
     probe_input = torch.zeros((1, *shape), device=loaded.device, dtype=loaded.dtype)
     from convscope.methods.gradcam import feature_map_of
 
-    with capture(loaded.module, {name: module for name, (_, module) in resolved.items()}) as probe:
+    with capture(loaded.module, {name: module for name, (_, module) in resolved.items()}, layouts=layouts) as probe:
         by_path = layer_geometries(loaded.module, probe_input, sorted({p for p, _ in resolved.values()}))
     outputs = {name: feature_map_of(probe, name, name) for name in names}
     counts = {name: int(out.shape[1]) for name, out in outputs.items()}
@@ -230,6 +234,7 @@ def _plan(model: ModelLike, data: Any, layers: str | Sequence[str], channels: Ch
         names=names,
         paths={name: path for name, (path, _) in resolved.items()},
         modules={name: module for name, (_, module) in resolved.items()},
+        layouts=layouts,
         counts=counts,
         grids={name: (int(out.shape[2]), int(out.shape[3])) for name, out in outputs.items()},
         geometry={name: by_path[path] for name, (path, _) in resolved.items()},
@@ -340,7 +345,7 @@ def top_patches(
         positions = current["positions"]
         return current["tables"][name].update_from_maps(output[: len(positions)], chosen_index[name], positions)
 
-    with eval_mode(loaded.module), torch.no_grad(), reduce_outputs(loaded.module, plan.modules, merge_batch) as found:
+    with eval_mode(loaded.module), torch.no_grad(), reduce_outputs(loaded.module, plan.modules, merge_batch, layouts=plan.layouts) as found:
         try:
             for batch in source.batches(range(state.position, shard.stop), batch_size, workers):
                 tables = committed.tables

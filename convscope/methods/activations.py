@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from convscope.errors import BadArgument, UnknownLayer
 from convscope.methods._common import ModelLike, prepare
 from convscope.probes.hooks import capture, eval_mode
-from convscope.probes.layers import alias_of, resolve_layer
+from convscope.probes.layers import alias_of, default_stages, map_layer
 from convscope.types import ActivationMaps, FeatureMaps
 from convscope.validate import layer_names
 
@@ -49,17 +49,21 @@ def activation_maps(
         ``ActivationMaps`` with ``(N, H, W)`` maps in ``[0, 1]`` at input resolution.
     """
     loaded, batch = prepare(model, images)
-    names = layer_names(layers) or list(loaded.stages)
+    stages = default_stages(loaded, batch.shape[1:])
+    # The model's own aliases, or (measured just now, for a model wrapped unmeasured) the paths.
+    names = layer_names(layers) or (list(stages) if stages == loaded.stages else list(stages.values()))
     if not names:
         raise UnknownLayer(loaded.name, "has no conv stages to show", "name layers explicitly")
     modules = {}
+    layouts = {}
     for name in names:
-        path, module = resolve_layer(loaded, name)
-        modules[alias_of(loaded, path) if name == path else name] = module
+        found = map_layer(loaded, name, batch.shape[1:])
+        key = alias_of(loaded, found.path) if name == found.path else name
+        modules[key], layouts[key] = found.module, found.layout
     height, width = batch.shape[-2:]
     raw: dict[str, torch.Tensor] = {}
     maps: dict[str, torch.Tensor] = {}
-    with eval_mode(loaded.module), torch.inference_mode(), capture(loaded.module, modules) as store:
+    with eval_mode(loaded.module), torch.inference_mode(), capture(loaded.module, modules, layouts=layouts) as store:
         loaded.module(batch)
         for name in modules:
             # "The ReLU output": rectify, so layers whose output is not already post-ReLU
@@ -68,7 +72,7 @@ def activation_maps(
             raw[name] = mean.cpu()
             up = F.interpolate(mean[:, None], size=(height, width), mode="bilinear", align_corners=False)
             maps[name] = normalize_per_image(up[:, 0]).cpu()
-    return ActivationMaps(layers=tuple(modules), maps=maps, raw=raw)
+    return ActivationMaps(layers=tuple(modules), maps=maps, raw=raw, preprocess=loaded.preprocess)
 
 
 def feature_maps(
@@ -94,8 +98,9 @@ def feature_maps(
     if max_channels < 1:
         raise BadArgument("--max", f"must be at least 1, got {max_channels}")
     loaded, batch = prepare(model, images)
-    _, module = resolve_layer(loaded, layer)
-    with eval_mode(loaded.module), torch.inference_mode(), capture(loaded.module, {layer: module}) as store:
+    found = map_layer(loaded, layer, batch.shape[1:])
+    with (eval_mode(loaded.module), torch.inference_mode(),
+          capture(loaded.module, {layer: found.module}, layouts={layer: found.layout}) as store):
         loaded.module(batch)
         output = _spatial(layer, store.last(layer)).float()
     strength_all = output.mean(dim=(2, 3))  # (N, C)

@@ -16,9 +16,14 @@ no inverse; the backward-rule formulation is used there (BatchNorm and the addit
 signal as their gradients do), and ZFNet's contrast normalisation likewise passes its gradient.
 Where pooling windows overlap (AlexNet's 3x3 stride 2) two windows can share a switch; their
 signals add up, as in the gradient. ReLU6 is a ReLU followed by a clip (``probes.relu_rules``).
+On a network without rectifiers (GELU, SiLU: ConvNeXt, EfficientNet) the rule has nothing to act
+on and a projection is the plain gradient of the activation: the result says so (``rules``, one
+warning line) instead of refusing.
 
 Only the part of the network up to the layer runs (see ``_UpToLayer``), and the receptive
-fields used to crop come from the same pass.
+fields used to crop come from the same pass. The layer is read through its measured layout
+(``probes.layers.map_layer``): an NHWC map or tokens on a grid is projected from its
+``(N, C, h, w)`` view, a layer that is not a map is refused.
 """
 
 from __future__ import annotations
@@ -32,14 +37,13 @@ from torch import nn
 from convscope.errors import BadArgument
 from convscope.methods._common import ModelLike, prepare
 from convscope.methods.gradcam import feature_map_of
-from convscope.methods.guided import graph_forward
+from convscope.methods.guided import graph_forward, rule_warnings
 from convscope.methods.results import DeconvProjections
 from convscope.probes.geometry import cell_box, layer_geometry, trace
 from convscope.probes.hooks import Capture, capture
-from convscope.probes.layers import resolve_layer
+from convscope.probes.layers import map_layer
 
 LOCATIONS = ("max", "all")
-RECTIFIERS = (nn.ReLU, nn.ReLU6)
 
 
 class _StopForward(Exception):
@@ -112,7 +116,8 @@ def deconv(
     """Project feature maps of ``layer`` down to pixels with the deconvnet.
 
     Args:
-        model: a ``LoadedModel`` or any ``nn.Module`` whose rectifiers are ReLU/ReLU6.
+        model: a ``LoadedModel`` or any ``nn.Module`` (the rule acts on its ReLU/ReLU6; see
+            ``rules`` in the result for what it reached).
         images: PIL image(s), converted with the model's preprocessing, or a normalised
             ``(N, C, H, W)`` float tensor; paths, numpy arrays and ``None`` are refused
             with ``BadInputType`` (see ``convscope.validate``).
@@ -127,27 +132,26 @@ def deconv(
 
     Returns:
         ``DeconvProjections`` with ``(N, K, C, H, W)`` projections, the activation value, its
-        cell and the input box it sees, for cropping.
+        cell and the input box it sees, for cropping; ``rules`` says which activations got the
+        deconvnet rule (none: the projections are plain gradients, and a warning says so).
 
     Raises:
-        UnknownLayer: no such layer, or its output is not an ``(N, C, h, w)`` feature map.
-        BadArgument: bad channel, top or location, or a model with no ReLU to apply the rule to.
+        UnknownLayer: no such layer, or its output (its measured layout) is not a feature map.
+        BadArgument: bad channel, top or location.
     """
     if location not in LOCATIONS:
         raise BadArgument(f"--location {location}", "must be 'max' or 'all'")
     if channel is None and top < 1:
         raise BadArgument(f"--top {top}", "must be at least 1")
     loaded, batch = prepare(model, images, whole_network=False)
-    path, module = resolve_layer(loaded, layer)
+    mapped = map_layer(loaded, layer, batch.shape[1:])
+    path = mapped.path
     with graph_forward(loaded, batch, "deconvnet") as (x, state, stack):
-        store = stack.enter_context(capture(loaded.module, {path: module}, mode="graph"))
+        store = stack.enter_context(
+            capture(loaded.module, {path: mapped.module}, mode="graph", layouts={path: mapped.layout}))
         calls = trace(_UpToLayer(loaded.module, path, store), x)
     assert state is not None
-    if state.rectified == 0 and not any(isinstance(m, RECTIFIERS) for m in loaded.module.modules()):
-        raise BadArgument(
-            loaded.name, "has no ReLU activations, so the deconvnet rule has nothing to act on",
-            "use saliency or guided backprop instead",
-        )
+    report = state.report()
     output = feature_map_of(store, path, layer)
     if not output.requires_grad:
         raise BadArgument(layer, "is detached from the input, so it cannot be projected")
@@ -183,7 +187,7 @@ def deconv(
         ],
         dtype=torch.int64,
     ).view(count, total, 4)
-    warnings = list(state.warnings())
+    warnings = list(rule_warnings(report))
     silent = sorted({int(c) for c, v in zip(channels.flatten().tolist(), values.flatten().tolist()) if v == 0})
     if silent:
         warnings.append(
@@ -201,6 +205,8 @@ def deconv(
         boxes_exact=geometry.exact,
         grid=(height, width),
         warnings=tuple(warnings),
+        rules=report,
+        preprocess=loaded.preprocess,
     )
 
 
@@ -222,16 +228,17 @@ def project_cells(
         ``(N, C, H, W)`` float32 projections on the CPU.
 
     Raises:
-        UnknownLayer, BadArgument: as ``deconv``.
+        UnknownLayer, BadArgument: as ``deconv`` (a network without rectifiers gives plain
+        gradients, as there).
     """
     loaded, batch = prepare(model, images)
-    path, module = resolve_layer(loaded, layer)
+    mapped = map_layer(loaded, layer, batch.shape[1:])
+    path = mapped.path
     with graph_forward(loaded, batch, "deconvnet") as (x, state, stack):
-        store = stack.enter_context(capture(loaded.module, {path: module}, mode="graph"))
+        store = stack.enter_context(
+            capture(loaded.module, {path: mapped.module}, mode="graph", layouts={path: mapped.layout}))
         _UpToLayer(loaded.module, path, store)(x)
     assert state is not None
-    if state.rectified == 0 and not any(isinstance(m, RECTIFIERS) for m in loaded.module.modules()):
-        raise BadArgument(loaded.name, "has no ReLU activations, so the deconvnet rule has nothing to act on")
     output = feature_map_of(store, path, layer)
     if not output.requires_grad:
         raise BadArgument(layer, "is detached from the input, so it cannot be projected")

@@ -12,6 +12,7 @@ scaling after resizing gives the same map.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -20,11 +21,11 @@ import torch.nn.functional as F
 from convscope.errors import UnknownLayer
 from convscope.methods._common import ModelLike, prepare
 from convscope.methods.activations import normalize_per_image
-from convscope.methods.guided import class_scores, graph_forward
+from convscope.methods.guided import class_scores, graph_forward, rule_warnings
 from convscope.methods.results import CamMaps, GradientMaps
 from convscope.methods.targets import TargetLike, target_labels
 from convscope.probes.hooks import Capture, capture
-from convscope.probes.layers import alias_of, resolve_layer
+from convscope.probes.layers import alias_of, default_cam_layer, map_layer
 from convscope.types import LoadedModel
 
 CAM_METHODS = ("gradcam", "gradcampp")
@@ -57,12 +58,13 @@ def layer_gradient(score: torch.Tensor, output: torch.Tensor, name: str, *, reta
     return grad
 
 
-def _default_layer(loaded: LoadedModel, layer: str | None) -> str:
+def _default_layer(loaded: LoadedModel, layer: str | None, input_size: Sequence[int] | None = None) -> str:
     if layer:
         return layer
-    if not loaded.cam_layer:
+    chosen = default_cam_layer(loaded, input_size)
+    if not chosen:
         raise UnknownLayer(loaded.name, "has no default Grad-CAM layer", "name one with layer=/--layer")
-    return alias_of(loaded, loaded.cam_layer)
+    return alias_of(loaded, chosen)
 
 
 def _channel_weights(method: str, activations: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
@@ -103,17 +105,18 @@ def cam_from_weights(
         targets=targets.cpu(),
         labels=target_labels(targets, loaded.categories),
         scores=scores.detach().float().cpu(),
+        preprocess=loaded.preprocess,
     )
 
 
 def _cam(model: ModelLike, images: Any, target: TargetLike, layer: str | None, method: str) -> CamMaps:
     loaded, batch = prepare(model, images, target=target)
-    name = _default_layer(loaded, layer)
-    path, module = resolve_layer(loaded, name)
+    name = _default_layer(loaded, layer, batch.shape[1:])
+    found = map_layer(loaded, name, batch.shape[1:])
     with graph_forward(loaded, batch) as (x, _, stack):
-        store = stack.enter_context(capture(loaded.module, {path: module}, mode="graph"))
+        store = stack.enter_context(capture(loaded.module, {found.path: found.module}, mode="graph", layouts={found.path: found.layout}))
         logits = loaded.module(x)
-    activations = feature_map_of(store, path, name)
+    activations = feature_map_of(store, found.path, name)
     targets, scores = class_scores(logits, target, loaded)
     grads = layer_gradient(scores.sum(), activations, name)
     return _cam_maps(method, name, loaded, activations, grads, (int(batch.shape[-2]), int(batch.shape[-1])), targets, scores)
@@ -177,20 +180,20 @@ def guided_gradcam(
         UnknownLayer, BadTarget: as :func:`gradcam`.
     """
     loaded, batch = prepare(model, images, target=target)
-    name = _default_layer(loaded, layer)
-    path, module = resolve_layer(loaded, name)
+    name = _default_layer(loaded, layer, batch.shape[1:])
+    found = map_layer(loaded, name, batch.shape[1:])
     with graph_forward(loaded, batch, "guided") as (x, state, stack):
-        store = stack.enter_context(capture(loaded.module, {path: module}, mode="graph"))
+        store = stack.enter_context(capture(loaded.module, {found.path: found.module}, mode="graph", layouts={found.path: found.layout}))
         logits = loaded.module(x)
     assert state is not None
-    activations = feature_map_of(store, path, name)
+    activations = feature_map_of(store, found.path, name)
     targets, scores = class_scores(logits, target, loaded)
     score = scores.sum()
     state.active = False
     grads = layer_gradient(score, activations, name, retain_graph=True)
     state.active = True
     (guided,) = torch.autograd.grad(score, x)
-    warnings = state.warnings()
+    report = state.report()
     cam = _cam_maps("gradcam", name, loaded, activations, grads, (int(batch.shape[-2]), int(batch.shape[-1])), targets, scores)
     product = guided.float().cpu() * cam.maps[:, None]
     return GradientMaps(
@@ -201,5 +204,7 @@ def guided_gradcam(
         labels=cam.labels,
         scores=cam.scores,
         cam=cam,
-        warnings=warnings,
+        warnings=rule_warnings(report),
+        rules=report,
+        preprocess=loaded.preprocess,
     )

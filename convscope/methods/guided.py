@@ -2,6 +2,9 @@
 
 Both take the gradient of one class score per image with respect to the input pixels;
 guided backprop swaps the rectifiers' backward for the guided rule (``probes.relu_rules``).
+A guided result records where the rule went (``rules``, a ``RuleReport``): on a network without
+rectifiers (GELU, SiLU, Hardswish: ConvNeXt, EfficientNet) it equals the saliency map, and its
+one warning line and its record say so.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from convscope.methods._common import ModelLike, prepare
 from convscope.methods.results import GradientMaps
 from convscope.methods.targets import TargetLike, resolve_targets, target_labels
 from convscope.probes.hooks import eval_mode
-from convscope.probes.relu_rules import RuleState, relu_rule
+from convscope.probes.relu_rules import RuleReport, RuleState, relu_rule
 from convscope.types import LoadedModel
 
 
@@ -48,21 +51,26 @@ def class_scores(
     return targets, logits.gather(1, targets[:, None])[:, 0]
 
 
+def rule_warnings(report: RuleReport | None) -> tuple[str, ...]:
+    """A rule-based result's warnings: the report's one line, when it has one."""
+    line = report.warning() if report is not None else None
+    return (line,) if line else ()
+
+
 def _input_gradient(
     model: ModelLike, images: Any, target: TargetLike, rule: str | None
-) -> tuple[LoadedModel, torch.Tensor, torch.Tensor, torch.Tensor, tuple[str, ...]]:
+) -> tuple[LoadedModel, torch.Tensor, torch.Tensor, torch.Tensor, RuleReport | None]:
     loaded, batch = prepare(model, images, target=target)
     with graph_forward(loaded, batch, rule) as (x, state, _):
         logits = loaded.module(x)
     targets, scores = class_scores(logits, target, loaded)
     (grad,) = torch.autograd.grad(scores.sum(), x)
-    warnings = state.warnings() if state is not None else ()
-    return loaded, grad, targets, scores.detach(), warnings
+    return loaded, grad, targets, scores.detach(), state.report() if state is not None else None
 
 
 def _result(
     method: str, loaded: LoadedModel, grad: torch.Tensor, targets: torch.Tensor,
-    scores: torch.Tensor, warnings: tuple[str, ...],
+    scores: torch.Tensor, report: RuleReport | None,
 ) -> GradientMaps:
     grad = grad.float()
     return GradientMaps(
@@ -72,7 +80,9 @@ def _result(
         targets=targets.cpu(),
         labels=target_labels(targets, loaded.categories),
         scores=scores.float().cpu(),
-        warnings=warnings,
+        warnings=rule_warnings(report),
+        rules=report,
+        preprocess=loaded.preprocess,
     )
 
 
@@ -93,21 +103,27 @@ def saliency(model: ModelLike, images: Any, target: TargetLike = None) -> Gradie
     Raises:
         BadTarget: unknown class index or label.
     """
-    loaded, grad, targets, scores, warnings = _input_gradient(model, images, target, None)
-    return _result("saliency", loaded, grad, targets, scores, warnings)
+    loaded, grad, targets, scores, report = _input_gradient(model, images, target, None)
+    return _result("saliency", loaded, grad, targets, scores, report)
 
 
 def guided_backprop(model: ModelLike, images: Any, target: TargetLike = None) -> GradientMaps:
     """Guided backpropagation: the input gradient with each rectifier's backward replaced by
     ``relu(g * [x > 0])`` (see ``convscope.probes.relu_rules`` for ReLU6 and other activations).
 
+    On a network whose activations are not rectifiers (GELU, SiLU, Hardswish) no rule applies
+    and the result is the saliency gradient, bit for bit: ``rules.note`` and the one warning
+    line say so rather than passing it off as guided.
+
     Returns:
         ``GradientMaps``: ``attributions`` ``(N, C, H, W)`` raw guided gradients (what captum's
         ``GuidedBackprop`` returns), ``maps`` ``(N, H, W)`` their largest absolute value over
-        channels, and ``warnings`` naming activations the rule could not be applied to.
+        channels, ``rules`` the :class:`~convscope.probes.relu_rules.RuleReport` (which
+        activation sites got the rule, which did not), and one ``warnings`` line when the
+        result is not a pure guided pass.
 
     Raises:
         BadTarget: unknown class index or label.
     """
-    loaded, grad, targets, scores, warnings = _input_gradient(model, images, target, "guided")
-    return _result("guided_backprop", loaded, grad, targets, scores, warnings)
+    loaded, grad, targets, scores, report = _input_gradient(model, images, target, "guided")
+    return _result("guided_backprop", loaded, grad, targets, scores, report)

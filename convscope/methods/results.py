@@ -6,11 +6,15 @@ All tensors live on the CPU as float32 (indices int64), whatever device the mode
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from convscope.types import Renderable
+
+if TYPE_CHECKING:
+    from convscope.preprocess import Preprocess
+    from convscope.probes.relu_rules import RuleReport
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,8 @@ class CamMaps(Renderable):
         labels: class names of ``targets``.
         scores: ``(N,)`` float32 model output (logit) of each target.
         warnings: one line each, for the CLI to print.
+        preprocess: the preprocessing of the input the maps were computed on: ``to_image(photo)``
+            draws them on the crop the model saw.
     """
 
     method: str
@@ -39,6 +45,7 @@ class CamMaps(Renderable):
     labels: tuple[str, ...]
     scores: torch.Tensor
     warnings: tuple[str, ...] = ()
+    preprocess: Preprocess | None = None
 
 
 @dataclass(frozen=True)
@@ -56,6 +63,10 @@ class GradientMaps(Renderable):
         scores: ``(N,)`` float32 model output (logit) of each target.
         cam: the Grad-CAM maps used (guided Grad-CAM only).
         warnings: one line each (activations the guided rule could not be applied to...).
+        rules: which activations got the guided rule and which did not (guided backprop and
+            guided Grad-CAM; ``None`` for saliency). ``rules.applied`` is ``False`` on a network
+            without rectifiers, where guided backprop equals saliency.
+        preprocess: as in ``CamMaps``.
     """
 
     method: str
@@ -66,6 +77,8 @@ class GradientMaps(Renderable):
     scores: torch.Tensor
     cam: CamMaps | None = None
     warnings: tuple[str, ...] = ()
+    rules: RuleReport | None = None
+    preprocess: Preprocess | None = None
 
     # ``method`` -> the registry row that presents it (the others share their row's name)
     ROWS: ClassVar[dict[str, str]] = {"guided_backprop": "guided", "guided_gradcam": "guided-gradcam"}
@@ -94,6 +107,9 @@ class DeconvProjections(Renderable):
             ops, where the box is the main path's field (see ``convscope.probes.geometry``).
         grid: ``(h, w)`` of the layer's feature maps.
         warnings: one line each (activations the deconvnet rule could not be applied to...).
+        rules: which activations got the deconvnet rule and which did not (none: the
+            projections are plain gradients of the activation).
+        preprocess: as in ``CamMaps``.
     """
 
     layer: str
@@ -106,6 +122,8 @@ class DeconvProjections(Renderable):
     boxes_exact: bool
     grid: tuple[int, int]
     warnings: tuple[str, ...] = ()
+    rules: RuleReport | None = None
+    preprocess: Preprocess | None = None
 
     def _presented(self) -> tuple[str, Any]:
         return "deconv", self

@@ -31,7 +31,7 @@ from convscope.methods.gradcam import _default_layer, cam_from_weights, feature_
 from convscope.methods.results import CamMaps
 from convscope.methods.targets import TargetLike, resolve_targets
 from convscope.probes.hooks import capture, eval_mode
-from convscope.probes.layers import resolve_layer
+from convscope.probes.layers import map_layer
 
 
 def _masks(activations: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -74,14 +74,14 @@ def scorecam(
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     loaded, batch = prepare(model, images)
-    name = _default_layer(loaded, layer)
-    path, module = resolve_layer(loaded, name)
+    name = _default_layer(loaded, layer, batch.shape[1:])
+    found = map_layer(loaded, name, batch.shape[1:])
     size = (int(batch.shape[-2]), int(batch.shape[-1]))
     net = loaded.module
     with eval_mode(net), torch.inference_mode():
-        with capture(net, {path: module}) as store:
+        with capture(net, {found.path: found.module}, layouts={found.path: found.layout}) as store:
             logits = net(batch)
-        activations = feature_map_of(store, path, name).float()
+        activations = feature_map_of(store, found.path, name).float()
         targets = resolve_targets(target, logits, loaded.categories, loaded.name)
         count, channels = activations.shape[:2]
         masked_logits = torch.empty(count, channels, dtype=torch.float32, device=batch.device)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from collections import Counter
 from collections.abc import Sequence
 
 import torch
@@ -10,27 +12,44 @@ from torch import nn
 from convscope.errors import BadArgument
 from convscope.methods._common import ModelLike
 from convscope.models.load import as_loaded
-from convscope.probes.geometry import trace, window_of
+from convscope.probes.geometry import Geometry, LayerCall, trace, trace_steps, window_of
 from convscope.probes.layers import alias_of
 from convscope.types import LayerInfo, LoadedModel, ModelSummary
 
 
 def _mult_adds(module: nn.Module, output_shape: tuple[int, ...] | None) -> int:
+    """Multiply-adds of one call of a leaf module, per image: a convolution's per output cell, a
+    linear layer's per position (once per image on a vector, H·W times on an NHWC map, L times on
+    tokens: every output value costs ``in_features``)."""
     if output_shape is None:
         return 0
-    per_image = 1
-    for dim in output_shape[1:]:
-        per_image *= dim
+    per_image = math.prod(output_shape[1:])
     if isinstance(module, nn.Conv2d):
         kh, kw = module.kernel_size
         return per_image * (module.in_channels // module.groups) * kh * kw
     if isinstance(module, nn.Linear):
-        return module.in_features * module.out_features
+        return per_image * module.in_features
     return 0
 
 
 # One image's forward pass is traced for real; beyond this much memory the caller must say so.
 DEFAULT_MAX_ACTIVATION_BYTES = 4 * 2**30
+
+
+APPROXIMATE_NOTE = (
+    "receptive fields marked ~ are approximate: the forward pass leaves a plain chain "
+    "(residual additions, concatenations or functional ops); the value follows the main path"
+)
+GLOBAL_NOTE = (
+    "receptive fields marked global: every output cell can depend on every input pixel (after "
+    "attention, squeeze-excite, global pooling or a fully connected layer on a flattened map)"
+)
+FUNCTIONS_NOTE = (
+    "rows typed name() are torch functions run outside modules (attention's matrix products, "
+    "F.linear on a module's weight, parameters used directly); mult-adds count convolutions, linear "
+    "layers once per position, and matrix products (attention's q·kᵀ and attention·v included), "
+    "not elementwise ops, normalisations or softmax"
+)
 
 
 def summary(
@@ -41,6 +60,21 @@ def summary(
 ) -> ModelSummary:
     """Per-layer summary for one image of ``input_size`` (default: the model's preset).
 
+    Works on any network that runs (torchvision, timm, your own modules): maps in NCHW or NHWC,
+    tokens. Receptive fields are ``exact``, ``approximate`` (residual additions, concatenations,
+    functional ops) or ``global`` (attention, squeeze-excite, global pooling, fully connected
+    layers): see ``convscope.probes.geometry``.
+
+    Multiply-adds count convolutions (per output cell), linear layers per position (an
+    ``nn.Linear`` on an ``(N, H, W, C)`` map costs H·W·in·out, on ``(N, L, C)`` tokens L·in·out),
+    and matrix products run as torch functions outside modules: attention's ``q @ kᵀ`` and
+    ``attention @ v``, ``F.linear`` on a module's weight (Swin's and ViT's projections),
+    ``scaled_dot_product_attention`` and ``multi_head_attention_forward`` (its projections too).
+    Elementwise ops, normalisations and softmax count nothing. Such a function is a row of its
+    own, typed ``name()`` and named after the module whose parameter it reads (else the module
+    running it); parameters count once, in the row that first reads them, so the rows' parameters
+    add up to the model's (but for parameters the forward pass never reads).
+
     Args:
         input_size: ``(C, H, W)``.
         max_activation_bytes: refuse an ``input_size`` whose forward pass would hold more than
@@ -48,8 +82,9 @@ def summary(
             preset-size pass scaled by the pixel count); ``None``: no limit.
 
     Returns:
-        ``ModelSummary``: one ``LayerInfo`` per leaf-module call in forward order, totals,
-        and notes on inexact receptive fields.
+        ``ModelSummary``: one ``LayerInfo`` per leaf-module call and per costly torch function
+        outside modules, in forward order, totals, and notes on approximate and global receptive
+        fields.
 
     Raises:
         BadArgument: a malformed ``input_size``, one the model cannot take, or one over the limit.
@@ -62,52 +97,71 @@ def summary(
         _check_memory(loaded, size, max_activation_bytes)
     x = torch.zeros((1, *size), device=loaded.device, dtype=loaded.dtype)
     try:
-        calls = trace(loaded.module, x)
+        steps = trace_steps(loaded.module, x)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise BadArgument("--input-size", f"{size} does not fit {loaded.name}: {first[:200]}") from exc
     depth_of = {name: name.count(".") + 1 for name, _ in loaded.module.named_modules()}
-    seen: set[int] = set()
+    counted: set[int] = set()  # parameters already in a row
     rows = []
-    inexact = False
-    for call in calls:
-        first_call = id(call.module) not in seen
-        seen.add(id(call.module))
-        own = list(call.module.parameters(recurse=False)) if first_call else []
-        window = window_of(call.module)
-        geo = call.geometry
-        spatial = call.output_shape is not None and len(call.output_shape) == 4 and not geo.is_global
-        if spatial and not geo.exact:
-            inexact = True
-        alias = alias_of(loaded, call.name)
+    kinds: Counter[str] = Counter()
+    functions = False
+    for step in steps:
+        geo: Geometry | None
+        if isinstance(step, LayerCall):
+            used = list(step.module.parameters(recurse=False))
+            kind_name, window, geo = type(step.module).__name__, window_of(step.module), step.geometry
+            mult_adds = _mult_adds(step.module, step.output_shape) + step.function_mult_adds
+            depth = depth_of.get(step.name, 0)
+        else:
+            functions = True
+            used = list(step.parameters)
+            kind_name, window, geo = f"{step.op}()", None, step.geometry
+            mult_adds = step.mult_adds
+            depth = depth_of.get(step.name, 0) + (0 if step.parameters else 1)
+        own = [p for p in dict.fromkeys(used) if id(p) not in counted]
+        counted.update(id(p) for p in own)
+        # A field for tensors that still have positions (maps, tokens); global rows whatever their shape.
+        has_field = geo is not None and step.output_shape is not None and (len(step.output_shape) >= 3 or geo.is_global)
+        kind = geo.kind if has_field and geo is not None else None  # None: no tensor out
+        if kind is not None and (kind != "global" or (step.output_shape is not None and len(step.output_shape) >= 3)):
+            kinds[kind] += 1
+        local = geo is not None and kind in ("exact", "approximate")
+        alias = alias_of(loaded, step.name)
+        extra = {"receptive_field_kind": kind}
         rows.append(
             LayerInfo(
-                name=call.name,
-                type=type(call.module).__name__,
-                depth=depth_of.get(call.name, 0),
-                input_shape=call.input_shape,
-                output_shape=call.output_shape,
+                name=step.name,
+                type=kind_name,
+                depth=depth,
+                input_shape=step.input_shape,
+                output_shape=step.output_shape,
                 params=sum(p.numel() for p in own),
                 trainable_params=sum(p.numel() for p in own if p.requires_grad),
                 kernel=window[0] if window else None,
                 stride=window[1] if window else None,
                 padding=window[2] if window else None,
-                receptive_field=round(geo.size) if spatial else None,
-                jump=round(geo.jump) if spatial else None,
-                start=float(geo.start) if spatial else None,
-                rf_exact=bool(spatial and geo.exact),
-                mult_adds=_mult_adds(call.module, call.output_shape),
-                activation_bytes=call.output_bytes,
-                alias=alias if alias != call.name else None,
+                receptive_field=round(geo.size) if local and geo is not None else None,
+                jump=round(geo.jump) if local and geo is not None else None,
+                start=float(geo.start) if local and geo is not None else None,
+                rf_exact=kind == "exact",
+                mult_adds=mult_adds,
+                activation_bytes=step.output_bytes,
+                alias=alias if alias != step.name else None,
+                **extra,
             )
         )
     params = list(loaded.module.parameters())
     notes = []
-    if inexact:
-        notes.append(
-            "receptive fields marked ~ are approximate: the forward pass leaves a plain chain "
-            "(residual additions, concatenations or functional ops); the value follows the main path"
-        )
+    if kinds["approximate"]:
+        notes.append(APPROXIMATE_NOTE)
+    if kinds["global"]:
+        notes.append(GLOBAL_NOTE + f": {kinds['global']} of the {sum(kinds.values())} maps")
+    if functions:
+        notes.append(FUNCTIONS_NOTE)
+    unread = sum(p.numel() for p in params if id(p) not in counted)
+    if unread:
+        notes.append(f"{unread:,} parameters are not read by the forward pass (in no row)")
     return ModelSummary(
         model=loaded.name,
         input_size=size,

@@ -96,6 +96,11 @@ def resolve_targets(
     Raises:
         BadTarget: index out of range, unknown label, or a per-image list of the wrong length.
     """
+    if isinstance(logits, (tuple, list, dict)):  # timm features_only, aux heads in train mode...
+        from convscope.models.external import describe_output
+
+        raise BadTarget(model_name, f"returns {describe_output(logits)}",
+                        "pick the logits with --output-index N / output_index=N")
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
         what = f"shape {tuple(logits.shape)}" if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise BadTarget(

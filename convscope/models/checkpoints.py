@@ -41,7 +41,7 @@ from typing import Any, TypeGuard
 import torch
 
 from convscope.errors import BadWeightsFile, DamagedWeightsFile
-from convscope.preprocess import Preprocess
+from convscope.preprocess import INTERPOLATIONS, Preprocess
 
 CHECKPOINT_FORMAT = "convscope-checkpoint"
 CHECKPOINT_VERSION = 2
@@ -95,6 +95,7 @@ def checkpoint_preprocess(checkpoint: Mapping[str, Any]) -> Preprocess:
     return Preprocess(
         resize=raw["resize"], crop=raw["crop"], mean=tuple(float(v) for v in raw["mean"]),
         std=tuple(float(v) for v in raw["std"]), channels=raw["channels"],
+        interpolation=str(raw.get("interpolation", "bilinear")),  # older checkpoints: bilinear
     )
 
 
@@ -209,7 +210,7 @@ def preprocess_problem(raw: object) -> str | None:
     if not isinstance(raw, dict):
         return f"'preprocess' is {_kind(raw)}, expected a dict of {', '.join(_PREPROCESS_FIELDS)}"
     missing = [name for name in _PREPROCESS_FIELDS if name not in raw]
-    unknown = sorted(str(name) for name in raw if name not in _PREPROCESS_FIELDS)
+    unknown = sorted(str(name) for name in raw if name not in (*_PREPROCESS_FIELDS, "interpolation"))
     if missing or unknown:
         return "'preprocess' " + "; ".join(
             part for part in (
@@ -232,6 +233,9 @@ def preprocess_problem(raw: object) -> str | None:
             return f"'preprocess.{name}' is {_shown(values)}, expected finite numbers"
     if not all(v > 0 for v in raw["std"]):
         return f"'preprocess.std' is {_shown(raw['std'])}, expected positive numbers"
+    # Optional (checkpoints before any-model preprocessing have none: bilinear).
+    if "interpolation" in raw and raw["interpolation"] not in INTERPOLATIONS:
+        return f"'preprocess.interpolation' is {_shown(raw['interpolation'])}, expected one of {', '.join(INTERPOLATIONS)}"
     return None
 
 

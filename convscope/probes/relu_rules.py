@@ -28,11 +28,21 @@ gradient, and :meth:`RuleState.warnings` says how many of each the pass went thr
 method never passes plain gradients off as guided ones. Rectifiers written as
 ``clamp(min=0)``/``maximum(x, 0)`` and activations inside TorchScript modules are not seen;
 TorchScript submodules are reported in the warnings.
+
+Where each evaluation happened is recorded too: while the block is open, forward hooks on the
+model's submodules keep the stack of running modules, and each rectifier or activation is named
+by its *site*: ``features.0.2 (Hardswish)`` for an activation module, ``features (ReLU,
+functional)`` for a call in a module's own ``forward`` (torchvision DenseNet's final ``F.relu``,
+timm's blocks). Functional rectifiers get the rule like modules do (captum and pytorch-grad-cam,
+which hook ``nn.ReLU`` modules, miss them). :meth:`RuleState.report` turns the sites into a
+:class:`RuleReport`: the ``"rules"`` record of a result's JSON and its one warning line. Gates
+(sigmoid, hard sigmoid, tanh) are not rectifiers and are not listed.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -45,6 +55,79 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 RULES = ("deconvnet", "guided")
+RULE_TITLES = {"guided": "guided backprop", "deconvnet": "deconvnet"}
+# What a result is when the rule reached no rectifier at all.
+NO_RECTIFIER = {
+    "guided": "no rectifier: this map equals the saliency map",
+    "deconvnet": "no rectifier: these projections are the plain gradient of the activation",
+}
+
+
+@dataclass(frozen=True)
+class RuleReport:
+    """Which activations of one pass got the rectifier rule, and which did not.
+
+    A *site* is one activation module (``features.0.2 (Hardswish)``) or one module whose own
+    ``forward`` calls the function (``features (ReLU, functional)``); a module called several
+    times per pass (ResNet's block ReLU) is one site.
+
+    Attributes:
+        rule: ``"deconvnet"`` or ``"guided"``.
+        rectifiers: sites the rule was applied to, in first-call order.
+        functional: the ones among ``rectifiers`` that are function calls, not modules.
+        without_rule: activation sites that kept their ordinary gradient (SiLU, GELU,
+            Hardswish, LeakyReLU...), in first-call order.
+        scripted: TorchScript submodules, whose activations cannot be seen.
+        without_kinds: ``(kind, sites)`` pairs of ``without_rule``, for the warning.
+    """
+
+    rule: str
+    rectifiers: tuple[str, ...] = ()
+    functional: tuple[str, ...] = ()
+    without_rule: tuple[str, ...] = ()
+    scripted: int = 0
+    without_kinds: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def applied(self) -> bool:
+        """True when at least one rectifier got the rule (else the result is a plain gradient)."""
+        return bool(self.rectifiers)
+
+    @property
+    def note(self) -> str | None:
+        """What the result is, when it is not a pure rule-based backward pass (``None``: it is)."""
+        parts = []
+        if not self.rectifiers:
+            parts.append(NO_RECTIFIER[self.rule])
+        elif self.without_rule:
+            parts.append(f"{_count(len(self.without_rule), 'activation')} without a rule kept the plain gradient: "
+                         f"a mix of the {self.rule} rule and plain gradients")
+        if self.scripted:
+            parts.append(f"{_count(self.scripted, 'TorchScript submodule')} not seen: the rule may be incomplete")
+        return "; ".join(parts) or None
+
+    def record(self) -> dict[str, Any]:
+        """The ``"rules"`` field of the method's JSON record.
+
+        ``{"rule": "guided", "rectifiers": 12, "functional": ["features (ReLU, functional)"],
+        "without_rule": ["features.0.2 (Hardswish)", ...], "scripted": 0, "note": "..." or None}``:
+        ``rectifiers`` counts the sites that got the rule; the lists name sites.
+        """
+        return {"rule": self.rule, "rectifiers": len(self.rectifiers), "functional": list(self.functional),
+                "without_rule": list(self.without_rule), "scripted": self.scripted, "note": self.note}
+
+    def warning(self) -> str | None:
+        """One line for the CLI when the result is not a pure rule-based pass (``None``: it is)."""
+        note = self.note
+        if note is None:
+            return None
+        seen = ", ".join(f"{n} {kind}" for kind, n in self.without_kinds)
+        detail = f" ({seen} without a rule)" if seen else ("" if self.rectifiers else " (no activation ran)")
+        return f"{RULE_TITLES[self.rule]}{detail}: {note}"
+
+
+def _count(count: int, noun: str) -> str:
+    return f"{count} {noun}{'s' if count != 1 else ''}"
 
 
 @dataclass
@@ -59,6 +142,8 @@ class RuleState:
         rectifiers: rectifier evaluations the rule was applied to, by kind (``ReLU``, ``ReLU6``).
         unsupported: activation evaluations with no rule, by kind (``SiLU``, ``GELU``...).
         scripted: TorchScript submodules of the model, whose insides cannot be seen.
+        sites: each site seen (see :class:`RuleReport`) -> ``(kind, got the rule)``, in
+            first-call order.
     """
 
     rule: str
@@ -66,6 +151,34 @@ class RuleState:
     rectifiers: Counter[str] = field(default_factory=Counter)
     unsupported: Counter[str] = field(default_factory=Counter)
     scripted: int = 0
+    sites: dict[str, tuple[str, bool]] = field(default_factory=dict)
+    _running: list[tuple[str, nn.Module]] = field(default_factory=list, repr=False)
+
+    def _seen(self, kind: str, ruled: bool) -> None:
+        """Count one evaluation of ``kind`` at the innermost running module."""
+        (self.rectifiers if ruled else self.unsupported)[kind] += 1
+        if not self._running:
+            site = f"outside the model ({kind})"
+        else:
+            path, module = self._running[-1]
+            if type(module).__module__ == "torch.nn.modules.activation":
+                site = f"{path or 'model'} ({kind})"
+            else:
+                site = f"{path or 'model'} ({kind}, functional)"
+        self.sites.setdefault(site, (kind, ruled))
+
+    def report(self) -> RuleReport:
+        """The sites seen so far as a :class:`RuleReport`."""
+        ruled = tuple(site for site, (_, got) in self.sites.items() if got)
+        kinds = Counter(kind for kind, got in self.sites.values() if not got)
+        return RuleReport(
+            rule=self.rule,
+            rectifiers=ruled,
+            functional=tuple(site for site in ruled if site.endswith(", functional)")),
+            without_rule=tuple(site for site, (_, got) in self.sites.items() if not got),
+            scripted=self.scripted,
+            without_kinds=tuple(sorted(kinds.items())),
+        )
 
     @property
     def rectified(self) -> int:
@@ -184,11 +297,11 @@ class _RuleMode(TorchFunctionMode):
             if low == 0.0 and high > 0.0:
                 kind = "ReLU6" if high == 6.0 else "clipped ReLU"
                 return self._rectify(func, args, kwargs, x, kind, high, inplace)
-            self.state.unsupported["Hardtanh"] += 1
+            self.state._seen("Hardtanh", ruled=False)
             return func(*args, **kwargs)
         kind = _UNSUPPORTED_CALLS.get(func)
         if kind is not None:
-            self.state.unsupported[kind] += 1
+            self.state._seen(kind, ruled=False)
         return func(*args, **kwargs)
 
     def _rectify(
@@ -203,7 +316,7 @@ class _RuleMode(TorchFunctionMode):
     ) -> Any:
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             return func(*args, **kwargs)
-        self.state.rectifiers[kind] += 1
+        self.state._seen(kind, ruled=True)
         if not (torch.is_grad_enabled() and x.requires_grad):
             return func(*args, **kwargs)
         # The mode is off inside its own handler, so the original op runs unintercepted.
@@ -222,12 +335,49 @@ def relu_rule(module: nn.Module, rule: str) -> Iterator[RuleState]:
         rule: ``"deconvnet"`` or ``"guided"``.
 
     Yields:
-        a :class:`RuleState` counting what was swapped; its ``warnings()`` go into results.
+        a :class:`RuleState` counting what was swapped, by kind and by site; its ``report()``
+        goes into results.
     """
     if rule not in RULES:
         raise ValueError(f"rule must be one of {RULES}, not {rule!r}")
     state = RuleState(rule=rule)
     state.scripted = sum(isinstance(m, torch.jit.ScriptModule) for m in module.modules())
-    mode = _RuleMode(state)
-    with mode:
+    with _running_modules(module, state._running), _RuleMode(state):
         yield state
+
+
+@contextmanager
+def _running_modules(module: nn.Module, running: list[tuple[str, nn.Module]]) -> Iterator[None]:
+    """Keep ``running`` as the stack of ``module``'s submodules whose forward is running (this
+    thread's calls only: a model shared with another thread is left alone)."""
+    thread = threading.get_ident()
+
+    def enter(path: str, sub: nn.Module) -> Callable[..., None]:
+        def hook(_: nn.Module, inputs: object) -> None:
+            if threading.get_ident() == thread:
+                running.append((path, sub))
+        return hook
+
+    def leave(sub: nn.Module) -> Callable[..., None]:
+        def hook(_: nn.Module, inputs: object, output: object) -> None:
+            if threading.get_ident() != thread:
+                return
+            # Pop down to this module's own entry (an exception may have skipped inner exits).
+            for depth in range(len(running) - 1, -1, -1):
+                if running[depth][1] is sub:
+                    del running[depth:]
+                    break
+        return hook
+
+    handles = []
+    try:
+        for path, sub in module.named_modules():
+            if isinstance(sub, torch.jit.ScriptModule):
+                continue
+            handles.append(sub.register_forward_pre_hook(enter(path, sub)))
+            handles.append(sub.register_forward_hook(leave(sub), always_call=True))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        running.clear()

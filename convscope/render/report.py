@@ -75,7 +75,8 @@ def summary_rows(result: Any) -> list[dict[str, str]]:
             "output": "x".join(str(d) for d in shape[1:]) if shape else "-",
             "params": f"{layer.params:,}",
             "ksp": f"{_pair(layer.kernel)}/{_pair(layer.stride)}/{_pair(layer.padding)}" if layer.kernel else "",
-            "rf": "" if layer.receptive_field is None else ("" if layer.rf_exact else "~") + str(layer.receptive_field),
+            "rf": "global" if layer.receptive_field_kind == "global"
+            else "" if layer.receptive_field is None else ("" if layer.rf_exact else "~") + str(layer.receptive_field),
             "jump": "" if layer.jump is None else str(layer.jump),
         })
     return rows

@@ -25,7 +25,10 @@ def _pair(pair: tuple[int, int] | None) -> str:
 
 
 def summary_table(result: Any) -> str:
-    """A ``ModelSummary`` as a fixed-width table: one row per layer call, then totals and notes."""
+    """A ``ModelSummary`` as a fixed-width table: one row per layer call, then totals and notes.
+
+    The RF column: the receptive field's size, ``~size`` when approximate, ``global`` when every
+    output cell can read the whole image."""
     header = ("layer", "type", "output", "params", "k/s/p", "RF", "jump", "start", "mult-adds")
     rows = []
     for layer in result.layers:
@@ -33,7 +36,9 @@ def summary_table(result: Any) -> str:
         ksp = (
             f"{_pair(layer.kernel)}/{_pair(layer.stride)}/{_pair(layer.padding)}" if layer.kernel else ""
         )
-        if layer.receptive_field is None:
+        if layer.receptive_field_kind == "global":
+            rf, jump, start = "global", "", ""
+        elif layer.receptive_field is None:
             rf = jump = start = ""
         else:
             mark = "" if layer.rf_exact else "~"
@@ -69,13 +74,14 @@ def predictions_table(image: str, prediction: Any) -> str:
 
 
 def layers_table(layers: Sequence[dict[str, object]]) -> str:
-    """Layer picker: name, alias, type, output shape."""
+    """Layer picker: name, alias, type, output shape, layout."""
     rows = [
         (str(l["name"]), str(l["alias"] or ""), str(l["type"]),
-         _shape(l["output_shape"]) if isinstance(l["output_shape"], tuple) else "-")  # type: ignore[arg-type]
+         _shape(l["output_shape"]) if isinstance(l["output_shape"], tuple) else "-",  # type: ignore[arg-type]
+         str(l.get("layout", "")))
         for l in layers
     ]
-    header = ("name", "alias", "type", "output")
+    header = ("name", "alias", "type", "output", "layout")
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     out = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
     out += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]

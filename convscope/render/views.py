@@ -106,12 +106,23 @@ class ViewContext:
         """The file a view with ``suffix`` is written to."""
         return self.file_names(suffix) if self.file_names is not None else f"{suffix}.png"
 
-    def layer_record(self, name: str) -> dict[str, str]:
-        """A layer as every JSON of a run records it: the friendly name and its module path."""
+    def layer_record(self, name: str) -> dict[str, Any]:
+        """A layer as every JSON of a run records it: the friendly name and its module path, and
+        for a model convscope did not build, its measured layout and how it was read as NCHW
+        (``{"layout": "NHWC", "converted": "permute(0, 3, 1, 2)"}``)."""
         stages = dict(getattr(self.loaded, "stages", {}) or {})
         path = stages.get(name, name)
         alias = next((a for a, target in stages.items() if target == path), path)
-        return {"layer": alias, "module": path}
+        record: dict[str, Any] = {"layer": alias, "module": path}
+        if self.loaded is not None and getattr(self.loaded, "spec", None) is None:
+            from convscope.errors import ConvscopeError
+            from convscope.probes.layers import layout_of
+
+            try:
+                record.update(layout_of(self.loaded, path).record())
+            except ConvscopeError:  # a model that cannot run at its preprocessing's size
+                pass
+        return record
 
     def ground(self, size: tuple[int, int]) -> np.ndarray:
         """The photo, or a neutral grey of ``size`` where there is none (maps stay readable)."""
@@ -199,13 +210,23 @@ def render(spec: Any, result: Any, image: Any = None, *, model: Any = None, inde
     Args:
         spec: the method's registry row.
         image: the photo to draw maps on (PIL image, uint8 array or the normalised input batch);
-            without it, maps are drawn alone or on grey.
+            without it, maps are drawn alone or on grey. A PIL image or a batch goes through the
+            preprocessing of the model (``model``, else the one the result recorded as
+            ``preprocess``), so the map lies on the crop the model saw.
         model: the ``LoadedModel`` (names the network and its weights in the captions).
     """
-    photo = photo_for(image, model, index, _input_size(result))
+    seen = getattr(result, "preprocess", None)
+    photo = photo_for(image, model if model is not None or seen is None else _Seen(seen), index, _input_size(result))
     context = ViewContext(photo, model=str(getattr(model, "name", "")), weights=str(getattr(model, "weights", "")),
                           index=index, loaded=model, title=spec.title, method=spec.name, probability=probability)
     return spec.resolve_renderer()(result, context)  # type: ignore[no-any-return]
+
+
+@dataclass(frozen=True)
+class _Seen:
+    """The preprocessing a result recorded, where ``photo_for`` takes a model."""
+
+    preprocess: Any
 
 
 def _input_size(result: Any) -> tuple[int, int] | None:
@@ -340,7 +361,7 @@ def guided_gradcam_views(result: Any, context: ViewContext) -> Views:
     label, target, score = result.labels[i], int(result.targets[i]), float(result.scores[i])
     caption = (f"Guided Grad-CAM for {_target_text(label, target, score)}: guided backprop times the Grad-CAM map of "
                f"{cam.layer}; grey is zero, the bright and dark strokes are the pixels that raise the score.")
-    title = context.title or result.method
+    title = _rule_title(context.title or result.method, getattr(result, "rules", None))
     guided = View("guided_gradcam", title, signed_picture(result.attributions[i]), caption,
                   partial(gradient_figure, result, i, context.captioned_model, context.probability, title=title),
                   suffix="guided_gradcam")
@@ -351,7 +372,7 @@ def guided_gradcam_views(result: Any, context: ViewContext) -> Views:
         shown.append(View("gradcam", cam_title, over.picture,
                           f"The Grad-CAM map it used ({cam.layer}), in jet over the photo: red where the {label} "
                           "evidence is.", over.draw, over.suffix))
-    record = {**_cam_record(cam, context, result.warnings), "display": SIGNED_DISPLAY}
+    record = {**_cam_record(cam, context, result.warnings), "display": SIGNED_DISPLAY, **_rules_record(result)}
     return Views(tuple(shown), record, files=(*(v for v in (over, alone) if v is not None), guided),
                  line=_explaining(context, label, target, score), warnings=result.warnings)
 
@@ -359,10 +380,22 @@ def guided_gradcam_views(result: Any, context: ViewContext) -> Views:
 # ---------------------------------------------------------------- input gradients
 
 
+def _rule_title(title: str, rules: Any) -> str:
+    """The method's title, saying so when its rectifier rule reached no rectifier."""
+    return f"{title} (no rectifier: plain gradient)" if rules is not None and not rules.applied else title
+
+
+def _rules_record(result: Any) -> dict[str, Any]:
+    """``{"rules": ...}`` for a rule-based result (see ``probes.relu_rules.RuleReport.record``)."""
+    rules = getattr(result, "rules", None)
+    return {"rules": rules.record()} if rules is not None else {}
+
+
 def _gradient_views(result: Any, context: ViewContext, signed: bool) -> Views:
     i, model, p = context.index, context.captioned_model, context.probability
     label, target, score = result.labels[i], int(result.targets[i]), float(result.scores[i])
-    title, word = context.title or result.method, context.method or result.method
+    title = _rule_title(context.title or result.method, getattr(result, "rules", None))
+    word = context.method or result.method
     if signed:
         main = View("guided", title, signed_picture(result.attributions[i]),
                     f"{title} for {_target_text(label, target, score)}: grey is zero; bright and dark strokes are the "
@@ -383,7 +416,8 @@ def _gradient_views(result: Any, context: ViewContext, signed: bool) -> Views:
                           partial(gradient_magnitude_figure, context.photo, result, i, model, p, title=title),
                           suffix=f"{word}_magnitude"))
     record = {"class": target, "label": label, "score": score, "probability": p, "files": None,
-              "display": SIGNED_DISPLAY if signed else MAGNITUDE_DISPLAY, "warnings": list(result.warnings)}
+              "display": SIGNED_DISPLAY if signed else MAGNITUDE_DISPLAY, **_rules_record(result),
+              "warnings": list(result.warnings)}
     return Views(tuple(views if signed else reversed(views)), record, files=tuple(views), main=main.key,
                  line=_explaining(context, label, target, score), warnings=result.warnings)
 
@@ -403,6 +437,7 @@ def deconv_views(result: Any, context: ViewContext) -> Views:
     i, model = context.index, context.captioned_model
     photo = context.ground(_input_size(result) or (1, 1))
     layer = result.layer
+    heading = _rule_title(f"Deconvnet of {layer}", getattr(result, "rules", None))
     pairs, labels, rows, files = [], [], [], []
     for k in range(result.channels.shape[1]):
         c = int(result.channels[i, k])
@@ -423,7 +458,7 @@ def deconv_views(result: Any, context: ViewContext) -> Views:
     caption = (f"Deconvnet projections of the {len(pairs)} strongest channels of {layer}: for each, the "
                f"{where} projected back to pixels (left, grey = 0) next to the photo patch it sees (right); "
                "the strokes show which pattern in the patch the channel responds to.")
-    grid = View("grid", f"Deconvnet of {layer}", tile(pairs, labels=labels, min_side=1), caption,
+    grid = View("grid", heading, tile(pairs, labels=labels, min_side=1), caption,
                 partial(deconv_figure, photo, result, i, model), suffix=f"{layer}_deconv")
     grid_file = context.file(grid.suffix or "")
     warnings = result.warnings
@@ -431,7 +466,7 @@ def deconv_views(result: Any, context: ViewContext) -> Views:
         warnings += (f"receptive field of {layer} passes residual or functional ops: crops follow the main path",)
     record = {**context.layer_record(context.layer or layer), "location": result.location, "grid": grid_file,
               "display": SIGNED_DISPLAY, "projections": rows, "boxes_exact": bool(result.boxes_exact),
-              "warnings": list(result.warnings)}
+              **_rules_record(result), "warnings": list(result.warnings)}
     return Views((grid, *files[:1]), record, files=(*files, grid),
                  line=f"{context.image}: {_plural(len(rows), 'projection')} of {layer} -> {grid_file}",
                  warnings=warnings, lists_files=False)
@@ -483,6 +518,7 @@ def occlusion_views(result: Any, context: ViewContext) -> Views:
                           for c in sorted(set(result.top_class[i].flatten().tolist()))},
         "mode": result.stats.mode, "work_fraction": round(result.stats.work_fraction, 4),
         "precision": result.stats.precision, "fallback": result.stats.fallback or None,
+        "note": result.stats.note or None,
     }
     if result.activation is not None and result.channels is not None:
         channel = int(result.channels[i])
@@ -500,5 +536,9 @@ def occlusion_views(result: Any, context: ViewContext) -> Views:
         clean_activation = result.clean_activation
         record.update({**context.layer_record(context.layer or result.layer), "channel": channel,
                        "clean_activation": float(clean_activation[i]) if clean_activation is not None else None})
-    warnings = (f"--mode approximate: {result.stats.fallback}",) if result.stats.fallback else ()
+        if result.layer_layout is not None:
+            record.update(result.layer_layout)
+    warnings: tuple[str, ...] = (f"--mode approximate: {result.stats.fallback}",) if result.stats.fallback else ()
+    if result.stats.note:
+        warnings += (f"note: {result.stats.note}",)
     return Views(tuple(shown), record, files=tuple(files), line="", warnings=warnings)

@@ -31,6 +31,9 @@ PRECISIONS = ("fp32", "bf16")
 DEFAULT_LR = {"adamw": 3e-3, "adam": 1e-3, "sgd": 0.05}
 DEFAULT_WEIGHT_DECAY = {"adamw": 0.05, "adam": 0.0, "sgd": 5e-4}
 PRETRAINED = "pretrained"
+RANDOM = "random"  # ``init_from="random"``: a seeded initialisation, as no ``init_from``
+# The model-spec kinds a run can train: built-in names and the published architectures.
+TRAINABLE_KINDS = ("builtin", "torchvision", "timm")
 # Options that may differ when resuming (they do not change the computation's result; a new
 # ``epochs`` re-plans the learning-rate schedule, see ``check_resume_options``).
 RESUME_FREE = ("resume", "out_dir", "device", "epochs")
@@ -43,7 +46,9 @@ class TrainConfig:
     Attributes:
         data: ``"fashion-mnist"``, ``"digits"`` or a folder (see ``load_training_data``).
         out_dir: the run folder.
-        arch: registry name; ``None`` with ``init_from`` a checkpoint takes the checkpoint's.
+        arch: a registry name, ``torchvision:NAME`` or ``timm:NAME`` (the spec is what checkpoints
+            record, so ``load_model(weights=best.pt)`` rebuilds it); ``None`` with ``init_from``
+            a checkpoint takes the checkpoint's.
         epochs: passes over the training split.
         batch_size: images per optimizer step, over all processes of a distributed run (the
             global batch; each of N processes takes about batch_size / N of it). A last partial
@@ -64,9 +69,12 @@ class TrainConfig:
         limit: cap every split at this many images.
         snapshot_epochs: epochs after which to record feature-evolution snapshots (0: before training).
         snapshot_channels: channels followed per conv stage in the snapshots.
-        init_from: ``"pretrained"`` or a weights/checkpoint file to start from; its last ``Linear``
-            is replaced by a fresh one for this dataset's classes (transfer).
-        freeze: ``none``, ``features`` or ``all-but-last`` (see ``convscope.training.transfer``).
+        init_from: ``"pretrained"`` or a weights/checkpoint file to start from; its classifier
+            head (found from the graph, see ``convscope.training.transfer``) is replaced by a fresh
+            one for this dataset's classes (transfer). ``None`` or ``"random"``: a seeded random
+            initialisation (resolved to ``None``).
+        freeze: ``none``, ``features`` or ``all-but-last`` (see ``convscope.training.transfer``;
+            what it froze is in ``result.json``).
         variant: an ablation variant (``drop:conv3``, ``width:conv2=512``; see ``training.ablation``).
         precision: ``fp32`` or ``bf16`` (autocast; much faster on CPUs with AMX/AVX512-BF16).
         channels_last: NHWC memory format (often faster for CPU convolutions).
@@ -163,7 +171,6 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
         UnknownModel: unknown architecture.
         WeightsUnavailable: ``init_from="pretrained"`` for an architecture without published weights.
     """
-    from convscope.models.registry import get_spec
     from convscope.models.variants import parse_variant
 
     if config.epochs < 1:
@@ -178,9 +185,6 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
         raise _bad("precision", config.precision, "unknown precision", "choose from: fp32, bf16")
     if config.freeze not in FREEZE_MODES:
         raise _bad("freeze", config.freeze, "unknown freeze mode", "choose from: " + ", ".join(FREEZE_MODES))
-    if config.freeze != "none" and not config.init_from:
-        raise _bad("freeze", config.freeze, "freezing needs learned features to keep",
-                   "add {init_from} CKPT or {init_from} pretrained")
     if config.lr is not None and not (config.lr > 0 and math.isfinite(config.lr)):
         raise _bad("lr", config.lr, "must be a positive number")
     if config.weight_decay is not None and not config.weight_decay >= 0:
@@ -195,19 +199,21 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
         if not 0 <= epoch <= config.epochs:
             raise _bad("snapshot_epochs", epoch, f"must be between 0 (before training) and {{epochs}} {config.epochs}")
     arch = config.arch
-    if config.init_from and config.init_from != PRETRAINED:
-        arch = _checkpoint_arch(config.init_from, arch)
+    init_from = None if config.init_from == RANDOM else config.init_from
+    if config.freeze != "none" and not init_from:
+        raise _bad("freeze", config.freeze, "freezing needs learned features to keep",
+                   "add {init_from} CKPT or {init_from} pretrained")
+    if init_from and init_from != PRETRAINED:
+        arch = _checkpoint_arch(init_from, arch)
     if arch is None:
         raise option_error(BadArgument, "{arch}", "is required", "e.g. {arch} zfnet_mnist; see 'convscope models'")
-    get_spec(arch)
-    if config.init_from == PRETRAINED and get_spec(arch).pretrained is None:
-        raise option_error(WeightsUnavailable, literal(arch), "has no published pretrained weights",
-                           "use {init_from} CKPT with a trained checkpoint")
+    arch = _check_arch(arch, init_from, config.variant)
     if config.variant:
         parse_variant(config.variant)
     return replace(
         config,
         arch=arch,
+        init_from=init_from,
         lr=config.lr if config.lr is not None else DEFAULT_LR[config.optimizer],
         weight_decay=config.weight_decay if config.weight_decay is not None else DEFAULT_WEIGHT_DECAY[config.optimizer],
         augment=parse_augment(config.augment),
@@ -215,6 +221,38 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
         data=str(config.data),
         out_dir=str(config.out_dir),
     )
+
+
+def _check_arch(arch: str, init_from: str | None, variant: str | None) -> str:
+    """``arch`` as a run records it (the spec as ``load_model`` names it), checked without building it.
+
+    Raises:
+        UnknownModel: an unknown built-in, torchvision or timm name (timm not installed).
+        BadArgument: a factory or ``.pt2`` spec, or a variant of a ``torchvision:``/``timm:`` model.
+        WeightsUnavailable: pretrained weights that do not exist, or (``CONVSCOPE_OFFLINE=1``)
+            are not cached: the line ``load_model`` gives, naming the URL and ``--weights FILE``.
+    """
+    from convscope.models.external import parse_model_spec
+    from convscope.models.load import check_model
+    from convscope.models.registry import get_spec
+
+    request = parse_model_spec(arch)
+    if request.kind not in TRAINABLE_KINDS:
+        raise option_error(BadArgument, f"{{arch}} {literal(request.text)}",
+                           "training takes a built-in architecture, torchvision:NAME or timm:NAME",
+                           "see 'convscope models'; a factory or .pt2 model can be looked at, not trained here")
+    if request.kind == "builtin":
+        get_spec(arch)
+        if init_from == PRETRAINED and get_spec(arch).pretrained is None:
+            raise option_error(WeightsUnavailable, literal(arch), "has no published pretrained weights",
+                               "use {init_from} CKPT with a trained checkpoint")
+        return arch
+    if variant:
+        raise _bad("variant", variant, f"variants are surgeries on the built-in architectures, not on {request.kind} models",
+                   "drop {variant}")
+    # Names and (offline) pretrained availability; a file is read and checked when the run builds.
+    check_model(request.text, PRETRAINED if init_from == PRETRAINED else RANDOM)
+    return request.text
 
 
 def _bad(option: str, value: object, reason: str, hint: str | None = None) -> BadArgument:

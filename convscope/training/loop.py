@@ -223,10 +223,20 @@ def _run(state: RunState, saved: dict[str, Any] | None, folder: RunFolder) -> Tr
         test=test,
         world_size=world.size,
         notes=tuple(n for n in (grayscale_note(config.data, state.loaded.preprocess, config.arch or ""),) if n),
+        head=state.head,
+        frozen=_frozen_record(state),
     )
     if state.record is not None:
         write_result(state.record, result, state.variant, time.perf_counter() - started)
     return result
+
+
+def _frozen_record(state: RunState) -> dict[str, Any] | None:
+    """What ``freeze`` fixed, for ``result.json`` and the command's output (``None``: nothing)."""
+    frozen = state.frozen
+    if frozen.mode == "none":
+        return None
+    return {**frozen.record(state.module), "description": frozen.describe(state.module)}
 
 
 def _epoch(state: RunState, trainer: nn.Module, epoch: int) -> None:

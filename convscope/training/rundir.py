@@ -243,6 +243,8 @@ def write_result(record: RunRecord, result: TrainResult, variant: str | None, el
     payload = {
         "arch": result.config.arch,
         "variant": variant,
+        "head": result.head,
+        "frozen": result.frozen,
         "best_epoch": result.best_epoch,
         "selection": result.selection,
         "validation": result.data.get("validation"),

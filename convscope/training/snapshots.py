@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from convscope.probes.hooks import capture, eval_mode
-from convscope.probes.layers import resolve_layer
+from convscope.probes.layers import map_layer, resolve_layer
 from convscope.types import LoadedModel
 
 SNAPSHOT_FOLDER = "snapshots"
@@ -123,9 +123,11 @@ class FeatureEvolution:
 
     def _peaks(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per layer, ``(P, C)`` the largest activation of each channel in each probe."""
-        modules = {name: resolve_layer(self.loaded, name)[1] for name in self.layers}
+        found = {name: map_layer(self.loaded, name, batch.shape[1:]) for name in self.layers}
+        modules = {name: layer.module for name, layer in found.items()}
+        layouts = {name: layer.layout for name, layer in found.items()}
         module = self.loaded.module
-        with eval_mode(module), torch.no_grad(), capture(module, modules) as store:
+        with eval_mode(module), torch.no_grad(), capture(module, modules, layouts=layouts) as store:
             module(batch.to(self.loaded.device))
         return {name: store.last(name).flatten(2).amax(dim=2).float().cpu() for name in self.layers}
 

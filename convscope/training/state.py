@@ -87,6 +87,10 @@ class TrainResult:
         world_size: processes that trained (this process's run; 1 without torchrun).
         notes: facts about the input a user should know (``grayscale_note``); also in
             ``result.json``.
+        head: module path of the classifier head replaced for the data's classes (found from
+            the graph), or ``None`` when the network was built for them.
+        frozen: what ``freeze`` fixed (``transfer.Frozen.record`` plus a ``description``), or
+            ``None`` when nothing is frozen.
     """
 
     run_dir: Path
@@ -104,6 +108,8 @@ class TrainResult:
     test: dict[str, Any] | None = None
     world_size: int = 1
     notes: tuple[str, ...] = ()
+    head: str | None = None
+    frozen: dict[str, Any] | None = None
 
     @property
     def best_checkpoint(self) -> Path:
@@ -137,6 +143,7 @@ class RunState:
         optimizer: steps the trainable parameters.
         data_generator: epoch order and augmentation; its state goes into ``last.pt``.
         progress: the caller's progress callback, if any.
+        head: the classifier head replaced for the data's classes, or ``None``.
         record: the run folder's record; rank 0 writes every file through it (``None`` on the
             other ranks, and until ``rundir.open_record``).
         history: metrics of every finished epoch, as in ``metrics.jsonl``.
@@ -156,6 +163,7 @@ class RunState:
     optimizer: torch.optim.Optimizer
     data_generator: torch.Generator
     progress: TrainProgressCallback | None = None
+    head: str | None = None
     record: RunRecord | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
     best: dict[str, Any] = field(default_factory=dict)
@@ -190,11 +198,17 @@ def build_run(
 ) -> RunState:
     """Load the data and build the network, optimizer and data generator of a run (RNGs seeded).
 
+    A ``torchvision:``/``timm:`` architecture is loaded first (``load_model`` with the run's
+    weights: ``pretrained``, a file, or seeded random): its preprocessing decides how the data is
+    decoded, and an unavailable download fails before any image is read.
+
     Raises:
         DataError: unusable data, or fewer than two training images.
-        BadArgument: ``config.freeze`` leaves nothing to train.
+        BadArgument: ``config.freeze`` leaves nothing to train; no classifier head to replace.
+        WeightsUnavailable: pretrained weights that are neither cached nor downloadable.
     """
-    preprocess = _preprocess_for(config)
+    source = _external_source(config)
+    preprocess = source.preprocess if source is not None else _preprocess_for(config)
 
     def loading(done: int, total: int) -> None:
         if progress is not None:
@@ -205,12 +219,16 @@ def build_run(
     )
     if len(data.train) < 2:
         raise DataError(config.data, f"has {len(data.train)} training image; training needs at least 2")
-    loaded, frozen, variant = _build_model(config, data.categories, preprocess, device)
+    head: str | None
+    if source is not None:
+        loaded, frozen, variant, head = _build_external(config, source, data.categories, device)
+    else:
+        loaded, frozen, variant, head = _build_model(config, data.categories, preprocess, device)
     optimizer = _optimizer(config, loaded.module)
     data_generator = torch.Generator().manual_seed(config.seed)
     transform = BatchTransform(preprocess, config.augment)
     return RunState(config, world, device, data, transform, loaded, frozen, variant, optimizer, data_generator,
-                    progress)
+                    progress, head)
 
 
 def feature_evolution(state: RunState) -> FeatureEvolution | None:
@@ -227,11 +245,12 @@ def feature_evolution(state: RunState) -> FeatureEvolution | None:
 
 def _build_model(
     config: TrainConfig, categories: tuple[str, ...], preprocess: Preprocess, device: torch.device
-) -> tuple[LoadedModel, Frozen, str | None]:
+) -> tuple[LoadedModel, Frozen, str | None, str | None]:
     """The network to train, on ``device``, seeded by ``config.seed`` (global RNG already seeded).
 
     Returns:
-        the model, what ``config.freeze`` fixed, and the variant its module carries.
+        the model, what ``config.freeze`` fixed, the variant its module carries, and the head
+        replaced for ``categories`` (``None`` when the network was built for them).
     """
     from convscope.models.load import from_spec, load_model
     from convscope.models.registry import get_spec
@@ -239,21 +258,58 @@ def _build_model(
 
     spec = get_spec(config.arch)  # type: ignore[arg-type]
     inherited = None
+    head = None
     if config.init_from:
         source = load_model(config.arch, config.init_from, seed=config.seed, device="cpu")
         module = source.module
-        replace_head(module, len(categories))
+        head = replace_head(module, len(categories), preprocess.input_size, spec.name)
         inherited = _checkpoint_variant(config.init_from)
     else:
         module = spec.build(len(categories))
     if config.variant:
         apply_variant(module, config.variant, stages=dict(spec.stages), input_size=preprocess.input_size)
-    frozen = freeze_prefix(module, config.freeze)
+    frozen = freeze_prefix(module, config.freeze, preprocess.input_size, spec.name)
     module.to(device)
     if config.channels_last:
         module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     variant = ";".join(v for v in (inherited, config.variant) if v) or None
-    return from_spec(spec, module, preprocess, categories, "training"), frozen, variant
+    return from_spec(spec, module, preprocess, categories, "training"), frozen, variant, head
+
+
+def _external_source(config: TrainConfig) -> LoadedModel | None:
+    """The ``torchvision:``/``timm:`` model a run starts from (on the CPU), or ``None`` for a built-in.
+
+    ``init_from``: ``"pretrained"``, a weights file or a convscope checkpoint of this
+    architecture; ``None`` is a seeded random initialisation.
+    """
+    from convscope.models.external import parse_model_spec
+    from convscope.models.load import load_model
+
+    if parse_model_spec(str(config.arch)).kind == "builtin":
+        return None
+    source = load_model(config.arch, config.init_from or "random", seed=config.seed, device="cpu")
+    if getattr(source.module, "aux_logits", False):  # GoogLeNet, Inception v3: a tuple of logits while training
+        raise option_error(BadArgument, f"{{arch}} {literal(source.name)}",
+                           "has auxiliary classifiers (aux_logits), which training here does not support",
+                           "train another architecture")
+    return source
+
+
+def _build_external(
+    config: TrainConfig, source: LoadedModel, categories: tuple[str, ...], device: torch.device
+) -> tuple[LoadedModel, Frozen, str | None, str]:
+    """A ``torchvision:``/``timm:`` network with its head replaced for ``categories`` (found from the
+    graph, see ``transfer``), its backbone frozen as ``config.freeze`` says, on ``device``."""
+    from dataclasses import replace
+
+    module = source.module
+    size = source.preprocess.input_size
+    head = replace_head(module, len(categories), size, source.name)
+    frozen = freeze_prefix(module, config.freeze, size, source.name)
+    module.to(device)
+    if config.channels_last:
+        module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    return replace(source, categories=tuple(categories), weights="training"), frozen, None, head
 
 
 def _checkpoint_variant(path: str) -> str | None:

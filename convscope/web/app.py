@@ -46,7 +46,7 @@ from starlette.formparsers import MultiPartException
 from convscope.errors import BadArgument, ConvscopeError, ImageError
 from convscope.methods.registry import MethodSpec, get_method, list_methods
 from convscope.parsing import parse_class_index
-from convscope.web.forms import class_index, clean_name, in_form_terms, text_field
+from convscope.web.forms import class_index, clean_name, form_model, in_form_terms, text_field
 from convscope.web.limits import BodyLimit, error_response, status_for
 from convscope.web.openapi import (
     CLASSIFY_FIELDS,
@@ -97,8 +97,14 @@ def create_app(
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     cache_size: int = 2,
+    output_index: int | str | None = None,
 ) -> FastAPI:
     """Build the app. The default model loads at start-up, others on first use; ``cache_size`` stay cached.
+
+    ``model`` takes every model spec ``load_model`` does (``torchvision:NAME``, a factory, a
+    ``.pt2``...); ``output_index`` picks its logits when it returns a tuple or dict. A form may
+    name built-in, ``torchvision:`` and ``timm:`` models, never a factory or a file
+    (``web/forms.form_model``).
 
     ``root_path`` (the proxy prefix) is given to the server, not here: the page and the API use
     relative URLs only, and FastAPI puts the server's root path in the schema's ``servers``.
@@ -114,8 +120,8 @@ def create_app(
     default_name = model or DEFAULT_MODEL
     default_weights = weights
 
-    def loader(name: str | None, wanted: str | None) -> Any:
-        return load_model(name, wanted, device=device)
+    def loader(name: str | None, wanted: str | None, index: int | str | None = None) -> Any:
+        return load_model(name, wanted, device=device, output_index=index)
 
     models = ModelCache(loader, capacity=cache_size)
     jobs = JobStore()
@@ -181,11 +187,9 @@ def create_app(
     def entry_for(name: str | None) -> Any:
         wanted = (name or "").strip() or default_name
         if wanted == default_name:
-            return models.get(model, default_weights)
-        from convscope.models.registry import get_spec
-
-        spec = get_spec(wanted)  # UnknownModel -> 400 with close matches
-        return models.get(spec.name, _offline_weights(spec))
+            return models.get(model, default_weights, output_index)
+        spec, chosen = form_model(wanted)  # UnknownModel -> 400 with close matches; no factories
+        return models.get(spec, chosen)
 
     async def read_form(request: Request) -> FormData:
         kind = request.headers.get("content-type", "")
@@ -461,9 +465,9 @@ def _describe_model(entry: Any) -> dict[str, Any]:
     with entry.lock.exclusive():  # list_layers hooks every module for one pass
         rows = list_layers(loaded)
     layers = [
-        {"name": r["name"], "alias": r["alias"], "type": r["type"]}
+        {"name": r["name"], "alias": r["alias"], "type": r["type"], "layout": r["layout"]}
         for r in rows
-        if isinstance(r["output_shape"], tuple) and len(r["output_shape"]) == 4 and r["type"] != "Sequential"
+        if r["layout"] in ("NCHW", "NHWC", "tokens") and r["type"] != "Sequential"
     ]
     c, h, w = loaded.preprocess.input_size
     return {
@@ -553,11 +557,13 @@ def run_server(
     root_path: str = "",
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD,
     log_level: str = "info",
+    output_index: int | str | None = None,
 ) -> None:
     """Serve the app with uvicorn until interrupted (the CLI's ``convscope serve``)."""
     import uvicorn
 
-    app = create_app(model=model, weights=weights, device=device, max_upload_bytes=max_upload_bytes)
+    app = create_app(model=model, weights=weights, device=device, max_upload_bytes=max_upload_bytes,
+                     output_index=output_index)
     uvicorn.run(app, host=host, port=port, root_path=root_path, log_level=log_level,
                 timeout_graceful_shutdown=5)
 

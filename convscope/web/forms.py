@@ -7,6 +7,7 @@ the same way.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,56 @@ def in_form_terms(exc: ConvscopeError) -> ConvscopeError:
     if (subject, reason, hint) == (exc.subject, exc.reason, exc.hint):
         return exc
     return type(exc)(subject, reason, hint)
+
+
+def form_model(text: str) -> tuple[str, str]:
+    """The model a form names (not the server's own) and the weights it gets: ``(spec, weights)``.
+
+    A form may name a built-in model, ``torchvision:NAME`` or ``timm:NAME``; the weights are
+    ``"pretrained"`` when they load without a download (a weights package, a cached file), else
+    ``"random"``. Factories (``FILE.py:FUNCTION``, ``module:FUNCTION``) and ``.pt2`` files are
+    refused: they would run code or read files on the server at a visitor's request; the
+    person starting the server gives them with ``convscope serve --model``.
+
+    Raises:
+        UnknownModel: an unknown name (with close matches), timm not installed.
+        BadArgument: a factory or a file.
+    """
+    from convscope.models import external
+    from convscope.models.load import check_model
+
+    request = external.parse_model_spec(text)
+    if request.runs_code:
+        raise BadArgument(f"model {text}", "a factory or a model file cannot be chosen from the web page "
+                          "(it would run code on the server)",
+                          "start the server with convscope serve --model ... to use it")
+    check_model(request.text, "random")
+    if request.kind == "torchvision":
+        available = external.torchvision_pretrained_available(request.target)
+    elif request.kind == "timm":
+        available = external.timm_pretrained_available(request.target)
+    else:
+        try:
+            check_model(request.text, "pretrained")
+            available = True
+        except ConvscopeError:
+            available = False
+        if available and os.environ.get("CONVSCOPE_OFFLINE") != "1":
+            available = _builtin_pretrained_offline(request.text)
+    return request.text, "pretrained" if available else "random"
+
+
+def _builtin_pretrained_offline(name: str) -> bool:
+    """A built-in's pretrained weights load without a download (a package, torch hub's cache)."""
+    from convscope.models.external import hub_cache_path
+    from convscope.models.registry import TorchvisionWeights, get_spec
+
+    source = get_spec(name).pretrained
+    if isinstance(source, TorchvisionWeights):
+        from torchvision.models import get_weight
+
+        return hub_cache_path(get_weight(source.enum).url).is_file()
+    return source is not None
 
 
 def clean_name(filename: str | None) -> str:

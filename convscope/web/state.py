@@ -85,22 +85,23 @@ class ModelEntry:
     info: dict[str, Any] | None = None
 
 
-Loader = Callable[[str | None, str | None], LoadedModel]
+Loader = Callable[..., LoadedModel]
+"""``loader(name, weights)``, or ``loader(name, weights, output_index)`` when an index is given."""
 
 
 class ModelCache:
-    """LRU of loaded models keyed by ``(name, weights)``; each is loaded once, even when many
-    requests ask for it at the same moment."""
+    """LRU of loaded models keyed by ``(name, weights, output_index)``; each is loaded once, even
+    when many requests ask for it at the same moment."""
 
     def __init__(self, loader: Loader, *, capacity: int = 2) -> None:
         self._loader = loader
         self._capacity = max(1, capacity)
-        self._entries: OrderedDict[tuple[str | None, str | None], ModelEntry] = OrderedDict()
+        self._entries: OrderedDict[tuple[str | None, str | None, int | str | None], ModelEntry] = OrderedDict()
         self._guard = threading.Lock()
-        self._loading: dict[tuple[str | None, str | None], threading.Lock] = {}
+        self._loading: dict[tuple[str | None, str | None, int | str | None], threading.Lock] = {}
 
-    def get(self, name: str | None, weights: str | None) -> ModelEntry:
-        key = (name, weights)
+    def get(self, name: str | None, weights: str | None, output_index: int | str | None = None) -> ModelEntry:
+        key = (name, weights, output_index)
         with self._guard:
             entry = self._entries.get(key)
             if entry is not None:
@@ -112,7 +113,10 @@ class ModelCache:
                 entry = self._entries.get(key)
                 if entry is not None:
                     return entry
-            entry = ModelEntry(self._loader(name, weights))  # outside the guard: loading takes seconds
+            # outside the guard: loading takes seconds
+            loaded = (self._loader(name, weights) if output_index is None
+                      else self._loader(name, weights, output_index))
+            entry = ModelEntry(loaded)
             with self._guard:
                 self._entries[key] = entry
                 self._entries.move_to_end(key)

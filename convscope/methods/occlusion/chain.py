@@ -25,6 +25,12 @@ from convscope.methods.occlusion.units import Recording, Unit
 FULL_RECOMPUTE_FRACTION = 0.6
 # Memory for the chain outputs gathered before the rest of the network runs on them at once.
 SUFFIX_BUDGET_BYTES = 128 * 2**20
+# When the whole chain fails the swap check, at most this many more checks bisect for the longest
+# prefix that passes (enough for 255 units).
+SWAP_CHECKS = 8
+# A chain cut short because the rest did not fit is kept only when it saves at least this
+# fraction of a copy's multiply-adds; else every copy runs whole (no patching overhead).
+MIN_SAVING_AFTER_MISFIT = 0.1
 
 
 @dataclass
@@ -120,21 +126,37 @@ def choose_chain(
     patch_cols: list[int],
     window: int,
     layer_module: torch.nn.Module | None,
-) -> Chain | None:
+    layer_is_nchw: bool = True,
+) -> tuple[Chain | None, str]:
     """Cut the chain where recomputing patches stops paying, check it on the clean image,
-    and return it (or ``None``: plain batched recomputation)."""
+    and return it (or ``None``: plain batched recomputation) with a note.
+
+    Args:
+        layer_is_nchw: the watched layer's output is an ``(N, C, H, W)`` map; otherwise (NHWC,
+            tokens) the chain stops before the unit that computes it, and a hook reads it.
+
+    Returns:
+        ``(chain, note)``: ``note`` is ``""`` unless the incremental plan did not fit the model
+        (a unit whose replay does not reproduce the clean pass: squeeze-excite, a skip
+        connection or control flow reading a chain tensor elsewhere), in which case it says
+        where and why the chain stopped, or that every copy runs whole.
+    """
     if not units:
-        return None
+        return None, ""
     layer_key = None
     if layer_module is not None:
         call = recording.outputs.get(id(layer_module))
         if call is not None:
             layer_key = (id(call.output), call.output_version)
         for index, unit in enumerate(units):
-            # A layer inside a block is computed in the swapped-out part: stop before it.
-            if any(sub is layer_module for sub in unit.module.modules()) and unit.output_key != layer_key:
+            # A layer inside a block is computed in the swapped-out part: stop before it. So is
+            # a layer that is not NCHW: its totals come from a hook after the chain.
+            inside = any(sub is layer_module for sub in unit.module.modules())
+            if inside and (unit.output_key != layer_key or not layer_is_nchw):
                 units = units[:index]
                 break
+        if not units:
+            return None, ""
     row_extents = true_extents(units, 0, patch_rows, window)
     col_extents = true_extents(units, 1, patch_cols, window)
     end = -1
@@ -148,35 +170,54 @@ def choose_chain(
                 break
         end = index
     if end < 0:
-        return None
+        return None, ""
     units = units[: end + 1]
     chain = Chain(units, None, row_extents[: end + 1], col_extents[: end + 1], patch_rows, patch_cols, window, None)  # type: ignore[arg-type]
     rows_all, cols_all = chain.plan(0, range(len(patch_rows))), chain.plan(1, range(len(patch_cols)))
     clean, trusted = run_clean(units, image)
+    problems = [f"{units[trusted].path} does not compute exactly on a padded crop"] if trusted < len(units) else []
     for index, unit in enumerate(units[:trusted]):
-        if unit.kind == "block" and not check_block(unit, clean, index, rows_all[index], cols_all[index]):
+        if unit.kind == "block" and not _block_fits(unit, clean, index, rows_all[index], cols_all[index]):
             trusted = index
+            problems = [f"{unit.path} does not compute exactly on a crop"]
             break
     # Check the swap itself: replaying the clean activation must give the clean logits even
-    # when the model is fed noise. A chain tensor read elsewhere (a skip connection) or the
-    # input read outside the chain would show up here.
-    end = trusted - 1
+    # when the model is fed noise. A chain tensor read elsewhere (a skip connection, the
+    # input of a squeeze-excite product) or the input read outside the chain shows up here,
+    # as different logits or as a forward that fails on the replayed tensor. The whole chain
+    # first; when it fails, the longest prefix that passes, by bisection (at most
+    # SWAP_CHECKS more forwards).
     noise = torch.rand(image.shape, generator=torch.Generator().manual_seed(0)).to(image)
-    for _ in range(8):
-        if end < 0:
-            return None
-        with replayed(module, units[: end + 1]) as replay:
-            replay.value = clean.outputs[end].clone()
-            logits = module(noise)
-        if close(logits, recording.logits):
-            break
-        end -= 1
-    else:
-        return None
+
+    def problem_at(last: int) -> str:
+        return _swap_problem(module, units[: last + 1], clean.outputs[last], noise, recording.logits)
+
+    end = trusted - 1
+    problem = problem_at(end) if end >= 0 else ""
+    if problem:
+        problems.append(f"replaying the layers up to {units[end].path} {problem}")
+        # Only prefixes that would still save MIN_SAVING_AFTER_MISFIT of a copy are worth a check.
+        saving = _savings(units[:end], rows_all, cols_all)
+        total = sum(recording.macs.values())
+        worth = [k for k, saved in enumerate(saving) if saved >= MIN_SAVING_AFTER_MISFIT * total]
+        good, bad = (worth[0] - 1, end) if worth and total > 0 else (-1, 0)  # known to pass / to fail
+        for _ in range(SWAP_CHECKS):
+            if bad - good <= 1:
+                break
+            middle = (good + bad) // 2
+            if problem_at(middle):
+                bad = middle
+            else:
+                good = middle
+        end = good if good >= 0 and worth and good >= worth[0] else -1
+    why = "; ".join(problems)
+    whole = f"incremental occlusion does not fit this model ({why}): every copy ran the whole network"
+    if end < 0:
+        return None, whole if why else ""
     watch = None
-    if layer_key is not None:
+    if layer_key is not None and layer_is_nchw:
         watch = next((i for i, u in enumerate(units[: end + 1]) if u.output_key == layer_key), None)
-    return Chain(
+    chain = Chain(
         units[: end + 1],
         CleanPass(clean.inputs[: end + 1], clean.canvases[: end + 1], clean.outputs[: end + 1]),
         row_extents[: end + 1],
@@ -186,3 +227,55 @@ def choose_chain(
         window,
         watch,
     )
+    if not why:
+        return chain, ""
+    # Cut short by a misfit: keep what is left only when it still saves real work.
+    total = sum(recording.macs.values())
+    largest = chain.macs_per_copy(chain.plan(0, range(len(patch_rows))), chain.plan(1, range(len(patch_cols))), total)
+    if total <= 0 or largest > (1 - MIN_SAVING_AFTER_MISFIT) * total:
+        return None, whole
+    return chain, f"incremental chain stops at {units[end].path} ({why})"
+
+
+def _swap_problem(
+    module: torch.nn.Module, units: Sequence[Unit], value: torch.Tensor, noise: torch.Tensor, logits: torch.Tensor
+) -> str:
+    """``""`` when the model fed ``noise``, with ``units`` swapped for a replay of ``value``,
+    gives the clean ``logits``; else what went wrong, as a clause."""
+    try:
+        with replayed(module, units) as replay:
+            replay.value = value.clone()
+            got = module(noise)
+    except Exception as exc:  # noqa: BLE001 - the rest of the network does not take the replayed tensor
+        return f"breaks the forward ({_first_line(exc)})"
+    if not isinstance(got, torch.Tensor) or not close(got, logits):
+        return "does not reproduce the clean scores (a tensor of the chain is also read elsewhere)"
+    return ""
+
+
+def _savings(units: Sequence[Unit], rows: Sequence[AxisPlan], cols: Sequence[AxisPlan]) -> list[float]:
+    """Per prefix ``units[: k + 1]``: multiply-adds a copy saves at most (patches as large as the
+    largest position's) against computing those units on whole maps."""
+    out, saved = [], 0.0
+    for unit, rp, cp in zip(units, rows, cols, strict=False):
+        area = unit.axes[0].size_out * unit.axes[1].size_out
+        if unit.kind == "block":
+            computed = math.ceil(rp.length / unit.axes[0].stride) * math.ceil(cp.length / unit.axes[1].stride)
+        else:
+            computed = rp.size * cp.size
+        saved += unit.macs_per_cell * (area - computed)
+        out.append(saved)
+    return out
+
+
+def _block_fits(unit: Unit, clean: CleanPass, index: int, rows: AxisPlan, cols: AxisPlan) -> bool:
+    """``check_block``, where a block that fails on a crop (a size it refuses) does not fit."""
+    try:
+        return check_block(unit, clean, index, rows, cols)
+    except Exception:  # noqa: BLE001 - a crop size the block refuses
+        return False
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text[:160]}" if text else type(exc).__name__

@@ -5,7 +5,10 @@ the target class, the most probable class, and optionally the total activation o
 feature map. The occluded copies run in chunks (bounded memory for any grid), and the early
 layers are recomputed only where the square can reach them (incremental inference, see
 ``convscope.methods.occlusion.replay``); the result equals a plain full recomputation up to float
-summation order (~1e-6).
+summation order (~1e-6). Where the incremental plan does not fit a network (squeeze-excite
+blocks, shortcut convolutions, anything its checks cannot prove) every copy runs the whole
+network, batched, and ``stats.note`` says why; a model that does not return ``(N, classes)``
+scores is refused in one line.
 
 Grid: window positions start at ``0, stride, 2*stride, ...`` and, by default, only whole
 windows are used: ``rows = (H - window) // stride + 1`` (same for columns), as in the paper.
@@ -47,7 +50,7 @@ from typing import Any
 
 import torch
 
-from convscope.errors import BadArgument
+from convscope.errors import BadArgument, UnknownLayer
 from convscope.methods._common import ModelLike, prepare
 from convscope.methods.occlusion import precision
 from convscope.methods.occlusion.engine import ImageOcclusion, occlude_image
@@ -55,8 +58,9 @@ from convscope.methods.occlusion.units import record
 from convscope.methods.targets import TargetLike, resolve_targets, target_labels
 from convscope.probes.geometry import grid_origins
 from convscope.probes.hooks import eval_mode
-from convscope.probes.layers import resolve_layer
-from convscope.types import Renderable
+from convscope.probes.layers import map_layer, resolve_layer
+from convscope.probes.layout import Layout
+from convscope.types import LoadedModel, Renderable
 
 FILL_COLOURS = {"grey": 0.5, "gray": 0.5, "black": 0.0, "white": 1.0}
 MODES = ("exact", "approximate", "full")
@@ -77,6 +81,9 @@ class OcclusionStats:
             ``"float16"`` in approximate mode.
         fallback: why ``mode="approximate"`` ran exact (no fast half precision on this device,
             or it measured no faster here), else ``""``.
+        note: why the incremental engine was cut short or not used (its plan did not fit the
+            model: squeeze-excite, a skip connection, control flow it cannot prove), else
+            ``""``; the values are exact either way (every copy then ran the whole network).
     """
 
     mode: str
@@ -85,6 +92,7 @@ class OcclusionStats:
     copies: int
     precision: str = "float32"
     fallback: str = ""
+    note: str = ""
 
 
 @dataclass(frozen=True)
@@ -104,6 +112,8 @@ class OcclusionResult(Renderable):
             the windows covering it (captum's ``Occlusion`` attribution); 0 where no window
             covers it.
         layer, channels: the feature map of (c): layer name as given, ``(N,)`` int64 channel.
+        layer_layout: how the layer's output was read, for the JSON record
+            (``{"layout": "NHWC", "converted": "permute(0, 3, 1, 2)"}``); ``None`` without a layer.
         activation: ``(N, rows, cols)`` float32 total activation (spatial sum) of that channel
             with the square at each position (Fig. 7 (b)); ``clean_activation`` ``(N,)``
             without it. ``None`` without a layer.
@@ -132,6 +142,7 @@ class OcclusionResult(Renderable):
     fill: tuple[float, ...]
     class_names: dict[int, str]
     stats: OcclusionStats
+    layer_layout: dict[str, Any] | None = None
 
 
 def resolve_fill(fill: float | Sequence[float] | str, mean: Sequence[float], std: Sequence[float], channels: int) -> tuple[float, ...]:
@@ -201,7 +212,9 @@ def occlusion(
         fill: occluder value in the normalised input space (one number or one per channel),
             or ``"grey"`` / ``"black"`` / ``"white"`` as pixel colours.
         layer: also record the total activation of one feature map of this layer (alias or
-            module path); ``channel`` picks it (default: the strongest on the clean image).
+            module path); ``channel`` picks it (default: the strongest on the clean image). An
+            NHWC or token layer is read through its measured layout (``probes.layout``); a
+            reused module (ResNet's block ReLU) is read at its last call in each forward.
         batch_size: occluded copies per forward pass (memory is bounded by it).
         mode: ``"exact"`` (incremental inference where the network allows it, else batched
             full passes), ``"approximate"`` (the same, computed in bfloat16 on a copy of the
@@ -217,7 +230,9 @@ def occlusion(
 
     Raises:
         BadArgument: window < 1 or larger than the image, stride < 1, bad fill/mode/channel,
-            or a layer without ``(N, C, H, W)`` output.
+            a layer whose output is not a spatial map (NCHW, NHWC and tokens on a grid are read
+            through their measured layout), or a model that does not return ``(N, classes)``
+            scores (a tuple, a dict).
         BadTarget: unknown class index or label.
         UnknownLayer: a layer name that does not resolve.
     """
@@ -226,7 +241,7 @@ def occlusion(
     _check_settings(window, stride, height, width, batch_size, mode)
     pre = loaded.preprocess
     fill_values = resolve_fill(fill, pre.mean, pre.std, channels)
-    layer_module = resolve_layer(loaded, layer)[1] if layer is not None else None
+    layer_module, layout = _watched_layer(loaded, layer, (channels, height, width))
     rows = grid_origins(height, window, stride, cover_border)
     cols = grid_origins(width, window, stride, cover_border)
     module = loaded.module
@@ -247,7 +262,7 @@ def occlusion(
         # The first image's recorded pass doubles as its clean pass (one forward fewer).
         # (The chain analysis follows tensors by identity: record the very tensor occluded.)
         image = batch[:1]
-        first = [record(network, image, layer_module)]  # handed over (and dropped) at n = 0
+        first = [record(network, image, layer_module, layout)]  # handed over (and dropped) at n = 0
         if low is None:
             rest = [module(part) for part in torch.split(batch[1:], batch_size)] if count > 1 else []
             clean_logits = torch.cat([first[0].logits, *rest])
@@ -256,10 +271,10 @@ def occlusion(
         targets = resolve_targets(target, clean_logits, loaded.categories, loaded.name)
         for n in range(count):
             image = image if n == 0 else batch[n : n + 1]
-            recording = first.pop() if first else record(network, image, layer_module)
+            recording = first.pop() if first else record(network, image, layer_module, layout)
             per_image.append(occlude_image(
                 network, image, recording, int(targets[n]), rows, cols, window, fill_tensor, layer,
-                layer_module, channel, batch_size, "full" if mode == "full" else "exact", progress,
+                layer_module, channel, batch_size, "full" if mode == "full" else "exact", progress, layout,
             ))
             del recording
 
@@ -297,8 +312,34 @@ def occlusion(
             precision=str(batch.dtype).removeprefix("torch."),
             copies=count * len(rows) * len(cols),
             fallback=fallback,
+            note="; ".join(dict.fromkeys(one.note for one in per_image if one.note)),
         ),
+        layer_layout=layout.record() if layout is not None else None,
     )
+
+
+def _watched_layer(
+    loaded: LoadedModel, layer: str | None, input_size: tuple[int, int, int]
+) -> tuple[torch.nn.Module | None, Layout | None]:
+    """The module of ``layer`` and its layout measured at ``input_size`` (``None``, ``None``
+    without a layer).
+
+    Raises:
+        UnknownLayer: no such layer.
+        BadArgument: a layer whose output is not a spatial map (a vector, a tuple), named with
+            its measured layout.
+    """
+    if layer is None:
+        return None, None
+    resolve_layer(loaded, layer)  # no such layer: UnknownLayer with the near names
+    try:
+        mapped = map_layer(loaded, layer, input_size)
+    except UnknownLayer as exc:
+        if exc.subject != layer:  # the model's own forward failed while measuring
+            raise
+        raise BadArgument(f"--layer {layer}", f"has no (N, C, H, W) feature-map output: {exc.reason}",
+                          exc.hint) from None
+    return mapped.module, mapped.layout
 
 
 def _pixel_map(drop: torch.Tensor, rows: Sequence[int], cols: Sequence[int], window: int, height: int, width: int) -> torch.Tensor:

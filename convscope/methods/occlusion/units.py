@@ -14,13 +14,18 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from convscope.errors import BadArgument
 from convscope.probes.geometry import Reach, is_pointwise, reach, window_of
 from convscope.probes.hooks import ModuleCall, reduce_outputs, trace_calls
+
+if TYPE_CHECKING:
+    from convscope.probes.layout import Layout
 
 
 @dataclass(frozen=True)
@@ -81,24 +86,60 @@ def _leaf_macs(module: nn.Module, output_shape: tuple[int, ...]) -> int:
 
 def channel_totals(channel: int | None) -> Callable[[str, torch.Tensor], torch.Tensor]:
     """A ``reduce_outputs`` reduction: the spatial sum of a 4-D output, ``(N,)`` for one
-    ``channel`` or ``(N, C)`` for all; an empty tensor for any other output."""
+    ``channel`` or ``(N, C)`` for all; an empty tensor for any other output, and for a call
+    without that channel (a reused module such as ResNet's block ReLU has several widths in
+    one forward). NHWC and token layers reach it as ``(N, C, h, w)`` views (``reduce_outputs``'s
+    ``layouts``)."""
 
     def reduce(name: str, output: torch.Tensor) -> torch.Tensor:
         if output.dim() != 4:
             return torch.empty(0)
         if channel is not None:
+            if channel >= output.shape[1]:
+                return torch.empty(0)
             return output[:, channel].float().sum(dim=(1, 2))
         return output.float().sum(dim=(2, 3))
 
     return reduce
 
 
-def record(model: nn.Module, x: torch.Tensor, layer: nn.Module | None = None) -> Recording:
+def describe_output(output: object) -> str:
+    """What a model returned, for the one-line refusal of anything but ``(N, classes)`` scores."""
+    if isinstance(output, torch.Tensor):
+        return f"a {output.dim()}-D tensor of shape {tuple(output.shape)}"
+    if isinstance(output, dict):
+        keys = ", ".join(map(str, list(output)[:6]))
+        return f"a dict with keys {keys}"
+    if isinstance(output, (list, tuple)):
+        tensors = sum(isinstance(item, torch.Tensor) for item in output)
+        kind = type(output).__name__
+        what = f"{tensors} tensor{'s' if tensors != 1 else ''}" if tensors == len(output) else f"{len(output)} items"
+        return f"a {kind} of {what}"
+    return f"a {type(output).__name__}"
+
+
+def check_scores(output: object, batch: int) -> torch.Tensor:
+    """``output`` if it is ``(batch, classes)`` scores, else a one-line ``BadArgument``."""
+    if isinstance(output, torch.Tensor) and output.dim() == 2 and output.shape[0] == batch and output.is_floating_point():
+        return output
+    raise BadArgument(
+        "model", f"returns {describe_output(output)}, not (N, classes) scores: occlusion needs a classifier's scores",
+        "pick the scores with load_model(..., output_index=...) or wrap the module so that it returns one tensor",
+    )
+
+
+def record(model: nn.Module, x: torch.Tensor, layer: nn.Module | None = None, layout: Layout | None = None) -> Recording:
     """Run ``model(x)`` (batch of one) recording every module call and the tensors it saw, and
-    the per-channel totals of ``layer`` (a module of ``model``) when given."""
+    the per-channel totals of ``layer`` (a module of ``model``, read through its ``layout``)
+    when given.
+
+    Raises:
+        BadArgument: the model does not return ``(1, classes)`` scores (a tuple, a dict, a map).
+    """
     watched: Mapping[str, nn.Module] = {"layer": layer} if layer is not None else {}
-    with trace_calls(model) as traced, reduce_outputs(model, watched, channel_totals(None)) as totals:
-        logits = model(x)
+    layouts = {"layer": layout} if layer is not None else None
+    with trace_calls(model) as traced, reduce_outputs(model, watched, channel_totals(None), layouts) as totals:
+        logits = check_scores(model(x), x.shape[0])
     counts: dict[int, int] = {}
     macs: dict[str, int] = {}
     last: dict[int, ModuleCall] = {}

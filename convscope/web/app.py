@@ -467,7 +467,9 @@ def _describe_model(entry: Any) -> dict[str, Any]:
     layers = [
         {"name": r["name"], "alias": r["alias"], "type": r["type"], "layout": r["layout"]}
         for r in rows
-        if r["layout"] in ("NCHW", "NHWC", "tokens") and r["type"] != "Sequential"
+        # Containers only when they are a stage or the CAM layer (ResNet's layer4, RegNet's trunk_output).
+        if r["layout"] in ("NCHW", "NHWC", "tokens")
+        and (r["type"] != "Sequential" or r["name"] == loaded.cam_layer or r["name"] in loaded.stages.values())
     ]
     c, h, w = loaded.preprocess.input_size
     return {

@@ -44,8 +44,13 @@ def test_a_refused_layer_drops_out_with_a_note() -> None:
     assert keys[:3] == ["classify", "summary", "activations"] and "saliency" in keys
     features = next(s for s in report.sections if s.key == "features")
     assert features.views and len(features.notes) == 1
-    assert features.notes[0].startswith("Feature maps at head left out of the report: head: is not a spatial feature map")
+    assert features.notes[0].startswith(
+        "Feature maps at head left out of the report: head: has output shape (1, 5), not a (N, C, H, W) feature map")
     assert features.notes[0] in report.warnings
+    from convscope.render.report import report_html
+
+    page = report_html(report)
+    assert f'<p class="note">note: {features.notes[0]}' in page.replace("&#39;", "'")
     saliency = next(s for s in report.sections if s.key == "saliency")
     assert saliency.views and not saliency.notes
 

@@ -90,6 +90,7 @@ def report_html(exploration: Any) -> str:
     for section in exploration.sections:
         sections.append({
             "key": section.key, "title": section.title, "intro": section.intro,
+            "notes": list(getattr(section, "notes", ())),
             "layout": LAYOUTS.get(section.key, "views"),
             "figures": [
                 {"title": v.title, "caption": v.caption, "src": data_uri(v.picture),

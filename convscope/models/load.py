@@ -475,11 +475,12 @@ def wrap_model(
 
     Args:
         module: the network (any layout: NCHW, NHWC, tokens).
-        preprocess: how images become its input (default: ImageNet's, 224 pixels). A module
-            whose forward fails at that size (or a preprocessing without a crop size) still
-            wraps, unmeasured (class names from its last ``Linear``); methods then measure it on
-            the batch they are given (stages, default CAM layer): a bare module handed to
-            ``classify`` or ``gradcam`` with tensors of its own size keeps working.
+        preprocess: how images become its input (default: ImageNet's, 224 pixels). Without
+            it (or with a preprocessing that has no crop size), a module whose forward fails at
+            224 pixels still wraps, unmeasured (class names from its last ``Linear``); methods
+            then measure it on the batch they are given (stages, default CAM layer): a bare
+            module handed to ``classify`` or ``gradcam`` with tensors of its own size keeps
+            working. A preprocessing with a size the forward fails at is refused.
         categories: class names, one per output; default: the ImageNet names when the model
             has 1000 outputs, else ``class 0``, ``class 1``...
         name: shown in captions and reports.
@@ -495,11 +496,12 @@ def wrap_model(
     Raises:
         BadInputType: ``module`` is not an ``nn.Module`` or ``preprocess`` not a ``Preprocess``.
         BadArgument: ``categories`` does not have one name per output; a bad ``output_index``.
-        UnknownLayer: ``cam_layer`` or a stage is not a module path of ``module``.
+        UnknownLayer: ``cam_layer`` or a stage is not a module path of ``module``; the forward
+            fails at the size of a ``preprocess`` given.
     """
     return _wrap(module, preprocess=IMAGENET if preprocess is None else preprocess, categories=categories,
                  name=name, cam_layer=cam_layer, stages=stages, output_index=output_index, weights="as given",
-                 lenient=True)
+                 lenient=not isinstance(preprocess, Preprocess) or any(side is None for side in preprocess.input_size))
 
 
 def _wrap(

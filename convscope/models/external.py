@@ -534,8 +534,13 @@ def _seeded(seed: int, build: Any) -> Any:
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """torchvision and timm warn about defaults (GoogLeNet's init_weights, deprecated names)."""
-    with warnings.catch_warnings():
+    """torchvision and timm warn about defaults (GoogLeNet's init_weights, deprecated names), and
+    torch hub prints ``Downloading: ...`` even with ``progress=False``: a failed download must
+    end in the one ``error:`` line, nothing before it (and stdout stays the command's own)."""
+    import contextlib
+    import io
+
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         warnings.simplefilter("ignore")
         yield
 

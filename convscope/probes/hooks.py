@@ -5,13 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import torch
 from torch import nn
-
-if TYPE_CHECKING:
-    from convscope.probes.layout import Layout
 
 T = TypeVar("T")
 
@@ -46,7 +43,7 @@ def capture(
     layers: Mapping[str, nn.Module],
     *,
     mode: str = "clone",
-    layouts: Mapping[str, Layout | None] | None = None,
+    layouts: Mapping[str, Any] | None = None,
 ) -> Iterator[Capture[torch.Tensor]]:
     """Record the outputs of ``layers`` for every forward pass inside the block.
 
@@ -97,14 +94,14 @@ def capture(
 
 
 def _views(
-    layers: Mapping[str, nn.Module], layouts: Mapping[str, Layout | None] | None
+    layers: Mapping[str, nn.Module], layouts: Mapping[str, Any] | None
 ) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
     """Per layer, the function from its output to what is stored (its NCHW view, or itself)."""
 
     def same(tensor: torch.Tensor) -> torch.Tensor:
         return tensor
 
-    def converter(layout: Layout, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    def converter(layout: Any, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
         return lambda tensor: layout.to_nchw(tensor, name)
 
     found = layouts or {}
@@ -140,7 +137,7 @@ def reduce_outputs(
     model: nn.Module,
     layers: Mapping[str, nn.Module],
     reduce: Callable[[str, torch.Tensor], Any],
-    layouts: Mapping[str, Layout | None] | None = None,
+    layouts: Mapping[str, Any] | None = None,
 ) -> Iterator[Capture[Any]]:
     """Record ``reduce(name, output)`` of ``layers`` for every forward pass inside the block.
 

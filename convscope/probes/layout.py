@@ -422,6 +422,15 @@ _SIZES_KEPT = 8
 _CACHE: weakref.WeakKeyDictionary[nn.Module, dict[tuple[Any, ...], Measured]] = weakref.WeakKeyDictionary()
 
 
+def cached_layout(module: nn.Module, path: str) -> Layout | None:
+    """The layout of ``path`` from a measurement already made (any input size), or ``None``:
+    never runs the model (for renderers, which record layouts but must not compute)."""
+    for found in _CACHE.get(module, {}).values():
+        if path in found.layouts:
+            return found.layouts[path]
+    return None
+
+
 def measure(loaded: Any, input_size: Sequence[int] | None = None, *, partial: bool = False) -> Measured:
     """``measure_module`` for a ``LoadedModel`` at ``input_size`` (``(C, H, W)``; default: its
     preprocessing's input size)."""

@@ -115,13 +115,11 @@ class ViewContext:
         alias = next((a for a, target in stages.items() if target == path), path)
         record: dict[str, Any] = {"layer": alias, "module": path}
         if self.loaded is not None and getattr(self.loaded, "spec", None) is None:
-            from convscope.errors import ConvscopeError
-            from convscope.probes.layers import layout_of
+            from convscope.probes.layout import cached_layout
 
-            try:
-                record.update(layout_of(self.loaded, path).record())
-            except ConvscopeError:  # a model that cannot run at its preprocessing's size
-                pass
+            layout = cached_layout(self.loaded.module, path)  # measured by the method; never runs here
+            if layout is not None:
+                record.update(layout.record())
         return record
 
     def ground(self, size: tuple[int, int]) -> np.ndarray:

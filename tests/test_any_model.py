@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import recalibrated
 from torch import nn
 
 import convscope
@@ -212,16 +213,7 @@ def test_timm_stages_come_from_feature_info() -> None:
 # ---------------------------------------------------------------- Grad-CAM against pytorch-grad-cam
 
 
-def _calibrated(module: nn.Module, batch: torch.Tensor) -> nn.Module:
-    """Re-estimate every BatchNorm's statistics on ``batch`` (random weights give ~1e-15 maps)."""
-    for sub in module.modules():
-        if isinstance(sub, nn.modules.batchnorm._BatchNorm):
-            sub.reset_running_stats()
-            sub.momentum = None
-    module.train()
-    with torch.no_grad():
-        module(batch)
-    return module.eval()
+_calibrated = recalibrated
 
 
 def _peer_cam(module: nn.Module, layer: str, layout: Layout, batch: torch.Tensor, targets: list[int]) -> np.ndarray:

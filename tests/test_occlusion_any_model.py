@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import recalibrated
 from skimage import data
 from torch import nn
 
@@ -42,16 +43,7 @@ def photos(size: int = 224) -> torch.Tensor:
     return torch.cat(out)
 
 
-def reestimate(module: nn.Module, images: torch.Tensor) -> nn.Module:
-    """BatchNorm running statistics from ``images`` (cumulative average), then eval mode."""
-    for norm in module.modules():
-        if isinstance(norm, nn.modules.batchnorm._BatchNorm):
-            norm.reset_running_stats()
-            norm.momentum = None
-    module.train()
-    with torch.no_grad():
-        module(images)
-    return module.eval()
+reestimate = recalibrated
 
 
 def captum_drop(module: nn.Module, image: torch.Tensor, target: int, window: int, stride: int) -> torch.Tensor:

@@ -45,13 +45,10 @@ def calibrated(module: torch.nn.Module, batch: torch.Tensor) -> torch.nn.Module:
     return module.eval()
 
 
-def best(fn: Callable[[], Any], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+def timed(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def build(spec: str) -> torch.nn.Module:
@@ -113,8 +110,8 @@ def main() -> None:
                 sys.exit(f"{spec} {layer}: maps differ by {diff:.2e}; not timing unequal work")
             mine, theirs = [], []
             for _ in range(args.repeats):  # interleaved: both see the same load
-                mine.append(best(ours, 1))
-                theirs.append(best(peer, 1))
+                mine.append(timed(ours))
+                theirs.append(timed(peer))
             ratio = min(theirs) / min(mine)
             worst = min(worst, ratio)
             print(f"{spec:26s} {layer:28s} {found.layout.kind:8s} {min(mine):8.3f} {min(theirs):8.3f} {ratio:6.2f}x  {diff:.1e}"

@@ -59,10 +59,11 @@ def forward_features(
     on the CPU, each feature row the flattened layer output of one image."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    named = {name: resolve_layer(loaded, name)[1] for name in layers if name != CLASSIFIER_INPUT}
+    resolved = {name: resolve_layer(loaded, name) for name in layers if name != CLASSIFIER_INPUT}
+    named = {name: module for name, (_, module) in resolved.items()}
     # Maps are read channels-first whatever their layout (NHWC, tokens), so a feature row has
     # the same order as on a CNN; vectors and other outputs are flattened as they are.
-    measured = {name: layout_of(loaded, resolve_layer(loaded, name)[0], batch.shape[1:]) for name in named}
+    measured = {name: layout_of(loaded, path, batch.shape[1:]) for name, (path, _) in resolved.items()}
     layouts = {name: layout for name, layout in measured.items() if layout.spatial}
     probabilities: list[torch.Tensor] = []
     features: dict[str, list[torch.Tensor]] = {name: [] for name in layers}

@@ -470,7 +470,7 @@ def wrap_model(
 
     Layers are then named by their module path. One traced forward at the preprocessing's input
     size (``convscope.probes.layout.measure_module``) measures the model's output size, its
-    stages (the last module output at each spatial resolution, or timm's ``feature_info``) and
+    stages (the map each downsampling reads, then the last map before pooling; or timm's ``feature_info``) and
     its default CAM layer (the last spatial map before global pooling).
 
     Args:

@@ -2,8 +2,8 @@
 (ablation variants use it to drop a stage with its activation).
 
 The stages of a user's module are measured, not guessed: ``wrap_model`` takes them from
-``convscope.probes.layout.measure_module`` (the last module output at each spatial resolution,
-or timm's ``feature_info``); built-in models declare theirs in their ``ModelSpec``.
+``convscope.probes.layout.measure_module`` (at each resolution, the map the first downsampling
+module reads, or timm's ``feature_info``); built-in models declare theirs in their ``ModelSpec``.
 """
 
 from __future__ import annotations

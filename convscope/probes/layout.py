@@ -19,8 +19,8 @@ From the shape and the labels each output gets a ``Layout``:
 
 ``Layout.to_nchw`` turns a map or tokens into an ``(N, C, h, w)`` view that gradients flow
 through: the same as pytorch-grad-cam's documented ``reshape_transform``, with nothing for the
-user to write. The measurement also gives the stages (the last module output at each spatial
-resolution, or timm's ``feature_info``) and the default CAM layer (the last spatial map before
+user to write. The measurement also gives the stages (at each resolution, the map the first
+downsampling module reads, or timm's ``feature_info``) and the default CAM layer (the last spatial map before
 global pooling). It is cached per module and input size: one forward per model per process.
 """
 

@@ -48,7 +48,7 @@ test-fast: $(VENV)/.dev-installed
 	$(BIN)/python -m pytest -q -m "not slow and not peer and not browser and not sweep" $(PYTEST_ARGS)
 
 bench: $(VENV)/.dev-installed
-	$(BIN)/python bench/classify.py
+	$(BIN)/python bench/table.py $(BENCH_ARGS)
 
 lint: $(VENV)/.dev-installed
 	$(BIN)/ruff check convscope tests bench tools

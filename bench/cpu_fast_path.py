@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from _row import row  # bench/_row.py: the BENCH-ROW line of bench/table.py
+
 HERE = Path(__file__).resolve()
 REPO = HERE.parent.parent
 
@@ -195,6 +197,9 @@ def section_classify(args: argparse.Namespace) -> None:
               f"(runs: {', '.join(f'{v:.1f}' for v in values)})")
     print(f"  ratio ours/reference: {ips['convscope classify'] / ips['reference script']:.2f}x (target >= 2.5)"
           f"   top-1 agreement {agree:.3f}")
+    row("classify (whole process)", "reference script (efficientnet_lite_pytorch)",
+        ips["convscope classify"] / ips["reference script"], 3.5,
+        detail=f"{len(paths)} photos, batch {args.batch}, top-1 agreement {agree:.3f}")
 
 
 def _alternate(configs: dict[str, list[str]], rounds: int) -> dict[str, float]:

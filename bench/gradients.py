@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _row import row  # bench/_row.py: the BENCH-ROW line of bench/table.py
 from PIL import Image
 
 from convscope.methods.deconvnet import deconv
@@ -219,6 +220,7 @@ def main() -> None:
         ):
             rows.append({"model": name, "method": method, "peer_name": peer_name, "ours": wall, "peer": peer_wall,
                          "ours_cpu": cpu, "peer_cpu": peer_cpu, "forward_cpu": fwd_cpu})
+            row(f"{method} {name}", peer_name, peer_wall / wall, 1.0, detail=f"batch {args.batch}, wall")
             if not args.json:
                 print(f"{name:<19}{method:<20}{wall * 1e3:>9.1f}{peer_wall * 1e3:>9.1f}"
                       f"{wall / peer_wall:>6.2f}{cpu / peer_cpu:>6.2f}"

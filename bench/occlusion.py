@@ -30,6 +30,8 @@ import resource
 import sys
 import time
 
+from _row import row  # bench/_row.py: the BENCH-ROW line of bench/table.py
+
 ENV = {
     "MALLOC_MMAP_THRESHOLD_": str(1 << 30),
     "MALLOC_TRIM_THRESHOLD_": str(1 << 31),
@@ -166,6 +168,8 @@ def main() -> None:
               f"{captum_time / approx_time:.2f}x captum; max |probability - exact| {approx_error:.2e}")
         print(f"   speed-up vs captum: {ratio:.2f}x (target >= {TARGETS.get(name, 1.0):.0f}x)\n")
         summary.append((name, ratio, TARGETS.get(name, 1.0)))
+        row(f"occlusion {name}", f"captum Occlusion (ppe {best})", ratio, TARGETS.get(name, 1.0),
+            detail=f"window 16 stride 8, max diff {difference:.1e}")
     for name, ratio, goal in summary:
         print(f"{name:20s} {ratio:5.2f}x  target {goal:.0f}x  {'met' if ratio >= goal else 'NOT met'}")
 

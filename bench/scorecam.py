@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _row import row  # bench/_row.py: the BENCH-ROW line of bench/table.py
 from PIL import Image
 
 from convscope.analysis.quality import Protocol, causal_curves
@@ -107,6 +108,8 @@ def main() -> None:
               f"= {best_peer[0] / one_wall:.0f} forwards; ratio ours/peer wall {best_ours[0] / best_peer[0]:.3f} "
               f"(x{best_peer[0] / best_ours[0]:.1f} faster), CPU {best_ours[1] / best_peer[1]:.3f}; "
               f"max |map difference| {diff:.2e}", flush=True)
+        row(f"Score-CAM {layer}", "pytorch-grad-cam ScoreCAM", best_peer[0] / best_ours[0], 1.5,
+            detail=f"{channels} channels, max diff {diff:.1e}")
 
 
 if __name__ == "__main__":

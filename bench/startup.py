@@ -18,9 +18,15 @@ import sys
 import time
 from pathlib import Path
 
+from _row import row  # bench/_row.py: the BENCH-ROW line of bench/table.py
+
+# Commands that never need torch: issue 22's target is <= 0.5x `import torch` for these.
+LIGHT = ("convscope models", "convscope --help", "convscope layers --help")
 COMMANDS = {
     "import torch": ["-c", "import torch"],
     "convscope models": ["-m", "convscope", "models"],
+    "convscope --help": ["-m", "convscope", "--help"],
+    "convscope layers --help": ["-m", "convscope", "layers", "--help"],
     "convscope layers --model tiny": ["-m", "convscope", "layers", "--model", "tiny"],
     "convscope layers --model alexnet": ["-m", "convscope", "layers", "--model", "alexnet"],
 }
@@ -58,6 +64,9 @@ def main() -> None:
         wall = statistics.median(w for w, _ in runs)
         cpu = statistics.median(c for _, c in runs)
         print(f"{source:<12} {name:<34} {wall:7.2f} {cpu:6.2f} {wall / torch_wall:10.2f}x {cpu / torch_cpu:9.2f}x")
+        if source == sources[0].name and name in LIGHT:
+            row(f"start-up: {name}", "python -c 'import torch'", wall / torch_wall, 0.5, better="lower",
+                unit="x the time", detail=f"median of {options.repeat}, whole process")
 
 
 if __name__ == "__main__":

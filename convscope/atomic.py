@@ -272,8 +272,15 @@ def save_png(path: str | os.PathLike[str], image: Image.Image | np.ndarray) -> P
     return atomic_write(path, png_bytes(image))
 
 
+# zlib level of every PNG convscope writes. Measured (Pillow, a 680x680 photo-like picture):
+# level 6, Pillow's default, 289 ms and 474 KiB; level 3, 84 ms and 506 KiB; level 1, 59 ms and
+# 534 KiB (4.9x faster, 13% larger); level 0, 28 ms but 1.4 MiB. Maps and figures (flat colour)
+# encode in about 10 ms at level 1. PNG is lossless at every level: the pixels read back equal.
+PNG_COMPRESS_LEVEL = 1
+
+
 def png_bytes(image: Image.Image | np.ndarray) -> bytes:
-    """The PNG encoding of ``image`` (the rules of ``save_png``)."""
+    """The PNG encoding of ``image`` (the rules of ``save_png``), at ``PNG_COMPRESS_LEVEL``."""
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8:
             raise TypeError(f"save_png expects a uint8 array, got {image.dtype}")
@@ -281,7 +288,7 @@ def png_bytes(image: Image.Image | np.ndarray) -> bytes:
             raise ValueError(f"save_png expects an (H, W) or (H, W, 3) array, got shape {image.shape}")
         image = Image.fromarray(np.ascontiguousarray(image))
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    image.save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     return buffer.getvalue()
 
 

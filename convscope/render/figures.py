@@ -427,10 +427,7 @@ def titled(picture: np.ndarray, title: str, lines: Sequence[Line] = (), *, min_w
 
 
 def png_bytes(picture: np.ndarray | Image.Image) -> bytes:
-    """PNG encoding of a picture (for ``_repr_png_`` and HTTP answers)."""
-    import io
+    """PNG encoding of a picture (for ``_repr_png_`` and HTTP answers), as every file is written."""
+    from convscope.atomic import png_bytes as encode
 
-    image = picture if isinstance(picture, Image.Image) else Image.fromarray(np.ascontiguousarray(as_rgb(picture)))
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
+    return encode(picture if isinstance(picture, Image.Image) else np.ascontiguousarray(as_rgb(picture)))

@@ -93,7 +93,9 @@ def test_scorecam_bad_batch_size(tiny_cnn) -> None:  # type: ignore[no-untyped-d
 
 @pytest.mark.peer
 @pytest.mark.filterwarnings("ignore::UserWarning")
-@pytest.mark.parametrize("layer", ["stage1", "stage2"])
+# stage1 and stage2 are dense (linear bottlenecks: no dead channel on the photo); the stem has
+# 5 dead ReLU6 channels of 32 (shared forward). The masked copies run with BatchNorm folded.
+@pytest.mark.parametrize("layer", ["stage1", "stage2", "stem"])
 def test_scorecam_equals_pytorch_grad_cam(default_model, photo, layer) -> None:  # type: ignore[no-untyped-def]
     pytest.importorskip("pytorch_grad_cam")
     from pytorch_grad_cam import ScoreCAM

@@ -198,7 +198,7 @@ class MethodWriter:
             if run.out is not None:
                 for view in views.written:
                     name = context.file(view.suffix or f"{run.spec.name}_{view.key}")
-                    files.append(run.out.png(name, view.picture if run.raw else view.figure, source=path))
+                    files.append(run.out.png(name, view.picture if run.raw else view.figure, source=path, defer=True))
             self.written += files
             record: dict[str, Any] = {} if path is None else {"image": str(path)}
             record.update(views.record)

@@ -26,6 +26,7 @@ Rules, in the order ``OutputDir`` applies them:
 from __future__ import annotations
 
 import codecs
+import functools
 import hashlib
 import json
 import math
@@ -33,7 +34,9 @@ import os
 import sys
 import tempfile
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from pathlib import Path, PurePath
 from typing import IO, Any
@@ -245,6 +248,23 @@ def prepare_file(path: str | os.PathLike[str], *, ours: Callable[[bytes], bool])
     return target
 
 
+# Writer threads for deferred pictures (``OutputDir.png(..., defer=True)``): PNG encoding and the
+# file write release the GIL, so two threads encode while the main thread computes.
+WRITERS = 2
+
+
+@functools.cache
+def _writers() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=WRITERS, thread_name_prefix="convscope-writer")
+
+
+def _encode_and_write(target: Path, picture: np.ndarray) -> bytes:
+    """On a writer thread: the PNG bytes of ``picture``, written atomically to ``target``."""
+    data = png_bytes(picture)
+    atomic_write(target, data)
+    return data
+
+
 class OutputDir:
     """Writes pictures and JSON under one folder and records them for ``manifest.json``.
 
@@ -268,6 +288,7 @@ class OutputDir:
         self.sources: dict[str, list[str]] = {}
         self._taken: set[str] = set()
         self._checksums: dict[str, str] = {}
+        self._pending: deque[tuple[Future[bytes], Path, Path | None]] = deque()
         self._started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         self._marked = False
         self._inputs = list(inputs)
@@ -284,8 +305,48 @@ class OutputDir:
         """The output stem of an input of this run (``safe_stem`` for a path not given as input)."""
         return self._stems.get(str(path)) or safe_stem(path)
 
-    def png(self, name: str, picture: np.ndarray, *, source: Path | None = None) -> Path:
-        return self._write(name, png_bytes(picture), source)
+    def png(self, name: str, picture: np.ndarray, *, source: Path | None = None, defer: bool = False) -> Path:
+        """Write a picture as PNG; returns its path.
+
+        ``defer``: encode and write it on the writer threads (``WRITERS``) while the caller goes
+        on computing; the name is claimed now, and the file is recorded (``written``, the
+        journal) in call order when it is done. Every other write, ``flush()`` and ``manifest()``
+        wait for the deferred ones first, and at most ``2 x WRITERS`` pictures are in flight (a
+        bounded queue: memory stays a few pictures). A failed deferred write raises from the call
+        that waits for it.
+        """
+        if not defer:
+            return self._write(name, png_bytes(picture), source)
+        self._mark_manifest()
+        target = self._claim(name)
+        self._pending.append((_writers().submit(_encode_and_write, target, picture), target, source))
+        self._drain(keep=2 * WRITERS)
+        return target
+
+    def flush(self) -> None:
+        """Wait for every deferred picture and record it (raises the first failure)."""
+        self._drain(keep=0)
+
+    def _drain(self, keep: int) -> None:
+        """Record finished deferred writes in call order; wait until at most ``keep`` are pending."""
+        while self._pending and (len(self._pending) > keep or self._pending[0][0].done()):
+            future, target, source = self._pending.popleft()
+            try:
+                data = future.result()
+            except OSError as exc:
+                self._abandon()
+                raise OutputError(shown_path(target), f"cannot write: {os_reason(exc)}") from exc
+            except BaseException:
+                self._abandon()
+                raise
+            self._record(target, data, source)
+
+    def _abandon(self) -> None:
+        """After a failed deferred write: let the others finish (their files are whole), unrecorded."""
+        for future, _, _ in self._pending:
+            with suppress(BaseException):
+                future.result()
+        self._pending.clear()
 
     def json(self, name: str, payload: Any, *, source: Path | None = None) -> Path:
         return self._write(name, (_json_text(payload) + "\n").encode(), source)
@@ -294,12 +355,16 @@ class OutputDir:
         return self._write(name, text.encode("utf-8"), source)
 
     def _write(self, name: str, data: bytes, source: Path | None) -> Path:
+        self.flush()
         self._mark_manifest()
         target = self._claim(name)
         try:
             path = atomic_write(target, data)
         except OSError as exc:  # disk full, folder removed or made read-only during the run
             raise OutputError(shown_path(target), f"cannot write: {os_reason(exc)}") from exc
+        return self._record(path, data, source)
+
+    def _record(self, path: Path, data: bytes, source: Path | None) -> Path:
         # Relative to the folder, so files in sub-folders (patches' LAYER/channel_K.png) keep them.
         name = path.relative_to(self.root).as_posix()
         self.written.append(name)
@@ -380,6 +445,7 @@ class OutputDir:
         Keeps the entries of earlier commands whose files are still there and were not replaced
         by this run.
         """
+        self.flush()
         # Read again: another command may have finished into this folder since we started.
         previous = _read_manifest(self._manifest_path) or self._previous
         mine = set(self.written)

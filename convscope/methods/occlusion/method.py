@@ -56,6 +56,7 @@ from convscope.methods.occlusion import precision
 from convscope.methods.occlusion.engine import ImageOcclusion, occlude_image
 from convscope.methods.occlusion.units import record
 from convscope.methods.targets import TargetLike, resolve_targets, target_labels
+from convscope.probes.fold import fold_batchnorm
 from convscope.probes.geometry import grid_origins
 from convscope.probes.hooks import eval_mode
 from convscope.probes.layers import map_layer, resolve_layer
@@ -249,6 +250,8 @@ def occlusion(
     if mode == "approximate":
         twin, low, fallback = precision.approximate_twin(module, batch, batch_size)
         network = twin if twin is not None else module
+    elif mode == "exact":
+        network, layer_module = _folded(module, batch, layer_module)
     full_precision = batch
     if low is not None:
         if layer_module is not None:  # found in the half-precision twin by its path
@@ -316,6 +319,22 @@ def occlusion(
         ),
         layer_layout=layout.record() if layout is not None else None,
     )
+
+
+def _folded(module: torch.nn.Module, batch: torch.Tensor,
+            layer_module: torch.nn.Module | None) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+    """The network the occluded copies run through in ``"exact"`` mode: the copy with BatchNorm
+    folded into the convolutions (``probes.fold``: one pass over each map, probabilities within
+    1e-6), unless the watched layer is a folded convolution (its values would change)."""
+    folded = fold_batchnorm(module, batch[:1])
+    if folded.module is module:
+        return module, layer_module
+    if layer_module is None:
+        return folded.module, None
+    path = next(p for p, m in module.named_modules() if m is layer_module)
+    if folded.changes(path):
+        return module, layer_module
+    return folded.module, folded.module.get_submodule(path)
 
 
 def _watched_layer(

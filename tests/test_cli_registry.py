@@ -35,7 +35,7 @@ def test_generated_commands_are_the_registry_commands() -> None:
     generated = {info.name for info in app.registered_commands if getattr(info.callback, "generated", False)}
     assert generated == set(cli_commands())
     assert generated == {"classify", "activations", "features", "filters", "gradcam", "guided", "saliency",
-                         "deconv", "occlusion"}
+                         "deconv", "occlusion", "lrp", "ig", "smoothgrad"}
     assert {"models", "layers", "summary", "explain", "serve"} <= set(_group().commands)  # hand-written stay
 
 

@@ -140,6 +140,35 @@ Writes <image>_saliency.png (grey) and <image>_saliency_magnitude.png (in jet ov
 
 Examples: convscope saliency cat.jpg -o out/ | convscope saliency photos/ --label espresso
 """
+LRP_HELP = """Layer-wise Relevance Propagation: the class score split into per-pixel relevance, layer by layer.
+
+Rules per layer come from a composite (zennit's three): epsilon-plus-flat (the default: flat at
+the first layer, z+ in the convolutions, epsilon in the dense layers), epsilon-gamma-box (the
+z-box rule with the bounds of the model's input range at the first layer, gamma in the
+convolutions) and epsilon-alpha2-beta1. BatchNorm is merged into the convolution before it for
+the backward pass only. Writes <image>_lrp.png (signed, red for the class, blue against) and
+<image>_lrp_overlay.png (the positive part over the photo); --json records the rules and any
+layer no rule covers.
+
+Examples: convscope lrp cat.jpg -o out/ | convscope lrp cat.jpg --composite epsilon-gamma-box -m vgg16
+"""
+IG_HELP = """Integrated Gradients: the gradient averaged along the straight path from a baseline to the photo, times their difference.
+
+The attributions add up to the change of the class score from the baseline to the photo; the
+rest is the completeness error, printed and recorded (it falls as --steps grows). All steps
+run as batches. Writes <image>_ig.png and <image>_ig_overlay.png.
+
+Examples: convscope ig cat.jpg -o out/ | convscope ig cat.jpg --baseline blur --steps 128
+"""
+SMOOTHGRAD_HELP = """SmoothGrad: a gradient map averaged over noisy copies of the photo (less speckle, the same evidence).
+
+--base chooses what is averaged: saliency (the input gradient), guided (guided backprop) or ig
+(Integrated Gradients). --noise is the noise's standard deviation as a fraction of the input's
+range (the paper's 10-20%). All noisy copies run as batches. Writes <image>_smoothgrad.png and
+<image>_smoothgrad_overlay.png.
+
+Examples: convscope smoothgrad cat.jpg -o out/ | convscope smoothgrad cat.jpg --base guided --samples 50
+"""
 DECONV_HELP = """Deconvnet (Zeiler & Fergus): project a layer's strongest activations back to pixels.
 
 For each projection writes <image>_<layer>_ch<C>.png (full size, grey = 0) and

@@ -32,8 +32,11 @@ from convscope.methods.binding import (
     FILTERS_HELP,
     GRADCAM_HELP,
     GUIDED_HELP,
+    IG_HELP,
+    LRP_HELP,
     OCCLUSION_HELP,
     SALIENCY_HELP,
+    SMOOTHGRAD_HELP,
     CliBinding,
     cam_layer,
     deconv_units,
@@ -448,4 +451,63 @@ register_method(MethodSpec(
     progress=True,
     in_report=False,
     cli=CliBinding("gradcam", {"--variant": "scorecam"}, probability=True, default_layer=cam_layer),
+))
+
+LRP_COMPOSITES = ("epsilon-plus-flat", "epsilon-gamma-box", "epsilon-alpha2-beta1")
+IG_METHODS = ("gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid")
+SMOOTHGRAD_BASES = ("saliency", "guided", "ig")
+
+register_method(MethodSpec(
+    name="lrp",
+    title="LRP",
+    summary="Layer-wise relevance propagation: the class score split into per-pixel relevance, red for the class.",
+    function="convscope.methods.lrp:lrp",
+    renderer="convscope.render.views:attribution_views",
+    takes_target=True,
+    params=(
+        Param("composite", "str", "epsilon-plus-flat", "The rules per layer, zennit's composites: epsilon-plus-flat, "
+              "epsilon-gamma-box or epsilon-alpha2-beta1.",
+              choices=LRP_COMPOSITES, flag="--composite"),
+        Param("epsilon", "float", 1e-6, "Stabiliser of the epsilon rule (dense layers).", minimum=0.0,
+              maximum=1e3, flag="--epsilon"),
+        Param("gamma", "float", 0.25, "Weight of positive contributions in the gamma rule (epsilon-gamma-box).",
+              minimum=0.0, maximum=1e3, flag="--gamma"),
+    ),
+    cli=CliBinding("lrp", help=LRP_HELP, batch_size=16, probability=True),
+))
+register_method(MethodSpec(
+    name="ig",
+    aliases=("integrated_gradients", "integrated-gradients"),
+    title="Integrated Gradients",
+    summary="The gradient averaged from a baseline to the photo, times their difference: sums to the score's change.",
+    function="convscope.methods.paths:integrated_gradients_row",
+    renderer="convscope.render.views:attribution_views",
+    takes_target=True,
+    params=(
+        Param("steps", "int", 50, "Points along the path from the baseline to the photo.", minimum=1, maximum=4096,
+              flag="--steps"),
+        Param("integration", "str", "gausslegendre", "How the path integral is approximated (captum's names): "
+              "gausslegendre, riemann_left, riemann_right, riemann_middle or riemann_trapezoid.",
+              choices=IG_METHODS, flag="--method"),
+        Param("baseline", "fill", 0.0, "The path's start: black, blur, or a number in the model's normalised "
+              "input space (0 = the dataset's mean colour).", choices=("black", "blur"), flag="--baseline"),
+    ),
+    cli=CliBinding("ig", help=IG_HELP, batch_size=1, probability=True),
+))
+register_method(MethodSpec(
+    name="smoothgrad",
+    title="SmoothGrad",
+    summary="A gradient map averaged over noisy copies of the photo: less speckle, the same evidence.",
+    function="convscope.methods.paths:smoothgrad",
+    renderer="convscope.render.views:attribution_views",
+    takes_target=True,
+    params=(
+        Param("base", "str", "saliency", "What is averaged: saliency (the signed input gradient), guided "
+              "(guided backprop) or ig (Integrated Gradients).", choices=SMOOTHGRAD_BASES, flag="--base"),
+        Param("samples", "int", 25, "Noisy copies of the photo.", minimum=1, maximum=4096, flag="--samples"),
+        Param("noise", "float", 0.15, "Noise standard deviation as a fraction of the input's range.",
+              minimum=0.0, maximum=10.0, flag="--noise"),
+        Param("seed", "int", 0, "Seed of the noise.", minimum=0, maximum=2**63 - 1, flag="--seed"),
+    ),
+    cli=CliBinding("smoothgrad", help=SMOOTHGRAD_HELP, batch_size=1, probability=True),
 ))

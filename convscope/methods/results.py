@@ -5,7 +5,7 @@ All tensors live on the CPU as float32 (indices int64), whatever device the mode
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -82,6 +82,50 @@ class GradientMaps(Renderable):
 
     # ``method`` -> the registry row that presents it (the others share their row's name)
     ROWS: ClassVar[dict[str, str]] = {"guided_backprop": "guided", "guided_gradcam": "guided-gradcam"}
+
+    def _presented(self) -> tuple[str, Any]:
+        return self.ROWS.get(self.method, self.method), self
+
+
+@dataclass(frozen=True)
+class Attributions(Renderable):
+    """Input-space attributions that sum to (about) the explained score: LRP, Integrated
+    Gradients and SmoothGrad.
+
+    Attributes:
+        method: ``"lrp"``, ``"integrated_gradients"`` or ``"smoothgrad"``.
+        attributions: ``(N, C, H, W)`` float32: the relevance (LRP), the path integral times
+            ``input - baseline`` (IG, captum's ``IntegratedGradients``) or the mean over noisy
+            copies of the base method's attribution (SmoothGrad, captum's ``NoiseTunnel``).
+        maps: ``(N, H, W)`` float32, ``attributions`` summed over colour channels (signed: where
+            the evidence for the class is positive or negative).
+        targets: ``(N,)`` int64 explained classes.
+        labels: class names of ``targets``.
+        scores: ``(N,)`` float32 model output (logit) of each target at the input.
+        completeness: ``(N,)`` float32 ``attributions.sum() - (score(x) - score(baseline))``
+            per image (Integrated Gradients; ``None`` for the others). It falls as ``steps`` grows.
+        settings: the method's settings as plain JSON values (LRP's composite and rule
+            parameters, IG's steps, method and baseline, SmoothGrad's base, samples, noise, seed).
+        uncovered: layers no rule covers (LRP: modules with parameters or a non-linearity that
+            no rule of the composite handles; relevance passes them as a plain gradient).
+        warnings: one line each, for the CLI to print.
+        preprocess: as in ``CamMaps``.
+    """
+
+    method: str
+    attributions: torch.Tensor
+    maps: torch.Tensor
+    targets: torch.Tensor
+    labels: tuple[str, ...]
+    scores: torch.Tensor
+    completeness: torch.Tensor | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+    uncovered: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
+    preprocess: Preprocess | None = None
+
+    # ``method`` -> the registry row that presents it
+    ROWS: ClassVar[dict[str, str]] = {"integrated_gradients": "ig"}
 
     def _presented(self) -> tuple[str, Any]:
         return self.ROWS.get(self.method, self.method), self

@@ -342,12 +342,12 @@ def relu_rule(module: nn.Module, rule: str) -> Iterator[RuleState]:
         raise ValueError(f"rule must be one of {RULES}, not {rule!r}")
     state = RuleState(rule=rule)
     state.scripted = sum(isinstance(m, torch.jit.ScriptModule) for m in module.modules())
-    with _running_modules(module, state._running), _RuleMode(state):
+    with running_modules(module, state._running), _RuleMode(state):
         yield state
 
 
 @contextmanager
-def _running_modules(module: nn.Module, running: list[tuple[str, nn.Module]]) -> Iterator[None]:
+def running_modules(module: nn.Module, running: list[tuple[str, nn.Module]]) -> Iterator[None]:
     """Keep ``running`` as the stack of ``module``'s submodules whose forward is running (this
     thread's calls only: a model shared with another thread is left alone)."""
     thread = threading.get_ident()

@@ -252,6 +252,44 @@ def gradient_figure(result: Any, index: int = 0, model: Any = None, probability:
                   Bar(-scale, scale, "gradient per colour channel", rgb=GREY_RAMP))
 
 
+RELEVANCE_CMAP = "bwr"
+RELEVANCE_DISPLAY = ("signed, summed over colours: white is zero, red for the class, blue against it; scaled per "
+                     "image by the 99.5th percentile of |value|, clipped beyond")
+
+
+def relevance_picture(values: Any, scale: float | None = None) -> np.ndarray:
+    """``(H, W)`` signed map -> ``(H, W, 3)`` uint8 in blue-white-red: zero is white, the 99.5th
+    percentile of ``|value|`` reaches full red (positive) or blue (negative). LRP, Integrated
+    Gradients and SmoothGrad are shown this way (the heat maps of zennit and captum)."""
+    array = as_array(values)
+    scale = signed_scale(array) if scale is None else scale
+    if scale == 0.0:
+        return colorize(np.full(array.shape, 0.5, np.float32), RELEVANCE_CMAP)
+    return colorize(np.clip(0.5 + array / (2.0 * scale), 0.0, 1.0), RELEVANCE_CMAP)
+
+
+def relevance_figure(result: Any, index: int = 0, model: Any = None, probability: float | None = None,
+                     *, title: str, details: Sequence[str] = ()) -> np.ndarray:
+    """A signed attribution map summed over colours, zero-centred, with its real range."""
+    scale = signed_scale(result.maps[index])
+    lines = caption_lines(model=model, label=result.labels[index], class_index=int(result.targets[index]),
+                          probability=probability, score=float(result.scores[index]), details=(
+        *details, f"sum over colours; white = 0, clipped at the {CLIP_PERCENTILE:g}th percentile of |value|"))
+    return figure(relevance_picture(result.maps[index], scale), title, lines,
+                  Bar(-scale, scale, "attribution per pixel (red: for the class)", cmap=RELEVANCE_CMAP))
+
+
+def relevance_overlay_figure(photo: np.ndarray, result: Any, index: int = 0, model: Any = None,
+                             probability: float | None = None, *, title: str) -> np.ndarray:
+    """The positive part of the map in jet over the photo: where the evidence for the class is."""
+    positive = np.maximum(as_array(result.maps[index]), 0.0)
+    high = float(np.percentile(positive, CLIP_PERCENTILE))
+    lines = caption_lines(model=model, label=result.labels[index], class_index=int(result.targets[index]),
+                          probability=probability, score=float(result.scores[index]), details=(
+        f"positive part, 0 .. {CLIP_PERCENTILE:g}th percentile; jet over the photo",))
+    return figure(heat_picture(photo, positive), f"{title} over the photo", lines, Bar(0.0, high, "attribution"))
+
+
 def gradient_magnitude_figure(photo: np.ndarray, result: Any, index: int = 0, model: Any = None,
                               probability: float | None = None, *, title: str) -> np.ndarray:
     """The largest |attribution| over colours in jet over the photo, with its real range."""

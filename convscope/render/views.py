@@ -30,6 +30,7 @@ from convscope.render.grids import strip, tile, upscale
 from convscope.render.overlay import overlay
 from convscope.render.pictures import (
     MAGNITUDE_DISPLAY,
+    RELEVANCE_DISPLAY,
     SIGNED_DISPLAY,
     activation_figure,
     activation_pictures,
@@ -49,6 +50,9 @@ from convscope.render.pictures import (
     prediction_figure,
     prediction_picture,
     projection_figure,
+    relevance_figure,
+    relevance_overlay_figure,
+    relevance_picture,
     signed_picture,
     unit_scaled,
 )
@@ -426,6 +430,51 @@ def guided_views(result: Any, context: ViewContext) -> Views:
 
 def saliency_views(result: Any, context: ViewContext) -> Views:
     return _gradient_views(result, context, signed=False)
+
+
+def _attribution_details(result: Any, index: int) -> tuple[str, ...]:
+    """Caption lines of a relevance or path method: its settings, IG's completeness error."""
+    settings = getattr(result, "settings", {}) or {}
+    shown = ", ".join(f"{k} {v}" for k, v in settings.items() if isinstance(v, (str, int, float)))
+    lines = [shown] if shown else []
+    if result.method == "lrp":
+        total, score = float(result.attributions[index].sum()), float(result.scores[index])
+        lines.append(f"input relevance sums to {total:.3g} of the logit {score:.3g} (biases and merged "
+                     "BatchNorm shifts absorb the rest)")
+    if result.completeness is not None:
+        lines.append(f"completeness error {float(result.completeness[index]):+.3g} "
+                     "(sum of attributions minus the score's change from the baseline)")
+    return tuple(lines)
+
+
+def attribution_views(result: Any, context: ViewContext) -> Views:
+    """LRP, Integrated Gradients, SmoothGrad: the signed map summed over colours in blue-white-red
+    (zero white), and its positive part over the photo."""
+    i, model, p = context.index, context.captioned_model, context.probability
+    label, target, score = result.labels[i], int(result.targets[i]), float(result.scores[i])
+    title = context.title or result.method
+    word = context.method or result.method
+    details = _attribution_details(result, i)
+    main = View("map", title, relevance_picture(result.maps[i]),
+                f"{title} for {_target_text(label, target, score)}: red pixels carry evidence for the class, blue "
+                "against it, white none (summed over colours, clipped at the 99.5th percentile of |value|).",
+                partial(relevance_figure, result, i, model, p, title=title, details=details), suffix=word)
+    views = [main]
+    if context.photo is not None:
+        positive = result.maps[i].clamp(min=0)
+        views.append(View("overlay", f"{title} over the photo", heat_picture(context.photo, positive),
+                          "The evidence for the class (the positive part) in jet over the photo.",
+                          partial(relevance_overlay_figure, context.photo, result, i, model, p, title=title),
+                          suffix=f"{word}_overlay"))
+    record: dict[str, Any] = {
+        "class": target, "label": label, "score": score, "probability": p, "files": None,
+        "display": RELEVANCE_DISPLAY, "settings": dict(result.settings),
+        "sum": float(result.attributions[i].sum()),
+        "completeness_error": None if result.completeness is None else float(result.completeness[i]),
+        "uncovered": list(result.uncovered), "warnings": list(result.warnings),
+    }
+    return Views(tuple(views), record, files=tuple(views), main=main.key,
+                 line=_explaining(context, label, target, score), warnings=result.warnings)
 
 
 # ---------------------------------------------------------------- deconvnet

@@ -1,0 +1,138 @@
+"""Integrated Gradients vs captum ``IntegratedGradients``, same models, same photo, same run.
+
+Both integrate 50 Gauss-Legendre steps from the zero baseline for the photo's top class. captum
+runs with ``internal_batch_size`` at each of ``--peer-batches`` (10, 25, 50 by default) and the
+fastest of them is the peer; ours picks its chunk from the network's activation memory. Calls
+alternate (ours, then each peer setting) so all see the same machine load; each time is the best
+of ``--repeats`` calls after a warm-up, on the wall clock and in process CPU time. The ratio is
+peer / ours ("x faster", target >= 1.5); the equality column is the largest difference divided
+by the largest |attribution| (ours against the fastest peer setting).
+
+``--sweep 4,8,16,32`` also times ours at those fixed chunk sizes (points per forward/backward
+pass), to show where the chunk choice stands. On a shared machine ``--threads 1`` gives the
+steadiest ratios.
+
+    .venv/bin/python bench/ig.py [--models efficientnet_lite0,resnet50] [--steps 50] [--batch 1]
+        [--repeats 3] [--threads 1] [--tune] [--peer-batches 10,25,50] [--sweep 4,8,16,32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from _row import row  # bench/_row.py: the BENCH-ROW line of bench/table.py
+from PIL import Image
+
+from convscope.methods import paths
+from convscope.methods.paths import integrated_gradients
+from convscope.models.load import load_model
+
+
+def photos(count: int) -> list[Image.Image]:
+    import skimage
+
+    names = ["chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg"]
+    return [Image.open(Path(skimage.data_dir) / names[i % len(names)]).convert("RGB") for i in range(count)]
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, float]:
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def interleaved(calls: dict[str, Callable[[], Any]], repeats: int) -> dict[str, tuple[float, float]]:
+    """Best-of-``repeats`` (wall, cpu) seconds per call, the calls taking turns after a warm-up."""
+    for fn in calls.values():
+        fn()
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, fn in calls.items():
+            times[name].append(timed(fn))
+    return {name: (min(t[0] for t in runs), min(t[1] for t in runs)) for name, runs in times.items()}
+
+
+def with_chunk(size: int, fn: Callable[[], Any]) -> Callable[[], Any]:
+    def run() -> Any:
+        chosen = paths._chunk_size
+        paths._chunk_size = lambda *_: size  # type: ignore[assignment]
+        try:
+            return fn()
+        finally:
+            paths._chunk_size = chosen  # type: ignore[assignment]
+
+    return run
+
+
+def bench_model(name: str, args: argparse.Namespace) -> None:
+    from captum.attr import IntegratedGradients
+
+    weights = "pretrained" if name.startswith("efficientnet") else "random"
+    loaded = load_model(name, weights, seed=0, device="cpu")
+    module = loaded.module.eval()
+    x = loaded.preprocess.to_tensor(photos(args.batch))
+    with torch.no_grad():
+        targets = module(x).argmax(dim=1)
+    peer = IntegratedGradients(module)
+
+    def ours() -> torch.Tensor:
+        return integrated_gradients(loaded, x, target=targets, steps=args.steps).attributions
+
+    def captum(batch: int) -> Callable[[], torch.Tensor]:
+        return lambda: peer.attribute(x, baselines=0.0, target=targets, n_steps=args.steps,
+                                      method="gausslegendre", internal_batch_size=batch * args.batch)
+
+    calls: dict[str, Callable[[], Any]] = {"ours": ours}
+    calls |= {f"captum ibs={b}": captum(b) for b in args.peer_batches}
+    calls |= {f"ours chunk={c}": with_chunk(c, ours) for c in args.sweep}
+    times = interleaved(calls, args.repeats)
+    peers = {k: v for k, v in times.items() if k.startswith("captum")}
+    best = min(peers, key=lambda k: peers[k][0])
+    mine = ours()
+    theirs = captum(int(best.split("=")[1]))()
+    equality = float((mine - theirs).abs().max() / theirs.abs().max())
+    chunk = paths._chunk_size(loaded, x)
+    print(f"\n{name}: {args.steps} steps, batch {args.batch}, our chunk {chunk} points")
+    for label, (wall, cpu) in times.items():
+        print(f"  {label:<20}{wall * 1e3:>10.0f} ms wall{cpu * 1e3:>10.0f} ms cpu")
+    ratio, cpu_ratio = times[best][0] / times["ours"][0], times[best][1] / times["ours"][1]
+    print(f"  best peer: {best}; ours is {ratio:.2f}x faster (wall), {cpu_ratio:.2f}x (cpu); "
+          f"max |ours - captum| / max |captum| = {equality:.1e}")
+    row(f"integrated gradients {name}", f"captum IntegratedGradients ({best})", ratio, 1.5,
+        detail=f"{args.steps} steps, batch {args.batch}, wall; equality {equality:.1e}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="efficientnet_lite0,resnet50")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--batch", type=int, default=1, help="images per call")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    parser.add_argument("--tune", action="store_true", help="convscope.tune_cpu() first (ours and the peer)")
+    parser.add_argument("--peer-batches", default="10,25,50", help="captum internal_batch_size values (per image)")
+    parser.add_argument("--sweep", default="", help="also time ours at these fixed chunk sizes")
+    args = parser.parse_args()
+    args.peer_batches = [int(v) for v in args.peer_batches.split(",") if v]
+    args.sweep = [int(v) for v in args.sweep.split(",") if v]
+    if args.tune:
+        from convscope.runtime import tune_cpu
+
+        tune_cpu()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, best of {args.repeats} interleaved "
+          f"calls; tuned: {args.tune}")
+    for name in args.models.split(","):
+        bench_model(name, args)
+
+
+if __name__ == "__main__":
+    main()

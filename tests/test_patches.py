@@ -96,7 +96,8 @@ def test_channel_subset_and_small_dataset(zfnet, images_with_ties) -> None:
     assert some.layers["conv3"] == (full.layers["conv3"][2][:4], full.layers["conv3"][7][:4])
     document = some.to_json()
     assert document["channels"] == {"conv3": [2, 7]}
-    assert set(document) == {"model", "images", "skipped", "layers", "channels"}
+    assert set(document) == {"model", "rank", "images", "skipped", "layers", "channels"}
+    assert document["rank"] == "activation"
     assert set(document["layers"]["conv3"][0][0]) == {"image", "value", "cell", "box"}
     assert "channels" not in full.to_json()
 

@@ -1,7 +1,9 @@
-"""CLI command ``patches``: the top activations of every channel over a dataset (Zeiler & Fergus Fig. 2).
+"""CLI command ``patches``: the top activations of every channel over a dataset (Zeiler & Fergus Fig. 2),
+or with ``--rank relevance`` the images where each channel mattered most for a class (CRP).
 
 Mines the data once (resumable, shardable with torchrun), then loads the winners again to draw
-each channel's crops beside their deconvnet projections, and writes ``patches.json``,
+each channel's crops beside their deconvnet projections (conditional relevance maps for a
+relevance ranking), and writes ``patches.json``,
 ``LAYER/channel_K.png``, ``index.html`` and ``manifest.json`` (last). Under torchrun only rank 0
 projects and writes.
 """
@@ -21,7 +23,8 @@ from convscope.cli.options import DeviceOpt, ModelOpt, OutDirOpt, OutputIndexOpt
 from convscope.cli.output import OutputDir, prepare_folder, safe_name
 from convscope.cli.progress import progress_bar
 from convscope.errors import BadArgument, DataError, OutputError
-from convscope.parsing import parse_int, shown
+from convscope.methods.registry import cli_choices
+from convscope.parsing import parse_class_index, parse_int, shown
 
 STATE_FOLDER = ".patches-state"
 MAX_LISTED = 10
@@ -29,6 +32,13 @@ MAX_LISTED = 10
 # once the model is loaded. No feature map comes near it.
 MAX_CHANNELS = 1 << 16
 _CHANNELS_FORM = "expected ids and ranges like 0-63 or 3,7,10-12"
+COMPOSITES = cli_choices("lrp", "--composite")
+
+
+def parse_target(text: str | None) -> int | str | None:
+    """``--target``: a class index (ASCII digits), or a word (a class name, or ``predicted``, which
+    the library reads as each image's top-1 class); ``None`` when absent."""
+    return None if text is None else parse_class_index(text, subject="--target")
 
 
 def parse_channels(spec: str | None) -> list[int] | None:
@@ -96,7 +106,7 @@ def patches_command(
         str | None, typer.Option("--channels", help="Channels to mine, e.g. 0-63 or 3,7,10-12 (default: all).")
     ] = None,
     no_projections: Annotated[
-        bool, typer.Option("--no-projections", help="Crops only: skip the deconvnet projections.")
+        bool, typer.Option("--no-projections", help="Crops only: skip the projections (deconvnet, or relevance maps).")
     ] = False,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass.")] = 64,
     workers: Annotated[
@@ -108,6 +118,18 @@ def patches_command(
     checkpoint_every: Annotated[
         int, typer.Option("--checkpoint-every", min=1, help="Batches between checkpoints of the running state.")
     ] = 50,
+    rank: Annotated[
+        str, typer.Option("--rank", help="activation: how strongly each channel fires; relevance: how much it "
+                          "contributed to the --target class (CRP, with LRP).")
+    ] = "activation",
+    target: Annotated[
+        str | None, typer.Option("--target", "-t", help="With --rank relevance (required): the class, an index or "
+                                 "a name, or 'predicted' (each image's top-1 class).")
+    ] = None,
+    composite: Annotated[
+        str | None, typer.Option("--composite", help="With --rank relevance: the LRP rules, "
+                                 f"{', '.join(COMPOSITES)} (default {COMPOSITES[0]}).")
+    ] = None,
 ) -> None:
     """Top-9 dataset patches of every channel: crops under the receptive field beside their
     deconvnet projections (Zeiler & Fergus 2014, Fig. 2).
@@ -119,11 +141,23 @@ def patches_command(
     settings, weights or images. Under
     torchrun --nproc-per-node N -m convscope patches ... each rank mines a shard and rank 0 writes.
 
+    With --rank relevance --target CLASS|predicted the images are ranked by each channel's
+    conditional relevance for that class (Concept Relevance Propagation: LRP from the class
+    score to the layer, summed over the channel's map), the box is the receptive field at the
+    channel's most relevant cell, and the right-hand pictures are its conditional relevance maps
+    at the input (the channel's relevance alone, carried on to the pixels).
+
     Examples: convscope patches photos/ --layer stage3 --channels 0-15 -o out/ |
-    convscope patches fashion-mnist --model zfnet_mnist --weights runs/fm/best.pt --layer conv1 --layer conv5 -o out/
+    convscope patches fashion-mnist --model zfnet_mnist --weights runs/fm/best.pt --layer conv1 --layer conv5 -o out/ |
+    convscope patches photos/ --layer stage5 --rank relevance --target predicted -o out/
     """
     # Options first, before torch loads: a bad --channels or -o is one line in about a second.
     chosen = parse_channels(channels)
+    wanted = parse_target(target)
+    if rank != "activation" or wanted is not None or composite is not None:
+        from convscope.dataset.patches import check_ranking  # the library's words for rankings (loads torch)
+
+        check_ranking(rank, wanted, composite)
     prepare_folder(output)  # before any work, as every command does: a file or /dev/null is one line
 
     from convscope.dataset.patches import collect_patches, top_patches
@@ -158,6 +192,7 @@ def patches_command(
                 index = top_patches(
                     loaded, source, layer, top=top, channels=chosen, batch_size=batch_size, workers=workers,
                     progress=advance, checkpoint=state_dir, checkpoint_every=checkpoint_every, resume=resume,
+                    rank=rank, target=wanted, composite=composite,
                 )
             mining_seconds = time.perf_counter() - started
         except BaseException:
@@ -168,6 +203,11 @@ def patches_command(
     # outside it, so the others do not wait on it (nor time out) while it renders.
     if not world.is_rank0:
         return
+    if index.uncovered:
+        shown_paths = ", ".join(index.uncovered[:MAX_LISTED]) + (
+            f" and {len(index.uncovered) - MAX_LISTED} more" if len(index.uncovered) > MAX_LISTED else "")
+        typer.echo(f"warning: no LRP rule covers {shown_paths}: relevance passes them as a plain gradient "
+                   "(listed in patches.json)", err=True)
     if index.images == 0:
         for image, reason in index.skipped[:MAX_LISTED]:
             typer.echo(f"error: {image}: {reason}", err=True)
@@ -184,8 +224,9 @@ def patches_command(
         ):
             link = None
             if patches.entries:
-                picture = channel_figure(patches.crops, patches.projections, [e.value for e in patches.entries])
-                written = out.png(f"{safe_name(patches.layer)}/channel_{patches.channel}.png", picture)
+                picture = channel_figure(patches.crops, patches.projections, [e.value for e in patches.entries],
+                                         relevance=index.rank == "relevance")
+                written = out.png(f"{safe_name(patches.layer)}/channel_{patches.channel}.png", picture, defer=True)
                 # The name OutputDir chose (channel_0_2.png beside a user's channel_0.png), not the one asked for.
                 link = written.relative_to(out.root).as_posix()
             gallery[patches.layer].append({
@@ -198,18 +239,22 @@ def patches_command(
     notes = [
         f"model {index.model} ({loaded.weights}); data {index.source}: {index.images} images"
         + (f", {len(index.skipped)} skipped (listed in patches.json)" if index.skipped else ""),
-        "left: the input under each activation's receptive field; right: its deconvnet projection"
-        if not no_projections else "the input under each activation's receptive field",
+        _picture_note(index.rank, not no_projections),
     ]
+    if index.rank == "relevance":
+        notes.insert(1, f"ranked by each channel's relevance for {_target_words(index.target, index.label)} "
+                     f"(CRP: LRP with the {index.composite} composite, summed over the channel's map)")
     inexact = [name for name, exact in index.boxes_exact.items() if not exact]
     if inexact:
         notes.append(
             f"receptive fields of {', '.join(inexact)} are approximate (the network leaves a plain conv/pool "
             "chain, e.g. residual additions): the crops follow the main path"
         )
-    out.text("index.html", gallery_html(f"Top-{top} patches", gallery, notes=notes))
+    title = f"Top-{top} patches" + (" by relevance" if index.rank == "relevance" else "")
+    out.text("index.html", gallery_html(title, gallery, notes=notes))
     out.manifest("patches", {
         "data": data, "model": loaded.name, "weights": loaded.weights, "layers": list(layer),
+        "rank": index.rank, "target": index.target, "composite": index.composite,
         "top": top, "channels": channels, "projections": not no_projections, "batch_size": batch_size,
         "workers": workers, "processes": world.size, "images": index.images, "skipped": len(index.skipped),
         "boxes_exact": index.boxes_exact,
@@ -237,3 +282,18 @@ def patches_command(
             typer.echo(f"  ... and {len(index.skipped) - MAX_LISTED} more (see patches.json)", err=True)
         raise typer.Exit(EXIT_USER_ERROR)
 
+
+
+def _target_words(target: int | str | None, label: str | None) -> str:
+    if target == "predicted":
+        return "each image's predicted (top-1) class"
+    return f"class {target}" + (f" ({label})" if label else "")
+
+
+def _picture_note(rank: str, projections: bool) -> str:
+    """What the gallery's tiles are."""
+    if rank == "relevance":
+        where = "the input under the receptive field of the channel's most relevant cell"
+        return f"left: {where}; right: the channel's conditional relevance map (signed)" if projections else where
+    where = "the input under each activation's receptive field"
+    return f"left: {where}; right: its deconvnet projection" if projections else where

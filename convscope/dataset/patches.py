@@ -36,11 +36,41 @@ with channels x top, never with the dataset.
 
 Receptive-field boxes come from ``probes.geometry``: ``[x0, y0, x1, y1]`` in the network input's
 pixels, right/bottom exclusive, clipped to the image.
+
+**Ranking by relevance** (``rank="relevance"``; Concept Relevance Propagation, Achtibat et al.
+2023, zennit-crp's "relevance maximization") asks a different question: not which images make
+the channel fire, but in which images the channel *contributed most to the decision* for a
+class. Per image, LRP (``probes.lrp_rules``, a composite of rules) propagates the target logit
+back through the network; the relevance arriving at the mined layer, summed over the channel's
+map, is the channel's conditional relevance for that image, and the image's score. Its cell is
+that of the channel's largest relevance, and its box the receptive field there, exactly as for
+an activation. zennit-crp ranks the same sum, by default divided by the layer's total absolute
+relevance (``abs_norm``); the raw sum is kept here, so a value reads in logit units and an image
+whose other channels carry more relevance is not pushed up. The ranking pass is one forward and
+one backward per batch for all channels of all layers: every mined layer's relevance is the
+gradient arriving at its output in the same backward. The target is a class (index or label) or
+``"predicted"``, each image's own top-1 class.
+
+Its projections are the channels' conditional heatmaps (CRP): the relevance at the mined layer
+kept on the one channel (all other channels zeroed) and propagated on to the input with the same
+rules, so the map shows where in the image the relevance passing through that channel comes from
+and sums to the channel's relevance up to the rules' stabilisers and biases. Only relevance
+flowing *through* the layer is followed: a residual path around it (zennit-crp's mask hook would
+let it through) is not part of the channel's contribution. One forward and two backward halves
+(logits to the layer, the layer to the input) serve a batch of winners, each row an image
+repeated with its own channel's mask.
+
+The exactness promise of the merge carries over when each image's relevance does not depend on
+its batch neighbours. The backward pass makes that a little weaker than the forward one: a
+matrix product may round differently for another batch size, so across other batchings (other
+``batch_size``, torchrun shards) values agree to float rounding and only near-ties can swap. A
+resumed run continues on the same batch boundaries and is unaffected.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,19 +85,25 @@ from convscope.dataset.state import (
     state_path,
     weights_digest,
 )
-from convscope.dataset.topk import EMPTY, TopkTable, merge_topk
+from convscope.dataset.topk import EMPTY, TopkTable, merge_topk, relevance_peaks
 from convscope.distributed import World, current_world, shard_range
-from convscope.errors import BadArgument
+from convscope.errors import BadArgument, BadTarget, UnknownLayer, close_matches
 from convscope.methods._common import ModelLike
+from convscope.methods.gradcam import feature_map_of
+from convscope.methods.targets import resolve_targets
 from convscope.models.load import as_loaded
 from convscope.probes.geometry import Geometry, cell_boxes_xyxy, layer_geometries
 from convscope.probes.hooks import capture, eval_mode, reduce_outputs
 from convscope.probes.layers import map_layer
 from convscope.probes.layout import Layout
+from convscope.probes.lrp_rules import COMPOSITES, LrpState, box_bounds, lrp_rules
 from convscope.types import LoadedModel
 
 Progress = Callable[[int], None]
 ChannelsArg = Sequence[int] | Mapping[str, Sequence[int]] | None
+RANKS = ("activation", "relevance")
+PREDICTED = "predicted"  # the relevance target meaning each image's own top-1 class
+DEFAULT_COMPOSITE = COMPOSITES[0]  # epsilon-plus-flat, zennit-crp's usual choice
 
 
 @dataclass(frozen=True)
@@ -77,8 +113,9 @@ class PatchEntry:
     Attributes:
         image: the image's path, or its position for Fashion-MNIST and tensors.
         index: its position in the source.
-        value: the activation (the channel's maximum over the image's map).
-        cell: ``(y, x)`` of that maximum in the feature map.
+        value: the activation (the channel's maximum over the image's map), or for a relevance
+            ranking the channel's relevance (its relevance summed over the map).
+        cell: ``(y, x)`` of that maximum (of the largest relevance) in the feature map.
         box: ``(x0, y0, x1, y1)`` input pixels the cell sees, right/bottom exclusive, clipped.
     """
 
@@ -107,6 +144,12 @@ class PatchIndex:
         top: entries asked for per channel (fewer when the dataset is smaller).
         input_size: ``(H, W)`` of the network input the boxes refer to.
         boxes_exact: layer -> whether its receptive field is exact (plain conv/pool chain).
+        rank: ``"activation"`` or ``"relevance"``: what the lists are ranked by.
+        target: for a relevance ranking, the explained class index or ``"predicted"``.
+        label: that class's name, when the model has names.
+        composite: for a relevance ranking, the LRP composite.
+        uncovered: for a relevance ranking, the module paths no LRP rule covers (relevance
+            passes them as a plain gradient).
     """
 
     model: str
@@ -119,11 +162,22 @@ class PatchIndex:
     top: int
     input_size: tuple[int, int]
     boxes_exact: dict[str, bool]
+    rank: str = "activation"
+    target: int | str | None = None
+    label: str | None = None
+    composite: str | None = None
+    uncovered: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         """The ``patches.json`` document (no timings: equal runs give equal bytes)."""
-        document: dict[str, Any] = {
-            "model": self.model,
+        document: dict[str, Any] = {"model": self.model, "rank": self.rank}
+        if self.rank == "relevance":
+            document["target"] = self.target
+            if self.label is not None:
+                document["label"] = self.label
+            document["composite"] = self.composite
+            document["uncovered"] = list(self.uncovered)
+        document |= {
             "images": self.images,
             "skipped": [{"path": str(image), "error": reason} for image, reason in self.skipped],
             "layers": {
@@ -147,7 +201,9 @@ class ChannelPatches:
         crops: per entry, ``(C, h, w)`` float32 in ``[0, 1]``: the network's view of the image
             under the entry's box.
         projections: per entry, ``(C, h, w)`` float32 deconvnet projection of the activation,
-            cropped to the same box; ``None`` when projections were not asked for.
+            or for a relevance ranking the channel's conditional relevance map at the input
+            (signed, per colour channel), cropped to the same box; ``None`` when projections
+            were not asked for.
     """
 
     layer: str
@@ -197,6 +253,100 @@ def _forward(module: torch.nn.Module, x: torch.Tensor) -> None:
 
 
 @dataclass(frozen=True)
+class Ranking:
+    """What the lists are ranked by.
+
+    Attributes:
+        rank: ``"activation"`` or ``"relevance"``.
+        target: relevance only: the explained class index, or ``PREDICTED``.
+        composite: relevance only: the LRP composite (one of ``COMPOSITES``).
+        uncovered: relevance only: module paths no LRP rule covers (relevance passes them as
+            a plain gradient; see ``probes.lrp_rules``).
+    """
+
+    rank: str = "activation"
+    target: int | str | None = None
+    composite: str | None = None
+    uncovered: tuple[str, ...] = ()
+
+
+def check_ranking(rank: str, target: int | str | None, composite: str | None) -> None:
+    """Refuse a ranking that cannot work, before any model or data is touched.
+
+    Raises:
+        BadArgument: an unknown ``rank`` or ``composite``; ``target`` missing with
+            ``rank="relevance"``, or ``target``/``composite`` given with ``rank="activation"``.
+    """
+    if rank not in RANKS:
+        raise BadArgument(f"--rank {rank}", "must be one of " + ", ".join(RANKS), close_matches(str(rank), RANKS))
+    if rank == "activation":
+        for flag, value in (("--target", target), ("--composite", composite)):
+            if value is not None:
+                raise BadArgument(flag, "only applies to --rank relevance (an activation ranking explains no class)")
+        return
+    if target is None:
+        raise BadArgument("--target", "is required with --rank relevance",
+                          f"give a class index, a class name, or {PREDICTED} (each image's top-1 class)")
+    if composite is not None and composite not in COMPOSITES:
+        raise BadArgument(f"--composite {composite}", "must be one of " + ", ".join(COMPOSITES),
+                          close_matches(str(composite), COMPOSITES))
+
+
+def _resolve_ranking(loaded: LoadedModel, shape: tuple[int, ...], rank: str, target: int | str | None,
+                     composite: str | None) -> Ranking:
+    """The ranking with its target checked against the model: a label becomes its index, an index
+    is checked to be one of the model's classes. One probe forward under the rules reads the class
+    count and the layers no rule covers."""
+    if rank == "activation":
+        return Ranking()
+    chosen = composite or DEFAULT_COMPOSITE
+    probe = torch.zeros((1, *shape), device=loaded.device, dtype=loaded.dtype).requires_grad_(True)
+    with eval_mode(loaded.module), torch.enable_grad(), _rules(loaded, chosen) as rules:
+        logits = loaded.module(probe).detach()
+    wanted = None if target == PREDICTED else target
+    try:
+        # Also refuses a model whose output is not (N, classes) scores, with its own message.
+        index = resolve_targets(wanted, logits, loaded.categories, loaded.name)
+    except BadTarget as exc:
+        if wanted is None or exc.subject == loaded.name:
+            raise
+        raise BadTarget(f"--target {target}", exc.reason, exc.hint) from None
+    return Ranking("relevance", PREDICTED if wanted is None else int(index[0]), chosen, rules.uncovered)
+
+
+def _rules(loaded: LoadedModel, composite: str) -> AbstractContextManager[LrpState]:
+    """The LRP rules of ``composite`` on the model; the z-box bounds (epsilon-gamma-box) are the
+    normalised values of pixels 0 and 1 under the model's preprocessing."""
+    if composite == "epsilon-gamma-box":
+        low, high = box_bounds(loaded.preprocess.mean, loaded.preprocess.std)
+        return lrp_rules(loaded.module, composite, low=low.to(loaded.device), high=high.to(loaded.device))
+    return lrp_rules(loaded.module, composite)
+
+
+def _relevance_seed(logits: torch.Tensor, target: int | str | None, loaded: LoadedModel) -> torch.Tensor:
+    """LRP's start: each row's target logit in its place, zeros elsewhere (``one_hot * logits``)."""
+    targets = resolve_targets(None if target == PREDICTED else target, logits, loaded.categories, loaded.name)
+    rows = targets[:, None]
+    return torch.zeros_like(logits).scatter_(1, rows, logits.detach().gather(1, rows))
+
+
+def _relevance_at(
+    outputs: Sequence[torch.Tensor], logits: torch.Tensor, seed: torch.Tensor, names: Sequence[str],
+    *, retain_graph: bool = False,
+) -> list[torch.Tensor]:
+    """The relevance arriving at each captured layer output, from one backward pass."""
+    for name, output in zip(names, outputs, strict=True):
+        if not output.requires_grad:
+            raise UnknownLayer(name, "is not differentiable (its output is detached from the graph)")
+    grads = torch.autograd.grad(logits, list(outputs), grad_outputs=seed, retain_graph=retain_graph,
+                                allow_unused=True)
+    for name, grad in zip(names, grads, strict=True):
+        if grad is None:
+            raise UnknownLayer(name, "does not influence the class score", "pick a layer before the classifier")
+    return [grad for grad in grads if grad is not None]
+
+
+@dataclass(frozen=True)
 class _Plan:
     loaded: LoadedModel
     source: ImageSource
@@ -209,6 +359,7 @@ class _Plan:
     geometry: dict[str, Geometry]
     chosen: dict[str, list[int] | None]
     input_size: tuple[int, int]
+    shape: tuple[int, ...]
 
 
 def _plan(model: ModelLike, data: Any, layers: str | Sequence[str], channels: ChannelsArg) -> _Plan:
@@ -222,8 +373,6 @@ def _plan(model: ModelLike, data: Any, layers: str | Sequence[str], channels: Ch
     resolved = {name: (layer.path, layer.module) for name, layer in found.items()}
     layouts = {name: layer.layout for name, layer in found.items()}
     probe_input = torch.zeros((1, *shape), device=loaded.device, dtype=loaded.dtype)
-    from convscope.methods.gradcam import feature_map_of
-
     with capture(loaded.module, {name: module for name, (_, module) in resolved.items()}, layouts=layouts) as probe:
         by_path = layer_geometries(loaded.module, probe_input, sorted({p for p, _ in resolved.values()}))
     outputs = {name: feature_map_of(probe, name, name) for name in names}
@@ -240,6 +389,7 @@ def _plan(model: ModelLike, data: Any, layers: str | Sequence[str], channels: Ch
         geometry={name: by_path[path] for name, (path, _) in resolved.items()},
         chosen=_channel_lists(channels, counts),
         input_size=(int(shape[-2]), int(shape[-1])),
+        shape=tuple(int(n) for n in shape),
     )
 
 
@@ -256,12 +406,15 @@ def top_patches(
     checkpoint: str | Path | None = None,
     checkpoint_every: int = 50,
     resume: bool = False,
+    rank: str = "activation",
+    target: int | str | None = None,
+    composite: str | None = None,
 ) -> PatchIndex:
-    """Mine the ``top`` strongest activations of every channel of ``layers`` over a dataset.
+    """Mine the ``top`` strongest activations (or most relevant channels) of ``layers`` over a dataset.
 
-    One forward pass per batch serves all layers. Under torchrun (an initialised process
-    group, see ``convscope.distributed``) each rank mines its shard and every rank returns the
-    merged index.
+    One forward pass per batch serves all layers (and for ``rank="relevance"`` one backward).
+    Under torchrun (an initialised process group, see ``convscope.distributed``) each rank mines
+    its shard and every rank returns the merged index.
 
     Args:
         model: a ``LoadedModel`` or any ``nn.Module``.
@@ -278,15 +431,22 @@ def top_patches(
             atomically every ``checkpoint_every`` batches, at the end and on Ctrl-C. Nothing in it
             is ever deleted here (see ``release_state_folder``).
         resume: continue from the state in ``checkpoint`` when there is one; it must have been
-            made with the same settings, weights and images.
+            made with the same settings (ranking included), weights and images.
+        rank: ``"activation"`` (the channel's maximum over its map) or ``"relevance"`` (its
+            conditional relevance for ``target``, CRP; see the module docstring).
+        target: with ``rank="relevance"`` (required there, refused otherwise): a class index, a
+            class name, or ``"predicted"`` for each image's own top-1 class.
+        composite: with ``rank="relevance"``: the LRP composite, one of ``COMPOSITES``
+            (default ``epsilon-plus-flat``).
 
     Returns:
         the ``PatchIndex``.
 
     Raises:
         UnknownLayer: a bad layer, or one whose output is not a ``(N, C, h, w)`` feature map.
-        BadArgument: bad ``top``, ``batch_size``, ``workers`` or channels; a checkpoint made
-            with other settings, other weights or over other images.
+        BadArgument: bad ``top``, ``batch_size``, ``workers``, channels or ranking; a checkpoint
+            made with other settings, other weights or over other images.
+        BadTarget: a ``target`` that is not a class of the model.
         DataError: nothing to read.
     """
     if top < 1:
@@ -297,7 +457,9 @@ def top_patches(
         raise BadArgument(f"--workers {workers}", "must be 0 or more")
     if checkpoint_every < 1:
         raise BadArgument(f"--checkpoint-every {checkpoint_every}", "must be at least 1")
+    check_ranking(rank, target, composite)
     plan = _plan(model, data, layers, channels)
+    ranking = _resolve_ranking(plan.loaded, plan.shape, rank, target, composite)
     loaded, source = plan.loaded, plan.source
     device = loaded.device
     world = current_world()
@@ -321,6 +483,11 @@ def top_patches(
         "channels": [plan.chosen[name] for name in plan.names],
         "top": top,
         "batch_size": batch_size,
+        # ("rank" is the process's rank below.) A relevance table is no activation table, and a
+        # class's relevance no other class's: all three are part of what a state is a state of.
+        "ranking": ranking.rank,
+        "target": ranking.target,
+        "composite": ranking.composite,
         "rank": world.rank,
         "world": world.size,
     }
@@ -338,24 +505,17 @@ def top_patches(
 
     committed = state
     since_save = 0
-    current: dict[str, Any] = {}  # the batch in flight: its image positions and the tables it starts from
-
-    def merge_batch(name: str, output: torch.Tensor) -> TopkTable:
-        # In the hook, on the module's own output: nothing downstream has run, so no copy is kept.
-        positions = current["positions"]
-        return current["tables"][name].update_from_maps(output[: len(positions)], chosen_index[name], positions)
-
-    with eval_mode(loaded.module), torch.no_grad(), reduce_outputs(loaded.module, plan.modules, merge_batch, layouts=plan.layouts) as found:
+    with ExitStack() as stack:
+        stack.enter_context(eval_mode(loaded.module))
+        if ranking.rank == "relevance":
+            mine = _relevance_miner(stack, plan, chosen_index, ranking)
+        else:
+            mine = _activation_miner(stack, plan, chosen_index)
         try:
             for batch in source.batches(range(state.position, shard.stop), batch_size, workers):
                 tables = committed.tables
                 if len(batch.indices):
-                    found.clear()
-                    current.update(positions=batch.indices, tables=committed.tables)
-                    _forward(loaded.module, batch.images.to(device=device, dtype=loaded.dtype))
-                    tables = {}
-                    for name in plan.names:
-                        tables[name] = found.last(name)  # a module called twice: its last call
+                    tables = mine(batch.images.to(device=device, dtype=loaded.dtype), batch.indices, tables)
                 # One assignment, so an interrupt never leaves a half-updated state to save.
                 committed = MinerState(
                     committed.position + batch.consumed,
@@ -375,10 +535,60 @@ def top_patches(
             raise
     if path is not None and since_save:
         save_state(path, config, committed)
-    return _finish(plan, committed, world, top)
+    return _finish(plan, committed, world, top, ranking)
 
 
-def _finish(plan: _Plan, state: MinerState, world: World, top: int) -> PatchIndex:
+Miner = Callable[[torch.Tensor, torch.Tensor, dict[str, TopkTable]], dict[str, TopkTable]]
+
+
+def _activation_miner(stack: ExitStack, plan: _Plan, chosen: dict[str, torch.Tensor | None]) -> Miner:
+    """``(images, positions, tables) -> tables`` merging each channel's maximum; its hooks on ``stack``."""
+    current: dict[str, Any] = {}  # the batch in flight: its image positions and the tables it starts from
+
+    def merge_batch(name: str, output: torch.Tensor) -> TopkTable:
+        # In the hook, on the module's own output: nothing downstream has run, so no copy is kept.
+        positions = current["positions"]
+        return current["tables"][name].update_from_maps(output[: len(positions)], chosen[name], positions)
+
+    stack.enter_context(torch.no_grad())
+    found = stack.enter_context(reduce_outputs(plan.loaded.module, plan.modules, merge_batch, layouts=plan.layouts))
+
+    def mine(images: torch.Tensor, positions: torch.Tensor, tables: dict[str, TopkTable]) -> dict[str, TopkTable]:
+        found.clear()
+        current.update(positions=positions, tables=tables)
+        _forward(plan.loaded.module, images)
+        return {name: found.last(name) for name in plan.names}  # a module called twice: its last call
+
+    return mine
+
+
+def _relevance_miner(stack: ExitStack, plan: _Plan, chosen: dict[str, torch.Tensor | None], ranking: Ranking) -> Miner:
+    """``(images, positions, tables) -> tables`` merging each channel's relevance for the target:
+    one forward and one LRP backward per batch give the relevance at every mined layer."""
+    loaded = plan.loaded
+    stack.enter_context(torch.enable_grad())
+    stack.enter_context(_rules(loaded, ranking.composite or DEFAULT_COMPOSITE))
+    store = stack.enter_context(capture(loaded.module, plan.modules, mode="graph", layouts=plan.layouts))
+
+    def mine(images: torch.Tensor, positions: torch.Tensor, tables: dict[str, TopkTable]) -> dict[str, TopkTable]:
+        store.clear()
+        count = images.shape[0]
+        # A lone image goes in twice, for the reason ``_forward`` gives; the rows do not interact.
+        x = (torch.cat([images, images]) if count == 1 else images).detach().requires_grad_(True)
+        logits = loaded.module(x)
+        seed = _relevance_seed(logits, ranking.target, loaded)
+        outputs = [feature_map_of(store, name, name) for name in plan.names]
+        relevance = _relevance_at(outputs, logits, seed, plan.names)
+        store.clear()  # the graph goes with the batch
+        return {
+            name: tables[name].update(*relevance_peaks(maps[:count].detach(), chosen[name]), positions)
+            for name, maps in zip(plan.names, relevance, strict=True)
+        }
+
+    return mine
+
+
+def _finish(plan: _Plan, state: MinerState, world: World, top: int, ranking: Ranking) -> PatchIndex:
     width = min(top, len(plan.source))
     tables = state.tables
     images = state.images
@@ -433,7 +643,18 @@ def _finish(plan: _Plan, state: MinerState, world: World, top: int) -> PatchInde
         top=top,
         input_size=plan.input_size,
         boxes_exact={name: plan.geometry[name].exact for name in plan.names},
+        rank=ranking.rank,
+        target=ranking.target,
+        label=_class_name(plan.loaded, ranking.target),
+        composite=ranking.composite,
+        uncovered=ranking.uncovered,
     )
+
+
+def _class_name(loaded: LoadedModel, target: int | str | None) -> str | None:
+    if isinstance(target, int) and target < len(loaded.categories):
+        return str(loaded.categories[target])
+    return None
 
 
 # -- projections ---------------------------------------------------------------------------------
@@ -452,8 +673,10 @@ def collect_patches(
     """Load the winners of ``index`` again and yield each channel's crops and projections.
 
     Only the winning images are read (``channels x top`` of them per layer, repeats included),
-    ``batch_size`` at a time, with one deconvnet backward per batch. Channels come out layer by
-    layer in channel order, each as soon as its entries are done, so memory stays one batch.
+    ``batch_size`` at a time, with one deconvnet backward per batch, or for a relevance index
+    one LRP pass giving each entry's conditional relevance map (``conditional_relevance``).
+    Channels come out layer by layer in channel order, each as soon as its entries are done, so
+    memory stays one batch.
 
     Args:
         data: the same data ``index`` was mined from.
@@ -479,10 +702,13 @@ def collect_patches(
             batch = source.load([entry.index for _, entry in chunk]).to(device=loaded.device, dtype=loaded.dtype)
             display = loaded.preprocess.to_display(batch).float().cpu()
             result = None
-            if projections:
+            chunk_channels = torch.tensor([ids[slot] for slot, _ in chunk], dtype=torch.int64)
+            if projections and index.rank == "relevance":
+                result = conditional_relevance(
+                    loaded, batch, name, chunk_channels, index.target, index.composite or DEFAULT_COMPOSITE)
+            elif projections:
                 result = project_cells(
-                    loaded, batch, name,
-                    torch.tensor([ids[slot] for slot, _ in chunk], dtype=torch.int64),
+                    loaded, batch, name, chunk_channels,
                     torch.tensor([entry.cell for _, entry in chunk], dtype=torch.int64),
                 )
             for i, (slot, entry) in enumerate(chunk):
@@ -512,3 +738,47 @@ def _channel(
         crops=tuple(crops.pop(slot, [])),
         projections=tuple(projected.pop(slot, [])) if projections else None,
     )
+
+
+def conditional_relevance(
+    model: ModelLike, images: torch.Tensor, layer: str, channels: torch.Tensor, target: int | str | None,
+    composite: str = DEFAULT_COMPOSITE,
+) -> torch.Tensor:
+    """CRP's conditional heatmap of one channel per image: its relevance, propagated to the input.
+
+    Row ``i`` propagates the LRP relevance of ``target`` down to ``layer``, keeps only channel
+    ``channels[i]`` there, and carries it on to the input with the same rules. All rows share one
+    forward pass and one backward (in two halves: logits to the layer, the layer to the input);
+    to see several channels of one image, repeat the image. Only relevance passing through the
+    layer reaches the input (see the module docstring).
+
+    Args:
+        images: a normalised ``(N, C, H, W)`` batch (repeats allowed).
+        channels: ``(N,)`` int64 channel per row.
+        target: a class index, or ``"predicted"`` (each row's top-1 class).
+        composite: one of ``COMPOSITES``.
+
+    Returns:
+        ``(N, C, H, W)`` float32 input relevance on the CPU, signed.
+
+    Raises:
+        UnknownLayer: as ``top_patches``.
+    """
+    loaded = as_loaded(model)
+    mapped = map_layer(loaded, layer, tuple(images.shape[1:]))
+    with ExitStack() as stack:
+        stack.enter_context(eval_mode(loaded.module))
+        stack.enter_context(torch.enable_grad())
+        stack.enter_context(_rules(loaded, composite))
+        store = stack.enter_context(
+            capture(loaded.module, {layer: mapped.module}, mode="graph", layouts={layer: mapped.layout}))
+        x = images.detach().requires_grad_(True)
+        logits = loaded.module(x)
+        output = feature_map_of(store, layer, layer)
+        (relevance,) = _relevance_at([output], logits, _relevance_seed(logits, target, loaded), [layer],
+                                     retain_graph=True)
+        rows = torch.arange(output.shape[0], device=output.device)
+        kept = torch.zeros_like(relevance)
+        kept[rows, channels.to(output.device)] = relevance[rows, channels.to(output.device)]
+        (heatmap,) = torch.autograd.grad(output, x, grad_outputs=kept)
+    return heatmap.detach().float().cpu()  # the rules' backward may have built a graph of its own

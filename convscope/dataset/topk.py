@@ -117,3 +117,17 @@ def peaks(output: torch.Tensor, chosen: torch.Tensor | None) -> tuple[torch.Tens
     # max over a dim returns the first index among equal maxima (documented), i.e. row-major.
     values, where = output.flatten(2).max(dim=2)
     return torch.nan_to_num(values.float(), nan=float("-inf")), where
+
+
+def relevance_peaks(relevance: torch.Tensor, chosen: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B, C, h, w)`` relevance -> per image and channel its sum over the map and the flat cell of
+    its largest value, ``(B, C)`` each (CRP's channel relevance and its reference cell).
+
+    The sum ranks the image; the cell (the first of equal maxima, row-major) places its box. A
+    NaN sum counts as ``-inf``, as a NaN activation does in ``peaks``.
+    """
+    if chosen is not None:
+        relevance = relevance.index_select(1, chosen)
+    flat = relevance.flatten(2)
+    values = flat.sum(dim=2, dtype=torch.float32)
+    return torch.nan_to_num(values, nan=float("-inf")), flat.argmax(dim=2)

@@ -11,9 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from convscope.render.colormaps import to_rgb_uint8
+from convscope.render.colormaps import as_array, to_rgb_uint8
 from convscope.render.grids import tile
-from convscope.render.pictures import signed_picture
+from convscope.render.pictures import relevance_picture, signed_picture
 
 GREY = 128
 
@@ -41,13 +41,16 @@ def channel_figure(
     values: Sequence[float],
     *,
     min_side: int = 64,
+    relevance: bool = False,
 ) -> np.ndarray:
     """One channel's figure: a grid of the crops, and beside it the grid of their projections.
 
     Args:
         crops: per entry, ``(C, h, w)`` float in ``[0, 1]`` (C = 1 or 3).
         projections: per entry, ``(C, h, w)`` signed projections (zero shown mid-grey), or ``None``.
-        values: per entry, the activation, written on both of its tiles.
+        values: per entry, the activation (or relevance), written on both of its tiles.
+        relevance: the projections are conditional relevance maps (``--rank relevance``): drawn
+            summed over colours in blue-white-red (red: evidence for the class), as LRP is.
         min_side: tiles are enlarged (nearest neighbour) to at least this many pixels.
 
     Returns:
@@ -60,7 +63,8 @@ def channel_figure(
     left = _grid([to_rgb_uint8(c) for c in crops], labels, columns, min_side)
     if projections is None:
         return left
-    right = _grid([signed_picture(p) for p in projections], labels, columns, min_side)
+    draw = (lambda p: relevance_picture(as_array(p).sum(axis=0))) if relevance else signed_picture
+    right = _grid([draw(p) for p in projections], labels, columns, min_side)
     gap = np.full((max(left.shape[0], right.shape[0]), 8, 3), 255, np.uint8)
     height = gap.shape[0]
     parts = [np.pad(part, ((0, height - part.shape[0]), (0, 0), (0, 0)), constant_values=255) for part in (left, right)]

@@ -269,8 +269,8 @@ def test_quality_fill_must_be_finite(fill: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("option", "value", "known"), [
-    ("--methods", ",", "gradcam, gradcampp, guided, saliency, occlusion, scorecam"),
-    ("--methods", " , ,", "gradcam, gradcampp, guided, saliency, occlusion, scorecam"),
+    ("--methods", ",", "gradcam, gradcampp, guided-gradcam, guided, saliency, deconv, occlusion, scorecam, lrp, ig, smoothgrad"),
+    ("--methods", " , ,", "gradcam, gradcampp, guided-gradcam, guided, saliency, deconv, occlusion, scorecam, lrp, ig, smoothgrad"),
     ("--metrics", ",", "deletion, insertion, randomization"),
 ])
 def test_quality_refuses_an_empty_list(option: str, value: str, known: str, tmp_path: Path) -> None:

@@ -15,21 +15,12 @@ normalised input convolved with RISE's kernel (``gaussian_filter`` of an 11x11 i
 and last points of a curve do not depend on the map (the clean image, the fully filled one, the
 blurred one): they run once per image, and every other step is one copy, all run as batches.
 
-**Cascading randomisation** (Adebayo et al., NeurIPS 2018, "Sanity checks for saliency maps").
-On a copy of the model, layers are re-initialised from the top down, one more at a time, and the
-map is recomputed for the same class after each. A map that explains the model must change: its
-Spearman rank correlation and SSIM with the original map fall. A map that ignores the weights
-(the edge detector) stays at 1. The cascade's steps are the classifier (the parameterised
-layers after the last stage, ending with the last ``nn.Linear``) then the model's conv stages
-from the last to the first. A step re-initialises the *parameterised* layers (convolutions,
-linear layers, norm affines: modules with parameters of their own) of its stage: all of them
-inside a stage that is a block (``layer3``), and, for a stage that is a parameter-free module
-(a ReLU, as in AlexNet or a wrapped network), those registered since the previous stage up to
-it (the stage's convolution and norm). Parameter-free modules are skipped; a step with nothing
-to re-initialise is dropped. Each re-initialisation calls ``reset_parameters`` (and
-``reset_running_stats`` for norms) under a fixed seed; ``Randomization.modules`` lists what each
-step re-initialised, and ``kept`` the modules with parameters but no ``reset_parameters`` (left as
-they are: ConvNeXt's layer scale). The caller's model is never touched.
+**Randomisation** (Adebayo et al., NeurIPS 2018, "Sanity checks for saliency maps"): see
+:mod:`convscope.analysis.sanity`. On a copy of the model, layers are re-initialised (cascading
+top down, cascading bottom up, or one at a time) and the map is recomputed for the same class
+after each step. A map that explains the model must change: its Spearman rank correlation, SSIM
+and HOG similarity with the original map fall. A map that ignores the weights (the edge detector)
+stays at 1. The caller's model is never touched.
 
 Baselines: a uniform random map (seeded) and an edge detector (Sobel gradient magnitude of the
 grey image); a method that does not beat the random map is flagged by :func:`beats_random`.
@@ -37,32 +28,40 @@ grey image); a method that does not beat the random map is flagged by :func:`bea
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from convscope.analysis._features import last_linear
-from convscope.errors import BadArgument, UnknownMethod
+from convscope.analysis.sanity import (
+    DEFAULT_MODES,
+    MapFunction,
+    Randomization,
+    attribution_methods,
+    check_modes,
+    method_aliases,
+    method_map,
+    randomization,
+    spearman,  # noqa: F401  (re-exported: the measures of map quality)
+    ssim,  # noqa: F401
+)
+from convscope.errors import BadArgument, UnknownMethod, close_matches
 from convscope.methods._common import ModelLike, prepare
 from convscope.methods.targets import TargetLike, resolve_targets, target_labels
 from convscope.probes.hooks import eval_mode
-from convscope.probes.layers import resolve_layer
 from convscope.types import LoadedModel
 
-METHODS = ("gradcam", "gradcampp", "guided", "saliency", "occlusion", "scorecam")
-OLD_NAMES = {"gradcam++": "gradcampp"}  # still accepted, listed nowhere
+# The registry's attribution methods when this module is imported (the CLI reads the registry
+# live: ``sanity.attribution_methods``), and their old spellings, still accepted, listed nowhere.
+METHODS = attribution_methods()
+OLD_NAMES = method_aliases()
 BASELINES = ("random", "edges")
 METRICS = ("deletion", "insertion", "randomization")
 RISE_STEPS = 224  # RISE: 224 pixels per step at 224 x 224
-
-MapFunction = Callable[[LoadedModel, torch.Tensor, torch.Tensor, str | None, int], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -118,41 +117,18 @@ class CausalCurves:
 
 
 @dataclass(frozen=True)
-class Randomization:
-    """Cascading randomisation of ``N`` maps over ``L`` layers.
-
-    Attributes:
-        layers: the cascade's steps, in order (top down): stage aliases, or the classifier's
-            module path; point ``k`` has ``layers[:k + 1]`` random.
-        spearman: ``(N, L)`` float32 rank correlation with the original map (``nan`` when a
-            map is constant).
-        ssim: ``(N, L)`` float32 structural similarity with the original map (both min-max
-            scaled to ``[0, 1]``; 7x7 window, as scikit-image's default).
-        maps: ``(N, L, H, W)`` float32 the recomputed maps.
-        modules: per step, the module paths of the parameterised layers it re-initialised.
-        kept: modules with parameters but no ``reset_parameters`` in the randomised steps,
-            left as they were.
-    """
-
-    layers: tuple[str, ...]
-    spearman: torch.Tensor
-    ssim: torch.Tensor
-    maps: torch.Tensor
-    modules: tuple[tuple[str, ...], ...] = ()
-    kept: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
 class QualityResult:
     """Quality measures of one explanation method on ``N`` images.
 
     Attributes:
-        method: method name (``METHODS``, ``BASELINES``) or the callable's name.
+        method: method name (a registry row, ``BASELINES``) or the callable's name.
         targets: ``(N,)`` int64 explained classes; ``labels`` their names.
         maps: ``(N, H, W)`` float32 the maps evaluated (as the method returns them).
         deletion, insertion: curves and AUCs (``None`` if not requested).
-        randomization: the cascade (``None`` if not requested).
+        randomization: the first randomisation run (top down, unless not requested; ``None``
+            without the metric).
         protocol: the deletion/insertion settings.
+        randomizations: every randomisation mode run, ``mode -> Randomization``, in order.
     """
 
     method: str
@@ -163,6 +139,7 @@ class QualityResult:
     insertion: CausalCurves | None
     randomization: Randomization | None
     protocol: Protocol
+    randomizations: dict[str, Randomization] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------- maps
@@ -196,40 +173,26 @@ def edge_map(loaded: LoadedModel, batch: torch.Tensor, targets: torch.Tensor, la
     return grads.pow(2).sum(dim=1).sqrt()
 
 
-def _method_map(name: str) -> MapFunction:
-    def run(loaded: LoadedModel, batch: torch.Tensor, targets: torch.Tensor, layer: str | None, seed: int) -> torch.Tensor:
-        if name in ("gradcam", "gradcampp", "scorecam"):
-            from convscope.methods.gradcam import gradcam, gradcampp
-            from convscope.methods.scorecam import scorecam
-
-            cam = {"gradcam": gradcam, "gradcampp": gradcampp, "scorecam": scorecam}[name]
-            return cam(loaded, batch, target=targets, layer=layer).maps
-        if name in ("guided", "saliency"):
-            from convscope.methods.guided import guided_backprop, saliency
-
-            return (guided_backprop if name == "guided" else saliency)(loaded, batch, target=targets).maps
-        from convscope.methods.occlusion import occlusion
-
-        return occlusion(loaded, batch, target=targets).pixel_drop
-
-    return run
-
-
 def map_function(method: str | MapFunction) -> tuple[str, MapFunction]:
-    """``(name, fn)``; ``fn(loaded, batch, targets, layer, seed)`` returns ``(N, H, W)`` maps."""
+    """``(name, fn)``; ``fn(loaded, batch, targets, layer, seed)`` returns ``(N, H, W)`` maps.
+
+    ``method`` is a baseline, a registry row ``sanity.attribution_methods`` lists (or an old
+    spelling of one), or a callable.
+    """
     if callable(method):
         return getattr(method, "__name__", "custom"), method
-    method = OLD_NAMES.get(method, method)
     if method == "random":
         return method, random_map
     if method == "edges":
         return method, edge_map
-    if method in METHODS:
-        return method, _method_map(method)
-    from convscope.errors import close_matches
+    from convscope.methods.registry import canonical_method_name
 
+    known = attribution_methods()
+    name = canonical_method_name(method)
+    if name in known:
+        return name, method_map(name)
     raise UnknownMethod(method, "is not a method quality can score",
-                        close_matches(method, list(METHODS + BASELINES)) or "choose from " + ", ".join(METHODS + BASELINES))
+                        close_matches(method, list(known + BASELINES)) or "choose from " + ", ".join(known + BASELINES))
 
 
 # ---------------------------------------------------------------- deletion / insertion
@@ -325,168 +288,6 @@ def causal_curves(
     return deletion, insertion
 
 
-# ---------------------------------------------------------------- randomisation
-
-
-def cascade_layers(loaded: LoadedModel) -> list[str]:
-    """Top-down order for cascading randomisation: the classifier, then the stages, last first
-    (the steps :func:`cascade_steps` keeps when each has parameters to re-initialise)."""
-    return list(cascade_steps(loaded))
-
-
-def _parameterised(module: nn.Module) -> bool:
-    """A layer with parameters of its own (a conv, a linear layer, a norm's affine), or a norm's
-    running statistics."""
-    return next(module.parameters(recurse=False), None) is not None or getattr(module, "running_mean", None) is not None
-
-
-def cascade_steps(loaded: LoadedModel, layers: Sequence[str] | None = None) -> dict[str, list[str]]:
-    """The cascade, top down: step name -> module paths of the parameterised layers it re-initialises.
-
-    Default steps: the classifier (every parameterised layer registered after the last stage,
-    named by the last ``nn.Linear``), then each stage from the last: the parameterised layers
-    registered after the previous stage's subtree up to the end of this stage's subtree (for a
-    block stage, its own layers; for an activation stage, its convolution and norm). Steps with
-    nothing to re-initialise are dropped. Named ``layers`` re-initialise the parameterised layers
-    of their own subtree, in the order given.
-
-    Raises:
-        UnknownLayer: a named layer does not exist.
-        BadArgument: a named layer has no parameterised layer (a parameter-free activation).
-    """
-    named = list(loaded.module.named_modules())
-    position = {path: k for k, (path, _) in enumerate(named)}
-
-    def subtree_end(path: str) -> int:
-        """Index of the last module registered inside ``path`` (``path`` itself when a leaf)."""
-        prefix = f"{path}." if path else ""
-        end = position[path]
-        while end + 1 < len(named) and named[end + 1][0].startswith(prefix):
-            end += 1
-        return end
-
-    def params_in(start: int, stop: int) -> list[str]:
-        return [path for path, sub in named[start:stop + 1] if _parameterised(sub)]
-
-    if layers:
-        steps: dict[str, list[str]] = {}
-        for name in layers:
-            path, _ = resolve_layer(loaded, name)
-            found = params_in(position[path], subtree_end(path))
-            if not found:
-                raise BadArgument(f"randomization layer {name}", f"({path}) has no parameters to re-initialise",
-                                  "name its convolution or the block holding it")
-            steps[name] = found
-        return steps
-    stages: list[tuple[str, int]] = []  # (alias, end of its subtree) in registration order
-    for alias, path in loaded.stages.items():
-        if path in position:
-            stages.append((alias, subtree_end(path)))
-    stages.sort(key=lambda item: item[1])
-    bottom: dict[str, list[str]] = {}
-    previous = -1
-    for alias, end in stages:
-        if end > previous:
-            bottom[alias] = params_in(previous + 1, end)
-            previous = end
-    steps = {}
-    if any(isinstance(m, nn.Linear) for _, m in named):
-        classifier = {id(m): n for n, m in named}[id(last_linear(loaded.module, loaded.name))]
-        head = params_in(previous + 1, len(named) - 1) or [classifier]
-        steps[classifier] = head
-    for alias in reversed(list(bottom)):
-        if bottom[alias]:
-            steps[alias] = bottom[alias]
-    return steps
-
-
-def _reinitialise(module: nn.Module) -> bool:
-    """Re-initialise one layer's own parameters (and a norm's running statistics); ``False``
-    when the module has parameters but no ``reset_parameters``."""
-    reset = getattr(module, "reset_parameters", None)
-    running = getattr(module, "reset_running_stats", None)
-    if callable(running):
-        running()
-    if callable(reset):
-        reset()
-        return True
-    return False
-
-
-def ranks(values: torch.Tensor) -> torch.Tensor:
-    """Ranks ``0..n-1`` of a 1-D tensor, ties sharing their average rank (as scipy's rankdata - 1)."""
-    order = torch.argsort(values, stable=True)
-    sorted_values = values[order]
-    _, inverse, counts = torch.unique_consecutive(sorted_values, return_inverse=True, return_counts=True)
-    ends = torch.cumsum(counts, 0).double()
-    average = ends - (counts.double() + 1) / 2
-    result = torch.empty(len(values), dtype=torch.float64)
-    result[order] = average[inverse]
-    return result
-
-
-def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Spearman rank correlation of two maps (``nan`` if either is constant)."""
-    ra, rb = ranks(a.flatten().double()), ranks(b.flatten().double())
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    denominator = float(ra.norm() * rb.norm())
-    return float((ra * rb).sum()) / denominator if denominator > 0 else math.nan
-
-
-def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 7) -> float:
-    """Structural similarity of two ``(H, W)`` maps in ``[0, 1]`` (data range 1), with
-    scikit-image's defaults: a ``window x window`` uniform filter, sample covariances, the mean
-    over positions whose window fits inside the map."""
-    x, y = a.double()[None, None], b.double()[None, None]
-    n = window * window
-    mean = lambda t: F.avg_pool2d(t, window, stride=1)
-    mx, my = mean(x), mean(y)
-    correction = n / (n - 1)
-    vx = (mean(x * x) - mx * mx) * correction
-    vy = (mean(y * y) - my * my) * correction
-    cxy = (mean(x * y) - mx * my) * correction
-    c1, c2 = 0.01**2, 0.03**2
-    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
-    return float(s.mean())
-
-
-def _unit(values: torch.Tensor) -> torch.Tensor:
-    low, high = values.min(), values.max()
-    return (values - low) / (high - low) if high > low else torch.zeros_like(values)
-
-
-def randomization(
-    loaded: LoadedModel, batch: torch.Tensor, maps: torch.Tensor, targets: torch.Tensor, fn: MapFunction,
-    *, layer: str | None = None, layers: Sequence[str] | None = None, seed: int = 0,
-    progress: Callable[[int], None] | None = None,
-) -> Randomization:
-    """Re-initialise the steps of :func:`cascade_steps` (``layers``: named ones) one by one on a
-    copy of the model and compare each recomputed map with ``maps``."""
-    steps = cascade_steps(loaded, layers)
-    order = list(steps)
-    twin_module = copy.deepcopy(loaded.module)
-    twin = dataclasses.replace(loaded, module=twin_module)
-    twin_modules = dict(twin_module.named_modules())
-    recomputed: list[torch.Tensor] = []
-    kept: list[str] = []
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for name in order:
-            for path in steps[name]:
-                if not _reinitialise(twin_modules[path]):
-                    kept.append(path)
-            recomputed.append(fn(twin, batch, targets, layer, seed).detach().float().cpu())
-            if progress is not None:
-                progress(1)
-    stacked = torch.stack(recomputed, dim=1)  # (N, L, H, W)
-    count = maps.shape[0]
-    rho = torch.tensor([[spearman(maps[i], stacked[i, k]) for k in range(len(order))] for i in range(count)])
-    sim = torch.tensor([[ssim(_unit(maps[i]), _unit(stacked[i, k])) for k in range(len(order))] for i in range(count)])
-    return Randomization(layers=tuple(order), spearman=rho.float(), ssim=sim.float(), maps=stacked,
-                         modules=tuple(tuple(p for p in steps[name] if p not in kept) for name in order),
-                         kept=tuple(kept))
-
-
 # ---------------------------------------------------------------- entry point
 
 
@@ -503,17 +304,18 @@ def quality(
     blur_kernel: int = 11,
     blur_sigma: float = 5.0,
     randomization_layers: Sequence[str] | None = None,
+    randomization_modes: Sequence[str] = DEFAULT_MODES,
     seed: int = 0,
     batch_size: int = 64,
     progress: Callable[[int], None] | None = None,
 ) -> QualityResult:
-    """Score an explanation method: deletion and insertion AUCs and cascading randomisation.
+    """Score an explanation method: deletion and insertion AUCs and model randomisation.
 
     Args:
         model: a ``LoadedModel`` or ``nn.Module``.
         images: PIL image(s) or a normalised ``(N, C, H, W)`` tensor.
-        method: one of ``METHODS`` or ``BASELINES``, or ``fn(loaded, batch, targets, layer,
-            seed) -> (N, H, W)``.
+        method: a registry row ``sanity.attribution_methods`` lists, one of ``BASELINES``, or
+            ``fn(loaded, batch, targets, layer, seed) -> (N, H, W)``.
         metrics: any of ``"deletion"``, ``"insertion"``, ``"randomization"``.
         target: ``None`` (each image's top-1), an index or label, or one per image.
         layer: the CAM layer for the CAM methods.
@@ -521,10 +323,12 @@ def quality(
         deletion_fill: deleted pixels' value in the normalised input space.
         blur_kernel, blur_sigma: insertion's starting blur.
         randomization_layers: layers to re-initialise, top down, each its subtree's parameterised
-            layers (default :func:`cascade_steps`).
+            layers (default ``sanity.cascade_steps``).
+        randomization_modes: any of ``sanity.MODES`` (``top-down``, ``bottom-up``,
+            ``independent``), run in this order (default: both cascades).
         seed: for the random map and the re-initialisation.
         batch_size: image copies per forward pass.
-        progress: called with a count of finished units (copies, or re-initialised layers).
+        progress: called with a count of finished units (copies, or randomisation steps).
 
     Returns:
         ``QualityResult``.
@@ -532,7 +336,7 @@ def quality(
     Raises:
         UnknownMethod: unknown method name.
         BadArgument: no or an unknown metric, step < 1, even or non-positive blur kernel, a
-            ``deletion_fill`` that is not a finite number.
+            ``deletion_fill`` that is not a finite number, no or an unknown randomisation mode.
         BadTarget, UnknownLayer: as the method raises them; ``UnknownLayer`` or ``BadArgument``
             for a randomisation layer that does not exist or has no parameters.
     """
@@ -550,6 +354,7 @@ def quality(
         raise BadArgument(f"--fill {deletion_fill}", "must be a finite number")
     if not metrics:
         raise BadArgument("metrics", "names nothing (choose from " + ", ".join(METRICS) + ")")
+    modes = check_modes(randomization_modes) if "randomization" in metrics else ()
     loaded, batch = prepare(model, images)
     height, width = int(batch.shape[-2]), int(batch.shape[-1])
     protocol = Protocol(step=step or math.ceil(height * width / RISE_STEPS), deletion_fill=deletion_fill,
@@ -565,10 +370,8 @@ def quality(
     if "deletion" in metrics or "insertion" in metrics:
         deletion, insertion = causal_curves(loaded, batch, maps, targets, protocol, clean=clean,
                                             batch_size=batch_size, progress=progress)
-    cascade = None
-    if "randomization" in metrics:
-        cascade = randomization(loaded, batch, maps, targets, fn, layer=layer, layers=randomization_layers,
-                                seed=seed, progress=progress)
+    runs = {mode: randomization(loaded, batch, maps, targets, fn, mode=mode, layer=layer,
+                                layers=randomization_layers, seed=seed, progress=progress) for mode in modes}
     return QualityResult(
         method=name,
         targets=targets.cpu(),
@@ -576,9 +379,27 @@ def quality(
         maps=maps,
         deletion=deletion if "deletion" in metrics else None,
         insertion=insertion if "insertion" in metrics else None,
-        randomization=cascade,
+        randomization=next(iter(runs.values()), None),
         protocol=protocol,
+        randomizations=runs,
     )
+
+
+def explanation_maps(
+    model: ModelLike, images: Any, methods: Sequence[str | MapFunction], *, target: TargetLike = None,
+    layer: str | None = None, seed: int = 0, batch_size: int = 64,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``(targets (N,), {name: (N, H, W) map})``: each method's maps for the same classes
+    (``target``; ``None``: each image's top-1), as :func:`quality` scores them."""
+    loaded, batch = prepare(model, images)
+    with eval_mode(loaded.module), torch.inference_mode():
+        logits = torch.cat([loaded.module(part).float() for part in torch.split(batch, batch_size)])
+    targets = resolve_targets(target, logits, loaded.categories, loaded.name)
+    maps = {}
+    for method in methods:
+        name, fn = map_function(method)
+        maps[name] = fn(loaded, batch, targets, layer, seed).detach().float().cpu()
+    return targets.cpu(), maps
 
 
 def beats_random(result: QualityResult, random: QualityResult) -> dict[str, bool]:

@@ -323,12 +323,25 @@ def correspondence_command(
 # ---------------------------------------------------------------- quality
 
 
+PROTOCOLS = ("rise", "quantus")
+
+
 def quality_command(
     images: ImagesArg,
-    methods: Annotated[str, typer.Option("--methods", help="Comma list of gradcam, gradcampp, guided, saliency, "
-                                         "occlusion, scorecam.")] = "gradcam,gradcampp,guided,saliency,occlusion,scorecam",
+    methods: Annotated[str | None, typer.Option("--methods", help="Comma list of attribution methods: any "
+                                                "method that explains a class with a map (gradcam, gradcampp, "
+                                                "guided-gradcam, guided, saliency, deconv, occlusion, scorecam, "
+                                                "lrp, ig, smoothgrad...). Default: all of them (occlusion and "
+                                                "scorecam are the slow ones).")] = None,
     metrics: Annotated[str, typer.Option("--metrics", help="Comma list of deletion, insertion, randomization.")]
     = "deletion,insertion,randomization",
+    randomization: Annotated[str, typer.Option("--randomization", help="Comma list of top-down, bottom-up "
+                                               "(cascading) and independent (one layer at a time). Default: the "
+                                               "two cascades; each mode costs one map per layer step.")]
+    = "top-down,bottom-up",
+    protocol: Annotated[str, typer.Option("--protocol", help="Deletion/insertion protocol: rise (RISE's "
+                                          "evaluation, default) or quantus (Quantus' PixelFlipping and "
+                                          "RegionPerturbation).")] = "rise",
     step: Annotated[int | None, typer.Option("--step", min=1, help="Pixels per deletion/insertion step "
                                              "(default: RISE's 224 at 224x224).")] = None,
     fill: Annotated[str, typer.Option("--fill", help="Deleted pixels' value in the normalised input, a finite "
@@ -344,21 +357,46 @@ def quality_command(
     batch_size: BatchSizeOpt = 64,
     json_out: JsonOpt = False,
 ) -> None:
-    """Explanation quality: RISE deletion/insertion AUCs against a random map and an edge
-    detector, and cascading randomisation (Adebayo et al.), for several methods on the same images.
+    """Explanation quality: deletion/insertion AUCs against a random map and an edge detector,
+    and the sanity checks of Adebayo et al. (model randomisation), for several methods on the
+    same images.
 
-    Writes quality.json, quality.txt (methods x metrics, mean ± std over images),
-    quality_curves.png and randomization.png. A method that does not beat the random map is
-    flagged (* in the table, "flagged" in the JSON).
+    Randomisation re-initialises the layers on a copy of the model (top down, bottom up, or one
+    at a time) and compares each method's absolute map with the original: Spearman rank
+    correlation, SSIM and HOG similarity.
+
+    Writes quality.json (with the "sanity" table: per method, mode and step, the mean and std
+    over images of each similarity), quality.txt, quality_curves.png, randomization.png (the
+    curves) and randomization_<image>_<mode>.png (Adebayo et al.'s Fig. 2: methods x
+    randomisation steps). A method that does not beat the random map is flagged (* in the
+    table, "flagged" in the JSON). --protocol quantus replaces RISE's deletion/insertion by
+    Quantus' PixelFlipping and RegionPerturbation curves (the "faithfulness" record).
 
     Examples: convscope quality cat.jpg coffee.jpg -o out/ |
-    convscope quality photos/ --methods gradcam,scorecam --metrics deletion,insertion --step 1792
+    convscope quality photos/ --methods gradcam,scorecam --metrics deletion,insertion --step 1792 |
+    convscope quality cat.jpg --methods guided,saliency,gradcam --metrics randomization --randomization independent
     """
-    from convscope.analysis.quality import BASELINES, METHODS, METRICS, OLD_NAMES, beats_random, quality
-    from convscope.render.analysis import nanmean, quality_curves_figure, quality_table, randomization_figure
+    if protocol not in PROTOCOLS:  # checked before torch is imported
+        raise BadArgument(f"--protocol {shown(protocol)}", "must be one of " + ", ".join(PROTOCOLS))
+    from convscope.analysis.quality import BASELINES, METRICS, beats_random, explanation_maps, quality
+    from convscope.analysis.sanity import MODES, attribution_methods, method_aliases
+    from convscope.render.analysis import (
+        nanmean,
+        quality_curves_figure,
+        quality_table,
+        quantus_table,
+        randomization_figure,
+        sanity_panel,
+        sanity_table,
+    )
+    from convscope.render.pictures import display_image
 
-    chosen = _names(methods, "--methods", METHODS, OLD_NAMES)
+    known = attribution_methods()
+    chosen = _names(methods, "--methods", known, method_aliases()) if methods is not None else list(known)
     wanted = _names(metrics, "--metrics", METRICS)
+    modes = _names(randomization, "--randomization", MODES)
+    quantus = protocol == "quantus"
+    quantus_protocol = _quantus_protocol() if quantus else None
     deletion_fill = parse_float(fill, subject="--fill")
     explained = _target(target)
     loaded = open_model(model, weights, seed, device, output_index=output_index)
@@ -367,21 +405,36 @@ def quality_command(
         raise ImageError(", ".join(str(p) for p in images), "no readable images")
     batch = loaded.preprocess.to_tensor(pictures).to(loaded.device)
     causal = [m for m in wanted if m != "randomization"]
+    rise = [] if quantus else causal
+    run_metrics = [m for m in wanted if m == "randomization" or not quantus]
     settings = {"target": explained, "layer": layer, "step": step, "deletion_fill": deletion_fill, "seed": seed,
-                "batch_size": batch_size}
+                "batch_size": batch_size, "randomization_modes": modes}
     results = {}
-    with progress_bar(len(chosen) + (len(BASELINES) if causal else 0), "quality", unit="method") as advance:
-        for name in chosen:
-            results[name] = quality(loaded, batch, name, wanted, **settings)  # type: ignore[arg-type]
-            advance(1)
-        baselines = {}
-        if causal:
-            for name in BASELINES:
-                baselines[name] = quality(loaded, batch, name, causal, **settings)  # type: ignore[arg-type]
+    faithfulness: dict[str, Any] | None = None
+    units = (len(chosen) if run_metrics else 0) + (len(BASELINES) if rise else 0) + (1 if quantus and causal else 0)
+    with progress_bar(units, "quality", unit="method") as advance:
+        if run_metrics:
+            for name in chosen:
+                results[name] = quality(loaded, batch, name, run_metrics, **settings)  # type: ignore[arg-type]
                 advance(1)
+        baselines = {}
+        for name in BASELINES if rise else ():
+            baselines[name] = quality(loaded, batch, name, rise, **settings)  # type: ignore[arg-type]
+            advance(1)
+        if quantus_protocol is not None and causal:
+            if results:  # the maps randomisation has computed already
+                targets, maps = next(iter(results.values())).targets, {name: r.maps for name, r in results.items()}
+            else:
+                targets, maps = explanation_maps(loaded, batch, chosen, target=explained, layer=layer, seed=seed,
+                                                 batch_size=batch_size)
+            _, extra = explanation_maps(loaded, batch, list(BASELINES), target=targets, layer=layer, seed=seed,
+                                        batch_size=batch_size)
+            faithfulness = quantus_protocol(loaded, batch, {**maps, **extra}, targets,
+                                            batch_size=batch_size).as_dict()
+            advance(1)
     flags = {}
     for name, result in results.items():
-        verdict = beats_random(result, baselines["random"]) if causal else {}
+        verdict = beats_random(result, baselines["random"]) if rise else {}
         flags[name] = [metric for metric, beaten in verdict.items() if not beaten]
 
     def scores(curves: Any) -> dict[str, Any]:
@@ -395,34 +448,95 @@ def quality_command(
         if result.insertion is not None:
             row["insertion"] = scores(result.insertion)
         cascade = result.randomization
-        if cascade is not None:
+        if cascade is not None:  # the first mode, in the compact form of earlier versions
             row["randomization"] = {
                 "layers": list(cascade.layers),
                 "modules": [list(m) for m in cascade.modules],  # what each step re-initialised
                 "kept": list(cascade.kept),  # parameterised layers without reset_parameters
                 "spearman": _floats(nanmean(cascade.spearman, axis=0)),
                 "ssim": _floats(cascade.ssim.double().mean(dim=0)),
+                "hog": _floats(nanmean(cascade.hog, axis=0)),
+                "mode": cascade.mode,
                 "per_image": {"spearman": [_floats(r) for r in cascade.spearman],
-                              "ssim": [_floats(r) for r in cascade.ssim]},
+                              "ssim": [_floats(r) for r in cascade.ssim],
+                              "hog": [_floats(r) for r in cascade.hog]},
             }
         return row
 
-    protocol = next(iter(results.values())).protocol.as_dict() if results else {}
-    record = {
+    def sanity(result: Any) -> dict[str, Any]:
+        """Per mode: the steps, what each re-initialised, and per step the mean/std of each similarity."""
+        table: dict[str, Any] = {}
+        for mode, run in result.randomizations.items():
+            table[mode] = {
+                "layers": list(run.layers),
+                "modules": [list(m) for m in run.modules],
+                "kept": list(run.kept),
+                **{key: {"mean": _floats(nanmean(run.similarity(key), axis=0)),
+                         "std": _floats(_nanstd(run.similarity(key))),
+                         "per_image": [_floats(r) for r in run.similarity(key)]}
+                   for key in ("spearman", "ssim", "hog")},
+            }
+        return table
+
+    first = next(iter(results.values()), None)
+    protocol_record = first.protocol.as_dict() if first is not None and rise else {}
+    if faithfulness is not None:
+        protocol_record = {"name": "quantus", **faithfulness["settings"]}
+    record: dict[str, Any] = {
         "images": [str(p) for p in paths],
-        "targets": [int(t) for t in next(iter(results.values())).targets] if results else [],
-        "protocol": protocol,
+        "targets": [int(t) for t in first.targets] if first is not None else
+        (faithfulness["targets"] if faithfulness is not None else []),
+        "protocol": protocol_record,
         "methods": {name: {**entry(r), "flagged": flags[name]} for name, r in results.items()},
         "baselines": {name: entry(r) for name, r in baselines.items()},
     }
-    out = OutputDir(output)
+    if "randomization" in wanted:
+        record["sanity"] = {
+            "reference": "Adebayo et al., Sanity checks for saliency maps (NeurIPS 2018)",
+            "compared": "absolute maps; SSIM and HOG on them min-max scaled to [0, 1]",
+            "modes": modes,
+            "methods": {name: sanity(r) for name, r in results.items()},
+        }
+    if faithfulness is not None:
+        record["faithfulness"] = faithfulness
+    out = OutputDir(output, inputs=paths)
     out.json("quality.json", record)
-    text = quality_table({**results, **baselines}, flags)
+    text = quality_table({**results, **baselines}, flags) if results or baselines else ""
+    if faithfulness is not None:
+        text += "\n" + quantus_table(faithfulness)
+    if "randomization" in wanted:
+        text += "\n" + sanity_table(results)
     out.text("quality.txt", text)
-    if causal:
+    if rise:
         out.png("quality_curves.png", quality_curves_figure({**results, **baselines}))
     if "randomization" in wanted:
         out.png("randomization.png", randomization_figure(results))
+        originals = {name: r.maps for name, r in results.items()}
+        for mode in modes:
+            runs = {name: r.randomizations[mode] for name, r in results.items()}
+            for i, path in enumerate(paths):
+                panel = sanity_panel(display_image(loaded.preprocess, batch.cpu(), i), originals, runs, i)
+                out.png(f"randomization_{out.stem(path)}_{mode}.png", panel, source=path)
     options = {"model": loaded.name, "weights": loaded.weights, "methods": chosen, "metrics": wanted,
-               "protocol": protocol, "layer": layer, "target": target, "seed": seed}
+               "randomization": modes, "protocol": protocol_record, "layer": layer, "target": target, "seed": seed}
     _finish(out, "quality", options, record, text, json_out, failures)
+
+
+def _nanstd(values: Any) -> Any:
+    """Standard deviation over images (axis 0) ignoring ``nan``; all-``nan`` gives ``nan``."""
+    array = np.asarray(values, dtype=np.float64)
+    kept = ~np.isnan(array)
+    counts = kept.sum(axis=0)
+    mean = np.where(kept, array, 0.0).sum(axis=0) / np.maximum(counts, 1)
+    spread = np.where(kept, (array - mean) ** 2, 0.0).sum(axis=0) / np.maximum(counts, 1)
+    return np.where(counts > 0, np.sqrt(spread), np.nan)
+
+
+def _quantus_protocol() -> Any:
+    """``convscope.analysis.faithfulness.quantus_protocol``, or a one-line error when this build lacks it."""
+    try:
+        from convscope.analysis.faithfulness import quantus_protocol
+    except ImportError:
+        raise BadArgument("--protocol quantus", "is not available in this build (no convscope.analysis.faithfulness)",
+                          "use --protocol rise") from None
+    return quantus_protocol

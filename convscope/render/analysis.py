@@ -1,4 +1,5 @@
-"""Plots and tables of the analyses: invariance curves, correspondence table, quality scores.
+"""Plots and tables of the analyses: invariance curves, correspondence table, quality scores,
+the sanity-check panels (Adebayo et al. Fig. 2).
 
 Figures are drawn on matplotlib ``Figure`` objects with the Agg canvas (no pyplot state, no
 display needed) and returned as ``(H, W, 3)`` uint8 arrays; tables are plain text.
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
     from convscope.analysis.correspondence import Correspondence
     from convscope.analysis.invariance import InvarianceCurves
     from convscope.analysis.quality import QualityResult
+    from convscope.analysis.sanity import Randomization
 
 AMOUNT_LABELS = {
     "translate": "vertical shift (pixels of the network input)",
@@ -156,11 +158,19 @@ def _stat(values: Any) -> str:
     return f"{array.mean():.3f} ± {array.std():.3f}"
 
 
+MODE_TITLES = {
+    "top-down": "cascading randomisation, top down",
+    "bottom-up": "cascading randomisation, bottom up",
+    "independent": "independent layer randomisation",
+}
+SIMILARITY_TITLES = {"spearman": "Spearman rank correlation", "ssim": "SSIM", "hog": "HOG similarity (Pearson)"}
+
+
 def quality_table(results: Mapping[str, QualityResult], flags: Mapping[str, Sequence[str]]) -> str:
     """Methods x metrics, mean ± std over images; ``flags[name]`` lists metrics where the
     method does not beat the random map (marked ``*``)."""
     header = ["method", "deletion AUC (lower is better)", "insertion AUC (higher is better)",
-              "randomisation: last Spearman", "last SSIM"]
+              "randomisation: last Spearman", "last SSIM", "last HOG"]
     rows = []
     for name, result in results.items():
         flagged = set(flags.get(name, ()))
@@ -169,14 +179,16 @@ def quality_table(results: Mapping[str, QualityResult], flags: Mapping[str, Sequ
             cells.append("-" if curves is None else _stat(curves.auc) + (" *" if metric in flagged else ""))
         cascade = result.randomization
         if cascade is None:
-            cells += ["-", "-"]
+            cells += ["-", "-", "-"]
         else:
-            cells += [f"{float(nanmean(cascade.spearman[:, -1])):.3f}",
-                      f"{float(nanmean(cascade.ssim[:, -1])):.3f}"]
+            cells += [f"{float(nanmean(cascade.similarity(key)[:, -1])):.3f}" for key in ("spearman", "ssim", "hog")]
         rows.append(cells)
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
+    first = next((r.randomization.mode for r in results.values() if r.randomization is not None), None)
     notes = "* does not beat the random map on this metric (mean over images)"
+    if first is not None:
+        notes += f"\nrandomisation columns: {MODE_TITLES[first]}, every step random (absolute maps compared)"
     return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in rows), "", notes]) + "\n"
 
 
@@ -201,24 +213,124 @@ def quality_curves_figure(results: Mapping[str, QualityResult]) -> np.ndarray:
     return figure_array(fig)
 
 
+def sanity_table(results: Mapping[str, QualityResult]) -> str:
+    """Per method and randomisation mode: each step's mean ± std over images of each similarity."""
+    lines: list[str] = []
+    for name, result in results.items():
+        for mode, run in result.randomizations.items():
+            lines.append(f"{name}: {MODE_TITLES[mode]}")
+            header = ["step", *(SIMILARITY_TITLES[k].split(" (")[0] for k in ("spearman", "ssim", "hog"))]
+            rows = [[layer, *(_mean_std(run.similarity(key)[:, k]) for key in ("spearman", "ssim", "hog"))]
+                    for k, layer in enumerate(run.layers)]
+            lines += ["  " + text for text in _aligned(header, rows)] + [""]
+    return "\n".join(lines)
+
+
+def _aligned(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """A header, a rule and the rows, in columns as wide as their widest cell."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    rule = ["-" * w for w in widths]
+    return ["  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip() for cells in [header, rule, *rows]]
+
+
+def _mean_std(values: Any) -> str:
+    array = as_array(values)
+    kept = array[~np.isnan(array)]
+    return f"{kept.mean():.3f} ± {kept.std():.3f}" if kept.size else "nan"
+
+
 def randomization_figure(results: Mapping[str, QualityResult]) -> np.ndarray:
-    """Spearman and SSIM against the original map as layers are re-initialised top down."""
-    fig, axes = _figure(2, width=5.2)
-    for ax, key in zip(axes[0], ("spearman", "ssim"), strict=True):
-        labels: tuple[str, ...] = ()
-        for index, (name, result) in enumerate(results.items()):
-            cascade = result.randomization
-            if cascade is None:
-                continue
-            labels = cascade.layers
-            values = as_array(getattr(cascade, key))
-            x = np.arange(len(labels))
-            ax.plot(x, nanmean(values, axis=0), marker="o", color=f"C{index % 10}", linewidth=1.4, label=name)
-        ax.set_xticks(np.arange(len(labels)), labels, rotation=60, ha="right", fontsize=7)
-        ax.set_title(f"cascading randomisation: {'Spearman rank correlation' if key == 'spearman' else 'SSIM'}", fontsize=10)
-        ax.set_xlabel("re-initialised down to (top first)")
-        ax.set_ylim(-0.5 if key == "spearman" else -0.05, 1.05)
-        ax.axhline(0, color="grey", linewidth=0.8)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="best")
+    """Each similarity against the original map as layers are re-initialised: one row per
+    randomisation mode, one column per similarity, one line per method (mean over images)."""
+    modes = list(dict.fromkeys(mode for r in results.values() for mode in r.randomizations))
+    keys = ("spearman", "ssim", "hog")
+    fig, axes = _figure(len(keys), max(1, len(modes)), width=5.2)
+    for row, mode in enumerate(modes):
+        for ax, key in zip(axes[row], keys, strict=True):
+            labels: tuple[str, ...] = ()
+            for index, (name, result) in enumerate(results.items()):
+                run = result.randomizations.get(mode)
+                if run is None:
+                    continue
+                labels = run.layers
+                ax.plot(np.arange(len(labels)), nanmean(run.similarity(key), axis=0), marker="o",
+                        color=f"C{index % 10}", linewidth=1.4, label=name)
+            ax.set_xticks(np.arange(len(labels)), labels, rotation=60, ha="right", fontsize=7)
+            ax.set_title(f"{MODE_TITLES[mode]}: {SIMILARITY_TITLES[key]}", fontsize=9)
+            ax.set_xlabel("re-initialised layer" if mode == "independent" else "re-initialised down to"
+                          if mode == "top-down" else "re-initialised up to")
+            ax.set_ylim(-0.5 if key != "ssim" else -0.05, 1.05)
+            ax.axhline(0, color="grey", linewidth=0.8)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7, loc="best")
     return figure_array(fig)
+
+
+PANEL_TILE = 112
+PANEL_LABEL = 116
+PANEL_GAP = 4
+
+
+def _absolute_tile(values: Any, side: int) -> np.ndarray:
+    """A map as its absolute value divided by its largest, grey (white: the largest), ``side`` pixels high."""
+    array = np.abs(as_array(values))
+    peak = float(array.max()) if array.size else 0.0
+    grey = np.zeros(array.shape, dtype=np.uint8) if peak <= 0 else np.rint(array / peak * 255.0).astype(np.uint8)
+    picture = Image.fromarray(grey)
+    width = max(1, round(array.shape[1] * side / array.shape[0]))
+    return np.asarray(picture.resize((width, side), Image.Resampling.BILINEAR).convert("RGB"))
+
+
+def sanity_panel(photo: np.ndarray, originals: Mapping[str, Any], runs: Mapping[str, Randomization], index: int = 0,
+                 *, title: str = "") -> np.ndarray:
+    """Adebayo et al.'s Fig. 2 for image ``index``: one row per method, the photo, the original
+    map, then the map after each randomisation step (columns: the steps of the first run; in a
+    cascade every earlier step stays random), each as its normalised absolute map, with its
+    Spearman rank correlation with the original under it.
+
+    Args:
+        photo: ``(H, W, 3)`` uint8 the network's view of the image.
+        originals: method -> ``(N, H, W)`` the maps on the trained model.
+        runs: method -> its ``Randomization`` in one mode (the same steps for every method).
+    """
+    names = [n for n in originals if n in runs]
+    steps = next(iter(runs.values())).layers if runs else ()
+    mode = next(iter(runs.values())).mode if runs else "top-down"
+    side, gap, label = PANEL_TILE, PANEL_GAP, PANEL_LABEL
+    columns = 2 + len(steps)
+    header, caption = 34, 14
+    tiles_width = label + columns * (side + gap)
+    sheet = Image.new("RGB", (tiles_width + gap, header + max(1, len(names)) * (side + caption + gap) + gap),
+                      (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    draw.text((gap, 2), title or f"{MODE_TITLES[mode]} (normalised absolute maps; rho: Spearman rank correlation with the original)",
+              fill=(0, 0, 0))
+    heads = ["photo", "original", *(step if mode == "independent" else ("+ " if k else "") + step
+                                      for k, step in enumerate(steps))]
+    for c, head in enumerate(heads):
+        draw.text((label + c * (side + gap), 18), head[:18], fill=(0, 0, 0))
+    photo_tile = Image.fromarray(photo).resize((side, side), Image.Resampling.BILINEAR)
+    for r, name in enumerate(names):
+        top = header + r * (side + caption + gap)
+        draw.text((gap, top + side // 2 - 6), name[:18], fill=(0, 0, 0))
+        sheet.paste(photo_tile, (label, top))
+        run = runs[name]
+        maps = [originals[name][index], *run.maps[index]]
+        for c, values in enumerate(maps):
+            tile = Image.fromarray(_absolute_tile(values, side)).crop((0, 0, side, side))
+            left = label + (c + 1) * (side + gap)
+            sheet.paste(tile, (left, top))
+            if c:
+                rho = float(run.spearman[index, c - 1])
+                draw.text((left + 2, top + side + 1), f"rho {rho:.2f}" if math.isfinite(rho) else "rho nan",
+                          fill=(0, 0, 0))
+    return np.asarray(sheet)
+
+
+def quantus_table(faithfulness: Mapping[str, Any]) -> str:
+    """The Quantus protocol's mean AUC per method and metric (``QuantusFaithfulness.as_dict()``)."""
+    methods = faithfulness.get("methods", {})
+    metrics = list(dict.fromkeys(m for per in methods.values() for m in per))
+    header = ["method", *(f"{m} mean AUC" for m in metrics)]
+    rows = [[name, *(f"{per[m]['mean_auc']:.4f}" if m in per else "-" for m in metrics)] for name, per in methods.items()]
+    return "\n".join(["Quantus protocol", *_aligned(header, rows)]) + "\n"

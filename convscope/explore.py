@@ -6,6 +6,11 @@ feature grids, filters, Grad-CAM and guided Grad-CAM for the top classes, occlus
 saliency), and returns them as sections of views with the time each part took. Nothing here draws or
 writes a file: pictures come from ``render.views`` and HTML from ``render.report``.
 
+Every attribution map (CAMs, gradient maps, occlusion, LRP/IG/SmoothGrad) grades itself: its
+deletion and insertion AUC on the image next to a seeded random map's (``analysis.grading``), in
+its record (``"faithfulness"``) and at the end of its caption; the report's timing line lists the
+grades' seconds per method (``Exploration.grading``, kept out of the parts' ``timings``). ``explain(..., grade=True)`` does the same for one method (the web app).
+
 A method that cannot run on the model (a ``ConvscopeError``: a layer that is not a feature map, a
 refused option...) drops out of the report with a note, in its section (``Section.notes``) and in
 the page's notes (``Exploration.warnings``); the other parts still run. Classification cannot
@@ -21,9 +26,12 @@ from typing import Any
 
 import torch
 
+from convscope.analysis.grading import RandomCache
+from convscope.analysis.grading import grade as grade_map
 from convscope.errors import ConvscopeError
 from convscope.methods.registry import MethodSpec, get_method, list_methods
 from convscope.render.pictures import display_image
+from convscope.render.report import graded
 from convscope.render.views import View, ViewContext, Views
 from convscope.types import LoadedModel, ModelSummary, Prediction
 
@@ -44,6 +52,16 @@ def context_for(loaded: LoadedModel, batch: torch.Tensor | None, index: int = 0,
                        title=spec.title if spec else "", method=spec.name if spec else "")
 
 
+def graded_views(loaded: LoadedModel, batch: torch.Tensor, result: Any, views: Views,
+                 cache: RandomCache | None = None) -> tuple[Views, float]:
+    """``views`` with the result's grade (unchanged for a result that is not an attribution map)
+    and the seconds the grade took."""
+    grade = grade_map(loaded, batch, result, cache=cache)
+    if grade is None:
+        return views, 0.0
+    return graded(views, grade.as_dict()), grade.seconds
+
+
 def explain(
     loaded: LoadedModel,
     batch: torch.Tensor,
@@ -53,15 +71,18 @@ def explain(
     target: int | str | None = None,
     options: Mapping[str, Any] | None = None,
     progress: Callable[[int], None] | None = None,
+    grade: bool = False,
 ) -> Views:
-    """Run one registry method on a ``(1, C, H, W)`` batch and render it.
+    """Run one registry method on a ``(1, C, H, W)`` batch and render it; ``grade``: add an
+    attribution map's faithfulness (``graded_views``).
 
     Raises:
         UnknownMethod, UnknownLayer, BadTarget, BadArgument: from the registry or the method.
     """
     spec = method if isinstance(method, MethodSpec) else get_method(method)
     result = spec.run(loaded, batch, target=target, layer=layer, options=options, progress=progress)
-    return spec.resolve_renderer()(result, context_for(loaded, batch, spec=spec))  # type: ignore[no-any-return]
+    views: Views = spec.resolve_renderer()(result, context_for(loaded, batch, spec=spec))
+    return graded_views(loaded, batch, result, views)[0] if grade else views
 
 
 @dataclass
@@ -89,6 +110,8 @@ class Exploration:
     sections: list[Section]
     timings: dict[str, float]
     warnings: list[str] = field(default_factory=list)
+    grading: dict[str, tuple[int, float]] = field(default_factory=dict)
+    """method -> (maps graded, seconds): the faithfulness grades, outside the parts' ``timings``."""
 
 
 def spread(items: list[str], count: int) -> list[str]:
@@ -209,6 +232,8 @@ def explore(
     from convscope.methods.summary import summary
 
     timings: dict[str, float] = {}
+    grading: dict[str, tuple[int, float]] = {}
+    random_aucs: RandomCache = {}
     warnings: list[str] = []
     sections: list[Section] = []
     prediction: Prediction | None = None
@@ -217,6 +242,7 @@ def explore(
         if progress is not None:
             progress(part.key)
         started = time.perf_counter()
+        graded_seconds = 0.0
         classes = _classes(prediction, target) if part.per_class and prediction is not None else [target]
         intro = part.intro if not part.per_class else part.intro.format(
             count=len(classes), asked=" (the asked class first)" if target is not None else "")
@@ -230,6 +256,11 @@ def explore(
                     try:
                         result = spec.run(loaded, batch, target=cls, layer=layer, options=part.options)
                         views = spec.resolve_renderer()(result, context_for(loaded, batch, spec=spec))
+                        views, seconds = graded_views(loaded, batch, result, views, random_aucs)
+                        if "faithfulness" in views.record:
+                            count, total = grading.get(name, (0, 0.0))
+                            grading[name] = (count + 1, total + seconds)
+                            graded_seconds += seconds
                     except ConvscopeError as error:
                         if name == "classify":
                             raise
@@ -241,10 +272,10 @@ def explore(
                     section.views += list(views.views)[: 1 if part.main_only else None]
                     if name == "classify":
                         prediction = result[0]
-        section.seconds = timings[part.key] = time.perf_counter() - started
+        section.seconds = timings[part.key] = time.perf_counter() - started - graded_seconds
         sections.append(section)
     assert prediction is not None and model_summary is not None
     return Exploration(
         image=image, model=loaded.name, weights=loaded.weights, prediction=prediction,
-        summary=model_summary, sections=sections, timings=timings, warnings=warnings,
+        summary=model_summary, sections=sections, timings=timings, warnings=warnings, grading=grading,
     )

@@ -14,7 +14,8 @@ import pytest
 from conftest import skimage_photo
 from PIL import Image
 
-SECTIONS = ["classify", "summary", "activations", "features", "filters", "gradcam", "occlusion", "deconv", "saliency"]
+SECTIONS = ["classify", "summary", "activations", "features", "filters", "gradcam", "occlusion", "deconv", "saliency",
+            "lrp", "ig", "smoothgrad"]
 
 
 def check_self_contained(html: str) -> list[str]:

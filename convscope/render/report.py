@@ -8,6 +8,7 @@ any, and any form submission or ``<base>`` URL, which ``default-src`` does not c
 from __future__ import annotations
 
 import base64
+import dataclasses
 import datetime as dt
 from functools import cache
 from importlib import resources
@@ -17,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from convscope.imageio import shown_text
-from convscope.render.views import png_bytes
+from convscope.render.views import Views, png_bytes
 
 TEMPLATE_PACKAGE = "convscope.render"
 # How each section lays its pictures out: one per row ("wide"), side by side ("views"), or in
@@ -64,6 +65,37 @@ def _pair(pair: tuple[int, int] | None) -> str:
     return str(pair[0]) if pair[0] == pair[1] else f"{pair[0]}x{pair[1]}"
 
 
+def faithfulness_sentence(faithfulness: dict[str, Any]) -> str:
+    """The caption sentence of a map's grade (``analysis.grading.Grade.as_dict()``): whether it
+    beats the random map, and both AUCs next to the random map's."""
+    lead = "Beats a random map on this image" if faithfulness["beats_random"] else "Does not beat a random map"
+    return (f"{lead} (insertion minus deletion AUC {faithfulness['score']:.3f} vs random "
+            f"{faithfulness['random_score']:.3f}): deletion AUC {faithfulness['deletion_auc']:.3f} vs random "
+            f"{faithfulness['random_deletion_auc']:.3f} (lower is better), insertion AUC "
+            f"{faithfulness['insertion_auc']:.3f} vs random {faithfulness['random_insertion_auc']:.3f} "
+            f"(higher is better; {faithfulness['steps']} steps).")
+
+
+def graded(views: Views, faithfulness: dict[str, Any]) -> Views:
+    """``views`` with the grade in the record (``"faithfulness"``) and its sentence at the end of
+    the first view's caption (the picture the report, the web app and ``to_image()`` show first)."""
+    first = views.views[0]
+    caption = " ".join(part for part in (first.caption, faithfulness_sentence(faithfulness)) if part)
+    shown = dataclasses.replace(first, caption=caption)
+    files = None if views.files is None else tuple(shown if view is first else view for view in views.files)
+    return dataclasses.replace(views, views=(shown, *views.views[1:]), files=files,
+                               record={**views.record, "faithfulness": faithfulness})
+
+
+def grading_line(grading: dict[str, tuple[int, float]]) -> str:
+    """The timing line's sentence on the grades: seconds per method, and how many maps."""
+    if not grading:
+        return ""
+    each = ", ".join(f"{name} {seconds:.1f} s" + (f" ({count} maps)" if count > 1 else "")
+                     for name, (count, seconds) in grading.items())
+    return f"Faithfulness grades (deletion and insertion with a random map's, not in the parts' times): {each}."
+
+
 def summary_rows(result: Any) -> list[dict[str, str]]:
     """One display row per layer call of a ``ModelSummary`` (the terminal table's columns)."""
     rows = []
@@ -108,6 +140,7 @@ def report_html(exploration: Any) -> str:
         mult_adds=_human(exploration.summary.total_mult_adds),
         input_size=f"{c}x{h}x{w}",
         random_weights=str(exploration.weights).startswith("random"),
+        grading=grading_line(getattr(exploration, "grading", {})),
         css=stylesheet(),
         version=__version__,
         created=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

@@ -17,6 +17,10 @@ OpenAPI ``servers`` entry):
   ``GET /api/jobs/{id}/views/{key}.png`` a finished job's picture
 - ``GET  /docs``                  API docs that work offline; ``/openapi.json`` the schema
 
+Every attribution map grades itself (``analysis.grading``): its record (the
+``X-Convscope-Record`` header, a job's ``record``) carries ``"faithfulness"`` and its caption ends
+with the deletion and insertion AUC next to a random map's.
+
 Errors are ``4xx {"error": "<one line>"}`` naming the form field at fault (``target``, not the
 CLI's ``--label``); an unexpected failure is a 500 with one line, and the server carries on. The
 OpenAPI schema documents every error reply and, per method, which form fields it takes.
@@ -249,7 +253,7 @@ def create_app(
 
         with checked.entry.lock.hold(checked.spec.hooks):
             return explain(checked.entry.loaded, checked.batch, checked.spec, layer=checked.layer,
-                           target=checked.target, options=checked.options, progress=progress)
+                           target=checked.target, options=checked.options, progress=progress, grade=True)
 
     # ------------------------------------------------------------ pages
 

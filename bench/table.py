@@ -39,9 +39,9 @@ JOBS: dict[str, tuple[str, list[str]]] = {
     "scorecam": ("scorecam.py", ["--layers", "stage5,stage6,head"]),
     "occlusion": ("occlusion.py", ["--models", "alexnet,efficientnet_lite0", "--repeats", "1", "--ppe", "32,64"]),
     "mining": ("patches.py", ["--images", "4096", "--repeats", "2", "--skip-rss", "--skip-dist"]),
-    "lrp": ("lrp.py", []),
-    "ig": ("ig.py", []),
-    "pixelflipping": ("pixelflipping.py", []),
+    "lrp": ("lrp.py", ["--cases", "vgg16,efficientnet_lite0", "--repeats", "2"]),
+    "ig": ("ig.py", ["--models", "efficientnet_lite0", "--repeats", "2"]),
+    "pixelflipping": ("pixelflipping.py", ["--setting", "both", "--repeats", "1"]),
 }
 
 

@@ -50,6 +50,7 @@ import torch
 from convscope.errors import BadArgument
 from convscope.methods._common import ModelLike
 from convscope.models.load import as_loaded
+from convscope.probes.fold import fold_batchnorm
 from convscope.probes.hooks import eval_mode
 
 METRICS = ("pixel_flipping", "region_perturbation")
@@ -267,7 +268,7 @@ def quantus_protocol(
     abs: bool = False,
     normalise: bool = True,
     softmax: bool = True,
-    batch_size: int = 16,
+    batch_size: int = 1024,
     memory_mb: int = 512,
     progress: Callable[[int], None] | None = None,
 ) -> QuantusFaithfulness:
@@ -284,10 +285,14 @@ def quantus_protocol(
             Quantus' default of 1 means ``C · H · W`` forwards per image). Must divide ``H · W``.
         patch_size, regions_evaluation, order, abs, normalise, softmax: Quantus' parameters of the
             same names, with its defaults (``perturb_baseline`` is always ``"black"``).
-        batch_size: copies per forward at most (on a CPU, larger batches of these copies run no
-            faster per copy and leave the caches).
+        batch_size: copies per forward at most. The chunk is set by ``memory_mb`` below it: on
+            28x28 inputs 16 copies per forward ran 5x slower than 512 (per-forward overhead), while
+            224x224 copies stay at about 27 per forward.
         memory_mb: budget for one chunk of copies in flight (their inputs and activations); it
             lowers the chunk below ``batch_size`` for large inputs.
+
+    The copies run through the network with BatchNorm folded into the convolutions
+    (``convscope.probes.fold``): probabilities within 1e-6 of the network's, one pass fewer per map.
         progress: called with the number of copies each chunk finished.
 
     Returns:
@@ -307,7 +312,7 @@ def quantus_protocol(
     count, channels, height, width = batch.shape
     features = channels * height * width
     chunk = max(1, min(batch_size, memory_mb * 2**20 // (features * batch.element_size() * ACTIVATION_FACTOR)))
-    net = loaded.module
+    net = fold_batchnorm(loaded.module, batch[:1]).module
     device = batch.device
     targets = targets.long().cpu()
     fills = batch.flatten(1).min(dim=1).values  # "black": each image's own minimum

@@ -188,3 +188,19 @@ def test_deletion_fill_must_be_finite(tiny_cnn, fill: float) -> None:  # type: i
 def test_no_metric_is_refused(tiny_cnn) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(BadArgument, match=r"^metrics: names nothing \(choose from deletion, insertion, randomization\)$"):
         quality(tiny_cnn, torch.zeros(1, 3, 16, 16), "saliency", ())
+
+
+def test_cli_default_methods_leave_out_the_many_pass_ones(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from convscope.analysis.sanity import attribution_methods
+    from convscope.cli.analysis_cmd import OPT_IN_METHODS
+    from convscope.cli.main import app
+
+    Image.fromarray(np.random.default_rng(4).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    result = CliRunner().invoke(app, ["quality", str(tmp_path / "a.png"), "--model", "tiny", "--weights", "random",
+                                      "--metrics", "deletion", "--step", "256", "-o", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    scored = list(json.loads((tmp_path / "out" / "quality.json").read_text())["methods"])
+    assert scored == [m for m in attribution_methods() if m not in OPT_IN_METHODS]
+    assert "lrp" in scored and "deconv" in scored and not set(OPT_IN_METHODS) & set(scored)

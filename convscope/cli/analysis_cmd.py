@@ -322,6 +322,9 @@ def correspondence_command(
 
 # ---------------------------------------------------------------- quality
 
+# Scored only when named: each map costs 25-50 forward and backward passes, at every step.
+OPT_IN_METHODS = ("ig", "smoothgrad")
+
 
 PROTOCOLS = ("rise", "quantus")
 
@@ -331,8 +334,9 @@ def quality_command(
     methods: Annotated[str | None, typer.Option("--methods", help="Comma list of attribution methods: any "
                                                 "method that explains a class with a map (gradcam, gradcampp, "
                                                 "guided-gradcam, guided, saliency, deconv, occlusion, scorecam, "
-                                                "lrp, ig, smoothgrad...). Default: all of them (occlusion and "
-                                                "scorecam are the slow ones).")] = None,
+                                                "lrp, ig, smoothgrad...). Default: all of them but ig and "
+                                                "smoothgrad (25-50 passes per map, at every randomisation "
+                                                "step: name them to include them).")] = None,
     metrics: Annotated[str, typer.Option("--metrics", help="Comma list of deletion, insertion, randomization.")]
     = "deletion,insertion,randomization",
     randomization: Annotated[str, typer.Option("--randomization", help="Comma list of top-down, bottom-up "
@@ -392,7 +396,8 @@ def quality_command(
     from convscope.render.pictures import display_image
 
     known = attribution_methods()
-    chosen = _names(methods, "--methods", known, method_aliases()) if methods is not None else list(known)
+    chosen = (_names(methods, "--methods", known, method_aliases()) if methods is not None
+              else [name for name in known if name not in OPT_IN_METHODS])
     wanted = _names(metrics, "--metrics", METRICS)
     modes = _names(randomization, "--randomization", MODES)
     quantus = protocol == "quantus"

@@ -56,8 +56,8 @@ def _methods(loaded: Any, image: torch.Tensor) -> dict[str, Callable[[], Any]]:
         "deconv": lambda: convscope.deconv(loaded, image, layer=loaded.cam_layer or "stage1", top=2),
         "occlusion": lambda: convscope.occlusion(loaded, image, window=window, stride=window),
         "lrp": lambda: convscope.lrp(loaded, image),
-        "ig": lambda: convscope.integrated_gradients(loaded, image, steps=4),
-        "smoothgrad": lambda: convscope.smoothgrad(loaded, image, samples=2),
+        "ig": lambda: convscope.integrated_gradients(loaded, image, steps=2),
+        "smoothgrad": lambda: convscope.smoothgrad(loaded, image, samples=1),
     }
 
 

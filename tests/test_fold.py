@@ -87,3 +87,15 @@ def test_classify_probabilities_equal_the_unfolded_model_on_real_photos() -> Non
         ours = torch.zeros(1000).scatter_(0, prediction.indices, prediction.probabilities)
         assert float((ours - reference[i]).abs().max()) < 1e-5
     assert int(predictions[0].indices[0]) == int(reference[0].argmax())
+
+
+def test_a_hooked_network_is_not_folded() -> None:
+    net = _randomise_statistics(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()))
+    seen: list[tuple[int, ...]] = []
+    handle = net[1].register_forward_hook(lambda _m, _i, out: seen.append(tuple(out.shape)))
+    try:
+        assert fold_batchnorm(net, torch.randn(1, 3, 8, 8)).module is net
+        assert seen == []  # not even a trace ran
+    finally:
+        handle.remove()
+    assert fold_batchnorm(net, torch.randn(1, 3, 8, 8)).module is not net

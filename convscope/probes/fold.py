@@ -18,7 +18,8 @@ The copy keeps every module path of the original: a folded BatchNorm becomes an 
 at the same path, so a hook there still sees the normalised map, but a hook on the folded
 *convolution* sees the normalised map too. Callers that read a layer's values therefore use
 the copy only when no layer they read is in ``Folded.convolutions`` (``Folded.changes(path)``).
-The original module is never touched. Copies are cached per module and weight version (a
+The original module is never touched, and a network with forward hooks on it (a user's, or a
+global one) is not folded at all: the hooks see the calls and values they were written for. Copies are cached per module and weight version (a
 parameter or buffer changed in place makes a new copy), weakly, so a model that is dropped
 frees its copy.
 """
@@ -159,6 +160,16 @@ def _set(module: nn.Module, path: str, new: nn.Module) -> None:
     setattr(parent, name, new)
 
 
+def _hooked(module: nn.Module) -> bool:
+    """Whether someone watches the network's calls (forward hooks on any of its modules, or global
+    ones): then it runs as it is, so their hooks see every call and the values they expect."""
+    from torch.nn.modules import module as torch_module
+
+    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
+
+
 def _version(module: nn.Module) -> tuple[int, ...]:
     return tuple(t._version for t in (*module.parameters(), *module.buffers()))
 
@@ -173,6 +184,8 @@ def fold_batchnorm(module: nn.Module, example: torch.Tensor) -> Folded:
         module: the network (left unchanged, whatever its mode).
         example: one input batch of the size the copy will see (only its first image is run).
     """
+    if _hooked(module):
+        return Folded(module, (), ())
     key = (tuple(example.shape[1:]), example.dtype, example.device, _version(module))
     cached = _CACHE.get(module)
     if cached is not None and cached[0] == key:

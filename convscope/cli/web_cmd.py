@@ -79,7 +79,9 @@ def explore_command(
     label, probability = result.prediction.labels[0], float(result.prediction.probabilities[0])
     typer.echo(f"{shown_path(image)}: {label} ({100 * probability:.1f}%)")
     parts = ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items())
-    typer.echo(f"time: load {loaded_at - started:.1f}s, {parts}, html {done - rendered_at:.1f}s, "
+    graded = sum(seconds for _, seconds in result.grading.values())
+    grading = f", grading {graded:.1f}s ({len(result.grading)} maps)" if result.grading else ""
+    typer.echo(f"time: load {loaded_at - started:.1f}s, {parts}{grading}, html {done - rendered_at:.1f}s, "
                f"total {done - started:.1f}s")
     typer.echo(f"wrote {shown_path(path)}")
 

@@ -293,3 +293,15 @@ def test_cli_refuses_an_unknown_protocol(tmp_path: Path) -> None:
                    "-o", tmp_path / "bad")
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == "error: --protocol lime: must be one of rise, quantus"
     assert not (tmp_path / "bad").exists()
+
+
+def test_label_randomisation_never_replaces_what_a_workdir_holds(tmp_path: Path) -> None:
+    from convscope.analysis.sanity import label_randomization
+
+    mine = tmp_path / "shuffled"
+    mine.mkdir()
+    (mine / "best.pt").write_bytes(b"the user's run")
+    with pytest.raises(BadArgument, match=r"^workdir .*: already holds shuffled; nothing there is replaced"):
+        label_randomization(workdir=tmp_path)
+    assert (mine / "best.pt").read_bytes() == b"the user's run"
+    assert not (tmp_path / "true-data").exists()

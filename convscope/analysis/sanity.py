@@ -590,10 +590,19 @@ def _write_class_folders(root: Path, images: torch.Tensor, labels: torch.Tensor,
         picture.save(root / f"c{label:0{width}d}" / f"{i:06d}.png")
 
 
+LABEL_RUN_FOLDERS = ("true-data", "true", "shuffled-data", "shuffled")
+
+
 @contextmanager
 def _work_folder(path: str | os.PathLike[str] | None) -> Iterator[Path]:
+    """The folder of the two training runs: a temporary one, or ``path``, where the four folders
+    it writes (``LABEL_RUN_FOLDERS``) must not exist yet: nothing already there is replaced."""
     if path is not None:
         folder = Path(path)
+        taken = [name for name in LABEL_RUN_FOLDERS if os.path.lexists(folder / name)]
+        if taken:
+            raise BadArgument(f"workdir {folder}", f"already holds {taken[0]}; nothing there is replaced",
+                              "give a new or empty folder")
         folder.mkdir(parents=True, exist_ok=True)
         yield folder
         return

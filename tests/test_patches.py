@@ -327,3 +327,53 @@ def test_table_update_from_maps_equals_the_full_merge(chosen) -> None:
         assert torch.equal(lazy.images, full.images), step
         assert torch.equal(lazy.cells, full.cells), step
     assert entered_late > 0  # the later batches did change the table: not a vacuous comparison
+
+
+@pytest.mark.parametrize("batch_size", [1, 5, 23])
+def test_statistics_equal_a_direct_computation(zfnet, images_with_ties, batch_size) -> None:
+    """Mean of spatial means, largest cell, and fraction of images with a cell above 0, per channel,
+    in the mining pass: equal to the same numbers from every map kept, for any batching."""
+    modules = dict(zfnet.module.named_modules())
+    with torch.no_grad(), convscope.capture(zfnet.module, {n: modules[zfnet.stages[n]] for n in LAYERS}) as cap:
+        zfnet.module.eval()
+        zfnet.module(images_with_ties)
+    index = top_patches(zfnet, images_with_ties, LAYERS, top=3, batch_size=batch_size,
+                        channels={"conv1": [3, 0], "conv3": None, "conv5": None}, statistics=True)
+    assert index.statistics is not None
+    for name in LAYERS:
+        maps = cap.last(name).double()
+        ids = list(index.channels[name])
+        rows = index.statistics[name]
+        assert len(rows) == len(ids)
+        for row, channel in zip(rows, ids, strict=True):
+            plane = maps[:, channel]
+            assert row["mean"] == pytest.approx(plane.mean((1, 2)).mean().item(), rel=1e-6, abs=1e-9)
+            assert row["max"] == pytest.approx(plane.amax().item(), rel=1e-6)
+            assert row["firing"] == pytest.approx((plane.flatten(1).amax(1) > 0).double().mean().item())
+    # Some channel fires on some images only: the fraction is tested, not only 0 and 1.
+    assert any(0 < row["firing"] < 1 for rows in index.statistics.values() for row in rows)
+    plain = top_patches(zfnet, images_with_ties, LAYERS, top=3, batch_size=batch_size,
+                        channels={"conv1": [3, 0], "conv3": None, "conv5": None})
+    assert plain.statistics is None and plain.layers == index.layers
+
+
+def test_statistics_survive_an_interrupt_and_resume(zfnet, images_with_ties, tmp_path) -> None:
+    whole = top_patches(zfnet, images_with_ties, LAYERS, top=4, batch_size=3, statistics=True)
+    calls = []
+
+    def interrupt(n: int) -> None:
+        calls.append(n)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        top_patches(zfnet, images_with_ties, LAYERS, top=4, batch_size=3, progress=interrupt, checkpoint=tmp_path,
+                    checkpoint_every=100, statistics=True)
+    resumed = top_patches(zfnet, images_with_ties, LAYERS, top=4, batch_size=3, checkpoint=tmp_path, resume=True,
+                          statistics=True)
+    assert resumed == whole
+    # A checkpoint made without statistics cannot be resumed with them (nor the other way round).
+    with pytest.raises(BadArgument, match="statistics"):
+        top_patches(zfnet, images_with_ties, LAYERS, top=4, batch_size=3, checkpoint=tmp_path, resume=True)
+    with pytest.raises(BadArgument, match="activation"):
+        top_patches(zfnet, images_with_ties, LAYERS, statistics=True, rank="relevance", target=0)

@@ -150,6 +150,9 @@ class PatchIndex:
         composite: for a relevance ranking, the LRP composite.
         uncovered: for a relevance ranking, the module paths no LRP rule covers (relevance
             passes them as a plain gradient).
+        statistics: with ``top_patches(statistics=True)``: layer -> per listed channel
+            ``{"mean", "max", "firing"}`` over all images read: the mean of the map's spatial
+            mean, the largest cell, the fraction of images with a cell above 0.
     """
 
     model: str
@@ -167,6 +170,7 @@ class PatchIndex:
     label: str | None = None
     composite: str | None = None
     uncovered: tuple[str, ...] = ()
+    statistics: dict[str, tuple[dict[str, float], ...]] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The ``patches.json`` document (no timings: equal runs give equal bytes)."""
@@ -409,6 +413,7 @@ def top_patches(
     rank: str = "activation",
     target: int | str | None = None,
     composite: str | None = None,
+    statistics: bool = False,
 ) -> PatchIndex:
     """Mine the ``top`` strongest activations (or most relevant channels) of ``layers`` over a dataset.
 
@@ -438,6 +443,10 @@ def top_patches(
             class name, or ``"predicted"`` for each image's own top-1 class.
         composite: with ``rank="relevance"``: the LRP composite, one of ``COMPOSITES``
             (default ``epsilon-plus-flat``).
+        statistics: also measure each mined channel over the whole dataset in the same pass
+            (``PatchIndex.statistics``: mean activation, largest activation, fraction of images
+            where it fires); activation ranking only. Checkpointed and merged over ranks with
+            the tables.
 
     Returns:
         the ``PatchIndex``.
@@ -458,6 +467,8 @@ def top_patches(
     if checkpoint_every < 1:
         raise BadArgument(f"--checkpoint-every {checkpoint_every}", "must be at least 1")
     check_ranking(rank, target, composite)
+    if statistics and rank != "activation":
+        raise BadArgument("statistics", "are measured on activations: use rank='activation'")
     plan = _plan(model, data, layers, channels)
     ranking = _resolve_ranking(plan.loaded, plan.shape, rank, target, composite)
     loaded, source = plan.loaded, plan.source
@@ -491,6 +502,8 @@ def top_patches(
         "rank": world.rank,
         "world": world.size,
     }
+    if statistics:  # only then: a checkpoint of a run without them stays resumable as before
+        config["statistics"] = list(STATISTICS)
     state: MinerState | None = None
     if resume and path is not None and path.is_file():
         state = load_state(path, config, device)
@@ -499,7 +512,11 @@ def top_patches(
             name: TopkTable.empty(len(ids) if ids is not None else plan.counts[name], width, device)
             for name, ids in plan.chosen.items()
         }
-        state = MinerState(shard.start, 0, (), tables)
+        stats = {
+            name: empty_statistics(len(ids) if ids is not None else plan.counts[name], device)
+            for name, ids in plan.chosen.items()
+        } if statistics else None
+        state = MinerState(shard.start, 0, (), tables, stats)
     elif progress is not None and state.position > shard.start:
         progress(state.position - shard.start)
 
@@ -513,15 +530,17 @@ def top_patches(
             mine = _activation_miner(stack, plan, chosen_index)
         try:
             for batch in source.batches(range(state.position, shard.stop), batch_size, workers):
-                tables = committed.tables
+                tables, stats = committed.tables, committed.stats
                 if len(batch.indices):
-                    tables = mine(batch.images.to(device=device, dtype=loaded.dtype), batch.indices, tables)
+                    tables, stats = mine(batch.images.to(device=device, dtype=loaded.dtype), batch.indices, tables,
+                                         stats)
                 # One assignment, so an interrupt never leaves a half-updated state to save.
                 committed = MinerState(
                     committed.position + batch.consumed,
                     committed.images + len(batch.indices),
                     committed.skipped + batch.failed,
                     tables,
+                    stats,
                 )
                 if progress is not None:
                     progress(batch.consumed)
@@ -538,26 +557,67 @@ def top_patches(
     return _finish(plan, committed, world, top, ranking)
 
 
-Miner = Callable[[torch.Tensor, torch.Tensor, dict[str, TopkTable]], dict[str, TopkTable]]
+Miner = Callable[
+    [torch.Tensor, torch.Tensor, dict[str, TopkTable], dict[str, torch.Tensor] | None],
+    tuple[dict[str, TopkTable], dict[str, torch.Tensor] | None],
+]
+
+
+STATISTICS = ("mean", "max", "firing")  # the columns of a layer's running statistics, in order
+
+
+def channel_statistics(maps: torch.Tensor, chosen: torch.Tensor | None) -> torch.Tensor:
+    """A batch's share of each channel's dataset statistics: ``(C, 3)`` float64 of the sum over
+    images of the map's spatial mean, the largest cell, and the number of images with a cell
+    above 0 (see ``STATISTICS``). Added (the max column: maximised) into the running total by
+    ``merge_statistics``; NaN maps count as never firing and never largest."""
+    if chosen is not None:
+        maps = maps.index_select(1, chosen)
+    flat = torch.nan_to_num(maps.flatten(2).double(), nan=0.0)
+    peaks = torch.nan_to_num(maps.flatten(2).amax(2).double(), nan=float("-inf"))  # (B, C)
+    return torch.stack([flat.mean(2).sum(0), peaks.amax(0), (peaks > 0).sum(0).double()], 1)
+
+
+def empty_statistics(channels: int, device: torch.device) -> torch.Tensor:
+    """The running statistics before any image: zero sums, a max of -inf."""
+    stats = torch.zeros((channels, 3), dtype=torch.float64, device=device)
+    stats[:, 1] = float("-inf")
+    return stats
+
+
+def merge_statistics(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Combine running statistics (of batches, shards or ranks): sums add, maxima take the max."""
+    total = parts[0].clone()
+    for part in parts[1:]:
+        total[:, 0] += part[:, 0]
+        total[:, 2] += part[:, 2]
+        total[:, 1] = torch.maximum(total[:, 1], part[:, 1])
+    return total
 
 
 def _activation_miner(stack: ExitStack, plan: _Plan, chosen: dict[str, torch.Tensor | None]) -> Miner:
     """``(images, positions, tables) -> tables`` merging each channel's maximum; its hooks on ``stack``."""
     current: dict[str, Any] = {}  # the batch in flight: its image positions and the tables it starts from
 
-    def merge_batch(name: str, output: torch.Tensor) -> TopkTable:
+    def merge_batch(name: str, output: torch.Tensor) -> tuple[TopkTable, torch.Tensor | None]:
         # In the hook, on the module's own output: nothing downstream has run, so no copy is kept.
         positions = current["positions"]
-        return current["tables"][name].update_from_maps(output[: len(positions)], chosen[name], positions)
+        maps = output[: len(positions)]
+        table = current["tables"][name].update_from_maps(maps, chosen[name], positions)
+        stats = current["stats"]
+        return table, None if stats is None else merge_statistics([stats[name], channel_statistics(maps, chosen[name])])
 
     stack.enter_context(torch.no_grad())
     found = stack.enter_context(reduce_outputs(plan.loaded.module, plan.modules, merge_batch, layouts=plan.layouts))
 
-    def mine(images: torch.Tensor, positions: torch.Tensor, tables: dict[str, TopkTable]) -> dict[str, TopkTable]:
+    def mine(images: torch.Tensor, positions: torch.Tensor, tables: dict[str, TopkTable],
+             stats: dict[str, torch.Tensor] | None) -> tuple[dict[str, TopkTable], dict[str, torch.Tensor] | None]:
         found.clear()
-        current.update(positions=positions, tables=tables)
+        current.update(positions=positions, tables=tables, stats=stats)
         _forward(plan.loaded.module, images)
-        return {name: found.last(name) for name in plan.names}  # a module called twice: its last call
+        results = {name: found.last(name) for name in plan.names}  # a module called twice: its last call
+        new_stats = None if stats is None else {name: result[1] for name, result in results.items()}
+        return {name: result[0] for name, result in results.items()}, new_stats
 
     return mine
 
@@ -570,7 +630,8 @@ def _relevance_miner(stack: ExitStack, plan: _Plan, chosen: dict[str, torch.Tens
     stack.enter_context(_rules(loaded, ranking.composite or DEFAULT_COMPOSITE))
     store = stack.enter_context(capture(loaded.module, plan.modules, mode="graph", layouts=plan.layouts))
 
-    def mine(images: torch.Tensor, positions: torch.Tensor, tables: dict[str, TopkTable]) -> dict[str, TopkTable]:
+    def mine(images: torch.Tensor, positions: torch.Tensor, tables: dict[str, TopkTable],
+             stats: dict[str, torch.Tensor] | None) -> tuple[dict[str, TopkTable], dict[str, torch.Tensor] | None]:
         store.clear()
         count = images.shape[0]
         # A lone image goes in twice, for the reason ``_forward`` gives; the rows do not interact.
@@ -583,7 +644,7 @@ def _relevance_miner(stack: ExitStack, plan: _Plan, chosen: dict[str, torch.Tens
         return {
             name: tables[name].update(*relevance_peaks(maps[:count].detach(), chosen[name]), positions)
             for name, maps in zip(plan.names, relevance, strict=True)
-        }
+        }, stats
 
     return mine
 
@@ -591,6 +652,7 @@ def _relevance_miner(stack: ExitStack, plan: _Plan, chosen: dict[str, torch.Tens
 def _finish(plan: _Plan, state: MinerState, world: World, top: int, ranking: Ranking) -> PatchIndex:
     width = min(top, len(plan.source))
     tables = state.tables
+    stats = state.stats
     images = state.images
     skipped = list(state.skipped)
     if world.distributed:
@@ -605,6 +667,8 @@ def _finish(plan: _Plan, state: MinerState, world: World, top: int, ranking: Ran
             )
             merged[name] = TopkTable(values, positions, cells)
         tables = merged
+        if stats is not None:
+            stats = {name: merge_statistics(world.all_gather(stats[name])) for name in plan.names}
         gathered = world.all_gather_object((state.images, list(state.skipped)))
         images = sum(count for count, _ in gathered)
         skipped = sorted((item for _, items in gathered for item in items), key=lambda s: s[0])
@@ -648,7 +712,22 @@ def _finish(plan: _Plan, state: MinerState, world: World, top: int, ranking: Ran
         label=_class_name(plan.loaded, ranking.target),
         composite=ranking.composite,
         uncovered=ranking.uncovered,
+        statistics=None if stats is None else {
+            name: _statistics_rows(stats[name], images) for name in plan.names
+        },
     )
+
+
+def _statistics_rows(stats: torch.Tensor, images: int) -> tuple[dict[str, float], ...]:
+    """One ``{"mean", "max", "firing"}`` per channel from the running sums over ``images`` images."""
+    rows = []
+    for total, peak, fired in stats.cpu().tolist():
+        rows.append({
+            "mean": total / images if images else float("nan"),
+            "max": peak if images else float("nan"),
+            "firing": fired / images if images else float("nan"),
+        })
+    return tuple(rows)
 
 
 def _class_name(loaded: LoadedModel, target: int | str | None) -> str | None:

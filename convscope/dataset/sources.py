@@ -78,6 +78,11 @@ class ImageSource:
         """
         raise NotImplementedError
 
+    def labels(self) -> list[int] | None:
+        """The dataset's class of every image, in order, when the data carries labels (Fashion-MNIST);
+        ``None`` for folders, lists and tensors."""
+        return None
+
 
 def files_digest(paths: Sequence[Path]) -> str:
     """SHA-256 hex digest of each file's path, size and modification time, in order.
@@ -267,6 +272,29 @@ class IdxSource(ImageSource):
                 rows[index] = self._read(handle, 1)[0]
                 position = index + 1
         return self.transform(torch.stack([rows[i] for i in indices]))
+
+    def labels(self) -> list[int] | None:
+        from convscope.training.data import read_idx
+
+        path = _labels_file(self.path)
+        if path is None:
+            return None
+        values = read_idx(path)
+        if values.ndim != 1 or len(values) != self.count:
+            raise DataError(str(path), f"holds {values.shape} labels for {self.count} images")
+        return [int(v) for v in values]
+
+
+def _labels_file(images: Path) -> Path | None:
+    """The labels file beside an IDX image file (``train-images-idx3-ubyte[.gz]`` ->
+    ``train-labels-idx1-ubyte[.gz]``), when there is one."""
+    if "-images-idx3-" not in images.name:
+        return None
+    for suffix in (".gz", ""):
+        candidate = images.with_name(images.name.replace("-images-idx3-", "-labels-idx1-").removesuffix(".gz") + suffix)
+        if candidate.is_file():
+            return candidate
+    return None
 
 
 def _idx_image_header(handle: IO[bytes], path: Path) -> tuple[int, int, int, int]:

@@ -36,6 +36,7 @@ class MinerState:
     images: int
     skipped: tuple[tuple[int, str], ...]
     tables: dict[str, TopkTable]
+    stats: dict[str, torch.Tensor] | None = None  # layer -> (C, 3) running statistics, when measured
 
 
 def state_path(folder: str | Path, world: World) -> Path:
@@ -170,6 +171,7 @@ def save_state(path: Path, config: dict[str, Any], state: MinerState) -> None:
             "images": state.images,
             "skipped": [list(item) for item in state.skipped],
             "tables": {name: table.cpu() for name, table in state.tables.items()},
+            **({"stats": {name: value.cpu() for name, value in state.stats.items()}} if state.stats is not None else {}),
         },
         buffer,
     )
@@ -184,7 +186,8 @@ def load_state(path: Path, config: dict[str, Any], device: torch.device) -> Mine
     if not isinstance(raw, dict) or raw.get("version") != STATE_VERSION:
         raise BadArgument("--resume", f"{path} is not a convscope patches checkpoint of this version")
     old = raw.get("config", {})
-    for key, value in config.items():
+    for key in [*config, *(key for key in old if key not in config)]:  # a key only the checkpoint has differs too
+        value = config.get(key)
         if old.get(key) != value:
             raise BadArgument("--resume", _mismatch(path, key, old.get(key), value),
                               "run again without --resume to start over")
@@ -193,4 +196,10 @@ def load_state(path: Path, config: dict[str, Any], device: torch.device) -> Mine
         for name, t in raw["tables"].items()
     }
     skipped = tuple((int(i), str(r)) for i, r in raw["skipped"])
-    return MinerState(int(raw["position"]), int(raw["images"]), skipped, tables)
+    stats = None
+    if config.get("statistics"):
+        saved = raw.get("stats")
+        if not isinstance(saved, dict) or set(saved) != set(tables):
+            raise BadArgument("--resume", f"{path} holds no statistics", "run again without --resume to start over")
+        stats = {name: value.to(device=device, dtype=torch.float64) for name, value in saved.items()}
+    return MinerState(int(raw["position"]), int(raw["images"]), skipped, tables, stats)

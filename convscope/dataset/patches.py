@@ -71,7 +71,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -153,6 +153,7 @@ class PatchIndex:
         statistics: with ``top_patches(statistics=True)``: layer -> per listed channel
             ``{"mean", "max", "firing"}`` over all images read: the mean of the map's spatial
             mean, the largest cell, the fraction of images with a cell above 0.
+        counts: layer -> its number of channels (all, not only the listed ones).
     """
 
     model: str
@@ -171,6 +172,7 @@ class PatchIndex:
     composite: str | None = None
     uncovered: tuple[str, ...] = ()
     statistics: dict[str, tuple[dict[str, float], ...]] | None = None
+    counts: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """The ``patches.json`` document (no timings: equal runs give equal bytes)."""
@@ -712,6 +714,7 @@ def _finish(plan: _Plan, state: MinerState, world: World, top: int, ranking: Ran
         label=_class_name(plan.loaded, ranking.target),
         composite=ranking.composite,
         uncovered=ranking.uncovered,
+        counts=dict(plan.counts),
         statistics=None if stats is None else {
             name: _statistics_rows(stats[name], images) for name in plan.names
         },

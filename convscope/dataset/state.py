@@ -10,6 +10,7 @@ import json
 import os
 import re
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,9 @@ from convscope.errors import BadArgument, OutputError
 STATE_VERSION = 2  # 2: the weights' and the images' digests are recorded and checked
 STATE_MARKER = "convscope-patches-state.json"
 _MARKER_KIND = "convscope patches state"
-_STATE_NAME = re.compile(r"state-rank[0-9]+-of-[0-9]+\.pt", re.ASCII)
+# The miner's checkpoints, and the atlas's feature-visualisation chunks (``dataset.atlas.chunk_name``).
+_STATE_NAME = re.compile(
+    r"state-rank[0-9]+-of-[0-9]+\.pt|featurevis-[0-9]+-(?:featurevis|negative)-[0-9]+\.pt", re.ASCII)
 
 
 @dataclass(frozen=True)
@@ -64,13 +67,18 @@ def _read_marker(folder: Path) -> dict[str, Any] | None:
     return payload
 
 
-def claim_state_folder(folder: str | Path, *, processes: int = 1, resume: bool = False) -> str:
+def claim_state_folder(folder: str | Path, *, processes: int = 1, resume: bool = False,
+                       files: Sequence[str] = ()) -> str:
     """Make ``folder`` a checkpoint folder of this run, marked as convscope's; check before any work.
 
     A missing folder is created with a marker (``STATE_MARKER``) holding a new run id and the
     names of the state files the run's ``processes`` ranks will write. A folder an earlier run
     marked is taken over (its run id kept on ``resume``); its marker then lists the files of both.
     Anything else of that name (a user's folder, a file, a link) is refused and left as it is.
+
+    Args:
+        files: further state file names the run will write (the atlas's chunks); only names of
+            the state patterns are ever removed.
 
     Returns:
         the run id recorded in the marker.
@@ -81,7 +89,7 @@ def claim_state_folder(folder: str | Path, *, processes: int = 1, resume: bool =
     folder = Path(folder)
     subject = str(folder)
     hint = "move it away, or write to another -o folder"
-    names = state_files(processes)
+    names = sorted({*state_files(processes), *files})
     if folder.is_symlink() or (os.path.lexists(folder) and not folder.is_dir()):
         raise OutputError(subject, "exists and was not made by convscope (it is not a folder); it is left as it is",
                           hint)

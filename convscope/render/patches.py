@@ -71,6 +71,27 @@ def channel_figure(
     return np.concatenate([parts[0], gap, parts[1]], axis=1)
 
 
+def enlarge(picture: np.ndarray, min_side: int) -> np.ndarray:
+    """Nearest-neighbour enlargement by a whole factor until the shorter side reaches ``min_side``
+    (a 7x7 patch of a 28x28 image stays legible, and its pixels stay square)."""
+    side = min(picture.shape[:2])
+    factor = max(1, math.ceil(min_side / max(side, 1)))
+    return picture if factor == 1 else np.repeat(np.repeat(picture, factor, axis=0), factor, axis=1)
+
+
+def patch_pictures(
+    crop: Any, projection: Any | None, *, relevance: bool = False, min_side: int = 64,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """One patch's two pictures, as ``channel_figure`` draws its tiles: the crop, and its deconvnet
+    projection (signed, zero mid-grey) or conditional relevance map (blue-white-red), each
+    enlarged to at least ``min_side``."""
+    left = enlarge(to_rgb_uint8(crop), min_side)
+    if projection is None:
+        return left, None
+    right = relevance_picture(as_array(projection).sum(axis=0)) if relevance else signed_picture(projection)
+    return left, enlarge(right, min_side)
+
+
 def gallery_html(
     title: str,
     layers: dict[str, list[dict[str, Any]]],

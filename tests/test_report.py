@@ -75,6 +75,12 @@ def test_report_is_readable_without_sideways_scrolling(tiny_report: str) -> None
     assert "max-width: 100%" in tiny_report and "overflow-x: hidden" in tiny_report
 
 
+def test_inlined_stylesheet_is_not_escaped(tiny_report: str) -> None:
+    # Escaped, the font list's quotes become &#34; inside <style>, and browsers drop the whole rule.
+    style = tiny_report.split("<style>", 1)[1].split("</style>", 1)[0]
+    assert '"Segoe UI"' in style and "&#34;" not in style and "&quot;" not in style
+
+
 def test_explore_rejects_a_non_html_output(tmp_path: Path) -> None:
     out = subprocess.run(
         [sys.executable, "-m", "convscope", "explore", str(skimage_photo("coffee.png")), "--model", "tiny",

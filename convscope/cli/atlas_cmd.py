@@ -224,10 +224,10 @@ def atlas_command(
             for name in index.layers
         ],
     }
-    from convscope.render.atlas_site import atlas_site
+    from convscope.render.atlas_site import iter_atlas_site
 
-    pages = atlas_site(document, lambda relative: (out.root / relative).read_bytes())
-    for relative, text in pages.items():
+    # A page at a time: a 512-unit layer's unit pages embed ~0.7 GB of pictures together.
+    for relative, text in iter_atlas_site(document, lambda relative: (out.root / relative).read_bytes()):
         out.text(relative, text)
     out.json("atlas.json", document)
     timings["drawing_seconds"] = time.perf_counter() - started

@@ -15,6 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import markupsafe
 import numpy as np
 
 from convscope.imageio import shown_text
@@ -141,7 +142,8 @@ def report_html(exploration: Any) -> str:
         input_size=f"{c}x{h}x{w}",
         random_weights=str(exploration.weights).startswith("random"),
         grading=grading_line(getattr(exploration, "grading", {})),
-        css=stylesheet(),
+        # Our own file, trusted: escaped, its quotes would become &#34; and the browser drop the rule.
+        css=markupsafe.Markup(stylesheet()),
         version=__version__,
         created=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     )

@@ -198,6 +198,12 @@ def atlas_command(
             typer.echo(f"error: {image}: {reason}", err=True)
         raise DataError(data, f"none of the {len(index.skipped)} images could be read")
 
+    if relevance_index is not None and relevance_index.uncovered:
+        listed = relevance_index.uncovered
+        shown = ", ".join(listed[:MAX_LISTED]) + (f" and {len(listed) - MAX_LISTED} more" if len(listed) > MAX_LISTED
+                                                   else "")
+        typer.echo(f"warning: no LRP rule covers {shown}: the relevance ranking passes them as a plain gradient",
+                   err=True)
     started = time.perf_counter()
     out = OutputDir(output)
     shape = loaded.preprocess.input_size

@@ -158,13 +158,19 @@ def serve_command(
                           help=f"Largest accepted upload, in MB (0.001 to {MAX_UPLOAD_MB:g}).")
     ] = "20",
     output_index: OutputIndexOpt = None,
+    atlas: Annotated[
+        Path | None, typer.Option("--atlas", metavar="FOLDER", help="Show an atlas (a folder convscope atlas "
+                                  "wrote) in an Atlas tab; the model and weights are the atlas's.")
+    ] = None,
 ) -> None:
     """A local web app: drop an image, see its top-5, then pick a layer, method and class.
 
     Binds to 127.0.0.1 unless --host says otherwise. API docs at /docs, the schema at /openapi.json.
+    With --atlas, an Atlas tab browses the atlas's units and finds the units a photo excites; the
+    served model is the atlas's (--model may only repeat it), with the weights it recorded.
 
     Examples: convscope serve | convscope serve --port 8080 --model alexnet --weights random |
-    convscope serve --root-path /proxy/8000
+    convscope serve --root-path /proxy/8000 | convscope serve --atlas atlas/
     """
 
     from convscope.models.load import check_model, resolve_device
@@ -176,6 +182,14 @@ def serve_command(
         typer.echo(f"warning: {warning}", err=True)
     check_address(host, port_number)
     resolve_device(device)
+    if atlas is not None:
+        from convscope.web.atlas import load_atlas, served_model
+
+        # A bad folder, another --model or a lost weights file: one line before the model loads.
+        served = served_model(load_atlas(atlas), model, weights)
+        if served.note:
+            typer.echo(f"warning: {served.note}", err=True)
+        model, weights = served.model, served.weights
     check_model(model, weights)  # an unknown model or missing weights: one line, before the server starts
     run_server(host=host, port=port_number, model=model, weights=weights, device=device, root_path=root_path,
-               max_upload_bytes=round(upload_mb * 1_000_000), output_index=output_index)
+               max_upload_bytes=round(upload_mb * 1_000_000), output_index=output_index, atlas=atlas)

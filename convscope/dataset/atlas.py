@@ -121,8 +121,8 @@ def feature_visualizations(
     if not world.is_rank0:
         return None
     everything: dict[tuple[int, str, int], dict[str, torch.Tensor]] = {}
-    for part in gathered:
-        everything.update(part)
+    for share in gathered:
+        everything.update(share)
     results: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     for i, (name, all_units) in enumerate(layers):
         for kind in KINDS:

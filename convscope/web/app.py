@@ -17,6 +17,15 @@ OpenAPI ``servers`` entry):
   ``GET /api/jobs/{id}/views/{key}.png`` a finished job's picture
 - ``GET  /docs``                  API docs that work offline; ``/openapi.json`` the schema
 
+With an atlas (``convscope serve --atlas FOLDER``, ``create_app(atlas=...)``; otherwise these are
+404 and absent from the schema):
+
+- ``GET  /api/atlas``             the model and the layers with their units
+- ``GET  /api/atlas/{layer}/{unit}``  a unit: statistics and its pictures' URLs
+- ``GET  /api/atlas/{layer}/{unit}/{name}.png``  one picture (only those ``atlas.json`` names)
+- ``POST /api/atlas/units``       multipart ``image`` or ``sample``, ``layer``, ``count`` -> the
+  atlas units of that layer that fire most on the photo, with their activation maps
+
 Every attribution map grades itself (``analysis.grading``): its record (the
 ``X-Convscope-Record`` header, a job's ``record``) carries ``"faithfulness"`` and its caption ends
 with the deletion and insertion AUC next to a random map's.
@@ -37,10 +46,11 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 from fastapi import FastAPI, Request
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.datastructures import FormData, UploadFile
@@ -49,12 +59,23 @@ from starlette.formparsers import MultiPartException
 
 from convscope.errors import BadArgument, ConvscopeError, ImageError
 from convscope.methods.registry import MethodSpec, get_method, list_methods
-from convscope.parsing import parse_class_index
+from convscope.parsing import parse_class_index, parse_int
+from convscope.web.atlas import (
+    PATCH_PICTURES,
+    PICTURE_PATTERN,
+    Atlas,
+    PhotoUnit,
+    load_atlas,
+    photo_units,
+    served_model,
+)
 from convscope.web.forms import class_index, clean_name, form_model, in_form_terms, text_field
 from convscope.web.limits import BodyLimit, error_response, status_for
 from convscope.web.openapi import (
+    ATLAS_UNITS_FIELDS,
     CLASSIFY_FIELDS,
     UPLOAD_ERRORS,
+    atlas_units_form,
     classify_form,
     error_replies,
     explain_form,
@@ -63,12 +84,15 @@ from convscope.web.openapi import (
 from convscope.web.state import JobStore, ModelCache, TempArea
 
 log = logging.getLogger("convscope.web")
+_T = TypeVar("_T")
 
 DEFAULT_MAX_UPLOAD = 20_000_000
 DEFAULT_MAX_PIXELS = 40_000_000
 CANCEL_WAIT_SECONDS = 10.0
 STANDARD_FIELDS = ("image", "method", "layer", "target", "model", "view")
 SAMPLES = {"chelsea.jpg": "Chelsea the cat", "coffee.jpg": "A cup of coffee"}
+ATLAS_COUNT = 9
+MAX_ATLAS_COUNT = 256
 
 
 def static_dir() -> Path:
@@ -102,6 +126,7 @@ def create_app(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     cache_size: int = 2,
     output_index: int | str | None = None,
+    atlas: Path | None = None,
 ) -> FastAPI:
     """Build the app. The default model loads at start-up, others on first use; ``cache_size`` stay cached.
 
@@ -112,6 +137,14 @@ def create_app(
 
     ``root_path`` (the proxy prefix) is given to the server, not here: the page and the API use
     relative URLs only, and FastAPI puts the server's root path in the schema's ``servers``.
+
+    ``atlas``: a folder ``convscope atlas`` wrote; the app then shows it (the ``/api/atlas``
+    routes and the page's Atlas tab), and the default model is the atlas's, with the weights it
+    recorded (``web.atlas.served_model``; ``model`` may only name the same model).
+
+    Raises:
+        DataError: ``atlas`` is not a readable atlas folder.
+        BadArgument: ``model`` is not the atlas's model; its recorded weights file is gone.
     """
     from starlette.formparsers import MultiPartParser
 
@@ -121,11 +154,16 @@ def create_app(
     # files in the system temp folder: the app writes only inside its own temp area.
     MultiPartParser.spool_max_size = max(MultiPartParser.spool_max_size, max_upload_bytes + 1)
 
+    shown_atlas = load_atlas(atlas) if atlas is not None else None
+    seed = 0
+    if shown_atlas is not None:
+        served = served_model(shown_atlas, model, weights)
+        model, weights, seed = served.model, served.weights, served.seed
     default_name = model or DEFAULT_MODEL
     default_weights = weights
 
     def loader(name: str | None, wanted: str | None, index: int | str | None = None) -> Any:
-        return load_model(name, wanted, device=device, output_index=index)
+        return load_model(name, wanted, seed=seed, device=device, output_index=index)
 
     models = ModelCache(loader, capacity=cache_size)
     jobs = JobStore()
@@ -151,6 +189,7 @@ def create_app(
     app.state.models = models
     app.state.jobs = jobs
     app.state.temp = temp
+    app.state.atlas = shown_atlas
     app.add_middleware(BodyLimit, limit=max_upload_bytes)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------ errors
@@ -302,6 +341,7 @@ def create_app(
             "models": [{"name": m.name, "weights": m.weights, "hooks": _hook_count(m.module)} for m in models.loaded()],
             "jobs": jobs.counts(),
             "temp_files": sum(1 for _ in temp.root.iterdir()) if temp.root.exists() else 0,
+            "atlas": shown_atlas is not None,
         }
 
     @app.get("/api/methods", tags=["api"])
@@ -421,10 +461,173 @@ def create_app(
         return Response(await asyncio.to_thread(png_bytes, view.picture), media_type="image/png",
                         headers=_view_headers(job.result, view))
 
+    # ------------------------------------------------------------ the atlas
+
+    def atlas_or_404() -> Atlas:
+        if shown_atlas is None:
+            raise StarletteHTTPException(404, "atlas: this server shows none (start it with convscope serve "
+                                         "--atlas FOLDER)")
+        return shown_atlas
+
+    in_schema = shown_atlas is not None
+    layer_param = PathParam(description="A layer of GET /api/atlas.", json_schema_extra=(
+        {"enum": list(shown_atlas.layers)} if shown_atlas is not None else None))
+    unit_param = PathParam(description="A unit (channel id) of that layer in GET /api/atlas.")
+    picture_param = PathParam(pattern=PICTURE_PATTERN, description=(
+        "featurevis, negative, crop_I, projection_I, relevance_crop_I or relevance_map_I (I: the patch's "
+        "position in the unit's list)"))
+
+    @app.get("/api/atlas", tags=["atlas"], include_in_schema=in_schema, responses=error_replies(404))
+    async def atlas_index() -> dict[str, Any]:
+        """The atlas: its model, what it was mined from, and its layers with their units
+        (``units`` ids, ``thumbnails`` the URLs of their feature visualisations)."""
+        return _atlas_json(atlas_or_404())
+
+    @app.get("/api/atlas/{layer}/{unit}", tags=["atlas"], include_in_schema=in_schema,
+             responses=error_replies(404, 422))
+    async def atlas_unit(layer: str = layer_param, unit: int = unit_param) -> dict[str, Any]:
+        """One unit: ``stats``, the URLs of its feature visualisation and negative, and its top
+        ``patches`` (crop and deconvnet projection) and ``relevance_patches`` (crop and CRP map)."""
+        shown = atlas_or_404()
+        return _found(lambda: _unit_json(shown, layer, unit))
+
+    @app.get("/api/atlas/{layer}/{unit}/{name}.png", tags=["atlas"], include_in_schema=in_schema,
+             response_class=Response, responses=error_replies(
+                 404, 422, ok={"content": {"image/png": {}}, "description": "The picture."}))
+    async def atlas_picture(
+        layer: str = layer_param,
+        unit: int = unit_param,
+        name: str = picture_param,
+    ) -> Response:
+        """A picture of a unit, as ``atlas.json`` names it (nothing else in the folder is served)."""
+        shown = atlas_or_404()
+        path = await asyncio.to_thread(_found, lambda: shown.picture(layer, unit, name))
+        data = await asyncio.to_thread(path.read_bytes)
+        return Response(data, media_type="image/png", headers={"Cache-Control": "no-cache"})
+
+    @app.post("/api/atlas/units", tags=["atlas"], include_in_schema=in_schema,
+              responses=error_replies(*UPLOAD_ERRORS, 404), openapi_extra=multipart(
+                  "A photo (an upload, or a sample of GET /api/samples), an atlas layer and how many units.",
+                  atlas_units_form(list(shown_atlas.layers) if shown_atlas else [], _sample_names(),
+                                   ATLAS_COUNT, MAX_ATLAS_COUNT)))
+    async def atlas_photo_units(request: Request) -> dict[str, Any]:
+        """Units for this photo: the atlas units of ``layer`` that fire most on it (by the
+        channel's maximum over its map), strongest first, each with ``value``, its activation
+        map over the photo (``map``, a PNG data URI), its ``url`` and the page's ``anchor``."""
+        shown = atlas_or_404()
+        form = await read_form(request)
+        unknown = sorted(k for k in form if k not in ATLAS_UNITS_FIELDS)
+        if unknown:
+            raise BadArgument(unknown[0], "is not a field of atlas/units", "fields: " + ", ".join(ATLAS_UNITS_FIELDS))
+        layer_name = text_field(form, "layer")
+        if layer_name is None:
+            raise BadArgument("layer", "missing: choose one of " + ", ".join(shown.layers))
+        count_text = text_field(form, "count")
+        count = (ATLAS_COUNT if count_text is None
+                 else parse_int(count_text, subject="count", minimum=1, maximum=MAX_ATLAS_COUNT))
+        sample_name = text_field(form, "sample")
+        if sample_name is not None:
+            if "image" in form:
+                raise BadArgument("sample", "give an image or a sample, not both")
+            if sample_name not in _sample_names():
+                raise BadArgument(f"sample {sample_name}", "is not a sample", "choose from: " + ", ".join(SAMPLES))
+            name, data = sample_name, _data_file(sample_name).read_bytes()
+        elif "image" in form:
+            name, data = await image_bytes(form)
+        else:
+            raise BadArgument("image", "missing: send the picture in a multipart field called 'image', "
+                              "or name a sample in 'sample'")
+        atlas_layer = shown.layer(layer_name)
+
+        def work() -> dict[str, Any]:
+            from convscope.render.views import png_bytes
+
+            entry = entry_for(None)
+            picture = decode(name, data)
+            batch = entry.loaded.preprocess.to_tensor(picture).to(entry.loaded.device)
+            with entry.lock.exclusive():  # the capture hooks the layer
+                found = photo_units(entry.loaded, batch, atlas_layer, count)
+            return {
+                "model": entry.loaded.name, "weights": entry.loaded.weights, "layer": atlas_layer.name,
+                "image": name,
+                "units": [_photo_unit_json(shown, atlas_layer.name, item, _data_uri(png_bytes(item.picture)))
+                          for item in found],
+            }
+
+        return await asyncio.to_thread(work)
+
     return app
 
 
 # ---------------------------------------------------------------- helpers
+
+
+def _sample_names() -> list[str]:
+    return [n for n in SAMPLES if _data_file(n).is_file()]
+
+
+def _found(call: Callable[[], _T]) -> _T:
+    """``call()``, its one-line user error a 404 (an atlas lookup: no such layer, unit, picture)."""
+    try:
+        return call()
+    except ConvscopeError as exc:
+        raise StarletteHTTPException(404, exc.message) from None
+
+
+def _unit_url(layer: str, unit: int) -> str:
+    # Relative, like every URL of the app, so it works under a proxy prefix.
+    return f"api/atlas/{quote(layer, safe='')}/{unit}"
+
+
+def _picture_url(layer: str, unit: int, name: str) -> str:
+    return f"{_unit_url(layer, unit)}/{name}.png"
+
+
+def _anchor(layer: str, unit: int | None = None) -> str:
+    """The page's address of a layer or unit in its Atlas tab."""
+    return f"#atlas/{quote(layer, safe='')}" + ("" if unit is None else f"/{unit}")
+
+
+def _atlas_json(atlas: Atlas) -> dict[str, Any]:
+    document = atlas.document
+    keys = ("model", "weights", "data", "images", "skipped", "input_size", "classes", "featurevis", "relevance")
+    return {key: document.get(key) for key in keys} | {"layers": [
+        {"name": layer.name, "path": layer.record.get("path"), "channels": layer.record.get("channels"),
+         "boxes_exact": layer.record.get("boxes_exact"), "anchor": _anchor(layer.name),
+         "units": list(layer.units),
+         "thumbnails": [_picture_url(layer.name, unit, "featurevis") for unit in layer.units]}
+        for layer in atlas.layers.values()
+    ]}
+
+
+def _unit_json(atlas: Atlas, layer: str, unit: int) -> dict[str, Any]:
+    record = atlas.unit(layer, unit)
+    stats = record.get("stats") or {}
+    out: dict[str, Any] = {
+        "layer": layer, "path": atlas.layer(layer).record.get("path"), "unit": unit,
+        "anchor": _anchor(layer, unit), "url": _unit_url(layer, unit),
+        "featurevis": _picture_url(layer, unit, "featurevis"), "negative": _picture_url(layer, unit, "negative"),
+        "objective": record.get("objective"), "negative_objective": record.get("negative_objective"),
+        "stats": stats,
+    }
+    for kind, (crop, projection) in PATCH_PICTURES.items():
+        out[kind] = [patch | {"crop": _picture_url(layer, unit, f"{crop}_{i}"),
+                              "projection": _picture_url(layer, unit, f"{projection}_{i}")}
+                     for i, patch in enumerate(record.get(kind) or ())]
+    return out
+
+
+def _photo_unit_json(atlas: Atlas, layer: str, item: PhotoUnit, picture: str) -> dict[str, Any]:
+    stats = atlas.unit(layer, item.unit).get("stats") or {}
+    return {"unit": item.unit, "value": item.value if math.isfinite(item.value) else None,
+            "dataset_max": stats.get("max"), "map": picture, "url": _unit_url(layer, item.unit),
+            "anchor": _anchor(layer, item.unit), "featurevis": _picture_url(layer, item.unit, "featurevis")}
+
+
+def _data_uri(png: bytes) -> str:
+    import base64
+
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
 def _version() -> str:
@@ -564,12 +767,13 @@ def run_server(
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD,
     log_level: str = "info",
     output_index: int | str | None = None,
+    atlas: Path | None = None,
 ) -> None:
     """Serve the app with uvicorn until interrupted (the CLI's ``convscope serve``)."""
     import uvicorn
 
     app = create_app(model=model, weights=weights, device=device, max_upload_bytes=max_upload_bytes,
-                     output_index=output_index)
+                     output_index=output_index, atlas=atlas)
     uvicorn.run(app, host=host, port=port, root_path=root_path, log_level=log_level,
                 timeout_graceful_shutdown=5)
 

@@ -18,7 +18,7 @@ class Error(BaseModel):
 
 _ERROR_TEXT = {
     400: "A field is missing, unknown or has a value that cannot work (the message names it).",
-    404: "No such job, sample or picture.",
+    404: "No such job, sample or picture; no such atlas layer or unit, or no atlas on this server.",
     409: "The job has not finished.",
     413: "The upload or the image is over the server's limit.",
     415: "The upload is not an image.",
@@ -125,3 +125,25 @@ def classify_form() -> dict[str, Any]:
 
 
 CLASSIFY_FIELDS = ("image", "topk", "model")
+
+
+ATLAS_UNITS_FIELDS = ("image", "sample", "layer", "count")
+
+
+def atlas_units_form(layers: list[str], samples: list[str], count: int, maximum: int) -> dict[str, Any]:
+    """The form of ``/api/atlas/units``: a photo (an upload or a sample, exactly one), an atlas
+    layer and how many units."""
+    return {
+        "type": "object",
+        "properties": {
+            "image": _IMAGE_FIELD,
+            "sample": {"type": "string", "enum": samples, "description": "A photo of GET /api/samples."},
+            "layer": {"type": "string", "enum": layers, "description": "A layer of GET /api/atlas."},
+            "count": {"type": "integer", "minimum": 1, "maximum": maximum, "default": count,
+                      "description": "How many units, the most active first."},
+        },
+        "required": ["layer"],
+        "additionalProperties": False,
+        "oneOf": [{"required": ["image"], "properties": {"sample": False}},
+                  {"required": ["sample"], "properties": {"image": False}}],
+    }

@@ -275,6 +275,239 @@ async function cancel() {
   if (state.job) await fetch(`api/jobs/${state.job}`, { method: "DELETE" });
 }
 
+// ------------------------------------------------------------ the atlas (convscope serve --atlas)
+// Tabs and the atlas section are built here, only when the server has an atlas (GET api/atlas is
+// 200). The address says what is shown: #atlas, #atlas/<layer>, #atlas/<layer>/<unit>, #atlas-photo.
+
+const atlas = { index: null, layers: {}, photo: null, token: 0 };
+
+function el(tag, props = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(props)) {
+    if (k === "dataset") Object.assign(node.dataset, v);
+    else if (k in node) node[k] = v;
+    else node.setAttribute(k, v);
+  }
+  node.append(...children.filter((c) => c !== null && c !== undefined));
+  return node;
+}
+
+function number(value, digits = 3) {
+  return typeof value === "number" ? Number(value.toPrecision(digits)).toString() : "—";
+}
+
+function decoded(text) {
+  try { return decodeURIComponent(text); } catch (_) { return text; }
+}
+
+function unitHash(layer, unit) {
+  return `#atlas/${encodeURIComponent(layer)}` + (unit === undefined ? "" : `/${unit}`);
+}
+
+async function loadAtlas() {
+  const response = await fetch("api/atlas");
+  if (!response.ok) return;  // no atlas on this server: no tabs
+  atlas.index = await response.json();
+  for (const layer of atlas.index.layers) atlas.layers[layer.name] = layer;
+  buildAtlas();
+  window.addEventListener("hashchange", route);
+  route();
+}
+
+function buildAtlas() {
+  const tabs = el("nav", { id: "tabs", className: "tabs", role: "tablist" },
+    el("a", { href: "#", id: "tab-explain", role: "tab" }, "Explain"),
+    el("a", { href: "#atlas", id: "tab-atlas", role: "tab" }, "Atlas"));
+  document.querySelector("header.top").after(tabs);
+  const i = atlas.index;
+  const from = i.data ? ` from ${i.images ?? "?"} images of ${i.data}` : "";
+  const section = el("section", { id: "atlas" },
+    el("h2", {}, "Atlas"),
+    el("p", { className: "muted", id: "atlas-meta" }, `${i.model}, weights: ${i.weights ?? "?"}; units mined${from}.`),
+    el("nav", { id: "atlas-layers", className: "atlas-layers" }),
+    el("div", { id: "atlas-body" }));
+  const links = section.querySelector("#atlas-layers");
+  for (const layer of i.layers) {
+    const of = layer.channels ? ` of ${layer.channels}` : "";
+    links.append(el("a", { href: unitHash(layer.name), className: "layer-link", dataset: { layer: layer.name } },
+      el("b", {}, layer.name), el("span", { className: "muted" }, ` ${layer.units.length}${of} units`)));
+  }
+  links.append(el("a", { href: "#atlas-photo", className: "layer-link photo-link" }, el("b", {}, "Units for this photo")));
+  $("explain").after(section);
+}
+
+function route() {
+  if (!atlas.index) return;
+  const hash = decoded(location.hash.slice(1));
+  const inAtlas = hash === "atlas" || hash.startsWith("atlas/") || hash === "atlas-photo";
+  document.body.dataset.tab = inAtlas ? "atlas" : "explain";
+  $("tab-atlas").classList.toggle("current", inAtlas);
+  $("tab-explain").classList.toggle("current", !inAtlas);
+  if (!inAtlas) return;
+  // #atlas/<layer>/<unit>: the unit is the last part, and a layer name has no "/".
+  const parts = location.hash.slice(1).split("/").map(decoded);
+  const layer = parts[1] ? atlas.layers[parts[1]] : null;
+  for (const link of document.querySelectorAll("#atlas-layers a")) {
+    link.classList.toggle("current", layer ? link.dataset.layer === layer.name : hash === "atlas-photo" && link.classList.contains("photo-link"));
+  }
+  const body = $("atlas-body");
+  body.textContent = "";
+  atlas.token += 1;
+  if ($("atlas").getBoundingClientRect().top < 0) $("atlas").scrollIntoView();  // a new view starts at its top
+  if (hash === "atlas-photo") return showPhotoPanel(body);
+  if (parts[1] && !layer) { body.append(el("p", { className: "status error" }, `No layer ${parts[1]} in this atlas.`)); return; }
+  if (!layer) { body.append(el("p", { className: "muted" }, "Pick a layer to see its units.")); return; }
+  if (parts.length > 2) return showUnit(body, layer, parts[2], atlas.token);
+  showGrid(body, layer);
+}
+
+function showGrid(body, layer) {
+  body.append(el("h3", {}, `${layer.name}` + (layer.path && layer.path !== layer.name ? ` (${layer.path})` : "")));
+  const grid = el("div", { className: "unit-grid", id: "unit-grid" });
+  layer.units.forEach((unit, k) => {
+    grid.append(el("a", { href: unitHash(layer.name, unit), className: "unit-card", dataset: { unit: String(unit) } },
+      el("img", { src: layer.thumbnails[k], alt: `feature visualisation of unit ${unit}`, loading: "lazy" }),
+      el("span", {}, `unit ${unit}`)));
+  });
+  body.append(grid);
+}
+
+function picture(src, title, caption, className = "") {
+  return el("figure", { className: "view " + className },
+    el("img", { src, alt: title }),
+    el("figcaption", {}, el("b", {}, title + ". "), caption));
+}
+
+function statsTable(stats) {
+  const rows = [
+    ["mean activation", number(stats.mean)],
+    ["max activation", number(stats.max)],
+    ["firing", typeof stats.firing === "number" ? `${(100 * stats.firing).toFixed(1)}% of images` : "—"],
+  ];
+  const table = el("table", { className: "stats", id: "unit-stats" });
+  for (const [name, value] of rows) table.append(el("tr", {}, el("th", {}, name), el("td", { className: "num" }, value)));
+  const classes = (stats.classes || []).map((c) => `${c.label ?? "class " + c.class} × ${c.count}`).join(", ");
+  table.append(el("tr", {}, el("th", {}, "classes of the top images"), el("td", {}, classes || "—")));
+  return table;
+}
+
+function patchGrid(patches, mapTitle, id) {
+  const grid = el("div", { className: "patch-grid", id });
+  patches.forEach((p, k) => {
+    const where = typeof p.image === "string" ? p.image.split("/").pop() : `image ${p.image}`;
+    grid.append(el("figure", { className: "patch" },
+      el("div", { className: "pair" },
+        el("img", { src: p.crop, alt: `patch ${k + 1}: the image under the receptive field` }),
+        el("img", { src: p.projection, alt: `patch ${k + 1}: ${mapTitle}` })),
+      el("figcaption", {}, `${k + 1}. ${number(p.value)} · ${where}`)));
+  });
+  return grid;
+}
+
+async function showUnit(body, layer, unitText, token) {
+  const response = await fetch(`api/atlas/${encodeURIComponent(layer.name)}/${encodeURIComponent(unitText)}`);
+  if (token !== atlas.token) return;  // the user went elsewhere meanwhile
+  if (!response.ok) { body.append(el("p", { className: "status error" }, await errorText(response))); return; }
+  const u = await response.json();
+  const k = layer.units.indexOf(u.unit);
+  const nav = el("p", { className: "unit-nav" }, el("a", { href: unitHash(layer.name) }, `← all units of ${layer.name}`));
+  if (k > 0) nav.append(" · ", el("a", { href: unitHash(layer.name, layer.units[k - 1]), rel: "prev" }, `unit ${layer.units[k - 1]}`));
+  if (k >= 0 && k + 1 < layer.units.length) {
+    nav.append(" · ", el("a", { href: unitHash(layer.name, layer.units[k + 1]), rel: "next" }, `unit ${layer.units[k + 1]}`));
+  }
+  const view = el("div", { id: "unit-view", dataset: { layer: u.layer, unit: String(u.unit) } },
+    el("h3", {}, `${u.layer} · unit ${u.unit}`), nav,
+    el("div", { className: "unit-top" },
+      picture(u.featurevis, "Feature visualisation", `what excites the unit most (objective ${number(u.objective)})`, "featurevis"),
+      picture(u.negative, "Negative", `what suppresses it most (objective ${number(u.negative_objective)})`, "negative"),
+      el("div", {}, el("h3", {}, "Statistics over the dataset"), statsTable(u.stats || {}))),
+    el("h3", {}, `Top ${u.patches.length} dataset patches`),
+    el("p", { className: "muted" }, "Each: the image under the receptive field, then its deconvnet projection; the number is the unit's maximum there."),
+    patchGrid(u.patches, "deconvnet projection", "unit-patches"));
+  if (u.relevance_patches && u.relevance_patches.length) {
+    view.append(el("h3", {}, `Top ${u.relevance_patches.length} by relevance`),
+      el("p", { className: "muted" }, "Ranked by the unit's conditional relevance for the class (CRP): the patch, then where the relevance through the unit comes from."),
+      patchGrid(u.relevance_patches, "conditional relevance map", "unit-relevance"));
+  }
+  body.append(view);
+}
+
+// ---------------- units for this photo
+
+function showPhotoPanel(body) {
+  const layer = el("select", { id: "atlas-photo-layer" });
+  for (const l of atlas.index.layers) layer.append(el("option", { value: l.name, textContent: l.name }));
+  const middle = atlas.index.layers[Math.floor((atlas.index.layers.length - 1) / 2)];
+  layer.value = atlas.photo?.layer || middle.name;
+  const count = el("input", { id: "atlas-photo-count", type: "number", min: 1, max: 256, value: atlas.photo?.count || 9 });
+  const file = el("input", { id: "atlas-photo-file", type: "file", accept: "image/*", hidden: true });
+  const samples = el("span", { id: "atlas-photo-samples" });
+  const controls = el("form", { id: "atlas-photo-form", className: "controls" },
+    el("label", { className: "button" }, "choose a photo", file), samples,
+    el("label", {}, "Layer", layer), el("label", {}, "Units", count),
+    el("button", { type: "submit", id: "atlas-photo-run" }, "Find units"));
+  if (state.image) {
+    samples.append(el("button", { type: "button", className: "sample", onclick: () => pick({ blob: state.image, name: state.imageName }) },
+      "the Explain photo"));
+  }
+  const status = el("p", { id: "atlas-photo-status", className: "status", role: "status" });
+  const results = el("div", { id: "atlas-photo-units", className: "photo-units" });
+  body.append(el("h3", {}, "Units for this photo"),
+    el("p", { className: "muted" }, "The atlas units of a layer that fire most on a photo (the channel's maximum over its map), each with its activation map over the photo. Click one to open it."),
+    controls, status, results);
+  fetch("api/samples").then((r) => r.json()).then((list) => {
+    for (const s of list.samples) {
+      samples.append(el("button", { type: "button", className: "sample", dataset: { sample: s.name }, onclick: () => pick({ sample: s.name, name: s.name }) }, s.title));
+    }
+  });
+  const pick = (photo) => { atlas.photo = { ...atlas.photo, ...photo, blob: photo.blob || null, sample: photo.sample || null }; findUnits(); };
+  file.addEventListener("change", (e) => { const f = e.target.files[0]; if (f) pick({ blob: f, name: f.name }); });
+  controls.addEventListener("submit", (e) => { e.preventDefault(); findUnits(); });
+  layer.addEventListener("change", () => { if (atlas.photo?.name) findUnits(); });
+  if (atlas.photo?.results) renderPhotoUnits(atlas.photo.results);
+}
+
+async function findUnits() {
+  const status = $("atlas-photo-status");
+  const photo = atlas.photo;
+  if (!photo || !photo.name) { status.textContent = "Choose a photo first."; return; }
+  photo.layer = $("atlas-photo-layer").value;
+  photo.count = $("atlas-photo-count").value || "9";
+  const data = new FormData();
+  if (photo.sample) data.append("sample", photo.sample);
+  else data.append("image", photo.blob, photo.name);
+  data.append("layer", photo.layer);
+  data.append("count", photo.count);
+  status.classList.remove("error");
+  status.textContent = `Finding the units of ${photo.layer} for ${photo.name}…`;
+  $("atlas-photo-run").disabled = true;
+  try {
+    const response = await fetch("api/atlas/units", { method: "POST", body: data });
+    if (!response.ok) { status.textContent = await errorText(response); status.classList.add("error"); return; }
+    photo.results = await response.json();
+    renderPhotoUnits(photo.results);
+    status.textContent = `${photo.results.units.length} units of ${photo.results.layer} for ${photo.results.image}.`;
+  } catch (err) {
+    status.textContent = String(err);
+    status.classList.add("error");
+  } finally {
+    if ($("atlas-photo-run")) $("atlas-photo-run").disabled = false;
+  }
+}
+
+function renderPhotoUnits(results) {
+  const box = $("atlas-photo-units");
+  if (!box) return;
+  box.textContent = "";
+  for (const u of results.units) {
+    const of = typeof u.dataset_max === "number" ? ` (dataset max ${number(u.dataset_max)})` : "";
+    box.append(el("a", { href: u.anchor, className: "photo-unit", dataset: { unit: String(u.unit) } },
+      el("img", { src: u.map, alt: `activation map of unit ${u.unit} over the photo` }),
+      el("img", { src: u.featurevis, alt: `feature visualisation of unit ${u.unit}`, className: "thumb", loading: "lazy" }),
+      el("span", {}, el("b", {}, `unit ${u.unit}`), ` · max ${number(u.value)}${of}`)));
+  }
+}
+
 // ------------------------------------------------------------ wiring
 
 function wire() {
@@ -320,7 +553,7 @@ async function loadModels() {
 (async () => {
   wire();
   try {
-    await Promise.all([loadMethods(), loadModels()]);
+    await Promise.all([loadMethods(), loadModels(), loadAtlas()]);
     await loadModel();
     document.body.dataset.ready = "yes";
   } catch (err) {

@@ -117,3 +117,33 @@ def feature_maps(
     )
 
 
+
+
+def strongest_units(
+    model: ModelLike, images: Any, *, layer: str, units: Sequence[int], count: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """The ``count`` of ``units`` that fire most on one image, by the channel's maximum over its map
+    (the score the dataset miner ranks patches by; ties: the lower unit), strongest first.
+
+    Returns:
+        ``(chosen, values, heat, channels)``: the unit ids ``(K,)``, their maxima ``(K,)``, their
+        maps rectified, upsampled to the input and min-max scaled ``(K, H, W)`` in ``[0, 1]``
+        (as ``activation_maps`` draws a layer), and the layer's channel count.
+
+    Raises:
+        BadArgument: a unit beyond the layer's channels, or no units.
+    """
+    if not units:
+        raise BadArgument("units", "give at least one unit")
+    loaded, batch = prepare(model, images)
+    maps = feature_maps(loaded, batch[:1], layer=layer, max_channels=2**31, order="index").maps[0]
+    ordered = sorted({int(u) for u in units})
+    if ordered[0] < 0 or ordered[-1] >= maps.shape[0]:
+        raise BadArgument(f"unit {ordered[-1]}", f"is out of range: layer {layer} has {maps.shape[0]} channels")
+    values = maps[ordered].amax(dim=(1, 2))
+    order = sorted(range(len(ordered)), key=lambda k: (-float(values[k]), ordered[k]))[:count]
+    chosen = torch.tensor([ordered[k] for k in order], dtype=torch.long)
+    height, width = batch.shape[-2:]
+    heat = F.interpolate(maps[chosen][:, None].clamp_min(0), size=(height, width), mode="bilinear",
+                         align_corners=False)[:, 0]
+    return chosen, values[order], normalize_per_image(heat), int(maps.shape[0])

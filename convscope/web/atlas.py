@@ -317,32 +317,26 @@ def photo_units(loaded: Any, batch: Any, layer: AtlasLayer, count: int) -> list[
         DataError: the model's layer has fewer channels than the atlas's units need, or another
             count than the atlas records (not the model the atlas was made with).
     """
-    import torch
-    import torch.nn.functional as F
-
-    from convscope.methods.activations import feature_maps, normalize_per_image
+    from convscope.methods.activations import strongest_units
     from convscope.render.overlay import overlay
     from convscope.render.pictures import display_image
 
-    units = sorted(layer.units)
     name = _model_layer(loaded, layer)
-    # Every channel (a few MB at most): the count tells whether this is the atlas's model.
-    maps = feature_maps(loaded, batch, layer=name, max_channels=2**31, order="index").maps[0]
     recorded = layer.record.get("channels")
-    if maps.shape[0] <= units[-1] or (recorded is not None and recorded != maps.shape[0]):
-        raise DataError(f"atlas layer {layer.name}", f"has {recorded or 'more'} channels, {loaded.name}'s {name} "
-                        f"has {maps.shape[0]}", "serve the model the atlas was computed with")
-    values = maps[units].amax(dim=(1, 2))
-    order = sorted(range(len(units)), key=lambda k: (-float(values[k]), units[k]))[:count]
-    chosen = torch.tensor([units[k] for k in order], dtype=torch.long)
-    height, width = batch.shape[-2:]
-    # As the layer's activation map is drawn (methods.activations): rectified, upsampled, min-max scaled.
-    heat = F.interpolate(maps[chosen][:, None].clamp_min(0), size=(height, width), mode="bilinear",
-                         align_corners=False)[:, 0]
-    heat = normalize_per_image(heat)
+    hint = "serve the model the atlas was computed with"
+    try:
+        chosen, values, heat, total = strongest_units(loaded, batch, layer=name, units=sorted(layer.units),
+                                                      count=count)
+    except BadArgument as exc:  # a unit beyond the model's channels: not the atlas's model
+        raise DataError(f"atlas layer {layer.name}", f"has units {loaded.name}'s {name} lacks ({exc.reason})",
+                        hint) from None
+    # The channel count tells whether this is the atlas's model.
+    if recorded is not None and recorded != total:
+        raise DataError(f"atlas layer {layer.name}", f"has {recorded} channels, {loaded.name}'s {name} has {total}",
+                        hint)
     photo = display_image(loaded.preprocess, batch.cpu())
-    return [PhotoUnit(int(chosen[i]), float(values[order[i]]), overlay(photo, heat[i].numpy()))
-            for i in range(len(order))]
+    return [PhotoUnit(int(chosen[i]), float(values[i]), overlay(photo, heat[i].numpy()))
+            for i in range(len(chosen))]
 
 
 def _model_layer(loaded: Any, layer: AtlasLayer) -> str:

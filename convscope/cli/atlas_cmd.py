@@ -151,12 +151,12 @@ def atlas_command(
             from convscope.distributed import shard_range
 
             shard = shard_range(len(source), world.rank, world.size)
-            common = dict(top=top, channels=chosen, batch_size=batch_size, workers=workers,
-                          checkpoint_every=checkpoint_every, resume=resume)
+            common: dict[str, Any] = {"top": top, "channels": chosen, "batch_size": batch_size, "workers": workers,
+                                      "checkpoint_every": checkpoint_every, "resume": resume}
             started = time.perf_counter()
             with (progress_bar(len(shard), "mining", unit="img") if world.is_rank0 else nullcontext(None)) as bar:
                 index = top_patches(loaded, source, layer, progress=bar, checkpoint=folders[0], statistics=True,
-                                    **common)  # type: ignore[arg-type]
+                                    **common)
             timings["mining_seconds"] = time.perf_counter() - started
             relevance_index = None
             if not no_relevance:
@@ -165,7 +165,7 @@ def atlas_command(
                       else nullcontext(None)) as bar:
                     relevance_index = top_patches(
                         loaded, source, layer, progress=bar, checkpoint=folders[1], rank="relevance",
-                        target="predicted", composite=composite, **common)  # type: ignore[arg-type]
+                        target="predicted", composite=composite, **common)
                 timings["relevance_seconds"] = time.perf_counter() - started
 
             units = [(name, list(index.channels[name])) for name in index.layers]

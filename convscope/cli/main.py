@@ -15,7 +15,17 @@ from typing import Annotated, Any
 
 import typer
 
-from convscope.cli import analysis_cmd, atlas_cmd, explain, info_cmd, methods_cmd, patches_cmd, train_cmd, web_cmd
+from convscope.cli import (
+    analysis_cmd,
+    atlas_cmd,
+    explain,
+    featurevis_cmd,
+    info_cmd,
+    methods_cmd,
+    patches_cmd,
+    train_cmd,
+    web_cmd,
+)
 from convscope.cli.common import reflow_help
 from convscope.cli.errors import GuardedGroup
 
@@ -60,6 +70,7 @@ COMMANDS: tuple[tuple[str, Callable[..., Any]], ...] = (
     ("explain", explain.explain_command),
     ("patches", patches_cmd.patches_command),
     ("atlas", atlas_cmd.atlas_command),
+    ("featurevis", featurevis_cmd.featurevis_command),
     ("train", train_cmd.train_command),
     ("evaluate", train_cmd.evaluate_command),
     ("ablate", train_cmd.ablate_command),

@@ -42,6 +42,7 @@ JOBS: dict[str, tuple[str, list[str]]] = {
     "lrp": ("lrp.py", ["--cases", "vgg16,efficientnet_lite0", "--repeats", "2"]),
     "ig": ("ig.py", ["--models", "efficientnet_lite0", "--repeats", "2"]),
     "pixelflipping": ("pixelflipping.py", ["--setting", "both", "--repeats", "1"]),
+    "featurevis": ("featurevis.py", ["--steps", "128", "--units", "32", "--peer-units", "8"]),
 }
 
 

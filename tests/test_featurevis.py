@@ -462,3 +462,22 @@ def test_pretrained_units_beat_their_best_dataset_patch(default_model, tmp_path,
 
 
 STEPS_PRETRAINED = 32
+
+
+@pytest.mark.parametrize(("spec", "layer", "layout"), [
+    ("timm:vit_tiny_patch16_224", "blocks.5", "tokens"),
+    ("timm:swin_tiny_patch4_window7_224", "layers.1", "NHWC"),
+])
+def test_token_and_channels_last_layers_of_fixed_size_networks(spec, layer, layout) -> None:
+    """ViT and Swin take only their own input size: the transformed image (grown by the padding) is
+    resampled back to it, the layer's layout is read as measured, and batching still changes nothing."""
+    pytest.importorskip("timm")
+    model = load_model(spec, "random", seed=0)
+    batched = feature_visualization(model, layer, [0, 3, 5], steps=6)
+    alone = feature_visualization(model, layer, [3], steps=6)
+    assert batched.images.shape == (3, 3, 224, 224)
+    assert batched.settings["layout"] == layout
+    assert torch.allclose(batched.images[1], alone.images[0], atol=1e-5)
+    assert torch.isfinite(batched.final).all()
+    # The ascent works through the token view: the objective climbs over the steps.
+    assert (batched.curves[:, -1] > batched.curves[:, 0]).all()

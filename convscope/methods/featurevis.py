@@ -401,6 +401,9 @@ class _Network:
         self.calls = 0  # the layer's calls in one forward (0: not counted yet, run to the end)
         self.channels = 0
         self.seen = 0
+        # A network that takes only its own input size (ViT, Swin: fixed patch grids) gets each
+        # transformed image resampled back to the optimised size (Lucent resizes to 224 likewise).
+        self.fixed_size: tuple[int, int] | None = None
 
     def stopper(self, name: str, output: torch.Tensor) -> None:
         """The second hook on the layer: stops the forward once its last call is captured."""
@@ -467,6 +470,11 @@ def _network(loaded: LoadedModel, target: MapLayer, shape: tuple[int, ...]) -> I
                     raise
             network.calls = max(1, network.seen)
             network.channels = int(network.last().shape[1])
+            grown = shape[-1] + 2 * PAD - (JITTER_FIRST - 1) - (JITTER_LAST - 1)  # what the transforms give
+            try:
+                network.run(torch.zeros((2, shape[0], grown, grown), device=loaded.device, dtype=loaded.dtype))
+            except Exception:  # noqa: BLE001  (any refusal before the layer: the network wants its own size)
+                network.fixed_size = (shape[-2], shape[-1])
         yield network
 
 
@@ -557,7 +565,8 @@ class _Draws:
         return cls(torch.stack(first), torch.stack(scale), torch.stack(angle), torch.stack(last))
 
 
-def _transform(images: torch.Tensor, draws: _Draws, step: int, kind: str) -> torch.Tensor:
+def _transform(images: torch.Tensor, draws: _Draws, step: int, kind: str,
+               out_size: tuple[int, int] | None = None) -> torch.Tensor:
     """Lucid's robustness transforms of each image, as one resampling.
 
     Pad by 12 (grey), crop 7 pixels off at the image's own offset (jitter 8), zoom and turn about
@@ -578,6 +587,8 @@ def _transform(images: torch.Tensor, draws: _Draws, step: int, kind: str) -> tor
     theta = _transform_matrices((height, width), draws.first[:, step], scales, angles, draws.last[:, step])
     out_height = height + 2 * PAD - (JITTER_FIRST - 1) - (JITTER_LAST - 1)
     out_width = width + 2 * PAD - (JITTER_FIRST - 1) - (JITTER_LAST - 1)
+    if out_size is not None:  # the same region, sampled at the size the network takes
+        out_height, out_width = out_size
     grid = F.affine_grid(theta.to(images.device, images.dtype), [count, channels, out_height, out_width],
                          align_corners=False)
     centred = images - PAD_VALUE
@@ -676,7 +687,7 @@ def _optimise(network: _Network, image_f: _Parameterization, options: _Options, 
     curve = torch.empty((len(units), options.steps), dtype=torch.float32, device=parameter.device)
     with torch.enable_grad():
         for step in range(options.steps):
-            pixels = _transform(image_f.pixels(parameter), draws, step, options.transforms)
+            pixels = _transform(image_f.pixels(parameter), draws, step, options.transforms, network.fixed_size)
             value = _objective(network.layer_map(network.normalise(pixels)), units, options, per_unit)
             # The sum, not the mean: each row's gradient is the one it would get alone.
             (gradient,) = torch.autograd.grad(-value.sum(), parameter)

@@ -461,7 +461,7 @@ def test_pretrained_units_beat_their_best_dataset_patch(default_model, tmp_path,
     assert wins >= 29, (wins, peaks, best)  # >= 90% of 32
 
 
-STEPS_PRETRAINED = 32
+STEPS_PRETRAINED = 16
 
 
 @pytest.mark.parametrize(("spec", "layer", "layout"), [

@@ -531,7 +531,7 @@ def test_schemathesis_with_an_atlas_finds_no_server_error_and_no_schema_violatio
         assert base.startswith("http://127.0.0.1:")
         run = subprocess.run(
             [sys.executable, "-m", "schemathesis.cli", "--config-file", str(config), "run", base + "openapi.json",
-             "--include-path-regex", "atlas", "--checks", "all", "--max-examples", "20", "--seed", "21",
+             "--include-path-regex", "atlas", "--checks", "all", "--max-examples", "10", "--seed", "21",
              "--workers", "2", "--request-timeout", "60", "--generation-database", "none", "--no-color",
              "--report", "json", "--report-dir", str(reports)],
             capture_output=True, text=True, timeout=900, check=False, cwd=tmp_path,
@@ -541,7 +541,7 @@ def test_schemathesis_with_an_atlas_finds_no_server_error_and_no_schema_violatio
     report = json.loads(next(reports.glob("json-*.json")).read_text(encoding="utf-8"))
     assert report["failures"] == [] and report["errors"] == [], output
     assert report["operations"]["tested"] == report["operations"]["selected"] == 4, report["operations"]
-    assert report["test_cases"]["generated"] >= 100, report["test_cases"]
+    assert report["test_cases"]["generated"] >= 40, report["test_cases"]
     statuses = re.findall(r'HTTP/1\.1" (\d{3})', log.read_text(encoding="utf-8", errors="replace"))
     assert not [s for s in statuses if s.startswith("5")], output
     assert {"200", "400", "404", "422"} <= set(statuses)

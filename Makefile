@@ -27,6 +27,8 @@ $(VENV)/.installed: pyproject.toml $(VENV)/.torch
 $(VENV)/.dev-installed: pyproject.toml $(VENV)/.installed
 	@echo "installing the test dependencies into $(VENV)"
 	@$(PIP) -e ".[dev,weights]"
+	@# Lucent (bench peer) without its kornia<=0.4.1 pin; pip's resolver notice about it is expected.
+	@$(PIP) --no-deps torch-lucent==0.1.8
 	@touch $@
 
 demo: $(VENV)/.installed

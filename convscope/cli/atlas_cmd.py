@@ -30,14 +30,14 @@ import typer
 from convscope.cli.common import open_model
 from convscope.cli.options import DeviceOpt, ModelOpt, OutDirOpt, OutputIndexOpt, SeedOpt, WeightsOpt
 from convscope.cli.output import OutputDir, prepare_folder, safe_name
-from convscope.cli.patches_cmd import COMPOSITES, MAX_LISTED, parse_channels
+from convscope.cli.patches_cmd import COMPOSITES, MAX_LISTED, claim_state_folders, listed, parse_channels
 from convscope.cli.progress import progress_bar
-from convscope.errors import BadArgument, DataError, OutputError
+from convscope.errors import BadArgument, DataError
 
 STATE_FOLDER = ".atlas-state"
 RELEVANCE_STATE_FOLDER = ".atlas-relevance-state"
-MAX_STEPS = 100_000
-MAX_SIZE = 2048
+MAX_STEPS = 10_000  # methods.featurevis.MAX_STEPS and MAX_SIZE (kept here: the options parse before torch loads)
+MAX_SIZE = 1024
 MIN_TILE = 64  # patch pictures are enlarged (nearest neighbour) to at least this side
 
 
@@ -73,7 +73,7 @@ def atlas_command(
                           "visualisation (and of each negative one).")
     ] = 256,
     featurevis_size: Annotated[
-        int | None, typer.Option("--featurevis-size", min=8, max=MAX_SIZE, help="Side of the feature "
+        int | None, typer.Option("--featurevis-size", min=16, max=MAX_SIZE, help="Side of the feature "
                                  "visualisations in pixels (default: the model's input size).")
     ] = None,
     featurevis_batch: Annotated[
@@ -120,6 +120,13 @@ def atlas_command(
         raise BadArgument("--composite", "needs the relevance ranking (drop --no-relevance)")
     if composite is not None and composite not in COMPOSITES:
         raise BadArgument(f"--composite {composite}", f"unknown composite (use one of {', '.join(COMPOSITES)})")
+    settings: dict[str, Any] = {
+        "steps": featurevis_steps, "size": featurevis_size, "parameterization": "fft", "decorrelate": True,
+        "transforms": "standard", "lr": 0.05, "seed": seed,
+    }
+    from convscope.methods.featurevis import check_options
+
+    check_options(**settings)  # before any mining: a size the optimiser refuses is one line at once
     prepare_folder(output)
 
     from convscope.dataset.atlas import feature_visualizations, state_names
@@ -133,16 +140,7 @@ def atlas_command(
     folders = [output / STATE_FOLDER] + ([] if no_relevance else [output / RELEVANCE_STATE_FOLDER])
     timings: dict[str, float] = {}
     with init_from_env(resolve_device(device)) as world:
-        refusal = None
-        if world.is_rank0:
-            try:
-                for folder in folders:
-                    claim_state_folder(folder, processes=world.size, resume=resume)
-            except OutputError as exc:
-                refusal = (exc.subject, exc.reason, exc.hint)
-        refusal = world.all_gather_object(refusal)[0]
-        if refusal is not None:
-            raise OutputError(*refusal)
+        claim_state_folders(world, folders, resume=resume)
         try:
             if world.backend == "nccl":
                 device = f"cuda:{world.local_rank}"
@@ -158,6 +156,11 @@ def atlas_command(
                 index = top_patches(loaded, source, layer, progress=bar, checkpoint=folders[0], statistics=True,
                                     **common)
             timings["mining_seconds"] = time.perf_counter() - started
+            if index.images == 0:  # on every rank (the index is merged): nothing to optimise or draw
+                if world.is_rank0:
+                    for image, reason in index.skipped[:MAX_LISTED]:
+                        typer.echo(f"error: {image}: {reason}", err=True)
+                raise DataError(data, f"none of the {len(index.skipped)} images could be read")
             relevance_index = None
             if not no_relevance:
                 started = time.perf_counter()
@@ -174,10 +177,6 @@ def atlas_command(
                 claim_state_folder(folders[0], processes=world.size, resume=True,
                                    files=state_names([ids for _, ids in units], chunk))
             world.barrier()
-            settings: dict[str, Any] = {
-                "steps": featurevis_steps, "size": featurevis_size, "parameterization": "fft", "decorrelate": True,
-                "transforms": "standard", "lr": 0.05, "seed": seed,
-            }
             jobs = sum(2 * math.ceil(len(ids) / chunk) for _, ids in units)
             mine = len(range(world.rank, jobs, world.size))
             started = time.perf_counter()
@@ -193,17 +192,9 @@ def atlas_command(
             raise
     if not world.is_rank0 or visuals is None:
         return
-    if index.images == 0:
-        for image, reason in index.skipped[:MAX_LISTED]:
-            typer.echo(f"error: {image}: {reason}", err=True)
-        raise DataError(data, f"none of the {len(index.skipped)} images could be read")
-
     if relevance_index is not None and relevance_index.uncovered:
-        listed = relevance_index.uncovered
-        shown = ", ".join(listed[:MAX_LISTED]) + (f" and {len(listed) - MAX_LISTED} more" if len(listed) > MAX_LISTED
-                                                   else "")
-        typer.echo(f"warning: no LRP rule covers {shown}: the relevance ranking passes them as a plain gradient",
-                   err=True)
+        typer.echo(f"warning: no LRP rule covers {listed(relevance_index.uncovered)}: the relevance ranking passes "
+                   "them as a plain gradient", err=True)
     started = time.perf_counter()
     out = OutputDir(output)
     shape = loaded.preprocess.input_size
@@ -247,7 +238,7 @@ def atlas_command(
     for folder in folders:
         left = release_state_folder(folder)
         if left:
-            typer.echo(f"warning: {folder}: holds files convscope did not write ({', '.join(left[:MAX_LISTED])}); "
+            typer.echo(f"warning: {folder}: holds files convscope did not write ({listed(left)}); "
                        "left as it is", err=True)
     unit_count = sum(len(ids) for ids in index.channels.values())
     parts = ", ".join(f"{key.removesuffix('_seconds')} {value:.1f} s" for key, value in timings.items())

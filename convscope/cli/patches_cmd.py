@@ -11,9 +11,10 @@ projects and writes.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -33,6 +34,33 @@ MAX_LISTED = 10
 MAX_CHANNELS = 1 << 16
 _CHANNELS_FORM = "expected ids and ranges like 0-63 or 3,7,10-12"
 COMPOSITES = cli_choices("lrp", "--composite")
+
+
+def listed(items: Sequence[object]) -> str:
+    """The first ``MAX_LISTED`` items, comma-separated, and how many more there are."""
+    more = f" and {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else ""
+    return ", ".join(str(item) for item in items[:MAX_LISTED]) + more
+
+
+def claim_state_folders(world: Any, folders: Sequence[Path], *, resume: bool) -> None:
+    """Rank 0 alone claims the state folders (marks them, or refuses a user's folder of such a name)
+    and tells the others, so every rank stops with the same line before any work.
+
+    Raises:
+        OutputError: on every rank, when a folder is not convscope's.
+    """
+    from convscope.dataset.state import claim_state_folder
+
+    refusal = None
+    if world.is_rank0:
+        try:
+            for folder in folders:
+                claim_state_folder(folder, processes=world.size, resume=resume)
+        except OutputError as exc:
+            refusal = (exc.subject, exc.reason, exc.hint)
+    refusal = world.all_gather_object(refusal)[0]
+    if refusal is not None:
+        raise OutputError(*refusal)
 
 
 def parse_target(text: str | None) -> int | str | None:
@@ -162,24 +190,14 @@ def patches_command(
 
     from convscope.dataset.patches import collect_patches, top_patches
     from convscope.dataset.sources import open_source
-    from convscope.dataset.state import claim_state_folder, release_state_folder
+    from convscope.dataset.state import release_state_folder
     from convscope.distributed import init_from_env, shard_range
     from convscope.models.load import resolve_device
     from convscope.render.patches import channel_figure, gallery_html
 
     state_dir = output / STATE_FOLDER
     with init_from_env(resolve_device(device)) as world:
-        # Rank 0 alone claims the state folder (marks it, or refuses a user's folder of that name)
-        # and tells the others, so every rank stops with the same line before any mining.
-        refusal = None
-        if world.is_rank0:
-            try:
-                claim_state_folder(state_dir, processes=world.size, resume=resume)
-            except OutputError as exc:
-                refusal = (exc.subject, exc.reason, exc.hint)
-        refusal = world.all_gather_object(refusal)[0]
-        if refusal is not None:
-            raise OutputError(*refusal)
+        claim_state_folders(world, [state_dir], resume=resume)
         try:
             if world.backend == "nccl":
                 device = f"cuda:{world.local_rank}"
@@ -204,8 +222,7 @@ def patches_command(
     if not world.is_rank0:
         return
     if index.uncovered:
-        shown_paths = ", ".join(index.uncovered[:MAX_LISTED]) + (
-            f" and {len(index.uncovered) - MAX_LISTED} more" if len(index.uncovered) > MAX_LISTED else "")
+        shown_paths = listed(index.uncovered)
         typer.echo(f"warning: no LRP rule covers {shown_paths}: relevance passes them as a plain gradient "
                    "(listed in patches.json)", err=True)
     if index.images == 0:
@@ -267,7 +284,7 @@ def patches_command(
     # The run is complete: nothing to resume. Only the files convscope put there go.
     left = release_state_folder(state_dir)
     if left:
-        shown = ", ".join(left[:MAX_LISTED]) + (f" and {len(left) - MAX_LISTED} more" if len(left) > MAX_LISTED else "")
+        shown = listed(left)
         typer.echo(f"warning: {state_dir}: holds files convscope did not write ({shown}); left as it is", err=True)
     rate = index.images / mining_seconds if mining_seconds > 0 else 0.0
     typer.echo(

@@ -52,7 +52,7 @@ def state_names(layers: Sequence[Sequence[int]], chunk: int) -> list[str]:
     ]
 
 
-def _load_chunk(path: Path, settings: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+def _load_chunk(path: Path, settings: dict[str, Any]) -> dict[str, torch.Tensor]:
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # any unpickling failure: not ours, or damaged
@@ -103,12 +103,10 @@ def feature_visualizations(
             continue
         path = state / chunk_name(i, kind, c) if state is not None else None
         if resume and path is not None and path.is_file():
-            loaded_chunk = _load_chunk(path, settings)
-            if loaded_chunk is not None:
-                computed[(i, kind, c)] = loaded_chunk
-                if progress is not None:
-                    progress(int(settings["steps"]))
-                continue
+            computed[(i, kind, c)] = _load_chunk(path, settings)
+            if progress is not None:
+                progress(int(settings["steps"]))
+            continue
         result = feature_visualization(loaded, name, units, objective=KINDS[kind], progress=progress, **settings)
         part = {"images": result.images.detach().float().cpu().contiguous(),
                 "final": result.final.detach().double().cpu().contiguous()}

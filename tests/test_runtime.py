@@ -66,6 +66,47 @@ class _FakeLibc:
         self.calls.append((parameter, value))
         return 0 if parameter in self.refuse else 1
 
+    def malloc_trim(self, pad: int) -> int:
+        self.calls.append(("trim", pad))  # type: ignore[arg-type]
+        return 1
+
+
+TUNED_CALLS = [(-3, 1 << 30), (-1, 2**31 - 1), (-2, 1 << 28)]
+AFTER_CALLS = [(-3, 32 << 20), (-1, 64 << 20), (-2, 128 << 10), ("trim", 0)]
+
+
+def test_allocator_tuned_around_a_call_and_handed_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = _FakeLibc()
+    monkeypatch.setattr(runtime, "_glibc", lambda: (fake, "glibc 9.99"))
+    monkeypatch.setattr(runtime, "_applied", {})
+    with runtime.allocator_tuned() as tuned:
+        assert tuned and fake.calls == TUNED_CALLS
+        with runtime.allocator_tuned():  # nested: nothing set again, nothing handed back yet
+            pass
+        assert fake.calls == TUNED_CALLS
+    assert fake.calls == TUNED_CALLS + AFTER_CALLS  # the freed heap goes back to the kernel
+    assert runtime.tuned_settings() == {}  # still an untuned process as far as tune_cpu is concerned
+
+
+def test_allocator_tuned_leaves_a_tuned_process_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = _FakeLibc()
+    monkeypatch.setattr(runtime, "_glibc", lambda: (fake, "glibc 9.99"))
+    monkeypatch.setattr(runtime, "_applied", {})
+    runtime.tune_cpu()
+    fake.calls.clear()
+    with runtime.allocator_tuned() as tuned:
+        assert tuned
+    assert fake.calls == []  # the CLI's (or the user's) tuning is never undone
+
+
+def test_scorecam_runs_with_the_allocator_tuned(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = _FakeLibc()
+    monkeypatch.setattr(runtime, "_glibc", lambda: (fake, "glibc 9.99"))
+    monkeypatch.setattr(runtime, "_applied", {})
+    loaded = load_model("tiny", weights="random")
+    convscope.scorecam(loaded, torch.rand(1, 3, 32, 32))
+    assert fake.calls == TUNED_CALLS + AFTER_CALLS
+
 
 def test_mallopt_parameters_and_values(monkeypatch: pytest.MonkeyPatch) -> None:
     fake = _FakeLibc()

@@ -12,12 +12,14 @@ without changing a number:
 
 * an all-zero channel (a dead ReLU) gives an all-zero mask, and every all-zero mask gives the
   same masked input (zeros), so it is run once and its logit shared;
-* the masked copies of all images run through the network in large batches in channels-last
-  layout, with no host synchronisation until the end (the peer calls ``.item()`` per copy and
-  uses batches of 16);
+* the masked copies run through the network in channels-last layout, with no host
+  synchronisation until the end (the peer calls ``.item()`` per copy);
 * masks are built chunk by chunk, so memory stays at ``batch_size`` input copies;
 * the masked copies run through a copy of the network with BatchNorm folded into the
-  convolutions (``convscope.probes.fold``): one pass over each map instead of two.
+  convolutions (``convscope.probes.fold``): one pass over each map instead of two;
+* the call runs with the allocator tuned (``convscope.runtime.allocator_tuned``): without it,
+  glibc maps and faults in fresh pages for every layer of every batch, which took two thirds
+  of the time on EfficientNet-Lite0 (192 masked copies: 1.99 s untuned, 0.66 s tuned).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from convscope.methods.targets import TargetLike, resolve_targets
 from convscope.probes.fold import fold_batchnorm
 from convscope.probes.hooks import capture, eval_mode
 from convscope.probes.layers import map_layer
+from convscope.runtime import allocator_tuned
 
 
 def _masks(activations: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -52,7 +55,7 @@ def scorecam(
     target: TargetLike = None,
     layer: str | None = None,
     *,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> CamMaps:
     """Score-CAM maps: each channel weighted by the class score of the input masked with it.
@@ -62,7 +65,9 @@ def scorecam(
         images: PIL image(s) or a normalised ``(N, C, H, W)`` tensor.
         target: ``None`` (each image's top-1 class), a class index or label, or one per image.
         layer: alias or module path; default: the model's ``cam_layer``.
-        batch_size: masked copies per forward pass.
+        batch_size: masked copies per forward pass; default 16 on CPU (measured on
+            EfficientNet-Lite0 at 192 channels, allocator tuned: 16 and 32 within 5%, 64 20%
+            slower, as cache reuse falls) and 64 on other devices.
         progress: called with the number of masked copies finished after each forward pass.
 
     Returns:
@@ -74,14 +79,16 @@ def scorecam(
         BadTarget: unknown class index or label.
         ValueError: ``batch_size`` below 1.
     """
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     loaded, batch = prepare(model, images)
+    if batch_size is None:
+        batch_size = 16 if batch.device.type == "cpu" else 64
     name = _default_layer(loaded, layer, batch.shape[1:])
     found = map_layer(loaded, name, batch.shape[1:])
     size = (int(batch.shape[-2]), int(batch.shape[-1]))
     net = loaded.module
-    with eval_mode(net), torch.inference_mode():
+    with allocator_tuned(), eval_mode(net), torch.inference_mode():
         with capture(net, {found.path: found.module}, layouts={found.path: found.layout}) as store:
             logits = net(batch)
         activations = feature_map_of(store, found.path, name).float()

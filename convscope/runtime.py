@@ -14,7 +14,10 @@ Two levers make CPU inference much faster without changing a single float32 resu
   (``ModelSpec.channels_last``), applied by ``load_model``.
 
 ``tune_cpu`` changes process-wide state, so the library never calls it on import: the CLI
-calls it at startup (``--no-tune`` turns it off), and a library user calls it once.
+calls it at startup (``--no-tune`` turns it off), and a library user calls it once. The methods
+that run many large batches (Score-CAM, occlusion, Integrated Gradients, SmoothGrad, LRP, the
+deletion/insertion and Quantus curves) run under ``allocator_tuned``, which applies the same
+settings for the call only and hands the memory back after it.
 
 ``inference_precision`` runs the enclosed inference in bfloat16 autocast where the hardware
 computes bfloat16 natively (AMX or AVX-512-BF16 on CPU, a CUDA device that supports it), and

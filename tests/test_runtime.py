@@ -99,13 +99,15 @@ def test_allocator_tuned_leaves_a_tuned_process_alone(monkeypatch: pytest.Monkey
     assert fake.calls == []  # the CLI's (or the user's) tuning is never undone
 
 
-def test_scorecam_runs_with_the_allocator_tuned(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("method", ["scorecam", "occlusion", "integrated_gradients", "smoothgrad", "lrp"])
+def test_batch_heavy_methods_run_with_the_allocator_tuned(method: str, monkeypatch: pytest.MonkeyPatch) -> None:
     fake = _FakeLibc()
     monkeypatch.setattr(runtime, "_glibc", lambda: (fake, "glibc 9.99"))
     monkeypatch.setattr(runtime, "_applied", {})
     loaded = load_model("tiny", weights="random")
-    convscope.scorecam(loaded, torch.rand(1, 3, 32, 32))
-    assert fake.calls == TUNED_CALLS + AFTER_CALLS
+    options = {"occlusion": {"window": 8, "stride": 8}, "smoothgrad": {"samples": 2}}.get(method, {})
+    getattr(convscope, method)(loaded, torch.rand(1, 3, 32, 32), **options)
+    assert fake.calls == TUNED_CALLS + AFTER_CALLS  # tuned once for the call, handed back once
 
 
 def test_mallopt_parameters_and_values(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -52,6 +52,7 @@ from convscope.methods._common import ModelLike
 from convscope.models.load import as_loaded
 from convscope.probes.fold import fold_batchnorm
 from convscope.probes.hooks import eval_mode
+from convscope.runtime import allocator_tuned
 
 METRICS = ("pixel_flipping", "region_perturbation")
 ORDERS = ("morf", "lerf")
@@ -254,6 +255,7 @@ def _check(
                               f"{tuple(batch.shape)}, got {tuple(value.shape)}")
 
 
+@allocator_tuned()  # many large batches: see convscope.runtime.allocator_tuned
 def quantus_protocol(
     model: ModelLike,
     batch: torch.Tensor,

@@ -53,6 +53,7 @@ from convscope.errors import BadArgument, UnknownMethod, close_matches
 from convscope.methods._common import ModelLike, prepare
 from convscope.methods.targets import TargetLike, resolve_targets, target_labels
 from convscope.probes.hooks import eval_mode
+from convscope.runtime import allocator_tuned
 from convscope.types import LoadedModel
 
 # The registry's attribution methods when this module is imported (the CLI reads the registry
@@ -234,6 +235,7 @@ def _probabilities(net: nn.Module, copies: torch.Tensor, target: int, batch_size
     return torch.cat(out).cpu() if out else torch.empty(0)
 
 
+@allocator_tuned()  # many large batches: see convscope.runtime.allocator_tuned
 def causal_curves(
     loaded: LoadedModel, batch: torch.Tensor, maps: torch.Tensor, targets: torch.Tensor, protocol: Protocol,
     *, clean: torch.Tensor | None = None, batch_size: int = 64, progress: Callable[[int], None] | None = None,

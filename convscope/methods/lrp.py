@@ -22,8 +22,10 @@ from convscope.methods.guided import class_scores, graph_forward
 from convscope.methods.results import Attributions
 from convscope.methods.targets import TargetLike, target_labels
 from convscope.probes.lrp_rules import COMPOSITES, box_bounds, lrp_rules
+from convscope.runtime import allocator_tuned
 
 
+@allocator_tuned()  # many large batches: see convscope.runtime.allocator_tuned
 def lrp(
     model: ModelLike,
     images: Any,

@@ -52,6 +52,7 @@ from convscope.methods.targets import TargetLike, target_labels
 from convscope.probes.geometry import trace
 from convscope.probes.hooks import eval_mode
 from convscope.probes.relu_rules import RuleState, relu_rule
+from convscope.runtime import allocator_tuned
 from convscope.types import LoadedModel
 from convscope.validate import describe
 
@@ -305,6 +306,7 @@ def _path_sums(
 # ---------------------------------------------------------------- the methods
 
 
+@allocator_tuned()  # many large batches: see convscope.runtime.allocator_tuned
 def integrated_gradients(
     model: ModelLike,
     images: Any,
@@ -382,6 +384,7 @@ def integrated_gradients_row(
     return integrated_gradients(model, images, target, steps=steps, method=integration, baseline=baseline)
 
 
+@allocator_tuned()  # many large batches: see convscope.runtime.allocator_tuned
 def smoothgrad(
     model: ModelLike,
     images: Any,

@@ -61,6 +61,7 @@ from convscope.probes.geometry import grid_origins
 from convscope.probes.hooks import eval_mode
 from convscope.probes.layers import map_layer, resolve_layer
 from convscope.probes.layout import Layout
+from convscope.runtime import allocator_tuned
 from convscope.types import LoadedModel, Renderable
 
 FILL_COLOURS = {"grey": 0.5, "gray": 0.5, "black": 0.0, "white": 1.0}
@@ -183,6 +184,7 @@ def _check_settings(window: int, stride: int, height: int, width: int, batch_siz
         raise BadArgument(f"--mode {mode}", "is not a mode", "choose from: " + ", ".join(MODES))
 
 
+@allocator_tuned()  # many large batches: see convscope.runtime.allocator_tuned
 def occlusion(
     model: ModelLike,
     images: Any,

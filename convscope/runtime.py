@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import platform
 import threading
 from collections.abc import Iterator
@@ -151,8 +152,9 @@ _call_depth = 0  # allocator_tuned blocks open in this process
 def allocator_tuned() -> Iterator[bool]:
     """Tune the allocator for the enclosed block only, for methods that run many large batches.
 
-    In a process ``tune_cpu`` has already tuned (the CLI, or a user who called it) this does
-    nothing. Otherwise it applies the same settings on entry and, when the last open block
+    In a process ``tune_cpu`` has already tuned (the CLI, or a user who called it), or whose
+    allocator the environment configures (``MALLOC_*_`` variables, ``glibc.malloc`` tunables),
+    this does nothing. Otherwise it applies the same settings on entry and, when the last open block
     exits, sets glibc's thresholds to where its own adaptive thresholds end up in a process that
     has run a CNN (mmap 32 MiB, trim 64 MiB, top pad 128 KiB) and gives the freed heap back to
     the kernel (``malloc_trim``), so the process keeps no more memory than before. glibc cannot
@@ -165,7 +167,7 @@ def allocator_tuned() -> Iterator[bool]:
     global _call_depth
     with _lock:
         libc, _ = _glibc()
-        ours = libc is not None and not _applied
+        ours = libc is not None and not _applied and not _malloc_set_by_environment()
         if ours and _call_depth == 0:
             for parameter, value in ALLOCATOR_SETTINGS.values():
                 libc.mallopt(parameter, value)  # type: ignore[union-attr]
@@ -183,6 +185,13 @@ def allocator_tuned() -> Iterator[bool]:
                     trim = getattr(libc, "malloc_trim", None)
                     if trim is not None:
                         trim(0)
+
+
+def _malloc_set_by_environment() -> bool:
+    """Whether the process was started with glibc malloc settings of its own (left alone)."""
+    environ = os.environ
+    return any(key.startswith("MALLOC_") and key.endswith("_") for key in environ) or (
+        "glibc.malloc" in environ.get("GLIBC_TUNABLES", ""))
 
 
 def tuned_settings() -> dict[str, int]:

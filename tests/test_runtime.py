@@ -88,6 +88,19 @@ def test_allocator_tuned_around_a_call_and_handed_back(monkeypatch: pytest.Monke
     assert runtime.tuned_settings() == {}  # still an untuned process as far as tune_cpu is concerned
 
 
+@pytest.mark.parametrize("variable", [("MALLOC_MMAP_THRESHOLD_", "1073741824"),
+                                      ("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=2147483647")])
+def test_allocator_tuned_leaves_the_environments_settings_alone(variable: tuple[str, str],
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = _FakeLibc()
+    monkeypatch.setattr(runtime, "_glibc", lambda: (fake, "glibc 9.99"))
+    monkeypatch.setattr(runtime, "_applied", {})
+    monkeypatch.setenv(*variable)
+    with runtime.allocator_tuned():
+        pass
+    assert fake.calls == []  # the user's MALLOC_* or tunables stay in force, during and after
+
+
 def test_allocator_tuned_leaves_a_tuned_process_alone(monkeypatch: pytest.MonkeyPatch) -> None:
     fake = _FakeLibc()
     monkeypatch.setattr(runtime, "_glibc", lambda: (fake, "glibc 9.99"))

@@ -105,7 +105,8 @@ def bench_model(name: str, args: argparse.Namespace) -> None:
     print(f"  best peer: {best}; ours is {ratio:.2f}x faster (wall), {cpu_ratio:.2f}x (cpu); "
           f"max |ours - captum| / max |captum| = {equality:.1e}")
     row(f"integrated gradients {name}", f"captum IntegratedGradients ({best})", ratio, 1.5,
-        detail=f"{args.steps} steps, batch {args.batch}, wall; equality {equality:.1e}")
+        detail=f"{args.steps} steps, batch {args.batch}, wall; equality {equality:.1e}; " + (
+            "both sides tuned (tune_cpu)" if args.tune else "peer untuned, ours tunes around its call"))
 
 
 def main() -> None:

@@ -14,7 +14,10 @@ Environment: glibc's malloc returns big freed blocks to the kernel, so every lar
 page-faulted afresh (the brief measured 2x on EfficientNet-Lite). Unless ``--keep-env`` is
 given the bench re-runs itself with ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_``
 raised, for both sides alike; ``--passive`` also sets ``OMP_WAIT_POLICY=PASSIVE``, steadier
-when other jobs share the two cores. The first line printed says which applied.
+when other jobs share the two cores. The first line printed says which applied. With
+``--keep-env`` each side runs as its users get it: ``convscope.occlusion`` tunes the allocator
+around its call (``runtime.allocator_tuned``) and hands it back after, at or above glibc's own
+adaptive thresholds, so captum's runs after ours are not slowed by it; captum is untuned.
 
 Usage::
 
@@ -169,7 +172,9 @@ def main() -> None:
         print(f"   speed-up vs captum: {ratio:.2f}x (target >= {TARGETS.get(name, 1.0):.0f}x)\n")
         summary.append((name, ratio, TARGETS.get(name, 1.0)))
         row(f"occlusion {name}", f"captum Occlusion (ppe {best})", ratio, TARGETS.get(name, 1.0),
-            detail=f"window 16 stride 8, max diff {difference:.1e}")
+            detail=f"window 16 stride 8, max diff {difference:.1e}; " + (
+                "peer's allocator untuned, as its users run it (ours tunes around its call)" if args.keep_env
+                else "both sides under the same MALLOC_* settings"))
     for name, ratio, goal in summary:
         print(f"{name:20s} {ratio:5.2f}x  target {goal:.0f}x  {'met' if ratio >= goal else 'NOT met'}")
 

@@ -211,3 +211,27 @@ def test_batchnorm_has_global_statistics_only_without_running_statistics() -> No
     assert has_global_statistics(nn.BatchNorm2d(3, track_running_stats=False).eval())
     assert has_global_statistics(nn.GroupNorm(1, 3)) and has_global_statistics(nn.InstanceNorm2d(3))
     assert not has_global_statistics(nn.ReLU())
+
+
+def test_deconv_remembers_fields_per_size_and_tree(monkeypatch: pytest.MonkeyPatch) -> None:
+    from convscope.methods import deconvnet
+    from convscope.probes import geometry
+
+    loaded = load_model("alexnet", weights="random", seed=0)
+    x = torch.rand(1, 3, 224, 224)
+    first = deconvnet.deconv(loaded, x, "conv3", top=2)
+    assert geometry.known_geometry(loaded.module, (3, 224, 224), "features.7") is not None
+    traced: list[int] = []
+
+    def counted(*args: object) -> list[geometry.LayerCall]:
+        traced.append(1)
+        return trace(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(deconvnet, "trace", counted)
+    again = deconvnet.deconv(loaded, x, "conv3", top=2)
+    assert traced == [] and torch.equal(again.boxes, first.boxes)  # remembered: no trace, same boxes
+    deconvnet.deconv(loaded, torch.rand(1, 3, 160, 160), "conv3", top=2)
+    assert traced == [1]  # another size is traced
+    loaded.module.features[0].stride = (2, 2)  # another tree: traced again, with its own field
+    changed = deconvnet.deconv(loaded, x, "conv3", top=2)
+    assert traced == [1, 1] and not torch.equal(changed.boxes, first.boxes)

@@ -39,7 +39,7 @@ from convscope.methods._common import ModelLike, prepare
 from convscope.methods.gradcam import feature_map_of
 from convscope.methods.guided import graph_forward, rule_warnings
 from convscope.methods.results import DeconvProjections
-from convscope.probes.geometry import cell_box, layer_geometry, trace
+from convscope.probes.geometry import cell_box, known_geometry, layer_geometry, remember_geometry, trace
 from convscope.probes.hooks import Capture, capture
 from convscope.probes.layers import map_layer
 
@@ -146,10 +146,17 @@ def deconv(
     loaded, batch = prepare(model, images, whole_network=False)
     mapped = map_layer(loaded, layer, batch.shape[1:])
     path = mapped.path
+    shape = tuple(batch.shape[1:])
+    known = known_geometry(loaded.module, shape, path)
     with graph_forward(loaded, batch, "deconvnet") as (x, state, stack):
         store = stack.enter_context(
             capture(loaded.module, {path: mapped.module}, mode="graph", layouts={path: mapped.layout}))
-        calls = trace(_UpToLayer(loaded.module, path, store), x)
+        runner = _UpToLayer(loaded.module, path, store)
+        if known is None:
+            calls = trace(runner, x)
+        else:  # the field is known at this size: a plain forward, without the trace's per-op work
+            runner(x)
+            calls = []
     assert state is not None
     report = state.report()
     output = feature_map_of(store, path, layer)
@@ -177,8 +184,12 @@ def deconv(
             progress(1)
 
     positions = torch.stack([flat_positions // width, flat_positions % width], dim=-1).cpu()
-    traced = [c for c in calls if c.name == f"inner.{path}" or c.name.startswith(f"inner.{path}.")]
-    geometry = traced[-1].geometry if traced else layer_geometry(loaded.module, batch[:1].detach(), path)
+    if known is None:
+        traced = [c for c in calls if c.name == f"inner.{path}" or c.name.startswith(f"inner.{path}.")]
+        geometry = traced[-1].geometry if traced else layer_geometry(loaded.module, batch[:1].detach(), path)
+        remember_geometry(loaded.module, shape, path, geometry)
+    else:
+        geometry = known
     image_size = (int(batch.shape[-2]), int(batch.shape[-1]))
     boxes = torch.tensor(
         [

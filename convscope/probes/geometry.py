@@ -575,6 +575,27 @@ def layer_geometry(model: nn.Module, x: torch.Tensor, name: str) -> Geometry:
     return matches[-1].geometry
 
 
+# Receptive fields depend on the module tree and the input size only, never on the weights: per
+# model, (input shape, layer, tree signature) -> Geometry, so a method that needs one layer's
+# field once per call (deconv's boxes) traces only the first call at each size.
+_KNOWN: weakref.WeakKeyDictionary[nn.Module, dict[tuple[Any, ...], Geometry]] = weakref.WeakKeyDictionary()
+
+
+def _tree_signature(model: nn.Module) -> tuple[Any, ...]:
+    """What a receptive field depends on: each module's path, type and window settings."""
+    return tuple((name, type(module).__name__, window_of(module)) for name, module in model.named_modules())
+
+
+def known_geometry(model: nn.Module, input_shape: Sequence[int], name: str) -> Geometry | None:
+    """The receptive field of ``name`` remembered by ``remember_geometry`` (or None)."""
+    return _KNOWN.get(model, {}).get((tuple(input_shape), name, _tree_signature(model)))
+
+
+def remember_geometry(model: nn.Module, input_shape: Sequence[int], name: str, geometry: Geometry) -> None:
+    """Remember a traced receptive field for ``known_geometry`` (dropped with the model)."""
+    _KNOWN.setdefault(model, {})[(tuple(input_shape), name, _tree_signature(model))] = geometry
+
+
 def layer_geometries(model: nn.Module, x: torch.Tensor, names: list[str]) -> dict[str, Geometry]:
     """Receptive fields of several layers (module paths) from one traced forward pass.
 

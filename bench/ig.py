@@ -8,12 +8,16 @@ of ``--repeats`` calls after a warm-up, on the wall clock and in process CPU tim
 peer / ours ("x faster", target >= 1.5); the equality column is the largest difference divided
 by the largest |attribution| (ours against the fastest peer setting).
 
+``--fresh`` runs each side in its own process instead, one warm-up and one timed call per
+process: ours as its users get it (the allocator tuned around the call), captum untuned as its
+users get it, and captum with our allocator settings (``tune_cpu`` first); ``make bench`` uses it.
+
 ``--sweep 4,8,16,32`` also times ours at those fixed chunk sizes (points per forward/backward
 pass), to show where the chunk choice stands. On a shared machine ``--threads 1`` gives the
 steadiest ratios.
 
     .venv/bin/python bench/ig.py [--models efficientnet_lite0,resnet50] [--steps 50] [--batch 1]
-        [--repeats 3] [--threads 1] [--tune] [--peer-batches 10,25,50] [--sweep 4,8,16,32]
+        [--repeats 3] [--threads 1] [--tune] [--fresh] [--peer-batches 10,25,50] [--sweep 4,8,16,32]
 """
 
 from __future__ import annotations
@@ -109,6 +113,70 @@ def bench_model(name: str, args: argparse.Namespace) -> None:
             "both sides tuned (tune_cpu)" if args.tune else "peer untuned, ours tunes around its call"))
 
 
+def worker(args: argparse.Namespace) -> None:
+    """One side of ``--fresh`` in this (fresh) process: load, one warm-up call, one timed call."""
+    side, name = args.worker, args.models
+    weights = "pretrained" if name.startswith("efficientnet") else "random"
+    loaded = load_model(name, weights, seed=0, device="cpu")
+    module = loaded.module.eval()
+    x = loaded.preprocess.to_tensor(photos(args.batch))
+    with torch.no_grad():
+        targets = module(x).argmax(dim=1)
+    if side == "ours":
+        def call() -> torch.Tensor:
+            return integrated_gradients(loaded, x, target=targets, steps=args.steps).attributions
+    else:
+        from captum.attr import IntegratedGradients
+
+        kind, batch = side.split(":")
+        if kind == "captum-tuned":
+            from convscope.runtime import tune_cpu
+
+            tune_cpu()
+        peer = IntegratedGradients(module)
+
+        def call() -> torch.Tensor:
+            return peer.attribute(x, baselines=0.0, target=targets, n_steps=args.steps, method="gausslegendre",
+                                  internal_batch_size=int(batch) * args.batch)
+    call()
+    wall, cpu = timed(call)
+    torch.save({"wall": wall, "cpu": cpu, "attributions": call()}, args.out)
+
+
+def fresh(name: str, args: argparse.Namespace) -> None:
+    """Each side in its own process, as its users run it (ours tunes the allocator around its call,
+    captum does not), and captum under our allocator settings too; sides alternate."""
+    import subprocess
+    import sys
+    import tempfile
+
+    sides = ["ours"] + [f"{kind}:{b}" for kind in ("captum", "captum-tuned") for b in args.peer_batches]
+    best: dict[str, tuple[float, float]] = {}
+    found: dict[str, torch.Tensor] = {}
+    for _ in range(args.repeats):
+        for side in sides:
+            with tempfile.TemporaryDirectory() as folder:
+                out = Path(folder) / "side.pt"
+                subprocess.run([sys.executable, __file__, "--worker", side, "--models", name, "--steps", str(args.steps),
+                                "--batch", str(args.batch), "--threads", str(args.threads), "--out", str(out)],
+                               check=True)
+                result = torch.load(out)
+            old = best.get(side, (float("inf"), float("inf")))
+            best[side] = (min(old[0], result["wall"]), min(old[1], result["cpu"]))
+            found[side] = result["attributions"]
+            print(f"  {name} {side:<18}{result['wall'] * 1e3:>9.0f} ms wall{result['cpu'] * 1e3:>9.0f} ms cpu", flush=True)
+    peer = min((s for s in sides if s.startswith("captum:")), key=lambda s: best[s][0])
+    tuned = min((s for s in sides if s.startswith("captum-tuned:")), key=lambda s: best[s][0])
+    equality = float((found["ours"] - found[peer]).abs().max() / found[peer].abs().max())
+    ratio, tuned_ratio = best[peer][0] / best["ours"][0], best[tuned][0] / best["ours"][0]
+    print(f"{name}: ours {best['ours'][0]:.2f} s; captum ({peer}) {best[peer][0]:.2f} s = {ratio:.2f}x; "
+          f"captum with our allocator settings ({tuned}) {best[tuned][0]:.2f} s = {tuned_ratio:.2f}x; "
+          f"equality {equality:.1e}", flush=True)
+    row(f"integrated gradients {name}", f"captum IntegratedGradients (ibs={peer.split(':')[1]})", ratio, 1.5,
+        detail=f"{args.steps} steps, batch {args.batch}, wall, each side in a fresh process; x{tuned_ratio:.2f} "
+               f"against captum with our allocator settings; equality {equality:.1e}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="efficientnet_lite0,resnet50")
@@ -119,7 +187,16 @@ def main() -> None:
     parser.add_argument("--tune", action="store_true", help="convscope.tune_cpu() first (ours and the peer)")
     parser.add_argument("--peer-batches", default="10,25,50", help="captum internal_batch_size values (per image)")
     parser.add_argument("--sweep", default="", help="also time ours at these fixed chunk sizes")
+    parser.add_argument("--fresh", action="store_true", help="each side in its own process (see fresh())")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.worker:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        warnings.filterwarnings("ignore")
+        worker(args)
+        return
     args.peer_batches = [int(v) for v in args.peer_batches.split(",") if v]
     args.sweep = [int(v) for v in args.sweep.split(",") if v]
     if args.tune:
@@ -132,7 +209,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, best of {args.repeats} interleaved "
           f"calls; tuned: {args.tune}")
     for name in args.models.split(","):
-        bench_model(name, args)
+        fresh(name, args) if args.fresh else bench_model(name, args)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ JOBS: dict[str, tuple[str, list[str]]] = {
                                    "--keep-env"]),
     "mining": ("patches.py", ["--images", "4096", "--repeats", "2", "--skip-rss", "--skip-dist"]),
     "lrp": ("lrp.py", ["--cases", "vgg16,efficientnet_lite0", "--repeats", "2"]),
-    "ig": ("ig.py", ["--models", "efficientnet_lite0", "--repeats", "2"]),
+    "ig": ("ig.py", ["--models", "efficientnet_lite0", "--repeats", "2", "--fresh", "--peer-batches", "10,50"]),
     "pixelflipping": ("pixelflipping.py", ["--setting", "both", "--repeats", "1"]),
     "featurevis": ("featurevis.py", ["--steps", "128", "--units", "32", "--peer-units", "8"]),
 }

@@ -408,3 +408,17 @@ def test_manifest_from_before_checksums_still_owns_its_files(tmp_path: Path) -> 
     assert out.png("mine.png", np.zeros((2, 2), np.uint8)).name == "mine_2.png"
     out.manifest("test", {})
     assert (tmp_path / "mine.png").read_bytes() == b"the user's"
+
+
+def test_a_failed_command_leaves_no_empty_folder_of_its_own(tmp_path: Path) -> None:
+    picture = photo("chelsea.png", tmp_path / "cat.png")
+    done = convscope("gradcam", picture, *TINY, "--layer", "nosuch", "-o", tmp_path / "made" / "deeper")
+    one_error_line(done, "error: nosuch")
+    assert not (tmp_path / "made").exists()  # both folders it created are gone again
+    kept = tmp_path / "mine"
+    kept.mkdir()
+    done = convscope("gradcam", picture, *TINY, "--layer", "nosuch", "-o", kept)
+    one_error_line(done, "error: nosuch")
+    assert kept.is_dir()  # the user's own (empty) folder stays
+    done = convscope("gradcam", picture, tmp_path / "missing.png", *TINY, "-o", tmp_path / "partial")
+    assert done.returncode == 2 and any((tmp_path / "partial").iterdir())  # what was written stays

@@ -9,7 +9,7 @@ from typing import Any
 import typer
 from typer.core import TyperGroup
 
-from convscope.cli.output import printable_streams
+from convscope.cli.output import CREATED_FOLDERS, printable_streams, remove_unused_folders
 from convscope.errors import ConvscopeError
 from convscope.imageio import disk_full_error, shown_text
 
@@ -66,8 +66,15 @@ class GuardedGroup(TyperGroup):
     """
 
     def invoke(self, ctx: Any) -> Any:
+        CREATED_FOLDERS.clear()  # only this command's folders are ever candidates
         with printable_streams():
-            return self._invoke(ctx)
+            try:
+                return self._invoke(ctx)
+            except BaseException as exc:
+                if getattr(exc, "exit_code", getattr(exc, "code", 1)) not in (0, None):
+                    # A failed command leaves no empty output folder of its own making behind.
+                    remove_unused_folders()
+                raise
 
     def _invoke(self, ctx: Any) -> Any:
         try:

@@ -184,6 +184,26 @@ def unique_stems(paths: Sequence[Path]) -> list[str]:
     return chosen
 
 
+# Folders ``prepare_folder`` created in this process, outermost first: a command that fails
+# before writing into them removes them again (``remove_unused_folders``), so a bad layer or
+# model leaves no empty output folder behind.
+CREATED_FOLDERS: list[Path] = []
+
+
+def remove_unused_folders() -> None:
+    """Remove the folders this process created that are still empty, innermost first.
+
+    Only folders ``prepare_folder`` made in this run are candidates, and ``rmdir`` removes only
+    empty ones, so nothing that existed before, and nothing written into them, is ever removed.
+    """
+    while CREATED_FOLDERS:
+        folder = CREATED_FOLDERS.pop()
+        try:
+            folder.rmdir()
+        except OSError:
+            pass  # not empty (something was written), or already gone
+
+
 def prepare_folder(path: str | os.PathLike[str]) -> Path:
     """Make sure ``path`` is a folder convscope can write into; create it if missing.
 
@@ -204,9 +224,11 @@ def prepare_folder(path: str | os.PathLike[str]) -> Path:
     if os.path.lexists(folder) and not folder.is_dir():
         kind = "file" if folder.is_file() else "device or special file" if folder.exists() else "broken link"
         raise OutputError(subject, f"exists and is not a folder (it is a {kind})", "give -o a folder")
+    missing = [p for p in (folder, *folder.parents) if not os.path.lexists(p)]
     try:
         with disk_full_as_error(folder):
             folder.mkdir(parents=True, exist_ok=True)
+        CREATED_FOLDERS.extend(reversed(missing))  # outermost first
     except FileExistsError as exc:
         raise OutputError(subject, "cannot create the folder: a parent is a file") from exc
     except OSError as exc:

@@ -262,7 +262,9 @@ def test_smoothgrad_is_seeded_and_batch_independent(resnet18: LoadedModel, pair:
     from convscope.methods.guided import saliency
 
     plain = smoothgrad(resnet18, pair, samples=2, noise=0.0)
-    assert relative_error(plain.attributions, saliency(resnet18, pair).attributions) < 1e-6
+    # to rounding: SmoothGrad's copy applies each BatchNorm's scale to the convolution weight in
+    # the backward (probes.gradfold), saliency's network applies it to the map (1.6e-6 measured)
+    assert relative_error(plain.attributions, saliency(resnet18, pair).attributions) < 1e-5
 
 
 def test_model_is_left_as_found(tiny_cnn: torch.nn.Module, assert_no_side_effects: Any) -> None:

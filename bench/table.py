@@ -40,6 +40,8 @@ JOBS: dict[str, tuple[str, list[str]]] = {
     "occlusion": ("occlusion.py", ["--models", "alexnet,efficientnet_lite0", "--repeats", "1", "--ppe", "32,64",
                                    "--keep-env"]),
     "mining": ("patches.py", ["--images", "4096", "--repeats", "2", "--skip-rss", "--skip-dist"]),
+    "patches-command": ("patches.py", ["--skip-throughput", "--skip-rss", "--skip-dist", "--command-photos", "256",
+                                       "--command-repeats", "3"]),
     "lrp": ("lrp.py", ["--cases", "vgg16,efficientnet_lite0", "--repeats", "2"]),
     "ig": ("ig.py", ["--models", "efficientnet_lite0", "--repeats", "2", "--fresh", "--peer-batches", "10,50"]),
     "pixelflipping": ("pixelflipping.py", ["--setting", "both", "--repeats", "1"]),

@@ -55,7 +55,7 @@ MODULES: dict[str, tuple[str, list[str]]] = {
     # the rest of dataset/ (state, planning, rendering glue) is not numeric core.
     "patches_merge": (
         "convscope/dataset/topk.py",
-        ["tests/test_patches.py"],
+        ["tests/test_patches.py", "tests/test_mining_fast.py"],
     ),
 }
 

@@ -2,11 +2,14 @@
 
 Pure tensor code, merged batch by batch by (value descending, image position ascending), so the result
 does not depend on how the dataset was split into batches or ranks. This is the miner's numeric core
-(``make mutate`` runs it as ``patches_merge``).
+(``make mutate`` runs it as ``patches_merge``). The miner works in two halves: ``candidates`` in the
+forward hook (what of a batch can enter a table) and ``merge_candidates`` after the pass (all layers
+in one sort); ``TopkTable.update`` is the plain definition both are tested against.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -74,40 +77,105 @@ class TopkTable:
     def update_from_maps(self, output: torch.Tensor, chosen: torch.Tensor | None, positions: torch.Tensor) -> TopkTable:
         """Merge a batch of maps ``(B, C_all, h, w)``; the same table as ``update(*peaks(output, chosen), positions)``.
 
-        Cheaper: the maxima come from ``amax`` (no indices); only channels where some image
-        reaches the current ``top``-th value (``>=``, so ties are merged and ordered by
-        ``merge_topk``) are merged; and the cell of a maximum is found only for the images that
-        entered the table. Once the table holds strong maps, few channels merge per batch.
+        Cheaper: ``candidates`` then ``merge_candidates``, the miner's two halves for one layer.
         """
-        values = output.amax(dim=(2, 3))  # (B, C_all); NaN propagates like max
-        if chosen is not None:
-            values = values.index_select(1, chosen)
-        values = torch.nan_to_num(values.float(), nan=float("-inf")).t()  # (C, B)
-        rows = (values >= self.values[:, -1:]).any(dim=1).nonzero().squeeze(1)
-        if rows.numel() == 0:
-            return self
-        batch = values.shape[1]
-        # Batch candidates carry -1 - (their row in the batch) as the cell until they win a place.
-        slots = -1 - torch.arange(batch, device=values.device, dtype=torch.int64)
-        merged_values, merged_images, merged_cells = merge_topk(
-            torch.cat([self.values[rows], values[rows]], 1),
-            torch.cat([self.images[rows], positions.to(self.images.device).unsqueeze(0).expand(len(rows), -1)], 1),
-            torch.cat([self.cells[rows], slots.unsqueeze(0).expand(len(rows), -1)], 1),
-            self.values.shape[1],
-        )
-        new = (merged_cells < 0).nonzero()  # (K, 2): row in ``rows``, slot in the table
-        if len(new):
-            which = rows[new[:, 0]]
-            channel = which if chosen is None else chosen[which]
-            image = -1 - merged_cells[new[:, 0], new[:, 1]]
-            # argmax returns the first of equal maxima (row-major), as ``peaks``' max does.
-            merged_cells[new[:, 0], new[:, 1]] = output.flatten(2)[image, channel].argmax(dim=1)
-        table_values, table_images, table_cells = self.values.clone(), self.images.clone(), self.cells.clone()
-        table_values[rows], table_images[rows], table_cells[rows] = merged_values, merged_images, merged_cells
-        return TopkTable(table_values, table_images, table_cells)
+        return merge_candidates([self], [candidates(output, chosen, self.values[:, -1])], positions)[0]
 
     def cpu(self) -> dict[str, torch.Tensor]:
         return {"values": self.values.cpu(), "images": self.images.cpu(), "cells": self.cells.cpu()}
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """A batch's entries that may enter one layer's table, ``(K,)`` each, ordered by (row, image).
+
+    Attributes:
+        rows: the table row (listed channel) of each entry.
+        images: the entry's image as its row in the batch.
+        values: the channel's maximum over that image's map (NaN counted as ``-inf``).
+        cells: the flat cell of that maximum (the first of equal maxima, row-major).
+    """
+
+    rows: torch.Tensor
+    images: torch.Tensor
+    values: torch.Tensor
+    cells: torch.Tensor
+
+
+def candidates(output: torch.Tensor, chosen: torch.Tensor | None, threshold: torch.Tensor) -> Candidates:
+    """The entries of a batch of maps ``(B, C_all, h, w)`` worth merging into a table whose rows'
+    ``top``-th values are ``threshold`` ``(C,)``.
+
+    An entry below its row's threshold can never enter (the table already holds ``top`` better
+    ones); an equal one may (a lower image position wins the tie), so ``>=`` keeps it. The maxima
+    come from ``amax`` (no indices); the cell is searched only in the maps of the kept entries,
+    which after the first batches are a few per batch. Runs in the forward hook, while ``output``
+    is still the module's own output: only ``(K,)`` tensors outlive the call.
+    """
+    values = output.amax(dim=(2, 3))  # (B, C_all); NaN propagates like max
+    if chosen is not None:
+        values = values.index_select(1, chosen)
+    values = torch.nan_to_num(values.float(), nan=float("-inf")).t()  # (C, B)
+    # nonzero of a row-major (C, B) mask lists entries by row, then by image: the order
+    # ``merge_candidates`` lays them out in.
+    rows, images = (values >= threshold.unsqueeze(1)).nonzero(as_tuple=True)
+    channels = rows if chosen is None else chosen[rows]
+    # Index first, flatten after: for a map that is a view of another layout (NHWC) only the K
+    # kept maps are copied, not the whole batch. argmax returns the first of equal maxima.
+    cells = output[images, channels].flatten(1).argmax(dim=1)
+    return Candidates(rows, images, values[rows, images], cells)
+
+
+def merge_candidates(
+    tables: Sequence[TopkTable], found: Sequence[Candidates], positions: torch.Tensor
+) -> list[TopkTable]:
+    """Merge each layer's ``candidates`` of one batch (``positions`` ``(B,)``) into its table.
+
+    The rows that received candidates, of every layer at once, go through one ``merge_topk``:
+    each such row holds its table entries followed by its candidates, padded to the widest row's
+    candidate count with empty slots (which sort after every real entry, as the table's own do).
+    Rows without candidates are left as they are. The result equals ``TopkTable.update`` with
+    every image of the batch, since the left-out entries could not have entered.
+    """
+    parts: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    width = 0
+    for layer, (table, found_here) in enumerate(zip(tables, found, strict=True)):
+        if found_here.rows.numel() == 0:
+            continue
+        counts = torch.bincount(found_here.rows, minlength=table.values.shape[0])
+        rows = counts.nonzero().squeeze(1)
+        # Each entry's place: its row among the rows merged, its slot among that row's candidates.
+        compact = (torch.cumsum(counts > 0, 0) - 1)[found_here.rows]
+        slot = torch.arange(found_here.rows.numel(), device=counts.device) - (torch.cumsum(counts, 0) - counts)[found_here.rows]
+        width = max(width, int(counts.max()))
+        parts.append((layer, rows, compact, slot, counts))
+    if not parts:
+        return list(tables)
+    values, images, cells = [], [], []
+    for layer, rows, compact, slot, _ in parts:
+        table, found_here = tables[layer], found[layer]
+        shape = (rows.numel(), width)
+        batch_values = table.values.new_full(shape, float("-inf"))
+        batch_images = table.images.new_full(shape, EMPTY)
+        batch_cells = table.cells.new_zeros(shape)
+        batch_values[compact, slot] = found_here.values
+        batch_images[compact, slot] = positions.to(table.images.device)[found_here.images]
+        batch_cells[compact, slot] = found_here.cells
+        values.append(torch.cat([table.values[rows], batch_values], 1))
+        images.append(torch.cat([table.images[rows], batch_images], 1))
+        cells.append(torch.cat([table.cells[rows], batch_cells], 1))
+    top = tables[0].values.shape[1]
+    merged = merge_topk(torch.cat(values), torch.cat(images), torch.cat(cells), top)
+    out = list(tables)
+    start = 0
+    for layer, rows, *_ in parts:
+        table = tables[layer]
+        stop = start + rows.numel()
+        table_values, table_images, table_cells = table.values.clone(), table.images.clone(), table.cells.clone()
+        table_values[rows], table_images[rows], table_cells[rows] = (part[start:stop] for part in merged)
+        out[layer] = TopkTable(table_values, table_images, table_cells)
+        start = stop
+    return out
 
 
 def peaks(output: torch.Tensor, chosen: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

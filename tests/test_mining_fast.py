@@ -3,6 +3,9 @@ once, the pass stopped after the last mined layer, and winners decoded once for 
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -174,3 +177,27 @@ def test_winners_are_decoded_once_while_needed_and_give_the_same_crops(monkeypat
     first = index.layers["conv2"][1][0]
     x0, y0, x1, y1 = first.box
     assert torch.equal(cached[5][2][0], images[first.index, :, y0:y1, x0:x1].clamp(0, 1))  # mean 0, std 1
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_file_batches_equal_to_tensor_bit_for_bit(tmp_path: Path, channels: int) -> None:
+    from PIL import Image
+
+    from convscope.dataset.sources import FileSource
+    from convscope.imageio import load_image
+    from convscope.preprocess import Preprocess
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for k, size in enumerate([(40, 30), (33, 57), (64, 64)]):
+        path = tmp_path / f"{k}.png"
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    (tmp_path / "broken.png").write_bytes(b"not a picture")
+    paths.insert(1, tmp_path / "broken.png")
+    preprocess = Preprocess(resize=36, crop=32, mean=(0.5,) * channels, std=(0.25,) * channels, channels=channels)
+    source = FileSource(paths, preprocess)
+    (batch,) = list(source.batches(range(len(paths)), 8))
+    assert batch.indices.tolist() == [0, 2, 3] and [i for i, _ in batch.failed] == [1]
+    expected = preprocess.to_tensor([load_image(paths[i]) for i in (0, 2, 3)])
+    assert batch.images.dtype == torch.float32 and torch.equal(batch.images, expected)

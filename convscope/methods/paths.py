@@ -63,9 +63,11 @@ MAX_SAMPLES = 4096
 # Forward and backward passes one image may ask for (steps x samples for SmoothGrad of IG):
 # about an hour for the default model on two CPU cores.
 MAX_POINTS_PER_IMAGE = 1 << 16
-# Activation memory one chunk of points may hold: a point keeps its forward activations for the
-# backward pass, and the backward pass needs about as much again, so a chunk is
-# CHUNK_BYTES / (2 x one image's activations) points.
+# Activation memory one chunk of points may hold: a point keeps about its forward activations
+# for the backward pass, so a chunk is CHUNK_BYTES / (one image's layer outputs) points, split
+# evenly over the path. Measured on EfficientNet-Lite0 at 224 px (88 MB of layer outputs per
+# image; allocator tuned, one thread, 50 steps): 66 MB of peak memory per point; chunks of 10,
+# 17, 25 and 50 points took 1.64, 1.18, 1.08 and 1.23 s.
 CHUNK_BYTES = 2 << 30
 # SmoothGrad of Integrated Gradients runs IG with its defaults on each noisy copy.
 SMOOTHGRAD_IG_STEPS = 50
@@ -245,7 +247,7 @@ def _differentiable(loaded: LoadedModel, rule: str | None) -> Iterator[RuleState
 
 
 def _chunk_size(loaded: LoadedModel, batch: torch.Tensor) -> int:
-    """Points per forward/backward pass: ``CHUNK_BYTES`` over twice one image's activations
+    """Points per forward/backward pass at most: ``CHUNK_BYTES`` over one image's activations
     (the input and every layer output, measured by one traced pass at the batch's size)."""
     key = (*batch.shape[1:], batch.dtype, batch.device)
     known = _ACTIVATIONS.setdefault(loaded.module, {})
@@ -253,7 +255,7 @@ def _chunk_size(loaded: LoadedModel, batch: torch.Tensor) -> int:
         with torch.no_grad():
             calls = trace(loaded.module, batch[:1])
         known[key] = batch[:1].numel() * batch.element_size() + sum(call.output_bytes for call in calls)
-    return max(1, CHUNK_BYTES // (2 * max(known[key], 1)))
+    return max(1, CHUNK_BYTES // max(known[key], 1))
 
 
 def _memory_format(network: nn.Module) -> torch.memory_format:
@@ -296,8 +298,9 @@ def _path_sums(
     """
     network = loaded.module if network is None else network
     layout = _memory_format(network)
+    total = groups * alphas.numel()
+    chunk = math.ceil(total / math.ceil(total / chunk))  # even chunks: no small tail pass
     per_group = alphas.numel()
-    total = groups * per_group
     device, dtype = like.device, like.dtype
     alphas, weights = alphas.to(device=device, dtype=dtype), weights.to(device=device, dtype=dtype)
     carried: torch.Tensor | None = None

@@ -175,11 +175,14 @@ class MethodWriter:
             stem = "" if path is None else out.stem(path) if out is not None else path.stem
             return f"{stem}_{safe_name(suffix)}.png" if stem else f"{safe_name(suffix)}.png"
 
+        # Without an output folder (classify) no picture is ever written, and records and
+        # stdout lines never read the photo (0.9 s of 512 photos, batch 32, went to drawing it).
+        photo = None if batch is None or out is None else photo_of(run.loaded, batch, index)
         return ViewContext(
-            None if batch is None else photo_of(run.loaded, batch, index), model=run.loaded.name,
+            photo, model=run.loaded.name,
             weights=run.loaded.weights, index=index, loaded=run.loaded, title=run.spec.title, method=run.spec.name,
             probability=probability, layer=run.layer if isinstance(run.layer, str) else None, options=run.options,
-            image="" if path is None else str(path), file_names=file_name,
+            image="" if path is None else str(path), file_names=file_name, pictures=out is not None,
         )
 
     def write(self, paths: list[Path], batch: Any, result: Any) -> None:

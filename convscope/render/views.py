@@ -75,6 +75,8 @@ class ViewContext:
         layer: the layer as the user named it; ``options`` the method's typed options.
         image: the input as the user named it (``<image>:`` on the CLI's stdout lines).
         file_names: the CLI's rule from a view's suffix to a file name in the output folder.
+        pictures: ``False`` when the caller uses only the record, the line and the warnings (a
+            CLI command without an output folder): renderers that honour it draw nothing.
     """
 
     photo: np.ndarray | None
@@ -89,6 +91,7 @@ class ViewContext:
     options: Mapping[str, Any] = field(default_factory=dict)
     image: str = ""
     file_names: Callable[[str], str] | None = None
+    pictures: bool = True
 
     @property
     def random_weights(self) -> bool:
@@ -266,13 +269,15 @@ def prediction_views(result: Any, context: ViewContext) -> Views:
     from convscope.render.text import predictions_table
 
     prediction = result[context.index]
+    record, line = {"predictions": prediction.as_dicts()}, predictions_table(context.image, prediction)
+    if not context.pictures:  # classify on the CLI: the bar chart was 10% of the run, never written
+        return Views((), record, files=(), line=line)
     first = prediction.as_dicts()[0]
     caption = (f"The {len(prediction.labels)} most probable classes for {context.model_note}: "
                f"the longer the bar, the surer the network; here {first['label']} at {_pct(float(first['probability']))}.")
     view = View("classes", "Top classes", prediction_picture(prediction, width=520), caption,
                 partial(prediction_figure, prediction, context.captioned_model))
-    return Views((view,), {"predictions": prediction.as_dicts()}, files=(),
-                 line=predictions_table(context.image, prediction))
+    return Views((view,), record, files=(), line=line)
 
 
 # ---------------------------------------------------------------- activations, features, filters

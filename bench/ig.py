@@ -74,7 +74,11 @@ def with_chunk(size: int, fn: Callable[[], Any]) -> Callable[[], Any]:
     return run
 
 
-def bench_model(name: str, args: argparse.Namespace) -> None:
+Call = Callable[[], torch.Tensor]
+
+
+def sides(name: str, args: argparse.Namespace) -> tuple[Any, torch.Tensor, Call, Callable[[int], Call]]:
+    """The model's photos and top classes, then ours and captum at ``internal_batch_size`` per image."""
     from captum.attr import IntegratedGradients
 
     weights = "pretrained" if name.startswith("efficientnet") else "random"
@@ -92,6 +96,12 @@ def bench_model(name: str, args: argparse.Namespace) -> None:
         return lambda: peer.attribute(x, baselines=0.0, target=targets, n_steps=args.steps,
                                       method="gausslegendre", internal_batch_size=batch * args.batch)
 
+    return loaded, x, ours, captum
+
+
+def bench_model(name: str, args: argparse.Namespace) -> None:
+    loaded, x, ours, captum = sides(name, args)
+
     calls: dict[str, Callable[[], Any]] = {"ours": ours}
     calls |= {f"captum ibs={b}": captum(b) for b in args.peer_batches}
     calls |= {f"ours chunk={c}": with_chunk(c, ours) for c in args.sweep}
@@ -102,7 +112,7 @@ def bench_model(name: str, args: argparse.Namespace) -> None:
     theirs = captum(int(best.split("=")[1]))()
     equality = float((mine - theirs).abs().max() / theirs.abs().max())
     chunk = paths._chunk_size(loaded, x)
-    print(f"\n{name}: {args.steps} steps, batch {args.batch}, our chunk {chunk} points")
+    print(f"\n{name}: {args.steps} steps, batch {args.batch}, our chunk at most {chunk} points, split evenly")
     for label, (wall, cpu) in times.items():
         print(f"  {label:<20}{wall * 1e3:>10.0f} ms wall{cpu * 1e3:>10.0f} ms cpu")
     ratio, cpu_ratio = times[best][0] / times["ours"][0], times[best][1] / times["ours"][1]
@@ -116,28 +126,12 @@ def bench_model(name: str, args: argparse.Namespace) -> None:
 def worker(args: argparse.Namespace) -> None:
     """One side of ``--fresh`` in this (fresh) process: load, one warm-up call, one timed call."""
     side, name = args.worker, args.models
-    weights = "pretrained" if name.startswith("efficientnet") else "random"
-    loaded = load_model(name, weights, seed=0, device="cpu")
-    module = loaded.module.eval()
-    x = loaded.preprocess.to_tensor(photos(args.batch))
-    with torch.no_grad():
-        targets = module(x).argmax(dim=1)
-    if side == "ours":
-        def call() -> torch.Tensor:
-            return integrated_gradients(loaded, x, target=targets, steps=args.steps).attributions
-    else:
-        from captum.attr import IntegratedGradients
+    if side.startswith("captum-tuned:"):
+        from convscope.runtime import tune_cpu
 
-        kind, batch = side.split(":")
-        if kind == "captum-tuned":
-            from convscope.runtime import tune_cpu
-
-            tune_cpu()
-        peer = IntegratedGradients(module)
-
-        def call() -> torch.Tensor:
-            return peer.attribute(x, baselines=0.0, target=targets, n_steps=args.steps, method="gausslegendre",
-                                  internal_batch_size=int(batch) * args.batch)
+        tune_cpu()
+    _, _, ours, captum = sides(name, args)
+    call = ours if side == "ours" else captum(int(side.split(":")[1]))
     call()
     wall, cpu = timed(call)
     torch.save({"wall": wall, "cpu": cpu, "attributions": call()}, args.out)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import platform
 import threading
@@ -85,8 +86,10 @@ class TuneReport:
         return bool(self.active)
 
 
+@functools.cache
 def _glibc() -> tuple[ctypes.CDLL | None, str]:
-    """The process's glibc and its version, or ``None`` and what the C library is instead."""
+    """The process's glibc and its version, or ``None`` and what the C library is instead (looked
+    up once: ``find_library`` runs ``ldconfig``, and ``allocator_tuned`` asks on every call)."""
     if platform.system() != "Linux":
         return None, f"{platform.system() or 'unknown'} C library"
     name = ctypes.util.find_library("c") or "libc.so.6"

@@ -62,8 +62,9 @@ from convscope.methods._common import ModelLike
 from convscope.methods.gradcam import feature_map_of
 from convscope.models.load import as_loaded
 from convscope.probes.fold import Folded, fold_batchnorm
-from convscope.probes.hooks import Capture, capture, eval_mode, reduce_outputs
+from convscope.probes.hooks import Capture, StopForward, capture, eval_mode, reduce_outputs
 from convscope.probes.layers import MapLayer, map_layer
+from convscope.probes.layout import network_memory_format
 from convscope.types import LoadedModel
 
 OBJECTIVES = ("channel", "neuron", "negative", "diversity")
@@ -375,10 +376,6 @@ def _image_seed(seed: int, unit: int, index: int) -> int:
 # ---------------------------------------------------------------- the network, stopped at the layer
 
 
-class _Stop(Exception):
-    """Raised by the hook once the layer's output is captured: nothing after the layer runs."""
-
-
 class _Network:
     """The model as the optimisation runs it (made by ``_network``, valid inside its block): the
     network (the folded copy or the caller's model), the captured layer, and the normalisation.
@@ -395,9 +392,7 @@ class _Network:
         self.mean = torch.tensor(loaded.preprocess.mean, dtype=torch.float32, device=loaded.device).view(shape)
         self.std = torch.tensor(loaded.preprocess.std, dtype=torch.float32, device=loaded.device).view(shape)
         # Channels-last input when the model's convolutions are (load_model sets it per model).
-        self.channels_last = any(
-            isinstance(m, nn.Conv2d) and m.weight.dim() == 4 and not m.weight.is_contiguous()
-            and m.weight.is_contiguous(memory_format=torch.channels_last) for m in net.modules())
+        self.channels_last = network_memory_format(net) == torch.channels_last
         self.calls = 0  # the layer's calls in one forward (0: not counted yet, run to the end)
         self.channels = 0
         self.seen = 0
@@ -409,7 +404,7 @@ class _Network:
         """The second hook on the layer: stops the forward once its last call is captured."""
         self.seen += 1
         if self.calls and self.seen >= self.calls:
-            raise _Stop
+            raise StopForward  # nothing after the layer runs
 
     def run(self, x: torch.Tensor) -> None:
         self.store.clear()
@@ -418,7 +413,7 @@ class _Network:
             x = x.contiguous(memory_format=torch.channels_last)
         try:
             self.net(x)
-        except _Stop:
+        except StopForward:
             pass
 
     def last(self) -> torch.Tensor:

@@ -53,6 +53,7 @@ from convscope.methods.targets import TargetLike, target_labels
 from convscope.probes.geometry import trace
 from convscope.probes.gradfold import input_gradient_copy
 from convscope.probes.hooks import eval_mode
+from convscope.probes.layout import network_memory_format
 from convscope.probes.relu_rules import RuleState, relu_rule
 from convscope.runtime import allocator_tuned
 from convscope.types import LoadedModel
@@ -258,15 +259,6 @@ def _chunk_size(loaded: LoadedModel, batch: torch.Tensor) -> int:
     return max(1, CHUNK_BYTES // max(known[key], 1))
 
 
-def _memory_format(network: nn.Module) -> torch.memory_format:
-    """Channels-last when the network's first 4-d weight is (its convolutions run that way)."""
-    for parameter in network.parameters():
-        if parameter.dim() == 4:
-            return torch.channels_last if parameter.is_contiguous(memory_format=torch.channels_last) and not \
-                parameter.is_contiguous() else torch.contiguous_format
-    return torch.contiguous_format
-
-
 def _logits(loaded: LoadedModel, batch: torch.Tensor, chunk: int) -> torch.Tensor:
     """Logits of ``batch`` without a graph, ``chunk`` images at a time."""
     with torch.no_grad():
@@ -297,7 +289,7 @@ def _path_sums(
     out channels-last when its convolutions are (no layout copy at the first layer).
     """
     network = loaded.module if network is None else network
-    layout = _memory_format(network)
+    layout = network_memory_format(network)
     total = groups * alphas.numel()
     chunk = math.ceil(total / math.ceil(total / chunk))  # even chunks: no small tail pass
     per_group = alphas.numel()

@@ -49,6 +49,7 @@ def _masks(activations: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return (up - low) / (high - low + 1e-8)
 
 
+@allocator_tuned()  # many large batches: see convscope.runtime.allocator_tuned
 def scorecam(
     model: ModelLike,
     images: Any,
@@ -88,7 +89,7 @@ def scorecam(
     found = map_layer(loaded, name, batch.shape[1:])
     size = (int(batch.shape[-2]), int(batch.shape[-1]))
     net = loaded.module
-    with allocator_tuned(), eval_mode(net), torch.inference_mode():
+    with eval_mode(net), torch.inference_mode():
         with capture(net, {found.path: found.module}, layouts={found.path: found.layout}) as store:
             logits = net(batch)
         activations = feature_map_of(store, found.path, name).float()

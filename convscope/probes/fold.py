@@ -62,6 +62,7 @@ from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
 from convscope.probes.hooks import eval_mode
+from convscope.probes.layout import memory_format_of
 
 
 @dataclass(frozen=True)
@@ -279,7 +280,7 @@ def _merge(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
             conv.bias.copy_(new_bias.to(conv.bias.dtype))
 
 
-def _set(module: nn.Module, path: str, new: nn.Module) -> None:
+def set_module(module: nn.Module, path: str, new: nn.Module) -> None:
     parent_path, _, name = path.rpartition(".")
     parent = module.get_submodule(parent_path) if parent_path else module
     setattr(parent, name, new)
@@ -338,14 +339,12 @@ def _grow_kernel(pad: nn.ConstantPad2d, conv: nn.Conv2d) -> None:
     rows = slice(bottom - top, None) if bottom >= top else slice(0, height)
     columns = slice(right - left, None) if right >= left else slice(0, width)
     grown[:, :, rows, columns] = conv.weight.detach()
-    layout = torch.channels_last if conv.weight.is_contiguous(memory_format=torch.channels_last) and \
-        not conv.weight.is_contiguous() else torch.contiguous_format
-    conv.weight = nn.Parameter(grown.contiguous(memory_format=layout), requires_grad=False)
+    conv.weight = nn.Parameter(grown.contiguous(memory_format=memory_format_of(conv.weight)), requires_grad=False)
     conv.kernel_size = tuple(grown.shape[2:])  # type: ignore[assignment]
     conv.padding = (max(top, bottom), max(left, right))
 
 
-def _hooked(module: nn.Module) -> bool:
+def hooked(module: nn.Module) -> bool:
     """Whether someone watches the network's calls (forward hooks on any of its modules, or global
     ones): then it runs as it is, so their hooks see every call and the values they expect."""
     from torch.nn.modules import module as torch_module
@@ -355,7 +354,8 @@ def _hooked(module: nn.Module) -> bool:
     return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
 
 
-def _version(module: nn.Module) -> tuple[int, ...]:
+def weight_version(module: nn.Module) -> tuple[int, ...]:
+    """The version counters of every parameter and buffer: a change in place makes a new one."""
     return tuple(t._version for t in (*module.parameters(), *module.buffers()))
 
 
@@ -371,17 +371,17 @@ def _build(module: nn.Module, batchnorms: list[tuple[str, str]], pads: list[tupl
         conv, bn = twin.get_submodule(conv_path), twin.get_submodule(bn_path)
         assert isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)
         _merge(conv, bn)
-        _set(twin, bn_path, nn.Identity())
+        set_module(twin, bn_path, nn.Identity())
     for pad_path, conv_path in pads:
         pad, conv = twin.get_submodule(pad_path), twin.get_submodule(conv_path)
         assert isinstance(pad, nn.ConstantPad2d) and isinstance(conv, nn.Conv2d)
         _grow_kernel(pad, conv)
-        _set(twin, pad_path, nn.Identity())
+        set_module(twin, pad_path, nn.Identity())
     for conv_path, act_path in activations:
         conv = twin.get_submodule(conv_path)
         assert isinstance(conv, nn.Conv2d)
-        _set(twin, conv_path, FusedConv2d(conv, twin.get_submodule(act_path)))
-        _set(twin, act_path, nn.Identity())
+        set_module(twin, conv_path, FusedConv2d(conv, twin.get_submodule(act_path)))
+        set_module(twin, act_path, nn.Identity())
     for parameter in twin.parameters():
         parameter.requires_grad_(False)
     return Folded(twin, tuple(c for c, _ in batchnorms), tuple(b for _, b in batchnorms), tuple(pads),
@@ -411,9 +411,9 @@ def fold_batchnorm(module: nn.Module, example: torch.Tensor, *, fuse: bool = Fal
             output and a convolution's change (``Folded.changes``), so does a convolution's
             input, and the copy's modules are ``FusedConv2d``s, not plain ones.
     """
-    if _hooked(module):
+    if hooked(module):
         return Folded(module, (), ())
-    key = (tuple(example.shape[1:]), example.dtype, example.device, _version(module))
+    key = (tuple(example.shape[1:]), example.dtype, example.device, weight_version(module))
     entries = _CACHE.setdefault(module, {})
     cached = entries.get(fuse)
     if cached is not None and cached[0] == key:

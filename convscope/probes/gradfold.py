@@ -34,7 +34,8 @@ import torch
 from torch import nn
 from torch.nn.grad import conv2d_input
 
-from convscope.probes.fold import _hooked, _set, _version, foldable_pairs
+from convscope.probes.fold import foldable_pairs, hooked, set_module, weight_version
+from convscope.probes.layout import memory_format_of
 
 
 class _ConvBNFunction(torch.autograd.Function):
@@ -74,19 +75,13 @@ class _InputGradConvBN(nn.Module):
             if bn.weight is not None:
                 scale = scale * bn.weight.detach().double()
             weight = self.conv.weight.detach().double() * scale.view(-1, 1, 1, 1)
-            self._scaled[dtype] = weight.to(dtype).contiguous(memory_format=_format(self.conv.weight))
+            self._scaled[dtype] = weight.to(dtype).contiguous(memory_format=memory_format_of(self.conv.weight))
         return self._scaled[dtype]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.is_grad_enabled() or not x.requires_grad:
             return self.bn(self.conv(x))
         return _ConvBNFunction.apply(x, self)  # type: ignore[no-any-return]
-
-
-def _format(tensor: torch.Tensor) -> torch.memory_format:
-    if tensor.dim() == 4 and tensor.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 def _mergeable(conv: nn.Module) -> bool:
@@ -107,9 +102,9 @@ def input_gradient_copy(module: nn.Module, example: torch.Tensor) -> nn.Module:
         module: the network (left unchanged).
         example: an input batch of the size the copy will see (only its first image is run).
     """
-    if _hooked(module) or not any(isinstance(m, nn.BatchNorm2d) for m in module.modules()):
+    if hooked(module) or not any(isinstance(m, nn.BatchNorm2d) for m in module.modules()):
         return module  # watched, or nothing to merge: no trace, no copy
-    key = (tuple(example.shape[1:]), example.dtype, example.device, _version(module))
+    key = (tuple(example.shape[1:]), example.dtype, example.device, weight_version(module))
     cached = _CACHE.get(module)
     if cached is not None and cached[0] == key:
         return cached[1]
@@ -120,8 +115,8 @@ def input_gradient_copy(module: nn.Module, example: torch.Tensor) -> nn.Module:
         for conv_path, bn_path in pairs:
             conv, bn = twin.get_submodule(conv_path), twin.get_submodule(bn_path)
             assert isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)
-            _set(twin, conv_path, _InputGradConvBN(conv, bn))
-            _set(twin, bn_path, nn.Identity())
+            set_module(twin, conv_path, _InputGradConvBN(conv, bn))
+            set_module(twin, bn_path, nn.Identity())
         for parameter in twin.parameters():
             parameter.requires_grad_(False)
     _CACHE[module] = (key, twin)

@@ -626,3 +626,20 @@ def _timm_stages(module: nn.Module) -> dict[str, str]:
     names = {name for name, _ in module.named_modules()}
     stages = {f"stage{i + 1}": str(item["module"]) for i, item in enumerate(info)}
     return stages if all(path in names for path in stages.values()) else {}
+
+
+def memory_format_of(tensor: torch.Tensor) -> torch.memory_format:
+    """``channels_last`` for a 4-d tensor stored channels-last (and not also plainly contiguous,
+    as a 1x1 kernel is), else ``contiguous_format``: the layout to give a tensor made from it."""
+    if tensor.dim() == 4 and tensor.is_contiguous(memory_format=torch.channels_last) and not tensor.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def network_memory_format(module: nn.Module) -> torch.memory_format:
+    """``channels_last`` when the network's convolutions are stored so (``load_model`` sets it per
+    model): inputs laid out the same way run without a layout copy at the first layer."""
+    for conv in module.modules():
+        if isinstance(conv, nn.Conv2d) and memory_format_of(conv.weight) == torch.channels_last:
+            return torch.channels_last
+    return torch.contiguous_format

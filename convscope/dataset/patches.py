@@ -77,7 +77,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,7 +109,7 @@ from convscope.methods.gradcam import feature_map_of
 from convscope.methods.targets import resolve_targets
 from convscope.models.load import as_loaded
 from convscope.probes.geometry import Geometry, cell_boxes_xyxy, layer_geometries
-from convscope.probes.hooks import capture, eval_mode, reduce_outputs
+from convscope.probes.hooks import StopForward, capture, eval_mode, reduce_outputs, stop_after
 from convscope.probes.layers import map_layer
 from convscope.probes.layout import Layout
 from convscope.probes.lrp_rules import COMPOSITES, LrpState, box_bounds, lrp_rules
@@ -619,26 +619,6 @@ def merge_statistics(parts: Sequence[torch.Tensor]) -> torch.Tensor:
     return total
 
 
-class _StopForward(BaseException):
-    """Raised by the hook after the last mined layer: the rest of the network is not needed.
-
-    A ``BaseException``, so a model's own ``except Exception`` cannot swallow it."""
-
-
-@contextmanager
-def _stop_after(module: torch.nn.Module) -> Iterator[None]:
-    """End every forward pass inside the block right after ``module`` returns (see ``_StopForward``)."""
-
-    def hook(module: torch.nn.Module, inputs: object, output: object) -> None:
-        raise _StopForward
-
-    handle = module.register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
 def _activation_miner(stack: ExitStack, plan: _Plan, chosen: dict[str, torch.Tensor | None]) -> Miner:
     """``(images, positions, tables) -> tables`` merging each channel's maximum; its hooks on ``stack``.
 
@@ -661,7 +641,7 @@ def _activation_miner(stack: ExitStack, plan: _Plan, chosen: dict[str, torch.Ten
     if plan.last is not None:
         # Entered after ``reduce_outputs``: hooks run in registration order, so the last
         # layer's reduction has run when this one stops the pass.
-        stack.enter_context(_stop_after(plan.modules[plan.last]))
+        stack.enter_context(stop_after(plan.modules[plan.last]))
 
     def mine(images: torch.Tensor, positions: torch.Tensor, tables: dict[str, TopkTable],
              stats: dict[str, torch.Tensor] | None) -> tuple[dict[str, TopkTable], dict[str, torch.Tensor] | None]:
@@ -669,7 +649,7 @@ def _activation_miner(stack: ExitStack, plan: _Plan, chosen: dict[str, torch.Ten
         current.update(positions=positions, tables=tables, stats=stats)
         try:
             _forward(plan.loaded.module, images)
-        except _StopForward:
+        except StopForward:  # after the last mined layer: the rest cannot change the tables
             pass
         results = [found.last(name) for name in plan.names]  # a module called twice: its last call
         merged = merge_candidates([tables[name] for name in plan.names], [result[0] for result in results], positions)

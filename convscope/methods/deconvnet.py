@@ -29,6 +29,7 @@ fields used to crop come from the same pass. The layer is read through its measu
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -40,14 +41,10 @@ from convscope.methods.gradcam import feature_map_of
 from convscope.methods.guided import graph_forward, rule_warnings
 from convscope.methods.results import DeconvProjections
 from convscope.probes.geometry import cell_box, known_geometry, layer_geometry, remember_geometry, trace
-from convscope.probes.hooks import Capture, capture
+from convscope.probes.hooks import Capture, StopForward, capture, stop_after
 from convscope.probes.layers import map_layer
 
 LOCATIONS = ("max", "all")
-
-
-class _StopForward(Exception):
-    """Raised once the layer has run: the rest of the network (the classifier) is not needed."""
 
 
 class _UpToLayer(nn.Module):
@@ -71,19 +68,14 @@ class _UpToLayer(nn.Module):
         head, _, rest = self.path.partition(".")
         block = self.inner.get_submodule(head) if rest else None
 
-        def stop(module: nn.Module, inputs: object, output: object) -> None:
-            if self.store.outputs.get(self.path):
-                raise _StopForward
-
-        handle = block.register_forward_hook(stop) if block is not None else None
+        # once the layer has run, the rest of the network (the classifier) is not needed
+        stopping: AbstractContextManager[None] = (
+            stop_after(block, lambda: bool(self.store.outputs.get(self.path))) if block is not None else nullcontext())
         try:
-            with torch.enable_grad():
+            with stopping, torch.enable_grad():
                 return self.inner(x)
-        except _StopForward:
+        except StopForward:
             return None
-        finally:
-            if handle is not None:
-                handle.remove()
 
 
 def _chosen_channels(

@@ -1,4 +1,4 @@
-"""Forward-hook capture, call tracing and mode switching, always undone in ``finally``."""
+"""Forward-hook capture, call tracing, early stops and mode switching, always undone in ``finally``."""
 
 from __future__ import annotations
 
@@ -11,6 +11,30 @@ import torch
 from torch import nn
 
 T = TypeVar("T")
+
+
+class StopForward(BaseException):
+    """Raised by a hook to end a forward pass once what the caller needs has been computed.
+
+    A ``BaseException``, so a model's own ``except Exception`` cannot swallow it; the caller
+    that set the hook catches it around the forward call (``stop_after``)."""
+
+
+@contextmanager
+def stop_after(module: nn.Module, when: Callable[[], bool] = lambda: True) -> Iterator[None]:
+    """Inside the block, end every forward pass (``StopForward``) when ``module`` returns and
+    ``when()`` is true; the hook is removed on exit. A hook registered after the caller's own on
+    the same module runs after them, so their records of this call are complete."""
+
+    def hook(module: nn.Module, inputs: object, output: object) -> None:
+        if when():
+            raise StopForward
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 @dataclass

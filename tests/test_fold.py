@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import convscope
+from convscope.probes.fastlinear import FastLinear
 from convscope.probes.fold import FusedConv2d, fold_batchnorm, foldable_pairs
 
 
@@ -69,9 +70,41 @@ def test_the_original_is_untouched_and_a_changed_weight_makes_a_new_copy() -> No
         torch.testing.assert_close(second.module(x), net(x), rtol=1e-5, atol=1e-6)
 
 
-def test_a_network_without_batchnorm_is_not_copied() -> None:
+def test_a_network_without_batchnorm_or_linear_is_not_copied() -> None:
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval()
     assert fold_batchnorm(net, torch.randn(1, 3, 8, 8)).module is net
+
+
+def test_linear_layers_become_onednn_linears_that_share_the_weights_and_equal_addmm() -> None:
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 300), nn.ReLU(),
+                        nn.Linear(300, 10, bias=False)).eval()
+    x = torch.randn(5, 3, 8, 8)
+    folded = fold_batchnorm(net, x)
+    assert folded.linears == ("3", "5") and folded.convolutions == ()
+    twin = folded.module
+    assert all(isinstance(twin[i], FastLinear) for i in (3, 5)) and type(twin[0]) is nn.Conv2d
+    # the classifier's bytes are not copied, and the original's parameters keep their grad flag
+    assert twin[3].weight is net[3].weight and twin[3].bias is net[3].bias and twin[5].weight is net[5].weight
+    assert twin[0].weight is not net[0].weight and all(p.requires_grad for p in net.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x), net(x), rtol=1e-5, atol=1e-6)
+    # every input rank F.linear takes, with and without bias, against the BLAS product
+    fast = FastLinear(nn.Linear(64, 96))
+    for shape in ((7, 64), (2, 3, 64), (64,)):
+        value = torch.randn(*shape)
+        with torch.no_grad():
+            torch.testing.assert_close(fast(value), value @ fast.weight.t() + fast.bias, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(twin[5](torch.randn(4, 300)).shape, torch.Size([4, 10]))
+
+
+def test_fast_linear_keeps_autograd_where_a_gradient_is_wanted() -> None:
+    fast = FastLinear(nn.Linear(16, 8))
+    x = torch.randn(3, 16, requires_grad=True)
+    fast(x).sum().backward()
+    assert x.grad is not None and fast.weight.grad is not None
+    torch.testing.assert_close(x.grad, fast.weight.sum(0).expand(3, 16))
 
 
 def test_classify_probabilities_equal_the_unfolded_model_on_real_photos() -> None:

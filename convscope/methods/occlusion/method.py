@@ -252,7 +252,7 @@ def occlusion(
     if mode == "approximate":
         twin, low, fallback = precision.approximate_twin(module, batch, batch_size)
         network = twin if twin is not None else module
-    elif mode == "exact":
+    if mode == "exact" or (mode == "approximate" and low is None):  # an approximate mode that fell back runs exact
         network, layer_module = _folded(module, batch, layer_module)
     full_precision = batch
     if low is not None:

@@ -66,6 +66,16 @@ def brute_force(loaded, images: torch.Tensor, layers: list[str], top: int):
     return result
 
 
+def assert_same_lists(lists, expected, name: str) -> None:
+    """The same images and cells in the same order; values equal to float32 rounding (the miner
+    runs the BatchNorm-folded copy of the network, the brute force the network itself)."""
+    got = [[(e.index, e.cell) for e in entries] for entries in lists]
+    assert got == [[(i, cell) for i, _, cell in entries] for entries in expected], name
+    values = torch.tensor([[e.value for e in entries] for entries in lists])
+    torch.testing.assert_close(values, torch.tensor([[v for _, v, _ in entries] for entries in expected]),
+                               rtol=1e-5, atol=1e-6)
+
+
 @pytest.fixture(scope="module")
 def expected(zfnet, images_with_ties):
     return brute_force(zfnet, images_with_ties, LAYERS, top=5)
@@ -76,9 +86,8 @@ def test_streaming_index_equals_brute_force(zfnet, images_with_ties, expected, b
     index = top_patches(zfnet, images_with_ties, LAYERS, top=5, batch_size=batch_size)
     assert index.images == 23 and index.skipped == ()
     for name in LAYERS:
-        got = [[(e.index, e.value, e.cell) for e in entries] for entries in index.layers[name]]
-        assert got == expected[name], name
-        assert index.channels[name] == tuple(range(len(got)))
+        assert_same_lists(index.layers[name], expected[name], name)
+        assert index.channels[name] == tuple(range(len(index.layers[name])))
     # The deliberate ties were exercised: a duplicate pair sits in some list, lower index first,
     # and the flat images (8, 20) report the first cell (0, 0).
     flat = [e for lists in index.layers["conv1"] for entries in [lists] for e in entries if e.index in (8, 20)]
@@ -347,8 +356,9 @@ def test_statistics_equal_a_direct_computation(zfnet, images_with_ties, batch_si
         assert len(rows) == len(ids)
         for row, channel in zip(rows, ids, strict=True):
             plane = maps[:, channel]
-            assert row["mean"] == pytest.approx(plane.mean((1, 2)).mean().item(), rel=1e-6, abs=1e-9)
-            assert row["max"] == pytest.approx(plane.amax().item(), rel=1e-6)
+            # to float32 rounding: the miner runs the BatchNorm-folded copy of the network
+            assert row["mean"] == pytest.approx(plane.mean((1, 2)).mean().item(), rel=1e-5, abs=1e-6)
+            assert row["max"] == pytest.approx(plane.amax().item(), rel=1e-5, abs=1e-6)
             assert row["firing"] == pytest.approx((plane.flatten(1).amax(1) > 0).double().mean().item())
     # Some channel fires on some images only: the fraction is tested, not only 0 and 1.
     assert any(0 < row["firing"] < 1 for rows in index.statistics.values() for row in rows)

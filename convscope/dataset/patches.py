@@ -18,7 +18,9 @@ What makes the pass cost little more than a forward (issue 22): each layer's hoo
 maps' ``amax`` and keeps only the entries that reach their row's current ``top``-th value, with
 the cell of their maximum (``topk.candidates``); after the pass the rows of all layers that
 received any are merged in one sort (``topk.merge_candidates``). And the pass stops after the
-last mined layer (``_StopForward``): the rest of the network cannot change the tables.
+last mined layer (``probes.hooks.stop_after``): the rest of the network cannot change the tables.
+It runs the BatchNorm-folded inference copy of the network (``_mining_network``), so the mined
+values are the network's activations to float32 rounding (about 1e-6 relative), not bit for bit.
 
 The running tables, the position reached, the image count and the skipped files make up the
 state, a small dict of tensors checkpointed atomically every few batches and on Ctrl-C; a
@@ -108,6 +110,7 @@ from convscope.methods._common import ModelLike
 from convscope.methods.gradcam import feature_map_of
 from convscope.methods.targets import resolve_targets
 from convscope.models.load import as_loaded
+from convscope.probes.fold import fold_batchnorm
 from convscope.probes.geometry import Geometry, cell_boxes_xyxy, layer_geometries
 from convscope.probes.hooks import StopForward, capture, eval_mode, reduce_outputs, stop_after
 from convscope.probes.layers import map_layer
@@ -637,18 +640,19 @@ def _activation_miner(stack: ExitStack, plan: _Plan, chosen: dict[str, torch.Ten
         return found, None if stats is None else merge_statistics([stats[name], channel_statistics(maps, chosen[name])])
 
     stack.enter_context(torch.no_grad())
-    found = stack.enter_context(reduce_outputs(plan.loaded.module, plan.modules, reduce, layouts=plan.layouts))
+    network, modules = _mining_network(plan)
+    found = stack.enter_context(reduce_outputs(network, modules, reduce, layouts=plan.layouts))
     if plan.last is not None:
         # Entered after ``reduce_outputs``: hooks run in registration order, so the last
         # layer's reduction has run when this one stops the pass.
-        stack.enter_context(stop_after(plan.modules[plan.last]))
+        stack.enter_context(stop_after(modules[plan.last]))
 
     def mine(images: torch.Tensor, positions: torch.Tensor, tables: dict[str, TopkTable],
              stats: dict[str, torch.Tensor] | None) -> tuple[dict[str, TopkTable], dict[str, torch.Tensor] | None]:
         found.clear()
         current.update(positions=positions, tables=tables, stats=stats)
         try:
-            _forward(plan.loaded.module, images)
+            _forward(network, images)
         except StopForward:  # after the last mined layer: the rest cannot change the tables
             pass
         results = [found.last(name) for name in plan.names]  # a module called twice: its last call
@@ -657,6 +661,19 @@ def _activation_miner(stack: ExitStack, plan: _Plan, chosen: dict[str, torch.Ten
         return dict(zip(plan.names, merged, strict=True)), new_stats
 
     return mine
+
+
+def _mining_network(plan: _Plan) -> tuple[torch.nn.Module, dict[str, torch.nn.Module]]:
+    """The network the activation miner runs and its mined modules: the inference copy with
+    BatchNorm folded into the convolutions (``probes.fold``: one pass over each map fewer, 10-15%
+    of a forward on the small nets; activations equal to float32 rounding) unless a mined layer's
+    output is one the folding changes (a convolution's own, before its BatchNorm); else the model."""
+    loaded = plan.loaded
+    example = torch.zeros((1, *plan.shape), device=loaded.device, dtype=loaded.dtype)
+    folded = fold_batchnorm(loaded.module, example)
+    if folded.module is loaded.module or any(folded.changes(path) for path in plan.paths.values()):
+        return loaded.module, plan.modules
+    return folded.module, {name: folded.module.get_submodule(path) for name, path in plan.paths.items()}
 
 
 def _relevance_miner(stack: ExitStack, plan: _Plan, chosen: dict[str, torch.Tensor | None], ranking: Ranking) -> Miner:

@@ -90,7 +90,11 @@ def scorecam(
     size = (int(batch.shape[-2]), int(batch.shape[-1]))
     net = loaded.module
     with eval_mode(net), torch.inference_mode():
-        with capture(net, {found.path: found.module}, layouts={found.path: found.layout}) as store:
+        # The clean pass stays float32 under --precision bf16 (autocast): the activations are both
+        # the masks and the map's terms, so only the masked copies' scores run in bfloat16
+        # (the map's correlation with float32's: 0.9977 with this pass in bfloat16 too).
+        with capture(net, {found.path: found.module}, layouts={found.path: found.layout}) as store, \
+                torch.autocast(batch.device.type, enabled=False):
             logits = net(batch)
         activations = feature_map_of(store, found.path, name).float()
         targets = resolve_targets(target, logits, loaded.categories, loaded.name)

@@ -24,6 +24,7 @@ register_model(
         cam_layer="layer4",
         first_conv="conv1",
         pretrained=TorchvisionWeights("ResNet18_Weights.IMAGENET1K_V1"),
+        channels_last=True,  # 1.37x forward on CPU (bench/cpu_fast_path.py layouts, 2026-12-08)
     )
 )
 
@@ -38,5 +39,6 @@ register_model(
         cam_layer="layer4",
         first_conv="conv1",
         pretrained=TorchvisionWeights("ResNet50_Weights.IMAGENET1K_V1"),
+        channels_last=True,  # 1.29x forward on CPU (bench/cpu_fast_path.py layouts, 2026-12-08)
     )
 )

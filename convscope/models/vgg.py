@@ -23,5 +23,6 @@ register_model(
         cam_layer="features.29",
         first_conv="features.0",
         pretrained=TorchvisionWeights("VGG16_Weights.IMAGENET1K_V1"),
+        channels_last=True,  # 1.26x forward on CPU (bench/cpu_fast_path.py layouts, 2026-12-08)
     )
 )

@@ -38,6 +38,7 @@ register_model(
         },
         cam_layer="features.13",
         first_conv="features.0",
+        channels_last=True,  # 1.51x forward on CPU (bench/cpu_fast_path.py layouts, 2026-12-08)
     )
 )
 

@@ -397,7 +397,9 @@ def _build(module: nn.Module, batchnorms: list[tuple[str, str]], pads: list[tupl
         set_module(twin, conv_path, FusedConv2d(conv, twin.get_submodule(act_path)))
         set_module(twin, act_path, nn.Identity())
     for path in linears:
-        set_module(twin, path, FastLinear(twin.get_submodule(path)))
+        linear = twin.get_submodule(path)
+        assert isinstance(linear, nn.Linear)
+        set_module(twin, path, FastLinear(linear))
     for parameter in twin.parameters():
         if id(parameter) not in shared:  # the original's own stay as they are
             parameter.requires_grad_(False)

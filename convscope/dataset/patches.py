@@ -665,15 +665,18 @@ def _activation_miner(stack: ExitStack, plan: _Plan, chosen: dict[str, torch.Ten
 
 def _mining_network(plan: _Plan) -> tuple[torch.nn.Module, dict[str, torch.nn.Module]]:
     """The network the activation miner runs and its mined modules: the inference copy with
-    BatchNorm folded into the convolutions (``probes.fold``: one pass over each map fewer, 10-15%
-    of a forward on the small nets; activations equal to float32 rounding) unless a mined layer's
-    output is one the folding changes (a convolution's own, before its BatchNorm); else the model."""
+    BatchNorm folded into the convolutions and the activations run inside them (``probes.fold``,
+    ``fuse=True``: two passes over each map fewer; zfnet_mnist's forward 0.34 s -> 0.31 s per 4096
+    images with the allocator tuned, 0.63 s untuned; activations equal to float32 rounding), or
+    with BatchNorm folded only, unless a mined layer's output is one the copy changes (a
+    convolution's own, before its BatchNorm or activation); else the model itself."""
     loaded = plan.loaded
     example = torch.zeros((1, *plan.shape), device=loaded.device, dtype=loaded.dtype)
-    folded = fold_batchnorm(loaded.module, example)
-    if folded.module is loaded.module or any(folded.changes(path) for path in plan.paths.values()):
-        return loaded.module, plan.modules
-    return folded.module, {name: folded.module.get_submodule(path) for name, path in plan.paths.items()}
+    for fuse in (True, False):
+        folded = fold_batchnorm(loaded.module, example, fuse=fuse)
+        if folded.module is not loaded.module and not any(folded.changes(path) for path in plan.paths.values()):
+            return folded.module, {name: folded.module.get_submodule(path) for name, path in plan.paths.items()}
+    return loaded.module, plan.modules
 
 
 def _relevance_miner(stack: ExitStack, plan: _Plan, chosen: dict[str, torch.Tensor | None], ranking: Ranking) -> Miner:

@@ -44,7 +44,7 @@ JOBS: dict[str, tuple[str, list[str]]] = {
                                        "--command-repeats", "3"]),
     "lrp": ("lrp.py", ["--cases", "vgg16,efficientnet_lite0", "--repeats", "2"]),
     "ig": ("ig.py", ["--models", "efficientnet_lite0", "--repeats", "2", "--fresh", "--peer-batches", "10,50"]),
-    "pixelflipping": ("pixelflipping.py", ["--setting", "both", "--repeats", "1"]),
+    "pixelflipping": ("pixelflipping.py", ["--setting", "all", "--repeats", "1"]),
     "featurevis": ("featurevis.py", ["--steps", "128", "--units", "32", "--peer-units", "8"]),
 }
 

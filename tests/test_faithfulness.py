@@ -43,10 +43,58 @@ def test_pixel_flipping_hand_computed() -> None:
     # each flipped value becomes the image's minimum, 1 ("black"); no point for the clean image
     assert curve.values.tolist() == [[1321.0, 1311.0, 1111.0, 1111.0]]
     assert curve.auc.tolist() == [(1321 + 1311) / 2 + (1311 + 1111) / 2 + 1111.0]
-    assert curve.forwards == 4
+    assert curve.forwards == 3  # the last step flips (0, 0), already black: the copy of step 3, not run again
     two = quantus_protocol(net, x, maps, torch.tensor([0]), metrics=("pixel_flipping",), features_in_step=2,
                            softmax=False).curves["m"]["pixel_flipping"]
     assert two.values.tolist() == [[1311.0, 1111.0]]
+
+
+class Counting(nn.Module):
+    """A small convolutional net that records every copy it is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        self.net = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+        self.net[1].running_mean.uniform_(-0.2, 0.2)
+        self.net[1].running_var.uniform_(0.5, 1.5)
+        self.seen = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen += len(x)
+        return self.net(x)
+
+
+def test_steps_that_change_nothing_take_the_previous_score_and_equal_a_step_by_step_loop() -> None:
+    """Images whose background is their minimum ("black"), as Fashion-MNIST's: flipping a
+    background feature makes the same copy again. The curves equal one forward per step (Quantus'
+    loop), with fewer copies run; region-perturbation blocks that are all background too."""
+    generator = torch.Generator().manual_seed(2)
+    x = torch.rand(3, 2, 8, 8, generator=generator)
+    x[:, :, :4] = 0.0  # the top half of every image at the minimum
+    x[1, 0] = 0.0  # and one whole channel of image 1
+    maps = {"m": torch.randn(3, 8, 8, generator=generator)}
+    targets = torch.tensor([0, 2, 1])
+    net = Counting().eval()
+    result = quantus_protocol(net, x, maps, targets, metrics=("pixel_flipping", "region_perturbation"),
+                              features_in_step=4, patch_size=2, regions_evaluation=12, softmax=True, batch_size=7)
+    flip = result.curves["m"]["pixel_flipping"]
+    region = result.curves["m"]["region_perturbation"]
+    assert flip.values.shape == (3, 32) and 0 < flip.forwards < 3 * 32 - 20
+    assert region.values.shape == (3, 12) and 0 < region.forwards < 3 * 12
+
+    # the reference: Quantus' order and "black", every step's copy run on its own
+    values = maps["m"] / maps["m"].abs().max()
+    with torch.no_grad():
+        for n in range(3):
+            black = x[n].min()
+            order = np.argsort(-np.broadcast_to(values[n].numpy()[None], (2, 8, 8)).reshape(-1))
+            copy = x[n].clone().reshape(-1)
+            expected = []
+            for k in range(32):
+                copy[torch.from_numpy(order[k * 4:(k + 1) * 4].copy())] = black
+                expected.append(float(torch.softmax(net(copy.view(1, 2, 8, 8)), 1)[0, targets[n]]))
+            torch.testing.assert_close(flip.values[n], torch.tensor(expected), rtol=1e-5, atol=1e-6)
 
 
 def test_region_perturbation_hand_computed_with_padding() -> None:

@@ -229,6 +229,13 @@ def foldable_pairs(module: nn.Module, example: torch.Tensor) -> list[tuple[str, 
     return _batchnorm_pairs(module, _trace(module, example))
 
 
+def foldable_pairs_and_pads(module: nn.Module, example: torch.Tensor) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """``foldable_pairs`` and the ``(pad path, conv path)`` pairs whose zero pad grows into the
+    kernel (``grow_kernel``), from one traced forward of ``example``."""
+    trace = _trace(module, example)
+    return _batchnorm_pairs(module, trace), _pad_pairs(module, trace)
+
+
 def _kernel_growth(pad: nn.ConstantPad2d, conv: nn.Conv2d) -> tuple[tuple[int, int], ...] | None:
     """Per axis (height, width): ``(before, after)`` total padding of ``pad`` then ``conv``, when
     the pair folds into one symmetric-padded convolution (module doc), else ``None``."""
@@ -337,7 +344,7 @@ class FusedConv2d(nn.Conv2d):
         return super().extra_repr() + f", fused={self.attribute}{tuple(self.scalars) or ''}"
 
 
-def _grow_kernel(pad: nn.ConstantPad2d, conv: nn.Conv2d) -> None:
+def grow_kernel(pad: nn.ConstantPad2d, conv: nn.Conv2d) -> None:
     """``conv`` becomes ``conv(pad(x))``: the kernel grows by zero rows and columns on the side
     with less padding, and the padding becomes symmetric (module doc)."""
     axes = _kernel_growth(pad, conv)
@@ -389,7 +396,7 @@ def _build(module: nn.Module, batchnorms: list[tuple[str, str]], pads: list[tupl
     for pad_path, conv_path in pads:
         pad, conv = twin.get_submodule(pad_path), twin.get_submodule(conv_path)
         assert isinstance(pad, nn.ConstantPad2d) and isinstance(conv, nn.Conv2d)
-        _grow_kernel(pad, conv)
+        grow_kernel(pad, conv)
         set_module(twin, pad_path, nn.Identity())
     for conv_path, act_path in activations:
         conv = twin.get_submodule(conv_path)

@@ -72,7 +72,7 @@ class _FakeLibc:
 
 
 TUNED_CALLS = [(-3, 1 << 30), (-1, 2**31 - 1), (-2, 1 << 28)]
-AFTER_CALLS = [(-3, 32 << 20), (-1, 64 << 20), (-2, 128 << 10)]
+AFTER_CALLS = [(-3, 32 << 20), (-1, 2**31 - 1), (-2, 128 << 10)]
 
 
 def test_allocator_tuned_around_a_call_and_handed_back(monkeypatch: pytest.MonkeyPatch) -> None:

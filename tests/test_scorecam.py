@@ -115,15 +115,15 @@ def test_scorecam_equals_pytorch_grad_cam(default_model, photo, layer) -> None: 
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.parametrize("layer", ["stage2", "stage5"])
 def test_scorecam_in_bfloat16_correlates_with_float32(default_model, photo, layer) -> None:  # type: ignore[no-untyped-def]
-    # Issue 22 asks for a correlation of at least 0.999 with the float32 map under --precision
-    # bf16 (autocast). Measured: 0.9977-0.9982 with every pass in bfloat16, 0.9986-0.9988 with the
-    # clean pass kept in float32 (scorecam does so): this bound holds the second and fails the
-    # first; 0.999 itself is not reached (closing note of issue 22). Autocast directly, so the
-    # test runs whether or not this CPU computes bfloat16 natively.
+    # Issue 22: a correlation of at least 0.999 with the float32 map under --precision bf16
+    # (autocast). Measured: 0.9964-0.9982 with every pass in bfloat16, 0.9986-0.9988 with the clean
+    # pass kept in float32, 0.9995-0.9996 with the depthwise layers in float32 too (scorecam does
+    # both: probes.mixed). Autocast directly, so the test runs whether or not this CPU computes
+    # bfloat16 natively.
     x = default_model.preprocess.to_tensor(photo)
     exact = scorecam(default_model, x, layer=layer)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low = scorecam(default_model, x, layer=layer, target=int(exact.targets[0]))
     assert low.maps.dtype == torch.float32 and not torch.equal(low.maps, exact.maps)  # really computed in bf16
     correlation = float(np.corrcoef(low.maps.flatten().numpy(), exact.maps.flatten().numpy())[0, 1])
-    assert correlation >= 0.9984, correlation
+    assert correlation >= 0.999, correlation

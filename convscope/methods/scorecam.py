@@ -37,6 +37,7 @@ from convscope.methods.targets import TargetLike, resolve_targets
 from convscope.probes.fold import fold_batchnorm
 from convscope.probes.hooks import capture, eval_mode
 from convscope.probes.layers import map_layer
+from convscope.probes.mixed import bf16_plan
 from convscope.runtime import allocator_tuned
 
 
@@ -102,6 +103,8 @@ def scorecam(
         # The masked copies only need logits: they run through the copy with BatchNorm folded
         # into the convolutions (``probes.fold``; logits within 1e-6 of the network's).
         fast = fold_batchnorm(net, batch[:1]).module
+        if torch.is_autocast_enabled(batch.device.type):  # --precision bf16: depthwise layers stay float32
+            fast = bf16_plan(fast)
         masked_logits = torch.empty(count, channels, dtype=torch.float32, device=batch.device)
         for i in range(count):
             masked_logits[i] = _channel_scores(

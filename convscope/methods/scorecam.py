@@ -103,8 +103,8 @@ def scorecam(
         # The masked copies only need logits: they run through the copy with BatchNorm folded
         # into the convolutions (``probes.fold``; logits within 1e-6 of the network's).
         fast = fold_batchnorm(net, batch[:1]).module
-        if torch.is_autocast_enabled(batch.device.type):  # --precision bf16: depthwise layers stay float32
-            fast = bf16_plan(fast)
+        if torch.is_autocast_enabled(batch.device.type):  # --precision bf16: some layers stay float32
+            fast = bf16_plan(fast, batch[:1])
         masked_logits = torch.empty(count, channels, dtype=torch.float32, device=batch.device)
         for i in range(count):
             masked_logits[i] = _channel_scores(

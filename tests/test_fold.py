@@ -96,7 +96,7 @@ def test_linear_layers_become_onednn_linears_that_share_the_weights_and_equal_ad
         with torch.no_grad():
             torch.testing.assert_close(fast(value), value @ fast.weight.t() + fast.bias, rtol=1e-5, atol=1e-5)
     with torch.no_grad():
-        torch.testing.assert_close(twin[5](torch.randn(4, 300)).shape, torch.Size([4, 10]))
+        assert twin[5](torch.randn(4, 300)).shape == (4, 10)
 
 
 def test_fast_linear_keeps_autograd_where_a_gradient_is_wanted() -> None:

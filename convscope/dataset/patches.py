@@ -19,7 +19,7 @@ maps' ``amax`` and keeps only the entries that reach their row's current ``top``
 the cell of their maximum (``topk.candidates``); after the pass the rows of all layers that
 received any are merged in one sort (``topk.merge_candidates``). And the pass stops after the
 last mined layer (``probes.hooks.stop_after``): the rest of the network cannot change the tables.
-It runs the BatchNorm-folded inference copy of the network (``_mining_network``), so the mined
+It runs the inference copy with BatchNorm and ReLU folded into the convolutions (``_mining_network``), so the mined
 values are the network's activations to float32 rounding (about 1e-6 relative), not bit for bit.
 
 The running tables, the position reached, the image count and the skipped files make up the

@@ -361,6 +361,16 @@ def grow_kernel(pad: nn.ConstantPad2d, conv: nn.Conv2d) -> None:
     conv.padding = (max(top, bottom), max(left, right))
 
 
+def grow_pads(twin: nn.Module, pads: list[tuple[str, str]]) -> None:
+    """In the copy ``twin``: each ``(pad path, conv path)`` pad grown into its convolution's kernel
+    (``grow_kernel``), the pad an ``Identity``."""
+    for pad_path, conv_path in pads:
+        pad, conv = twin.get_submodule(pad_path), twin.get_submodule(conv_path)
+        assert isinstance(pad, nn.ConstantPad2d) and isinstance(conv, nn.Conv2d)
+        grow_kernel(pad, conv)
+        set_module(twin, pad_path, nn.Identity())
+
+
 def hooked(module: nn.Module) -> bool:
     """Whether someone watches the network's calls (forward hooks on any of its modules, or global
     ones): then it runs as it is, so their hooks see every call and the values they expect."""
@@ -393,11 +403,7 @@ def _build(module: nn.Module, batchnorms: list[tuple[str, str]], pads: list[tupl
         assert isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)
         _merge(conv, bn)
         set_module(twin, bn_path, nn.Identity())
-    for pad_path, conv_path in pads:
-        pad, conv = twin.get_submodule(pad_path), twin.get_submodule(conv_path)
-        assert isinstance(pad, nn.ConstantPad2d) and isinstance(conv, nn.Conv2d)
-        grow_kernel(pad, conv)
-        set_module(twin, pad_path, nn.Identity())
+    grow_pads(twin, pads)
     for conv_path, act_path in activations:
         conv = twin.get_submodule(conv_path)
         assert isinstance(conv, nn.Conv2d)

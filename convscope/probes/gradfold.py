@@ -40,7 +40,7 @@ import torch
 from torch import nn
 from torch.nn.grad import conv2d_input
 
-from convscope.probes.fold import foldable_pairs_and_pads, grow_kernel, hooked, set_module, weight_version
+from convscope.probes.fold import foldable_pairs_and_pads, grow_pads, hooked, set_module, weight_version
 from convscope.probes.layout import memory_format_of
 
 
@@ -119,11 +119,7 @@ def input_gradient_copy(module: nn.Module, example: torch.Tensor) -> nn.Module:
     twin = module
     if pairs:
         twin = copy.deepcopy(module).eval()
-        for pad_path, conv_path in pads:  # the explicit "same" pads first: the kernels grow
-            pad, conv = twin.get_submodule(pad_path), twin.get_submodule(conv_path)
-            assert isinstance(pad, nn.ConstantPad2d) and isinstance(conv, nn.Conv2d)
-            grow_kernel(pad, conv)
-            set_module(twin, pad_path, nn.Identity())
+        grow_pads(twin, pads)  # the explicit "same" pads first: the kernels grow
         for conv_path, bn_path in pairs:
             conv, bn = twin.get_submodule(conv_path), twin.get_submodule(bn_path)
             assert isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)
